@@ -1,0 +1,162 @@
+"""The root config: flat axolotl keys routed into feature sections, with errors that say where and what to do."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmforge.config.compat import NO_EFFECT, NOT_SUPPORTED_YET, is_off
+from lmforge.config.loader import KeyPath, RawConfig, apply_overrides, read_config
+from lmforge.config.sections import (
+    AdapterSection,
+    DatasetSpec,
+    DataSection,
+    LoggingSection,
+    ModelSection,
+    SECTIONS,
+    TrainingSection,
+    UserDefinedFormat,
+    describe,
+    key_owners,
+)
+from lmforge.errors import LmforgeError
+
+
+class LmforgeConfig(BaseModel):
+    """A validated config. Sections mirror the pipeline: model → data → adapter → training → logging."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: ModelSection
+    data: DataSection
+    adapter: AdapterSection = AdapterSection()
+    training: TrainingSection = TrainingSection()
+    logging: LoggingSection = LoggingSection()
+    ignored: dict[str, str] = {}
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as axolotl-style flat keys (what gets saved next to outputs)."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            out.update(getattr(self, name).model_dump(mode="json"))
+        return out
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else "see `lmforge config-schema` for the keys"
+
+
+def _nested_model(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at a dataset sub-path, for did-you-mean."""
+    if len(path) == 2 and path[0] in ("datasets",):
+        return DatasetSpec
+    if len(path) == 3 and path[0] == "datasets" and path[2] == "type":
+        return UserDefinedFormat
+    return None
+
+
+def _explain(raw: RawConfig, err: dict[str, Any], section: str) -> LmforgeError:
+    loc = tuple(err["loc"])
+    # pydantic adds union member names ('str', 'UserDefinedFormat', ...) to loc; keep only real keys.
+    known = set(key_owners()) | set(DatasetSpec.model_fields) | set(UserDefinedFormat.model_fields)
+    keep_last = err["type"] == "extra_forbidden"
+    path: KeyPath = tuple(
+        p for i, p in enumerate(loc) if isinstance(p, int) or p in known or (keep_last and i == len(loc) - 1)
+    )
+    key = ".".join(str(p) for p in path) or section
+    where = raw.where(path)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _nested_model(path[:-1])
+        candidates = list(owner.model_fields) if owner else []
+        return LmforgeError(f"unknown key '{path[-1]}'", where=where, fix=_suggest(str(path[-1]), candidates))
+    if kind == "missing":
+        return LmforgeError(f"required key '{key}' is missing", where=raw.source, fix=f"add {path[-1]}: ...")
+    value = err.get("input")
+    return LmforgeError(f"{key}: {err['msg']}, got {describe(value)}", where=where, fix=f"change {key}")
+
+
+def build_config(raw: RawConfig) -> LmforgeConfig:
+    """Route flat keys into sections and validate; any mistake becomes one LmforgeError."""
+    owners = key_owners()
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    ignored: dict[str, str] = {}
+    for key, value in raw.values.items():
+        if not isinstance(key, str):
+            raise LmforgeError(f"config keys must be names, got {key!r}", where=raw.where((str(key),)))
+        if key in owners:
+            grouped[owners[key]][key] = value
+        elif key in NO_EFFECT:
+            ignored[key] = NO_EFFECT[key] or "no effect in lmforge"
+        elif key in NOT_SUPPORTED_YET or key.startswith(("wandb_", "mlflow_")):
+            if not is_off(value):
+                raise LmforgeError(
+                    f"'{key}' is not supported yet", where=raw.where((key,)), fix=f"remove {key} from the config"
+                )
+            ignored[key] = "left off"
+        else:
+            raise LmforgeError(f"unknown key '{key}'", where=raw.where((key,)), fix=_suggest(key, sorted(owners)))
+    sections: dict[str, Any] = {}
+    for name, model in SECTIONS.items():
+        try:
+            sections[name] = model.model_validate(grouped[name])
+        except ValidationError as exc:
+            errors = exc.errors()
+            # For a union (e.g. a dataset `type` given as a mapping), the branch that names a key is the useful one.
+            best = next((e for e in errors if e["type"] == "extra_forbidden"), max(errors, key=lambda e: len(e["loc"])))
+            raise _explain(raw, best, name) from exc
+    return LmforgeConfig(**sections, ignored=ignored)
+
+
+def looks_like_local_path(path: str) -> bool:
+    """True for paths a user clearly meant as local files (not Hub ids)."""
+    return path.startswith(("/", ".", "~")) or os.path.splitext(path)[1].lower() in {
+        ".json", ".jsonl", ".csv", ".parquet", ".txt", ".gguf",
+    }
+
+
+def check_files(cfg: LmforgeConfig, raw: RawConfig | None = None) -> None:
+    """Fail early, before any model loads, when a local dataset or model path is missing."""
+    for index, spec in enumerate(cfg.data.datasets):
+        path = os.path.expanduser(spec.path)
+        if not os.path.exists(path) and looks_like_local_path(spec.path):
+            where = raw.where(("datasets", index, "path")) if raw else f"datasets[{index}].path"
+            raise LmforgeError(f"dataset file does not exist: {spec.path}", where=where, fix="fix the path (relative paths are read from the current folder)")
+    base = cfg.model.base_model
+    if not base.startswith("pkg://") and looks_like_local_path(base) and not os.path.exists(os.path.expanduser(base)):
+        where = raw.where(("base_model",)) if raw else "base_model"
+        raise LmforgeError(f"model path does not exist: {base}", where=where, fix="fix the path or use a Hub id")
+
+
+def load_config(location: str, overrides: list[str] | None = None, *, check_paths: bool = True) -> LmforgeConfig:
+    """Read, override, validate and (optionally) check the files of a config."""
+    raw = apply_overrides(read_config(location), overrides or [])
+    cfg = build_config(raw)
+    if check_paths:
+        check_files(cfg, raw)
+    return cfg
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the flat config a user writes."""
+    properties: dict[str, Any] = {}
+    defs: dict[str, Any] = {}
+    required: list[str] = []
+    for model in (ModelSection, DataSection, AdapterSection, TrainingSection, LoggingSection):
+        schema = model.model_json_schema(ref_template="#/$defs/{model}")
+        properties.update(schema.get("properties", {}))
+        defs.update(schema.get("$defs", {}))
+        required += schema.get("required", [])
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "lmforge config",
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+        "$defs": defs,
+    }
