@@ -33,7 +33,7 @@ NOT_SUPPORTED_YET = {
     "deepspeed", "fsdp", "fsdp_config", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
     "early_stopping_patience", "load_best_model_at_end", "resume_from_checkpoint",
     "auto_resume_from_checkpoints", "save_total_limit", "save_strategy", "evaluation_strategy",
-    "eval_strategy", "group_by_length", "lr_quadratic_warmup", "cosine_min_lr_ratio",
+    "eval_strategy", "lr_quadratic_warmup", "cosine_min_lr_ratio",
     "cosine_constant_lr_ratio", "lr_div_factor", "loss_watchdog_threshold", "loss_watchdog_patience",
     "neftune_noise_alpha", "noisy_embedding_alpha", "unfrozen_parameters", "torch_compile",
     "torch_compile_backend", "rl", "dpo_beta", "reward_model", "mlflow_tracking_uri",

@@ -104,6 +104,9 @@ class TrainingSection(Section):
     save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps.")
     saves_per_epoch: int | None = Field(None, gt=0, description="Checkpoints per epoch (alternative to save_steps).")
     seed: int = Field(42, description="Seed for data order, splits, dropout and init.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (random batch order) to cut padding."
+    )
 
     @field_validator("max_grad_norm")
     @classmethod

@@ -80,6 +80,8 @@ def convert_gguf(gguf_path: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.__dict__.pop("_pre_quantization_dtype", None)
+    model.hf_quantizer = None  # otherwise transformers refuses: "quantized with gguf and is not serializable"
+    model.is_quantized = False
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -88,7 +90,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
-def local_model_dir(base_model: str) -> str:
+def local_model_dir(base_model: str, marker: str = "config.json") -> str:
     """The folder (or Hub id) that ``from_pretrained`` should read for ``base_model``."""
     path = resolve_model_path(base_model)
     if path.endswith(".gguf"):
@@ -97,9 +99,9 @@ def local_model_dir(base_model: str) -> str:
             raise LmforgeError("GGUF file does not exist", where=f"base_model: {base_model}", fix="fix the path")
         return str(convert_gguf(gguf))
     if os.path.exists(path):
-        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, marker)):
             raise LmforgeError(
-                "not a model folder (no config.json)",
+                f"not a model folder (no {marker})",
                 where=f"base_model: {base_model}",
                 fix="point base_model at a folder saved with save_pretrained, a .gguf file or a Hub id",
             )
@@ -124,7 +126,7 @@ def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_rem
     """Load the tokenizer for ``base_model`` (or ``tokenizer_path``) and make sure it can pad."""
     from transformers import AutoTokenizer
 
-    source = local_model_dir(tokenizer_path or base_model)
+    source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:

@@ -1,0 +1,73 @@
+"""LoRA adapters through PEFT, configured from axolotl's lora_* keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmforge.config.sections import AdapterSection
+from lmforge.errors import LmforgeError
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the model's linear layers (the `lora_target_modules` candidates), output head excluded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+    conv1d = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if type(module).__name__ == "Conv1D"}
+    return sorted(names | conv1d)
+
+
+def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
+    """A peft LoraConfig for a causal LM from the adapter section."""
+    from peft import LoraConfig, TaskType
+
+    if settings.lora_target_linear:
+        targets: Any = "all-linear"
+    elif isinstance(settings.lora_target_modules, str):
+        targets = [settings.lora_target_modules]
+    else:
+        targets = settings.lora_target_modules
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=settings.lora_fan_in_fan_out,
+        modules_to_save=settings.lora_modules_to_save,
+    )
+
+
+def apply_lora(model: torch.nn.Module, settings: AdapterSection) -> Any:
+    """Wrap `model` with a new LoRA adapter, or load `lora_model_dir` to continue training it."""
+    from peft import PeftModel, get_peft_model
+
+    if settings.lora_model_dir:
+        try:
+            return PeftModel.from_pretrained(model, settings.lora_model_dir, is_trainable=True)
+        except (ValueError, OSError) as exc:
+            raise LmforgeError(
+                f"could not load the adapter: {str(exc).splitlines()[0]}", where=f"lora_model_dir: {settings.lora_model_dir}"
+            ) from exc
+    try:
+        return get_peft_model(model, lora_config(settings, model))
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "Target module" in str(exc):
+            raise LmforgeError(
+                f"lora_target_modules {settings.lora_target_modules} do not match any layer of this model",
+                where="lora_target_modules",
+                fix=f"choose from: {', '.join(linear_layer_names(model))} (or set lora_target_linear: true)",
+            ) from exc
+        raise
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,48 @@
+"""Causal-LM loss as a (sum, count) pair, so gradient accumulation weights every token equally.
+
+The fast path runs the model's backbone and applies the output head only to positions
+that carry a label. In instruction tuning half or more of the positions are prompt or
+padding; skipping their vocab-sized logits saves both time and the largest activation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.prepare import IGNORE_INDEX
+
+# Architectures whose logits are exactly head(last_hidden_state): no softcapping or scaling
+# after the head, so computing the head ourselves is equivalent to model(...).logits.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2", "gpt_neox", "mixtral"}
+
+
+def _unwrap(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def uses_fast_path(model: Any) -> bool:
+    base = _unwrap(model)
+    return getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS and hasattr(base, "base_model_prefix")
+
+
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: lets SDPA take its plain causal kernel
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    count = int(selected.sum())
+    if uses_fast_path(model):
+        base = _unwrap(model)
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[:, :-1][selected])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][selected]
+    loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+    return loss_sum, count

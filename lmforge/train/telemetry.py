@@ -1,0 +1,37 @@
+"""Device and memory facts the loop and planner report."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU; peak resident memory of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls are ~4x fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
+    """`bf16: auto` → on where the hardware runs it fast."""
+    if setting == "auto":
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return cpu_supports_bf16()
+    return bool(setting)

