@@ -17,6 +17,7 @@ tokens per word, the number that says how well the vocabulary fits the text.
 
 from __future__ import annotations
 
+import glob as globlib
 import io
 import json
 import os
@@ -135,7 +136,8 @@ class _Splitter:
 def _expand(files: list[str], what: str) -> list[str]:
     out: list[str] = []
     for pattern in files:
-        matches = sorted(str(p) for p in Path().glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        pattern = os.path.expanduser(pattern)
+        matches = sorted(globlib.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
         if not matches or not all(os.path.isfile(m) for m in matches):
             raise LmforgeError(f"no such text file: {pattern}", where=what, fix="give existing text files or globs")
         out.extend(matches)
@@ -189,12 +191,16 @@ def _train_sentencepiece(
             # identity + keep whitespace + byte fallback: decode(encode(x)) == x for any text.
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
+            # No dummy "▁" prefix: with it, a leading space or the text after a special token
+            # cannot round-trip through the converted tokenizer. Spaces are kept literally,
+            # as in byte-level BPE.
+            add_dummy_prefix=False,
             byte_fallback=True,
             # Split digits so numbers do not eat the vocabulary (Llama does the same).
             split_digits=True,
             max_sentence_length=4 * CHUNK_BYTES + 64,
-            # Sample at most this many chunks (≈ 2 GB): SentencePiece loads its sample in RAM.
-            input_sentence_size=1_000_000,
+            # Sample at most this many ~2 kB chunks (≈ 500 MB): SentencePiece holds its sample in RAM.
+            input_sentence_size=250_000,
             shuffle_input_sentence=True,
             train_extremely_large_corpus=False,
             minloglevel=2,
@@ -212,7 +218,6 @@ def _train_sentencepiece(
     vocab = {p.piece: i for i, p in enumerate(extractor.proto.pieces)}
     if model_type == "unigram":
         vocab = [(p.piece, p.score) for p in extractor.proto.pieces]
-    # legacy=False: only the start of the text gets the dummy "▁" prefix, as SentencePiece does.
     return SpmConverter.build_tokenizer_from_spm_proto(proto=extractor.proto, vocab=vocab, legacy=False)
 
 
