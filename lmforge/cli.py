@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -18,16 +19,50 @@ def _config(args: argparse.Namespace, overrides: list[str], check_paths: bool = 
     return load_config(args.config, overrides, check_paths=check_paths)
 
 
+def _finetune_config(args: argparse.Namespace, overrides: list[str], command: str):  # noqa: ANN202
+    cfg = _config(args, overrides)
+    if cfg.data.datasets is None or cfg.model.base_model is None:
+        raise LmforgeError(f"`lmforge {command}` reads datasets with a base_model's tokenizer; this is a pretraining config",
+                           where=args.config, fix="add datasets and base_model, or run `lmforge pretrain` (it tokenizes into shards)")
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.train import run_train
 
-    run_train(_config(args, overrides))
+    cfg = _config(args, overrides)
+    if cfg.is_pretraining:  # model_config / pretraining_dataset: what axolotl's `train` does with them too
+        from lmforge.recipes.pretrain import run_pretrain
+
+        run_pretrain(cfg)
+    else:
+        run_train(cfg)
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.pretrain import run_pretrain
+
+    run_pretrain(_config(args, overrides))
+
+
+def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.pretrain import run_tokenizer_train
+
+    cfg = _config(args, overrides, check_paths=False) if args.config else None
+    flags = {k: getattr(args, k) for k in ("files", "vocab_size", "model_type", "backend", "output_dir")}
+    run_tokenizer_train(cfg, flags)
 
 
 def cmd_preprocess(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.preprocess import run_preprocess
 
-    run_preprocess(_config(args, overrides))
+    run_preprocess(_finetune_config(args, overrides, "preprocess"))
+
+
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.data_report import run_data_report
+
+    run_data_report(_finetune_config(args, overrides, "data report"))
 
 
 def cmd_inference(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -52,6 +87,29 @@ def cmd_config_schema(args: argparse.Namespace, overrides: list[str]) -> None:
     print(json.dumps(json_schema(), indent=2))
 
 
+def cmd_merge_lora(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.export import run_merge
+
+    run_merge(_config(args, overrides, check_paths=False), args.lora_model_dir, args.output_dir)
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.export import run_export
+
+    run_export(_config(args, overrides, check_paths=False), args.format, args.quant, args.lora_model_dir, args.output)
+
+
+def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.export import run_inspect
+
+    cfg = None
+    if args.config:
+        from lmforge.config import load_config
+
+        cfg = load_config(args.config, overrides, check_paths=False)
+    run_inspect(args.model, cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
@@ -68,8 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("train", cmd_train, "fine-tune as the config says")
+    add("train", cmd_train, "fine-tune as the config says (pretrains when it sets model_config or pretraining_dataset)")
+    add("pretrain", cmd_pretrain, "pretrain a model from scratch (model_config) or continue pretraining (base_model) on raw text")
+    help_text = "`tokenizer train [CONFIG] [--files ...]`: train a BPE/unigram tokenizer (config's tokenizer_train, flags on top)"
+    p = sub.add_parser("tokenizer", help=help_text, description=help_text)
+    p.add_argument("action", choices=["train"])
+    p.add_argument("config", nargs="?", default=None, help="YAML config with tokenizer_train (optional)")
+    p.add_argument("--files", nargs="+", default=None, help="text files or globs to train on")
+    p.add_argument("--vocab_size", "--vocab-size", type=int, default=None)
+    p.add_argument("--model_type", "--model-type", choices=["bpe", "unigram"], default=None)
+    p.add_argument("--backend", choices=["sentencepiece", "hf"], default=None)
+    p.add_argument("--output_dir", "--output-dir", default=None, help="where to save it (default: OUTPUT_DIR/tokenizer or ./tokenizer)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=cmd_tokenizer)
     add("preprocess", cmd_preprocess, "read, format and tokenize the datasets and report what they hold")
+    help_text = "`data report CONFIG`: rows, tokens, lengths, duplicates, overlap, label share → output_dir (Markdown + PNG)"
+    p = sub.add_parser("data", help=help_text, description=help_text)
+    p.add_argument("action", choices=["report"])
+    p.add_argument("config", help="YAML config: a path or an http(s) URL")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=cmd_data)
     p = add("inference", cmd_inference, "generate answers with the base model or a trained adapter")
     p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (a training output_dir)")
     p.add_argument("--prompt", default=None, help="one prompt; without it, prompts are read from stdin, one per line")
@@ -77,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     add("validate", cmd_validate, "check a config (keys, types, files) without loading a model; print it resolved")
     add("config-schema", cmd_config_schema, "print the JSON schema of the config", config=False)
+    p = add("merge-lora", cmd_merge_lora, "merge a LoRA adapter into the base model (safetensors folder)")
+    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (default: output_dir)")
+    p.add_argument("--output_dir_merged", "--merged-dir", dest="output_dir", default=None, help="where to write (default: ADAPTER/merged)")
+    p = add("export", cmd_export, "export the (merged) model, e.g. to GGUF for llama.cpp")
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "f32"])
+    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter to merge first")
+    p.add_argument("--output", default=None, help="file to write (default: output_dir/model-QUANT.gguf)")
+    p = add("inspect", cmd_inspect, "show a model's architecture and its lora_target_modules candidates", config=False)
+    p.add_argument("model", help="model folder, .gguf file, pkg://PACKAGE/FILE or Hub id")
+    p.add_argument("--config", default=None, help="a config whose LoRA settings to count trainable parameters for")
     return parser
 
 
@@ -94,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         # Libraries' deprecation notices are for lmforge's developers, not its users.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # bitsandbytes (imported by peft) logs a failed optional-kernel fetch at import on CPUs.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         args.func(args, rest)
     except LmforgeError as exc:

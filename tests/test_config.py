@@ -78,8 +78,8 @@ def test_sequence_len_must_be_positive(tmp_path: Path, value: int) -> None:
 def test_unsupported_axolotl_key_refused_by_name_unless_off(tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="'deepspeed' is not supported yet"):
         load_config(write(tmp_path, BASE + "deepspeed: ds.json\n"))
-    cfg = load_config(write(tmp_path, BASE + "load_in_8bit: false\nstrict: false\n"))
-    assert set(cfg.ignored) == {"load_in_8bit", "strict"}
+    cfg = load_config(write(tmp_path, BASE + "xformers_attention: false\nstrict: false\n"))
+    assert set(cfg.ignored) == {"xformers_attention", "strict"}
 
 
 def test_overrides_are_typed_and_win(tmp_path: Path) -> None:

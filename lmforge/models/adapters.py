@@ -40,6 +40,8 @@ def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
         target_modules=targets,
         fan_in_fan_out=settings.lora_fan_in_fan_out,
         modules_to_save=settings.lora_modules_to_save,
+        use_dora=settings.peft_use_dora,
+        use_rslora=settings.peft_use_rslora,
     )
 
 

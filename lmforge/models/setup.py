@@ -1,0 +1,68 @@
+"""The model a recipe trains: base weights (full, bf16 or k-bit), grown vocabulary, adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmforge.config import LmforgeConfig
+from lmforge.errors import LmforgeError
+from lmforge.models.adapters import apply_lora
+from lmforge.models.load import load_model, load_tokenizer
+
+
+def load_training_tokenizer(cfg: LmforgeConfig) -> Any:
+    """The tokenizer with the configured special tokens added."""
+    tokenizer = load_tokenizer(cfg.model.base_model, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
+    if cfg.model.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.model.special_tokens))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(cfg: LmforgeConfig) -> Any:
+    q = cfg.quantization
+    if cfg.adapter.adapter == "qlora" and not (q.load_in_4bit or q.load_in_8bit):
+        raise LmforgeError("adapter: qlora needs a quantized base", where="adapter", fix="add load_in_4bit: true")
+    if not (q.load_in_4bit or q.load_in_8bit):
+        return None
+    if not cfg.adapter.adapter:
+        raise LmforgeError(
+            "a 4/8-bit base model cannot be fully fine-tuned", where="load_in_4bit", fix="set adapter: qlora (or lora)"
+        )
+    from lmforge.models.quantize import bnb_config
+
+    return bnb_config(
+        load_in_4bit=q.load_in_4bit,
+        load_in_8bit=q.load_in_8bit,
+        quant_type=q.bnb_4bit_quant_type,
+        double_quant=q.bnb_4bit_use_double_quant,
+        compute_dtype=q.bnb_4bit_compute_dtype,
+    )
+
+
+def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf16: bool) -> Any:
+    """Base model in the cheapest dtype that trains correctly, then the adapter."""
+    quantization = _quantization_config(cfg)
+    # Frozen base weights need no fp32 master copy: holding them in bf16 halves their memory
+    # and skips autocast's per-step casts. Trainable weights stay fp32.
+    dtype = torch.bfloat16 if (bf16 and cfg.adapter.adapter) else torch.float32
+    extra = {"quantization_config": quantization} if quantization is not None else {}
+    model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if quantization is not None:
+        from lmforge.models.quantize import prepare_kbit_model
+
+        model = prepare_kbit_model(model, gradient_checkpointing=cfg.training.gradient_checkpointing)
+    elif cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.adapter.adapter:
+        model = apply_lora(model, cfg.adapter)
+        if quantization is not None:
+            from lmforge.models.quantize import disable_cpu_weight_packing
+
+            disable_cpu_weight_packing(model)  # peft may wrap new Linear4bit modules
+    return model if quantization is not None else model.to(device)
