@@ -2,6 +2,12 @@
 
 The order is a pure function of (seed, epoch), so a resumed run can skip to the exact
 batch it stopped at.
+
+Sample packing (``sequence_len`` given to :func:`iterate_batches`): several examples share one
+row of at most ``sequence_len`` tokens. Each packed batch carries ``position_ids`` that restart
+at 0 for every example; with ``attention_mask`` left out of the forward, transformers builds a
+block-diagonal causal mask from them (no attention across examples, for sdpa and eager). The
+first label of each example is ignored: it would be predicted from the previous example.
 """
 
 from __future__ import annotations
@@ -49,17 +55,91 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, 
     return batches
 
 
+def pack_order(lengths: Sequence[int], sequence_len: int, seed: int, epoch: int, pool: int = 4096) -> list[list[int]]:
+    """Indices of each packed row for one epoch: shuffled by (seed, epoch), then first-fit
+    decreasing within pools of `pool` examples (random order across pools, dense rows within)."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(order[start : start + pool], key=lambda i: -lengths[i]):
+            n = min(lengths[i], sequence_len)
+            for b, free in enumerate(room):
+                if n <= free:
+                    bins[b].append(i)
+                    room[b] -= n
+                    break
+            else:
+                bins.append([i])
+                room.append(sequence_len - n)
+        rows += bins
+    rng.shuffle(rows)
+    return rows
+
+
+def packing_efficiency(lengths: Sequence[int], sequence_len: int, seed: int = 0) -> tuple[float, int]:
+    """(share of packed-row slots holding real tokens, packed rows) for epoch 0."""
+    rows = pack_order(lengths, sequence_len, seed, 0)
+    return sum(min(n, sequence_len) for n in lengths) / max(len(rows) * sequence_len, 1), len(rows)
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], pad_token_id: int) -> Batch:
+    """Each row the concatenation of its examples; position ids restart per example; right-padded."""
+    width = max(sum(len(e) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for example in row:
+            n = len(example)
+            input_ids[r, at : at + n] = torch.tensor(example.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(example.labels[1:])
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        attention_mask[r, :at] = 1
+        position_ids[r, at:] = torch.arange(width - at)  # padding: a block of its own
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def packed_batch_order(lengths: Sequence[int], batch_size: int, sequence_len: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    rows = pack_order(lengths, sequence_len, seed, epoch)
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def batches_per_epoch(examples: Sequence[Example], batch_size: int, sequence_len: int | None = None, seed: int = 0) -> int:
+    """Micro-batches in an epoch (epoch 0's count when packing)."""
+    if sequence_len is None:
+        return -(-len(examples) // batch_size)
+    return -(-len(pack_order([len(e) for e in examples], sequence_len, seed, 0)) // batch_size)
+
+
 def iterate_batches(
-    examples: Sequence[Example], batch_size: int, pad_token_id: int, seed: int, epoch: int, group_by_length: bool = True, skip: int = 0
+    examples: Sequence[Example], batch_size: int, pad_token_id: int, seed: int, epoch: int, group_by_length: bool = True, skip: int = 0,
+    sequence_len: int | None = None,
 ) -> Iterator[Batch]:
-    """Collated batches of one epoch, skipping the first `skip` (for resume)."""
+    """Collated batches of one epoch, skipping the first `skip` (for resume).
+
+    With `sequence_len` (sample packing), each batch holds `batch_size` packed rows.
+    """
     lengths = [len(e) for e in examples]
+    if sequence_len is not None:
+        for rows in packed_batch_order(lengths, batch_size, sequence_len, seed, epoch)[skip:]:
+            yield collate_packed([[examples[i] for i in row] for row in rows], pad_token_id)
+        return
     for indices in batch_order(lengths, batch_size, seed, epoch, group_by_length)[skip:]:
         yield collate([examples[i] for i in indices], pad_token_id)
 
 
-def eval_batches(examples: Sequence[Example], batch_size: int, pad_token_id: int) -> Iterator[Batch]:
-    """Eval batches in a fixed, length-sorted order (deterministic, minimal padding)."""
+def eval_batches(examples: Sequence[Example], batch_size: int, pad_token_id: int, sequence_len: int | None = None) -> Iterator[Batch]:
+    """Eval batches in a fixed order: length-sorted (minimal padding), or packed (seed 0) with `sequence_len`."""
+    if sequence_len is not None:
+        yield from iterate_batches(examples, batch_size, pad_token_id, seed=0, epoch=0, sequence_len=sequence_len)
+        return
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     for start in range(0, len(order), batch_size):
         yield collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)

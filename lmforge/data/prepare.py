@@ -1,22 +1,35 @@
-"""Rows → token ids and labels: formats applied, EOS appended, prompts masked, lengths enforced.
+"""Rows → token ids and labels: formats applied, BOS/EOS added, prompts masked, lengths enforced.
 
-Nothing is dropped silently: truncated rows and rows left with no trainable token are
-counted in :class:`PrepareStats`, which the training log prints.
+Nothing is dropped silently: malformed rows (with ``skip_bad_rows``), rows a hook skipped,
+truncated rows and rows left with no trainable token are counted in :class:`PrepareStats`,
+which the training log and ``lmforge preprocess`` print.
+
+Two ways to tokenize a row's segments:
+- template formats (alpaca, user-defined, completion, input_output): each segment is tokenized
+  on its own, as at inference where the prompt is tokenized and the response generated after it;
+  BOS (when the tokenizer adds one) and EOS are added;
+- formats that render their own special tokens (chat templates): the joined text is tokenized
+  once, so the ids are exactly those of the whole rendering; each token is labelled by the
+  segment its last character falls in (offsets from the fast tokenizer).
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from lmforge.config.sections import DataSection, DatasetSpec
-from lmforge.data.formats import Segment, get_format
+from lmforge.data.formats import Segment, SkipRow, get_format
 from lmforge.data.sources import read_rows
 from lmforge.errors import LmforgeError
 
 IGNORE_INDEX = -100
+PARALLEL_MIN_ROWS = 2000  # below this, starting processes costs more than it saves
 
 
 @dataclass
@@ -30,19 +43,57 @@ class Example:
 
 @dataclass
 class PrepareStats:
-    rows: Counter = field(default_factory=Counter)  # per source path
+    rows: Counter = field(default_factory=Counter)  # rows read, per source path
     truncated: int = 0
     no_trainable_tokens: int = 0
     tokens: int = 0
     label_tokens: int = 0
+    bad_rows: int = 0  # malformed or failing rows skipped with skip_bad_rows
+    bad_examples: list[str] = field(default_factory=list)  # the first few, "where: why"
+    hook_skipped: int = 0
+    note: str = ""  # where the data came from (prepared cache) or went
+
+    def add(self, other: "PrepareStats") -> None:
+        self.rows.update(other.rows)
+        for name in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "hook_skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        merged = self.bad_examples + other.bad_examples
+        self.bad_examples = merged if len(merged) <= 20 else merged[:19] + merged[-1:]
+
+    def bad(self, where: str, why: str) -> None:
+        self.bad_rows += 1
+        line = f"{where}: {why}"
+        if len(self.bad_examples) < 20:
+            self.bad_examples.append(line)
+        else:  # keep the last one too: a file cut off is reported at its end
+            self.bad_examples[-1] = line
 
     def summary(self) -> str:
         sources = ", ".join(f"{path}: {n} rows" for path, n in self.rows.items())
         share = self.label_tokens / max(self.tokens, 1)
-        return (
+        text = (
             f"{sources}; {self.tokens:,} tokens, {share:.0%} trained on; "
             f"{self.truncated} truncated to sequence_len, {self.no_trainable_tokens} skipped with no response token left"
         )
+        if self.bad_rows:
+            text += f"; {self.bad_rows} bad rows skipped (first: {self.bad_examples[0]}"
+            text += f"; last: {self.bad_examples[-1]})" if self.bad_rows > 1 else ")"
+        if self.hook_skipped:
+            text += f"; {self.hook_skipped} rows skipped by the type hook"
+        if self.note:
+            text += f"; {self.note}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "bad_examples", "hook_skipped")}
+        out["rows"] = dict(self.rows)
+        return out
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "PrepareStats":
+        stats = cls(**{k: v for k, v in value.items() if k != "rows"})
+        stats.rows = Counter(value.get("rows", {}))
+        return stats
 
 
 @dataclass
@@ -52,18 +103,61 @@ class PreparedData:
     stats: PrepareStats
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def adds_bos(tokenizer: Any) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
+def _finish(ids: list[int], labels: list[int], sequence_len: int, stats: PrepareStats, out: list[Example]) -> None:
+    if len(ids) > sequence_len:
+        stats.truncated += 1
+        ids, labels = ids[:sequence_len], labels[:sequence_len]
+    # The model sees labels shifted by one, so the first position never counts.
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        stats.no_trainable_tokens += 1
+        return
+    stats.tokens += len(ids)
+    stats.label_tokens += sum(label != IGNORE_INDEX for label in labels[1:])
+    out.append(Example(ids, labels))
+
+
+def _tokenize_joint(rows: list[list[Segment]], tokenizer: Any, sequence_len: int, train_on_inputs: bool, stats: PrepareStats) -> list[Example]:
+    """Each row's segments joined and tokenized as one string; labels from character offsets."""
+    texts = ["".join(s.text for s in segment_list) for segment_list in rows]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
+    examples: list[Example] = []
+    for segment_list, text, ids, offsets in zip(rows, texts, encoded["input_ids"], encoded["offset_mapping"]):
+        if train_on_inputs:
+            labels = list(ids)
+        else:
+            trained = np.zeros(len(text) + 1, dtype=bool)
+            start = 0
+            for segment in segment_list:
+                end = start + len(segment.text)
+                if segment.train:
+                    trained[start:end] = True
+                start = end
+            spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            last_char = np.where(spans[:, 1] > spans[:, 0], spans[:, 1] - 1, spans[:, 0])
+            mask = trained[last_char]
+            labels = np.where(mask, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+        _finish(list(ids), labels, sequence_len, stats, examples)
+    return examples
+
+
 def tokenize_rows(
-    rows: list[list[Segment]], tokenizer: Any, sequence_len: int, train_on_inputs: bool, stats: PrepareStats
+    rows: list[list[Segment]], tokenizer: Any, sequence_len: int, train_on_inputs: bool, stats: PrepareStats, joint: bool = False
 ) -> list[Example]:
-    """Tokenize segment lists in one batched call; truncate to sequence_len; mask untrained segments."""
+    """Tokenize segment lists in one batched call; truncate to sequence_len; mask untrained segments.
+
+    ``joint`` (formats that render their own special tokens): tokenize each row's text whole and
+    add no BOS/EOS; otherwise each segment separately, with BOS (if the tokenizer adds one) and EOS.
+    """
+    if joint:
+        return _tokenize_joint(rows, tokenizer, sequence_len, train_on_inputs, stats)
     flat = [segment.text for segment_list in rows for segment in segment_list]
     encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     eos = tokenizer.eos_token_id
     examples: list[Example] = []
     cursor = 0
@@ -78,29 +172,95 @@ def tokenize_rows(
         if eos is not None:
             ids.append(eos)
             labels.append(eos)
-        if len(ids) > sequence_len:
-            stats.truncated += 1
-            ids, labels = ids[:sequence_len], labels[:sequence_len]
-        # The model sees labels shifted by one, so the first position never counts.
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            stats.no_trainable_tokens += 1
-            continue
-        stats.tokens += len(ids)
-        stats.label_tokens += sum(label != IGNORE_INDEX for label in labels[1:])
-        examples.append(Example(ids, labels))
+        _finish(ids, labels, sequence_len, stats, examples)
     return examples
 
 
-def rows_to_segments(spec: DatasetSpec, index: int, stats: PrepareStats) -> list[list[Segment]]:
-    """Read one dataset entry and apply its format; a bad row raises with its file:line."""
-    fmt = get_format(spec.type, where=f"datasets[{index}].type")
+def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | None]], skip_bad_rows: bool, stats: PrepareStats) -> list[list[Segment]]:
     out = []
-    for row in read_rows(spec.path, spec.ds_type, spec.data_files, spec.split, spec.name):
-        out.append(fmt.segments(row.values, row.where))
-    if not out:
-        raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
-    stats.rows[spec.path] += len(out)
+    for values, where, error in rows:
+        if error is not None:
+            if not skip_bad_rows:
+                raise LmforgeError(error, where=where, fix="fix the file, or set skip_bad_rows: true to skip and count such rows")
+            stats.bad(where, error)
+            continue
+        try:
+            out.append(fmt.segments(values, where))
+        except SkipRow:
+            stats.hook_skipped += 1
+        except LmforgeError as exc:
+            if not skip_bad_rows:
+                raise
+            stats.bad(where, exc.message)
     return out
+
+
+def _read(spec: DatasetSpec) -> list[tuple[dict[str, Any] | None, str, str | None]]:
+    return [(row.values, row.where, row.error) for row in read_rows(spec.path, spec.ds_type, spec.data_files, spec.split, spec.name)]
+
+
+# Work shipped to tokenizer processes: set once per process by the pool initializer.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["tokenizer"] = tokenizer
+
+
+def _work(job: tuple) -> tuple[list[Example], PrepareStats]:
+    fmt, rows, sequence_len, train_on_inputs, skip_bad_rows = job
+    stats = PrepareStats()
+    segments = _format_rows(fmt, rows, skip_bad_rows, stats)
+    joint = getattr(fmt, "renders_special_tokens", False)
+    return tokenize_rows(segments, _WORKER["tokenizer"], sequence_len, train_on_inputs, stats, joint=joint), stats
+
+
+def prepare_specs(
+    specs: list[DatasetSpec], data: DataSection, tokenizer: Any, key: str = "datasets", processes: int | None = None
+) -> tuple[list[Example], PrepareStats, list[int]]:
+    """Read, format and tokenize dataset entries; returns examples, stats and each example's entry index."""
+    stats = PrepareStats()
+    examples: list[Example] = []
+    origin: list[int] = []
+    processes = processes or data.dataset_processes or 1
+    for index, spec in enumerate(specs):
+        where = f"{key}[{index}]"
+        fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, chat_template=data.chat_template)
+        rows = _read(spec)
+        if not rows:
+            raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+        spec_stats = PrepareStats()
+        spec_stats.rows[spec.path] += len(rows)
+        if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            size = -(-len(rows) // (processes * 4))
+            jobs = [(fmt, rows[i : i + size], data.sequence_len, data.train_on_inputs, data.skip_bad_rows) for i in range(0, len(rows), size)]
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(tokenizer,)) as pool:
+                results = list(pool.map(_work, jobs))
+            spec_examples = [e for part, _ in results for e in part]
+            for _, part_stats in results:
+                spec_stats.add(part_stats)
+        else:
+            _WORKER["tokenizer"] = tokenizer
+            spec_examples, part_stats = _work((fmt, rows, data.sequence_len, data.train_on_inputs, data.skip_bad_rows))
+            spec_stats.add(part_stats)
+        stats.add(spec_stats)
+        examples += spec_examples
+        origin += [index] * len(spec_examples)
+    return examples, stats, origin
+
+
+def rows_to_segments(spec: DatasetSpec, index: int, stats: PrepareStats, tokenizer: Any = None, chat_template: str | None = None, skip_bad_rows: bool = False) -> list[list[Segment]]:
+    """Read one dataset entry and apply its format; a bad row raises with its file:line (or is counted)."""
+    fmt = get_format(spec.type, where=f"datasets[{index}].type", spec=spec, tokenizer=tokenizer, chat_template=chat_template)
+    rows = _read(spec)
+    if not rows:
+        raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+    stats.rows[spec.path] += len(rows)
+    return _format_rows(fmt, rows, skip_bad_rows, stats)
 
 
 def split_eval(examples: list[Example], val_set_size: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -120,18 +280,51 @@ def split_eval(examples: list[Example], val_set_size: float, seed: int) -> tuple
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def prepare(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
-    """Every dataset entry read, formatted, tokenized and split into train and eval."""
-    stats = PrepareStats()
-    segments: list[list[Segment]] = []
-    for index, spec in enumerate(data.datasets):
-        segments += rows_to_segments(spec, index, stats)
-    examples = tokenize_rows(segments, tokenizer, data.sequence_len, data.train_on_inputs, stats)
+def _no_examples(stats: PrepareStats, data: DataSection) -> LmforgeError:
+    total = sum(stats.rows.values())
+    return LmforgeError(
+        f"no usable examples out of {total} rows: {stats.bad_rows} bad, {stats.hook_skipped} skipped by the hook, "
+        f"{stats.no_trainable_tokens} with no response token left after truncation to {data.sequence_len}",
+        where="sequence_len" if stats.no_trainable_tokens else "datasets",
+        fix=f"raise sequence_len above {data.sequence_len}" if stats.no_trainable_tokens else "check the data and its type",
+    )
+
+
+def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
+    """Every dataset entry read, formatted, tokenized, mixed and split into train and eval (no cache)."""
+    examples, stats, _ = prepare_specs(data.datasets, data, tokenizer)
     if not examples:
-        raise LmforgeError(
-            f"no usable examples: all {sum(stats.rows.values())} rows lost their response to truncation",
-            where="sequence_len",
-            fix=f"raise sequence_len above {data.sequence_len}",
-        )
+        raise _no_examples(stats, data)
+    if data.shuffle_merged_datasets and len(data.datasets) > 1:
+        random.Random(seed).shuffle(examples)
+    if data.test_datasets:
+        if data.val_set_size:
+            raise LmforgeError("set either val_set_size or test_datasets, not both", where="val_set_size", fix="remove one")
+        held_out, eval_stats, _ = prepare_specs(data.test_datasets, data, tokenizer, key="test_datasets")
+        if not held_out:
+            raise _no_examples(eval_stats, data)
+        return PreparedData(examples, held_out, stats)
     train, held_out = split_eval(examples, data.val_set_size, seed)
     return PreparedData(train, held_out, stats)
+
+
+def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = None) -> PreparedData:
+    """Prepared data for a config: from the prepared-data cache when one matches, else built.
+
+    The cache (``dataset_prepared_path``, default ``last_run_prepared``) is read whenever an entry
+    with the same key exists; it is written when ``save`` is true, or (``save=None``) when
+    ``dataset_prepared_path`` is set in the config. ``stats.note`` says which happened.
+    """
+    from lmforge.data import cache
+
+    root = data.dataset_prepared_path or cache.DEFAULT_PREPARED_PATH
+    key = cache.cache_key(data, tokenizer, seed)
+    found = cache.load(root, key)
+    if found is not None:
+        found.stats.note = f"reused prepared data {os.path.join(root, key)}"
+        return found
+    prepared = build(data, tokenizer, seed)
+    if save or (save is None and data.dataset_prepared_path):
+        folder = cache.save(root, key, prepared)
+        prepared.stats.note = f"prepared data saved to {folder}"
+    return prepared

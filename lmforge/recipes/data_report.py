@@ -1,0 +1,20 @@
+"""`lmforge data report CONFIG`: a Markdown + PNG quality report of the datasets, in output_dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.config import LmforgeConfig
+from lmforge.data.report import build_report, write_report
+from lmforge.models.load import load_tokenizer
+
+
+def run_data_report(cfg: LmforgeConfig) -> Path:
+    tokenizer = load_tokenizer(cfg.model.base_model, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
+    if cfg.model.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.model.special_tokens))
+    report = build_report(cfg.data, tokenizer, cfg.training.seed)
+    md, png = write_report(report, cfg.training.output_dir)
+    print(report.markdown(png.name if png else None), end="")
+    print(f"[lmforge] report written to {md}" + (f" and {png}" if png else ""))
+    return md
