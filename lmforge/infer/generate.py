@@ -11,6 +11,7 @@ import torch
 
 from lmforge.config import LmforgeConfig
 from lmforge.data.formats import get_format
+from lmforge.data.prepare import adds_bos
 from lmforge.errors import LmforgeError
 from lmforge.models.load import load_model, load_tokenizer
 
@@ -35,10 +36,14 @@ def load_for_inference(cfg: LmforgeConfig, lora_model_dir: str | None, dtype: to
 
 
 def build_prompt(cfg: LmforgeConfig, tokenizer: Any, text: str) -> str:
-    """The prompt `text` becomes: the first dataset's format, or the chat template."""
-    if cfg.data.chat_template and tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return get_format(cfg.data.datasets[0].type).prompt(text)
+    """The prompt `text` becomes: the same format as the first dataset's training rows."""
+    spec = cfg.data.datasets[0]
+    fmt = get_format(spec.type, "datasets[0].type", spec=spec, tokenizer=tokenizer, chat_template=cfg.data.chat_template)
+    prompt = fmt.prompt(text)
+    # Training prepends BOS to formats that do not render special tokens themselves; so must we.
+    if not getattr(fmt, "renders_special_tokens", False) and adds_bos(tokenizer) and not prompt.startswith(tokenizer.bos_token):
+        prompt = tokenizer.bos_token + prompt
+    return prompt
 
 
 def stream_generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:

@@ -10,6 +10,7 @@ from lmforge.config import LmforgeConfig
 from lmforge.errors import LmforgeError
 from lmforge.models.adapters import apply_lora
 from lmforge.models.load import load_model, load_tokenizer
+from lmforge.models.params import freeze_except, set_dropout
 
 
 def load_training_tokenizer(cfg: LmforgeConfig) -> Any:
@@ -53,6 +54,16 @@ def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device
     model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    if cfg.training.dropout is not None:
+        set_dropout(model, cfg.training.dropout)
+    if cfg.training.unfrozen_parameters:
+        if cfg.adapter.adapter:
+            raise LmforgeError(
+                "unfrozen_parameters selects weights for full fine-tuning; it does not combine with an adapter",
+                where="unfrozen_parameters",
+                fix="remove adapter, or use lora_modules_to_save",
+            )
+        freeze_except(model, cfg.training.unfrozen_parameters)
     if quantization is not None:
         from lmforge.models.quantize import prepare_kbit_model
 

@@ -1,4 +1,8 @@
-"""Metric loggers: TensorBoard always (event files in output_dir), Weights & Biases when configured."""
+"""Metric loggers: TensorBoard always (event files in output_dir); Weights & Biases and MLflow when configured.
+
+Every logger receives the same metrics: loss, lr, grad_norm, tokens_per_s, tokens_seen,
+peak_memory_mb (every logging_steps) and eval_loss, eval_perplexity (every evaluation).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ class TensorBoardLogger(MetricLogger):
 
 
 class WandbLogger(MetricLogger):
-    def __init__(self, settings: LoggingSection, config: dict[str, Any]) -> None:
+    def __init__(self, settings: LoggingSection, config: dict[str, Any], output_dir: str) -> None:
         try:
             import wandb
         except ImportError as exc:
@@ -41,6 +45,7 @@ class WandbLogger(MetricLogger):
             id=settings.wandb_run_id,
             mode=settings.wandb_mode,
             config=config,
+            dir=output_dir,
             resume="allow" if settings.wandb_run_id else None,
         )
 
@@ -51,8 +56,44 @@ class WandbLogger(MetricLogger):
         self.run.finish()
 
 
+class MlflowLogger(MetricLogger):
+    def __init__(self, settings: LoggingSection, config: dict[str, Any]) -> None:
+        import os
+
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise LmforgeError("mlflow_tracking_uri is set but mlflow is not installed", where="mlflow_tracking_uri", fix="pip install mlflow") from exc
+        uri = settings.mlflow_tracking_uri or ""
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3 keeps the plain-folder store in maintenance mode behind this switch; the user asked for it by name.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        name = settings.mlflow_experiment_name or "lmforge"
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment_id, run_name=settings.mlflow_run_name).info.run_id
+        params = [Param(k, str(v)[:500]) for k, v in config.items() if v not in (None, "", [], {})]
+        for start in range(0, len(params), 100):  # MLflow's per-call limit
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
 def build_loggers(settings: LoggingSection, output_dir: str, config: dict[str, Any]) -> list[MetricLogger]:
     loggers: list[MetricLogger] = [TensorBoardLogger(output_dir)]
     if settings.wandb_project and settings.wandb_mode != "disabled":
-        loggers.append(WandbLogger(settings, config))
+        loggers.append(WandbLogger(settings, config, output_dir))
+    if settings.mlflow_tracking_uri:
+        loggers.append(MlflowLogger(settings, config))
     return loggers

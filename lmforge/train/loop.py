@@ -3,6 +3,9 @@
 One optimizer step = `grad_accum` micro-batches; the loss is the sum over every labelled
 token of the step divided by their count, so short and long examples weigh the same
 whatever batch they land in.
+
+Per step the loop reads two numbers back from the device (the loss and the gradient norm);
+the NaN/inf check, early stopping and the stop-on-signal check reuse them and cost nothing more.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from lmforge.data.batching import Batch
+from lmforge.errors import LmforgeError
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.telemetry import peak_memory_mb
 
@@ -30,8 +34,10 @@ class LoopSettings:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     logging_steps: int = 1
-    eval_every: int | None = None
+    eval_every: int | None = None  # with an eval_fn, the last step is always evaluated too
     save_every: int | None = None
+    early_stopping_patience: int | None = None
+    nan_policy: str = "stop"  # or "skip"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_dtype: torch.dtype | None = None
     timing_warmup_steps: int = 2  # first steps pay one-off costs (allocations, kernel choice); kept out of tokens/s
@@ -39,24 +45,57 @@ class LoopSettings:
 
 @dataclass
 class LoopResult:
+    """Everything about the run so far; a checkpoint stores it (trainer_state.json) so a resume continues it."""
+
     steps: int = 0
     real_tokens: int = 0  # non-pad tokens in timed steps
     train_seconds: float = 0.0  # timed steps only
     total_tokens: int = 0
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     train_history: list[tuple[int, float]] = field(default_factory=list)
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    skipped_steps: list[int] = field(default_factory=list)
+    stop_reason: str | None = None  # None (ran to total_steps), "early_stopping", "interrupted", "data_exhausted"
 
     @property
     def tokens_per_s(self) -> float:
         return self.real_tokens / self.train_seconds if self.train_seconds else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoopResult":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("eval_history", "train_history"):
+            known[key] = [tuple(pair) for pair in known.get(key, [])]
+        return cls(**known)
+
+
+class NonFiniteError(LmforgeError):
+    """The loss or the gradient went NaN/inf at `step` (1-based); the weights are still those before it."""
+
+    def __init__(self, step: int, what: str) -> None:
+        self.step = step
+        super().__init__(f"{what} is not finite at step {step}", where="training",
+                         fix="lower learning_rate, set max_grad_norm, or set nan_policy: skip")
+
 
 class Callbacks:
-    """Hooks the recipe plugs in: logging, saving. All optional."""
+    """Hooks the recipe plugs in: logging, saving, the best eval. All optional.
+
+    Setting `stop_requested` (e.g. from a signal handler) ends the loop after the current step.
+    """
+
+    stop_requested: bool = False
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def on_save(self, step: int) -> None: ...
+
+    def on_best(self, step: int, eval_loss: float) -> None: ...
 
 
 def _autocast(settings: LoopSettings) -> contextlib.AbstractContextManager:
@@ -84,6 +123,15 @@ def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_
     return total / max(count, 1)
 
 
+def _record_eval(result: LoopResult, step: int, eval_loss: float, callbacks: Callbacks) -> None:
+    result.eval_history.append((step, eval_loss))
+    if result.best_eval_loss is None or eval_loss < result.best_eval_loss:
+        result.best_eval_loss, result.best_step, result.evals_without_improvement = eval_loss, step, 0
+        callbacks.on_best(step, eval_loss)
+    else:
+        result.evals_without_improvement += 1
+
+
 def train_loop(
     model: Any,
     optimizer: torch.optim.Optimizer,
@@ -94,10 +142,15 @@ def train_loop(
     callbacks: Callbacks | None = None,
     loss_fn: LossFn = causal_lm_loss,
     start_step: int = 0,
+    result: LoopResult | None = None,
 ) -> LoopResult:
-    """Run optimizer steps until `settings.total_steps` or the batches run out."""
+    """Run optimizer steps until `settings.total_steps`, early stopping, a stop request or the batches run out.
+
+    Pass the `result` of a checkpoint to continue a run (its `steps` is the step to start from).
+    """
     callbacks = callbacks or Callbacks()
-    result = LoopResult(steps=start_step)
+    result = result or LoopResult(steps=start_step)
+    start_step = result.steps
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -106,20 +159,33 @@ def train_loop(
         step_start = time.perf_counter()
         step_batches = [b for _, b in zip(range(settings.grad_accum), micro_batches)]
         if not step_batches:
+            result.stop_reason = "data_exhausted"
             break
+        # Counted on the host copies: no device sync.
         label_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step_batches)
-        step_loss, step_tokens = 0.0, 0
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
+        step_loss = 0.0
         for batch in step_batches:
             batch = _to_device(batch, settings.device)
             with _autocast(settings):
                 loss_sum, _ = loss_fn(model, batch)
             (loss_sum / max(label_count, 1)).backward()
             step_loss += float(loss_sum.detach())
-            step_tokens += int(batch["attention_mask"].sum())
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)) if settings.max_grad_norm else math.nan
-        )
-        optimizer.step()
+        if settings.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        loss = step_loss / max(label_count, 1)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            optimizer.step()
+        else:  # the weights stay those of the last good step
+            optimizer.zero_grad(set_to_none=True)
+            what = "the loss" if not math.isfinite(loss) else "the gradient norm"
+            if settings.nan_policy != "skip":
+                bar.close()
+                raise NonFiniteError(step + 1, what)
+            result.skipped_steps.append(step + 1)
+            bar.write(f"step {step + 1}: {what} is not finite; step skipped (nan_policy: skip)")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -129,11 +195,11 @@ def train_loop(
         if step - start_step >= settings.timing_warmup_steps:
             result.real_tokens += step_tokens
             result.train_seconds += elapsed
-        loss = step_loss / max(label_count, 1)
         result.train_history.append((step + 1, loss))
         window_tokens += step_tokens
         bar.update(1)
-        if (step + 1) % settings.logging_steps == 0 or step + 1 == settings.total_steps:
+        last = step + 1 == settings.total_steps
+        if (step + 1) % settings.logging_steps == 0 or last:
             now = time.perf_counter()
             metrics = {
                 "loss": loss,
@@ -146,12 +212,22 @@ def train_loop(
             window_tokens, window_start = 0, now
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             callbacks.on_log(step + 1, metrics)
-        if eval_fn and settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.total_steps:
+        pause = time.perf_counter()  # eval and save time stays out of the tokens/s window
+        if eval_fn and ((settings.eval_every and (step + 1) % settings.eval_every == 0) or last):
             eval_loss = eval_fn()
-            result.eval_history.append((step + 1, eval_loss))
+            _record_eval(result, step + 1, eval_loss, callbacks)
             bar.write(f"step {step + 1}: eval loss {eval_loss:.4f}")
             callbacks.on_log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
-        if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.total_steps:
+            patience = settings.early_stopping_patience
+            if patience and result.evals_without_improvement >= patience and not last:
+                result.stop_reason = "early_stopping"
+                bar.write(f"step {step + 1}: no eval improvement in {patience} evaluations; stopping early")
+                break
+        if callbacks.stop_requested and not last:
+            result.stop_reason = "interrupted"
+            break
+        if settings.save_every and (step + 1) % settings.save_every == 0 and not last:
             callbacks.on_save(step + 1)
+        window_start += time.perf_counter() - pause
     bar.close()
     return result

@@ -28,21 +28,30 @@ def uses_fast_path(model: Any) -> bool:
     return getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS and hasattr(base, "base_model_prefix")
 
 
-def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were.
+
+    `label_smoothing` (0..1) mixes the one-hot target with a uniform one, as in torch's cross_entropy.
+    """
     input_ids, labels = batch["input_ids"], batch["labels"]
     attention_mask = batch.get("attention_mask")
-    if attention_mask is not None and bool(attention_mask.all()):
+    position_ids = batch.get("position_ids")
+    if position_ids is not None:
+        # Packed rows: position ids restarting per example make transformers build a
+        # block-diagonal causal mask, which a 2D attention_mask would override.
+        attention_mask = None
+    elif attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: lets SDPA take its plain causal kernel
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     count = int(selected.sum())
     if uses_fast_path(model):
         base = _unwrap(model)
         backbone = getattr(base, base.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
         logits = base.get_output_embeddings()(hidden[:, :-1][selected])
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][selected]
-    loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[:, :-1][selected]
+    loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum", label_smoothing=label_smoothing)
     return loss_sum, count

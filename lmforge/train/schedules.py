@@ -29,6 +29,9 @@ def warmup_steps_for(total_steps: int, warmup_steps: int | None, warmup_ratio: f
     return int(round(total_steps * (warmup_ratio or 0.0)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    schedule: Callable[[int], float] = lambda step: lr_multiplier(kind, step, total_steps, warmup_steps)  # noqa: E731
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`min_ratio` (cosine_min_lr_ratio) is the floor the decay ends at, as a share of the peak rate."""
+    schedule: Callable[[int], float] = lambda step: lr_multiplier(kind, step, total_steps, warmup_steps, min_ratio)  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,62 @@
+"""Which weights train and how they regularise: unfrozen_parameters and the dropout override."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+def freeze_except(model: torch.nn.Module, patterns: list[str]) -> int:
+    """Train only parameters whose name matches one of `patterns` (re.match, from the name's start).
+
+    Returns the number of trainable parameters. A pattern matching nothing is an error: a typo
+    would otherwise silently freeze the whole model.
+    """
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise LmforgeError(f"unfrozen_parameters: invalid regex {pattern!r} ({exc})", where="unfrozen_parameters") from exc
+    names = [name for name, _ in model.named_parameters()]
+    for pattern, regex in zip(patterns, compiled):
+        if not any(regex.match(name) for name in names):
+            raise LmforgeError(
+                f"unfrozen_parameters: {pattern!r} matches no parameter", where="unfrozen_parameters",
+                fix=f"parameter names look like {names[0]!r}, {names[-1]!r}",
+            )
+    trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(regex.match(name) for regex in compiled))
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable
+
+
+def _is_dropout_key(key: str) -> bool:
+    return ("dropout" in key or key.endswith("pdrop")) and "lora" not in key
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> list[str]:
+    """Set every dropout probability in the model config, and the live modules built from it.
+
+    Models copy config values into modules at construction (e.g. Llama's
+    ``self.attention_dropout``), so changing the config alone would do nothing. Returns the config
+    fields changed; an error when the model has none.
+    """
+    config = model.config
+    fields = sorted(k for k, v in config.to_dict().items() if _is_dropout_key(k) and isinstance(v, float | int) and not isinstance(v, bool))
+    if not fields:
+        raise LmforgeError(f"dropout: the {config.model_type} model config has no dropout settings", where="dropout",
+                           fix="remove dropout from the config")
+    for key in fields:
+        setattr(config, key, p)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        for key in fields:
+            if isinstance(getattr(module, key, None), float | int) and not isinstance(getattr(module, key), bool):
+                setattr(module, key, p)
+    return fields

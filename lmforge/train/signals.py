@@ -1,0 +1,31 @@
+"""SIGTERM / Ctrl-C: finish the current step, save a checkpoint, then exit. A second signal exits at once."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def stop_on_signals(callbacks: Any) -> Iterator[None]:
+    """Set `callbacks.stop_requested` on SIGTERM/SIGINT while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        if callbacks.stop_requested:
+            raise KeyboardInterrupt
+        callbacks.stop_requested = True
+        print(f"\n[lmforge] {signal.Signals(signum).name}: saving a checkpoint after this step "
+              "(send it again to stop without saving)", flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
