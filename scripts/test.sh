@@ -2,6 +2,6 @@
 # Set up everything, then run the test suite (fast unit tests and the real-model integration tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 . .venv/bin/activate
 python -m pytest -q "$@"

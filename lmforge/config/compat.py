@@ -25,29 +25,25 @@ NO_EFFECT = {
 
 # axolotl features lmforge does not implement yet. Set to anything but off/empty they are refused.
 NOT_SUPPORTED_YET = {
-    "load_in_8bit", "load_in_4bit", "gptq", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-    "bnb_4bit_compute_dtype", "peft_use_dora", "peft_use_rslora", "peft_layers_to_transform",
-    "sample_packing", "eval_sample_packing", "pad_to_sequence_len", "sample_packing_eff_est",
+    "gptq", "peft_layers_to_transform",
+    "pad_to_sequence_len", "sample_packing_eff_est",
     "flash_attention", "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv",
     "flash_attn_fuse_mlp", "xformers_attention", "sdp_attention", "s2_attention",
     "deepspeed", "fsdp", "fsdp_config", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
-    "early_stopping_patience", "load_best_model_at_end", "resume_from_checkpoint",
-    "auto_resume_from_checkpoints", "save_total_limit", "save_strategy", "evaluation_strategy",
-    "eval_strategy", "lr_quadratic_warmup", "cosine_min_lr_ratio",
-    "cosine_constant_lr_ratio", "lr_div_factor", "loss_watchdog_threshold", "loss_watchdog_patience",
-    "neftune_noise_alpha", "noisy_embedding_alpha", "unfrozen_parameters", "torch_compile",
-    "torch_compile_backend", "rl", "dpo_beta", "reward_model", "mlflow_tracking_uri",
-    "mlflow_experiment_name", "hub_model_id", "hub_strategy", "push_dataset_to_hub",
-    "pretraining_dataset", "test_datasets", "shuffle_merged_datasets", "dataset_shard_num",
+    "save_strategy", "evaluation_strategy",
+    "eval_strategy", "lr_quadratic_warmup", "cosine_constant_lr_ratio", "lr_div_factor", "loss_watchdog_threshold", "loss_watchdog_patience",
+    "neftune_noise_alpha", "noisy_embedding_alpha", "torch_compile",
+    "torch_compile_backend", "rl", "dpo_beta", "reward_model", "hub_model_id", "hub_strategy", "push_dataset_to_hub",
+    "dataset_shard_num",
     "dataset_shard_idx", "tokens", "resize_token_embeddings_to_32x", "embeddings_skip_upcast",
     "lora_on_cpu", "relora_steps", "relora_warmup_steps", "relora_cpu_offload", "noisy_embedding",
-    "max_memory", "gpu_memory_limit", "low_cpu_mem_usage", "local_rank", "model_config",
+    "max_memory", "gpu_memory_limit", "low_cpu_mem_usage", "local_rank",
     "rope_scaling", "chat_template_jinja", "default_system_message", "eval_max_new_tokens",
     "eval_causal_lm_metrics", "do_causal_lm_eval", "eval_table_size", "lr_groups", "loraplus_lr_ratio",
     "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "unsloth_cross_entropy_loss",
     "liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_cross_entropy",
     "liger_fused_linear_cross_entropy", "adam_epsilon2", "max_packed_sequence_len",
-    "skip_prepare_dataset", "remove_unused_columns", "label_smoothing_factor", "dropout",
+    "skip_prepare_dataset", "remove_unused_columns",
 }
 
 

@@ -15,8 +15,13 @@ from lmforge.config.sections import (
     DatasetSpec,
     DataSection,
     LoggingSection,
+    ModelConfigSpec,
     ModelSection,
+    PretrainingSource,
+    PretrainSection,
+    QuantizationSection,
     SECTIONS,
+    TokenizerTrainSpec,
     TrainingSection,
     UserDefinedFormat,
     describe,
@@ -32,17 +37,24 @@ class LmforgeConfig(BaseModel):
 
     model: ModelSection
     data: DataSection
+    quantization: QuantizationSection = QuantizationSection()
     adapter: AdapterSection = AdapterSection()
     training: TrainingSection = TrainingSection()
     logging: LoggingSection = LoggingSection()
+    pretrain: PretrainSection = PretrainSection()
     ignored: dict[str, str] = {}
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as axolotl-style flat keys (what gets saved next to outputs)."""
         out: dict[str, Any] = {}
         for name in SECTIONS:
-            out.update(getattr(self, name).model_dump(mode="json"))
+            out.update(getattr(self, name).model_dump(mode="json", by_alias=True))
         return out
+
+    @property
+    def is_pretraining(self) -> bool:
+        """Pretraining (from scratch or continued on raw text) rather than fine-tuning on `datasets`."""
+        return self.pretrain.model_config_ is not None or bool(self.pretrain.pretraining_dataset)
 
 
 def _suggest(key: str, candidates: list[str]) -> str:
@@ -56,6 +68,10 @@ def _nested_model(path: tuple[str | int, ...]) -> type[BaseModel] | None:
         return DatasetSpec
     if len(path) == 3 and path[0] == "datasets" and path[2] == "type":
         return UserDefinedFormat
+    if len(path) == 2 and path[0] == "pretraining_dataset":
+        return PretrainingSource
+    if path == ("tokenizer_train",):
+        return TokenizerTrainSpec
     return None
 
 
@@ -63,6 +79,7 @@ def _explain(raw: RawConfig, err: dict[str, Any], section: str) -> LmforgeError:
     loc = tuple(err["loc"])
     # pydantic adds union member names ('str', 'UserDefinedFormat', ...) to loc; keep only real keys.
     known = set(key_owners()) | set(DatasetSpec.model_fields) | set(UserDefinedFormat.model_fields)
+    known |= set(PretrainingSource.model_fields) | set(TokenizerTrainSpec.model_fields) | set(ModelConfigSpec.model_fields)
     keep_last = err["type"] == "extra_forbidden"
     path: KeyPath = tuple(
         p for i, p in enumerate(loc) if isinstance(p, int) or p in known or (keep_last and i == len(loc) - 1)
@@ -109,7 +126,30 @@ def build_config(raw: RawConfig) -> LmforgeConfig:
             # For a union (e.g. a dataset `type` given as a mapping), the branch that names a key is the useful one.
             best = next((e for e in errors if e["type"] == "extra_forbidden"), max(errors, key=lambda e: len(e["loc"])))
             raise _explain(raw, best, name) from exc
-    return LmforgeConfig(**sections, ignored=ignored)
+    cfg = LmforgeConfig(**sections, ignored=ignored)
+    _check_model_and_data(cfg, raw)
+    return cfg
+
+
+def _check_model_and_data(cfg: LmforgeConfig, raw: RawConfig) -> None:
+    """Keys that depend on each other across sections: where the model and the data come from."""
+    has_base, has_new = cfg.model.base_model is not None, cfg.pretrain.model_config_ is not None
+    if not has_base and not has_new:
+        raise LmforgeError(
+            "no model: set either base_model (a pretrained model) or model_config (a new model to pretrain)",
+            where=raw.source, fix="add base_model: HF_ID_OR_FOLDER, or model_config: {architecture: llama, preset: tiny}",
+        )
+    if has_base and has_new:
+        raise LmforgeError(
+            "base_model and model_config are both set", where=raw.where(("model_config",)),
+            fix="keep base_model to continue pretraining a model, or model_config to build a new one",
+        )
+    if cfg.data.datasets is None and not cfg.pretrain.pretraining_dataset:
+        if cfg.is_pretraining:
+            raise LmforgeError("model_config needs pretraining data", where=raw.source,
+                               fix="add pretraining_dataset: [TEXT_FILE_OR_GLOB_OR_HUB_ID] (or datasets with type: completion)")
+        raise LmforgeError("datasets is required", where=raw.source,
+                           fix="add datasets: [{path: ..., type: ...}] (or pretraining_dataset: for raw-text pretraining)")
 
 
 def looks_like_local_path(path: str) -> bool:
@@ -121,13 +161,13 @@ def looks_like_local_path(path: str) -> bool:
 
 def check_files(cfg: LmforgeConfig, raw: RawConfig | None = None) -> None:
     """Fail early, before any model loads, when a local dataset or model path is missing."""
-    for index, spec in enumerate(cfg.data.datasets):
+    for index, spec in enumerate(cfg.data.datasets or []):
         path = os.path.expanduser(spec.path)
-        if not os.path.exists(path) and looks_like_local_path(spec.path):
+        if not os.path.exists(path) and looks_like_local_path(spec.path) and not spec.path.startswith("pkg://") and not any(c in spec.path for c in "*?["):
             where = raw.where(("datasets", index, "path")) if raw else f"datasets[{index}].path"
             raise LmforgeError(f"dataset file does not exist: {spec.path}", where=where, fix="fix the path (relative paths are read from the current folder)")
     base = cfg.model.base_model
-    if not base.startswith("pkg://") and looks_like_local_path(base) and not os.path.exists(os.path.expanduser(base)):
+    if base is not None and not base.startswith("pkg://") and looks_like_local_path(base) and not os.path.exists(os.path.expanduser(base)):
         where = raw.where(("base_model",)) if raw else "base_model"
         raise LmforgeError(f"model path does not exist: {base}", where=where, fix="fix the path or use a Hub id")
 
@@ -146,7 +186,7 @@ def json_schema() -> dict[str, Any]:
     properties: dict[str, Any] = {}
     defs: dict[str, Any] = {}
     required: list[str] = []
-    for model in (ModelSection, DataSection, AdapterSection, TrainingSection, LoggingSection):
+    for model in SECTIONS.values():
         schema = model.model_json_schema(ref_template="#/$defs/{model}")
         properties.update(schema.get("properties", {}))
         defs.update(schema.get("$defs", {}))

@@ -32,17 +32,37 @@ class DatasetSpec(Section):
     """One entry of ``datasets:``."""
 
     path: str = Field(description="Local file or folder, or a Hugging Face Hub dataset id.")
-    type: str | UserDefinedFormat = Field("alpaca", description="Prompt format: alpaca, or a user-defined mapping.")
+    type: str | UserDefinedFormat = Field(
+        "alpaca",
+        description="Prompt format: alpaca, alpaca_w_system, completion, input_output, chat_template, "
+        "module.function / file.py:function (your converter), or a user-defined mapping.",
+    )
     ds_type: Literal["json", "jsonl", "csv", "parquet", "text"] | None = Field(
         None, description="File type when the extension does not say."
     )
     data_files: str | list[str] | None = Field(None, description="Files inside `path` to read.")
     split: str = Field("train", description="Split to read from a Hub dataset.")
     name: str | None = Field(None, description="Hub dataset configuration name.")
+    field: str | None = Field(None, description="Column with the text (completion: 'text'; input_output: 'segments').")
+    system_prompt: str | None = Field(None, description="alpaca_w_system: system text for rows without a `system` column.")
+    field_messages: str | None = Field(None, description="chat_template: column with the turns (default messages, else conversations).")
+    message_property_mappings: dict[str, str] | None = Field(
+        None, description="chat_template: turn keys, e.g. {role: from, content: value} (ShareGPT is detected)."
+    )
+    roles: dict[str, str | list[str]] | None = Field(
+        None, description="chat_template: extra speaker names per role, e.g. {assistant: [gpt, bot]}."
+    )
+    roles_to_train: list[str] | None = Field(None, description="chat_template: roles whose turns are trained (default [assistant]).")
+    train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
+        None, description="chat_template: train the end-of-turn token of trained turns (turn, default), all turns, the last, or none."
+    )
 
 
 class ModelSection(Section):
-    base_model: str = Field(description="Local HF folder, .gguf file, pkg://PACKAGE/FILE, or Hub id.")
+    base_model: str | None = Field(
+        None, description="Local HF folder, .gguf file, pkg://PACKAGE/FILE, or Hub id. Optional when model_config "
+        "builds a model from scratch."
+    )
     base_model_config: str | None = Field(None, description="Where to read the model config (defaults to base_model).")
     tokenizer_config: str | None = Field(None, description="Where to read the tokenizer (defaults to base_model).")
     tokenizer_type: str | None = Field(None, description="Tokenizer class (AutoTokenizer picks the right one).")
@@ -54,17 +74,43 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    datasets: list[DatasetSpec] = Field(description="Training data sources.")
+    # Optional here because pretraining reads pretraining_dataset instead; build_config requires it otherwise.
+    datasets: list[DatasetSpec] | None = Field(None, description="Training data sources (required unless pretraining).")
     val_set_size: float = Field(0.0, ge=0, description="Held-out share (<1) or row count (>=1) for evaluation.")
     dataset_prepared_path: str | None = Field(None, description="Where tokenized data is cached.")
     sequence_len: int = Field(2048, gt=0, description="Maximum tokens per example; longer rows are truncated.")
     train_on_inputs: bool = Field(False, description="Also compute loss on prompt tokens.")
-    chat_template: str | None = Field(None, description="'tokenizer_default' or a Jinja template string.")
+    chat_template: str | None = Field(
+        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma) or a Jinja template string."
+    )
     dataset_processes: int | None = Field(None, ge=1, description="Processes used to tokenize.")
+    test_datasets: list[DatasetSpec] | None = Field(None, description="Explicit evaluation data (instead of val_set_size).")
+    shuffle_merged_datasets: bool = Field(True, description="Shuffle the rows of all datasets together, by seed.")
+    skip_bad_rows: bool = Field(False, description="Skip malformed rows and records (counted and reported) instead of failing.")
+    sample_packing: bool = Field(False, description="Pack several examples per sequence (no attention across them).")
+    eval_sample_packing: bool | None = Field(None, description="Pack eval batches too (default: as sample_packing).")
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(False, description="Load the base model in 4 bit through bitsandbytes (QLoRA).")
+    load_in_8bit: bool = Field(False, description="Load the base model in 8 bit through bitsandbytes.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit matmuls compute in."
+    )
+
+    @model_validator(mode="after")
+    def _not_both(self) -> "QuantizationSection":
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("set either load_in_4bit or load_in_8bit, not both")
+        return self
 
 
 class AdapterSection(Section):
-    adapter: Literal["lora"] | None = Field(None, description="Parameter-efficient method; empty for full fine-tune.")
+    adapter: Literal["lora", "qlora"] | None = Field(None, description="lora, qlora (4-bit base) or empty for full fine-tune.")
+    peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    peft_use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     lora_model_dir: str | None = Field(None, description="Existing adapter to load.")
     lora_r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -82,18 +128,41 @@ class TrainingSection(Section):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf"] = Field(
-        "adamw_torch", description="Optimizer."
+    unfrozen_parameters: list[str] | None = Field(
+        None, description="Full fine-tune only: regexes (matched from the start of a parameter name) of the "
+        "parameters to train; all others are frozen. Empty: train all."
+    )
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "adamw_bnb_8bit", "sgd", "adafactor",
+        "lion_8bit", "lion_32bit",
+    ] = Field(
+        "adamw_torch",
+        description="adamw_torch (fused on GPU), adamw_torch_fused (fused on CPU too), adamw_bnb_8bit (bitsandbytes "
+        "8-bit states), sgd (see sgd_momentum, sgd_nesterov), adafactor (transformers, explicit lr), "
+        "lion_8bit / lion_32bit (bitsandbytes Lion; betas from adam_beta1/adam_beta2).",
     )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    cosine_min_lr_ratio: float | None = Field(
+        None, ge=0, le=1, description="cosine only: decay to this share of the peak rate instead of to zero."
+    )
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on norms and biases).")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
+    sgd_momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum factor.")
+    sgd_nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs sgd_momentum > 0).")
     max_grad_norm: float | None = Field(1.0, ge=0, description="Gradient clipping norm (0 or empty: off).")
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Set every dropout probability the model config has (attention_dropout, "
+        "hidden_dropout, resid_pdrop, ...) to this value."
+    )
+    label_smoothing_factor: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss (eval loss stays plain).")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="On a NaN/inf loss or gradient: stop (naming the step and last good checkpoint) or skip the step."
+    )
     bf16: Switch = Field("auto", description="bfloat16 compute: true, false or auto (on where supported).")
     fp16: Switch = Field(False, description="float16 compute with loss scaling (CUDA only).")
     tf32: Switch = Field(False, description="TF32 matmuls on Ampere+ GPUs.")
@@ -101,8 +170,17 @@ class TrainingSection(Section):
     logging_steps: int = Field(1, gt=0, description="Log every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps.")
     evals_per_epoch: int | None = Field(None, gt=0, description="Evaluations per epoch (alternative to eval_steps).")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when the eval loss has not improved for this many evaluations."
+    )
+    load_best_model_at_end: bool = Field(False, description="Save the weights of the best evaluation, not the last.")
     save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps.")
     saves_per_epoch: int | None = Field(None, gt=0, description="Checkpoints per epoch (alternative to save_steps).")
+    save_total_limit: int | None = Field(None, gt=0, description="Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = Field(
+        None, description="A checkpoint folder to resume from, or 'auto' for the newest valid one in output_dir."
+    )
+    auto_resume_from_checkpoints: bool = Field(False, description="Same as resume_from_checkpoint: auto.")
     seed: int = Field(42, description="Seed for data order, splits, dropout and init.")
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (random batch order) to cut padding."
@@ -118,7 +196,101 @@ class TrainingSection(Section):
         for a, b in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch"), ("warmup_steps", "warmup_ratio")):
             if getattr(self, a) is not None and getattr(self, b) is not None:
                 raise ValueError(f"set either {a} or {b}, not both")
+        if self.cosine_min_lr_ratio is not None and self.lr_scheduler != "cosine":
+            raise ValueError("cosine_min_lr_ratio needs lr_scheduler: cosine")
+        if self.sgd_nesterov and not (self.optimizer == "sgd" and self.sgd_momentum > 0):
+            raise ValueError("sgd_nesterov needs optimizer: sgd and sgd_momentum > 0")
         return self
+
+
+class ModelConfigSpec(BaseModel):
+    """``model_config:`` the architecture and size of a model built from scratch.
+
+    Unknown keys are allowed on purpose: any field of the transformers config class
+    (``rope_theta``, ``tie_word_embeddings``...) may be set; the builder checks them.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+
+    architecture: str = Field(description="llama, gpt2, bert, ... or any transformers model type / config class name.")
+    preset: Literal["tiny", "50M", "125M", "1B"] | None = Field(
+        None, description="Starting shape (tiny: tests, 50M, 125M, 1B); the size keys below override it."
+    )
+    hidden_size: int | None = Field(None, gt=0, description="Width of the residual stream.")
+    num_layers: int | None = Field(None, gt=0, description="Transformer blocks.")
+    num_heads: int | None = Field(None, gt=0, description="Attention heads.")
+    num_kv_heads: int | None = Field(None, gt=0, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP width (default 4·d, or 8/3·d for gated MLPs).")
+    max_position_embeddings: int | None = Field(None, gt=0, description="Longest context (default: at least sequence_len + 1).")
+    head_dim: int | None = Field(None, gt=0, description="Per-head size (default hidden_size / num_heads).")
+
+    def overrides(self) -> dict[str, Any]:
+        """Size keys and native config fields the user set (for models.build.build_model)."""
+        data = self.model_dump(exclude_none=True)
+        data.pop("architecture")
+        data.pop("preset", None)
+        return data
+
+
+class TokenizerTrainSpec(Section):
+    """``tokenizer_train:`` train a tokenizer before pretraining (skipped when output_dir already holds one)."""
+
+    files: list[str] | None = Field(
+        None, description="Text files or globs to train on (default: the local files of pretraining_dataset)."
+    )
+    vocab_size: int = Field(8000, ge=262, description="Vocabulary size, special tokens and 256 byte pieces included.")
+    model_type: Literal["bpe", "unigram"] = Field("bpe", description="Subword algorithm.")
+    backend: Literal["sentencepiece", "hf"] = Field("hf", description="hf (tokenizers, byte-level) or sentencepiece (byte fallback).")
+    output_dir: str | None = Field(None, description="Where the tokenizer is saved (default: OUTPUT_DIR/tokenizer).")
+    held_out_fraction: float = Field(0.01, ge=0, lt=0.5, description="Share of the text kept out to report tokens/word.")
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _one_file(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class PretrainingSource(Section):
+    """One entry of ``pretraining_dataset:`` (axolotl's keys)."""
+
+    path: str = Field(description="Text file, glob (** recursive), JSONL/Parquet file, or a Hub dataset id (streamed).")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split of a Hub dataset.")
+    text_column: str = Field("text", description="Column with the text (not used for .txt files).")
+    data_files: str | list[str] | None = Field(None, description="Files inside a Hub dataset to read.")
+    type: str | None = Field(None, description="Accepted for axolotl compatibility (pretrain/completion); text is read as is.")
+    max_documents: int | None = Field(None, gt=0, description="Stop reading this source after N documents (for Hub streams).")
+
+
+class PretrainSection(Section):
+    """Pretraining from scratch (``model_config``) or continued pretraining (``base_model`` + raw text)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), populate_by_name=True)
+
+    # `model_config` is pydantic's own attribute name, so the field is spelled with an alias.
+    model_config_: ModelConfigSpec | None = Field(
+        None, alias="model_config", description="Build a new model: {architecture, preset, hidden_size, num_layers, ...}."
+    )
+    objective: Literal["clm", "mlm"] = Field("clm", description="clm (next token, decoders) or mlm (masked tokens, encoders).")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens chosen for prediction.")
+    tokenizer_train: TokenizerTrainSpec | None = Field(None, description="Train a tokenizer first (see its keys).")
+    pretraining_dataset: list[PretrainingSource] | None = Field(
+        None, description="Raw text for pretraining: paths/globs or Hub ids, or entries {path, name, split, text_column}."
+    )
+    shards_dir: str | None = Field(None, description="Where token shards go (default: OUTPUT_DIR/shards); reruns resume.")
+    shard_doc_per: Literal["file", "line"] = Field("file", description="One document per text file, or per non-empty line.")
+    sample_prompt: str | None = Field(
+        None, description="Text to continue after training (clm) or to fill in, with the tokenizer's mask token (mlm)."
+    )
+
+    @field_validator("pretraining_dataset", mode="before")
+    @classmethod
+    def _paths_to_entries(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class LoggingSection(Section):
@@ -129,20 +301,28 @@ class LoggingSection(Section):
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
     wandb_watch: str | None = Field(None, description="W&B watch setting (gradients, all, false).")
     wandb_log_model: str | None = Field(None, description="W&B model logging (checkpoint, end, false).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store (http://..., sqlite:///mlflow.db, file:./mlruns); set to log there."
+    )
+    mlflow_experiment_name: str | None = Field(None, description="MLflow experiment (created if missing; default lmforge).")
+    mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
 
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
+    "quantization": QuantizationSection,
     "adapter": AdapterSection,
     "training": TrainingSection,
     "logging": LoggingSection,
+    "pretrain": PretrainSection,
 }
 
 
 def key_owners() -> dict[str, str]:
     """Flat axolotl key → the section that owns it."""
-    return {key: section for section, model in SECTIONS.items() for key in model.model_fields}
+    # A field's alias is the key users write (PretrainSection.model_config_ is `model_config`).
+    return {info.alias or key: section for section, model in SECTIONS.items() for key, info in model.model_fields.items()}
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
