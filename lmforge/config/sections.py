@@ -182,6 +182,9 @@ class TrainingSection(Section):
     )
     auto_resume_from_checkpoints: bool = Field(False, description="Same as resume_from_checkpoint: auto.")
     seed: int = Field(42, description="Seed for data order, splits, dropout and init.")
+    fast_dropout: bool = Field(
+        True, description="On CPU, LoRA dropout draws random bits 16 at a time (same distribution, less time)."
+    )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (random batch order) to cut padding."
     )

@@ -9,6 +9,7 @@ import torch
 from lmforge.config import LmforgeConfig
 from lmforge.errors import LmforgeError
 from lmforge.models.adapters import apply_lora
+from lmforge.models.fast_dropout import use_fast_dropout
 from lmforge.models.load import load_model, load_tokenizer
 from lmforge.models.params import freeze_except, set_dropout
 
@@ -44,6 +45,20 @@ def _quantization_config(cfg: LmforgeConfig) -> Any:
     )
 
 
+def keep_lora_inputs_in_compute_dtype(model: Any) -> None:
+    """Stop peft from copying every LoRA input to fp32 (the adapter weights' dtype).
+
+    Training runs under bf16 autocast, which computes the LoRA matmuls in bf16 anyway; the
+    fp32 copy (and its dropout) only costs time and, saved for backward, a large share of
+    activation memory. The adapter weights themselves stay fp32.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf16: bool) -> Any:
     """Base model in the cheapest dtype that trains correctly, then the adapter."""
     quantization = _quantization_config(cfg)
@@ -76,4 +91,8 @@ def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device
             from lmforge.models.quantize import disable_cpu_weight_packing
 
             disable_cpu_weight_packing(model)  # peft may wrap new Linear4bit modules
+        elif dtype == torch.bfloat16:
+            keep_lora_inputs_in_compute_dtype(model)
+        if device.type == "cpu" and cfg.training.fast_dropout:
+            use_fast_dropout(model)
     return model if quantization is not None else model.to(device)

@@ -39,7 +39,7 @@ from lmforge.train.report import plot_losses, summary_markdown
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
 from lmforge.train.signals import stop_on_signals
 from lmforge.train.stream import EpochStream
-from lmforge.train.telemetry import peak_memory_mb, pick_device, resolve_bf16
+from lmforge.train.telemetry import peak_memory_mb, pick_device, release_free_memory, resolve_bf16
 
 # A checkpoint's data position means the same batches only under the same settings.
 RESUME_INVARIANTS = ("seed", "micro_batch_size", "gradient_accumulation_steps", "group_by_length", "sequence_len", "sample_packing")
@@ -124,8 +124,9 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     say(f"model {cfg.model.base_model}: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")
 
     data: PreparedData = prepare(cfg.data, tokenizer, t.seed)
+    release_free_memory()
     say(f"data: {data.stats.summary()}; {len(data.train)} train / {len(data.eval)} eval examples")
-    packing = getattr(cfg.data, "sample_packing", False)
+    packing = cfg.data.sample_packing
     rows = len(data.train)
     if packing:
         efficiency, rows = packing_efficiency([len(e) for e in data.train], cfg.data.sequence_len, t.seed)

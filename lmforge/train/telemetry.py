@@ -35,3 +35,19 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
             return torch.cuda.is_bf16_supported()
         return cpu_supports_bf16()
     return bool(setting)
+
+
+def release_free_memory() -> None:
+    """Hand memory freed after loading (fp32 weights cast to bf16, tokenizer buffers) back to the OS.
+
+    glibc keeps freed heap pages; without a trim they count in the process's resident size
+    for the whole run. No-op where glibc is not the allocator.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
