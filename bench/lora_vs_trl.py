@@ -273,9 +273,12 @@ def flops_per_token(fm: dict, mean_seq: float) -> float:
 # --------------------------------------------------------------------------- the two tools
 
 
-def run_trl(args: argparse.Namespace, mdir: Path, run_dir: Path) -> dict:
+TRL_DTYPE_LABELS = {"float32": "checkpoint dtype fp32, TRL's default", "bfloat16": "weights loaded in bf16"}
+
+
+def run_trl(args: argparse.Namespace, mdir: Path, run_dir: Path, dtype: str) -> dict:
     versions = ensure_trl_venv()
-    result_path = run_dir / "trl_result.json"
+    result_path = run_dir / f"trl_result_{dtype}.json"
     cmd = [
         str(trl_python()), str(TRL_RUNNER),
         "--model", str(mdir),
@@ -284,18 +287,19 @@ def run_trl(args: argparse.Namespace, mdir: Path, run_dir: Path) -> dict:
         "--warmup", str(args.warmup),
         "--seq-len", str(SEQ_LEN),
         "--micro-batch", str(MICRO_BATCH),
-        "--model-dtype", args.trl_model_dtype,
+        "--model-dtype", dtype,
         "--threads", str(args.threads),
         "--output-dir", str(run_dir / "trl-out"),
         "--result", str(result_path),
     ]
     log(f"TRL {versions['trl']}: {args.warmup} warm-up + {args.steps} timed steps (log: {run_dir / 'trl.log'})")
-    m = run_measured(cmd, run_dir / "trl.log", child_env(args.threads), args.timeout)
+    log_path = run_dir / f"trl_{dtype}.log"
+    m = run_measured(cmd, log_path, child_env(args.threads), args.timeout)
     if m["rc"] != 0 or not result_path.exists():
-        raise BenchError(f"TRL run failed (rc {m['rc']}{', timed out' if m['timed_out'] else ''}):\n{tail(run_dir / 'trl.log')}")
+        raise BenchError(f"TRL run failed (rc {m['rc']}{', timed out' if m['timed_out'] else ''}):\n{tail(log_path)}")
     r = json.loads(result_path.read_text())
     return {
-        "tool": f"TRL {versions['trl']}",
+        "tool": f"TRL {versions['trl']} ({TRL_DTYPE_LABELS[dtype]})",
         "timed_steps": r["steps"],
         "warmup": r["warmup_steps_excluded"],
         "real_tokens": r["real_tokens"],
@@ -420,11 +424,11 @@ def render(rows: list[dict], failures: dict[str, str], ceiling: dict, fm: dict, 
         )
     for tool, why in failures.items():
         lines.append(f"| {tool} | not run: {why.splitlines()[0][:120]} |" + " |" * 8)
-    by = {r["tool"].split()[0]: r for r in rows}
-    if "lmforge" in by and "TRL" in by:
-        a, b = by["lmforge"], by["TRL"]
+    ours = [r for r in rows if r["tool"].startswith("lmforge")]
+    for b in (r for r in rows if r["tool"].startswith("TRL") and ours):
+        a = ours[0]
         lines.append(
-            f"| **lmforge / TRL** | | | | | **{a['tokens_per_s'] / b['tokens_per_s']:.2f}×** "
+            f"| **lmforge / {b['tool']}** | | | | | **{a['tokens_per_s'] / b['tokens_per_s']:.2f}×** "
             f"| {a['gflops'] / b['gflops']:.2f}× | {a['mfu'] / b['mfu']:.2f}× "
             f"| **{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}×** "
             f"| {fmt(a['tree_peak_rss_mb'] and b['tree_peak_rss_mb'] and a['tree_peak_rss_mb'] / b['tree_peak_rss_mb'], '.2f')}× |"
@@ -480,8 +484,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both tools and the ceiling (0: torch default = all cores)")
     ap.add_argument("--nice", type=int, default=10, help="niceness for the bench and its children (default 10)")
     ap.add_argument("--ceiling-seconds", type=float, default=1.5, help="time per GEMM shape and dtype")
-    ap.add_argument("--trl-model-dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                    help="dtype of TRL's frozen base weights (lmforge keeps them in bf16 with bf16 on)")
+    ap.add_argument("--trl-model-dtype", choices=["both", "bfloat16", "float32"], default="both",
+                    help="dtype of TRL's frozen base weights: float32 is TRL's default here (the checkpoint's dtype), "
+                    "bfloat16 is what lmforge does by itself under LoRA; both runs TRL twice")
     ap.add_argument("--lmforge-cmd", default=None, help="command that runs lmforge (default: the venv's `lmforge`)")
     ap.add_argument("--lmforge-arg", action="append", default=[], help="extra argument for `lmforge train` (repeatable)")
     ap.add_argument("--timeout", type=float, default=3600, help="per-tool time limit in seconds")
@@ -534,12 +539,14 @@ def main() -> int:
             failures["lmforge"] = str(exc)
             log(f"lmforge side failed: {exc}")
     if args.only in ("both", "trl"):
-        try:
-            rows.append(run_trl(args, mdir, run_dir))
-            log(f"TRL: {rows[-1]['tokens_per_s']:.1f} real tokens/s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB")
-        except BenchError as exc:
-            failures["TRL"] = str(exc)
-            log(f"TRL side failed: {exc}")
+        dtypes = ["float32", "bfloat16"] if args.trl_model_dtype == "both" else [args.trl_model_dtype]
+        for dtype in dtypes:
+            try:
+                rows.append(run_trl(args, mdir, run_dir, dtype))
+                log(f"{rows[-1]['tool']}: {rows[-1]['tokens_per_s']:.1f} real tokens/s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB")
+            except BenchError as exc:
+                failures[f"TRL ({dtype})"] = str(exc)
+                log(f"TRL side failed: {exc}")
 
     meta = {
         "machine": machine_description(),
