@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.hashing import file_sha256
 from lmforge.config.sections import DataSection, DatasetSpec, UserDefinedFormat
 from lmforge.data.prepare import Example, PreparedData, PrepareStats
 from lmforge.data.sources import local_files
@@ -28,30 +29,22 @@ DEFAULT_PREPARED_PATH = "last_run_prepared"
 FORMAT_VERSION = 1  # bump when the meaning of stored ids or labels changes
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _hook_digest(kind: Any) -> str:
     if not isinstance(kind, str) or "." not in kind:
         return ""
     if ".py:" in kind:
         path = Path(kind.rpartition(":")[0]).expanduser()
-        return _file_digest(path) if path.is_file() else ""
+        return file_sha256(path) if path.is_file() else ""
     try:
         spec = importlib.util.find_spec(kind.rpartition(".")[0])
     except (ImportError, ValueError):
         return ""
-    return _file_digest(Path(spec.origin)) if spec and spec.origin and os.path.isfile(spec.origin) else ""
+    return file_sha256(Path(spec.origin)) if spec and spec.origin and os.path.isfile(spec.origin) else ""
 
 
 def _spec_fingerprint(spec: DatasetSpec) -> dict[str, Any]:
     files = local_files(spec.path, spec.ds_type, spec.data_files)
-    content = [_file_digest(f) for f in files] if files is not None else None
+    content = [file_sha256(f) for f in files] if files is not None else None
     kind = spec.type.model_dump() if isinstance(spec.type, UserDefinedFormat) else spec.type
     return {"spec": spec.model_dump(mode="json", exclude={"path"}), "content": content or spec.path, "type": kind, "hook": _hook_digest(spec.type)}
 

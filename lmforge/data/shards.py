@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import fcntl
 import glob as globlib
-import hashlib
 import itertools
 import json
 import math
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmforge.hashing import file_sha256
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
@@ -240,14 +240,6 @@ class ShardReport:
     resumed: bool
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _expand_sources(sources: Sequence[str]) -> list[str]:
     files: list[str] = []
     for pattern in sources:
@@ -350,7 +342,7 @@ def write_shards(
         raise LmforgeError("no input files given", where="pretraining sources", fix="list text files or globs")
     settings = {
         "version": INDEX_VERSION,
-        "tokenizer_hash": _file_hash(tok_json),
+        "tokenizer_hash": file_sha256(tok_json),
         "vocab_size": vocab_size,
         "dtype": dtype,
         "bos_id": bos_id,

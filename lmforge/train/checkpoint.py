@@ -10,7 +10,6 @@ changed or lost later is caught by the manifest and named in the error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from lmforge.hashing import file_sha256
 from lmforge.errors import LmforgeError
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -96,17 +96,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     write_json(folder / MANIFEST, {"format": 1, "files": entries})
 
 
@@ -190,7 +182,7 @@ def verify_checkpoint(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise _corrupt(folder, name, "is missing")
-        if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
             raise _corrupt(folder, name, "is corrupt (size or checksum differs from manifest.json)")
 
 
