@@ -113,3 +113,12 @@ def test_gradient_accumulation_weights_tokens_not_batches(tiny_model_dir: Path) 
         train_loop(model, optimizer, scheduler, iter(batches), LoopSettings(total_steps=1, grad_accum=accum, max_grad_norm=None))
         grads.append(captured["g"])
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_qlora_trains_through_the_recipe(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_model_dir, alpaca_file, out, adapter="qlora", load_in_4bit=True, max_steps=8, val_set_size=4, bf16=True)
+    summary = run_train(load_config(str(write_config(tmp_path / "c.yml", cfg))))
+    assert summary["eval_loss_end"] < summary["eval_loss_start"]
+    assert (out / "adapter_model.safetensors").is_file()
