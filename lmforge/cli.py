@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # bitsandbytes (imported by peft) logs a failed optional-kernel fetch at import on CPUs.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         args.func(args, rest)
     except LmforgeError as exc:

