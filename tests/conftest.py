@@ -21,7 +21,7 @@ WORDS = (
 
 def build_tiny_tokenizer(folder: Path):  # noqa: ANN201
     """A word-level fast tokenizer with BOS/EOS/PAD, saved like any HF tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -33,24 +33,30 @@ def build_tiny_tokenizer(folder: Path):  # noqa: ANN201
     return tokenizer
 
 
-def build_tiny_llama(folder: Path, vocab_size: int, seed: int = 0):  # noqa: ANN201
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(**overrides: object):  # noqa: ANN201
+    """A 2-layer Llama config small enough for tests to build in milliseconds; override any field."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    fields: dict[str, object] = dict(
+        vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
         tie_word_embeddings=False,
     )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_tiny_llama(folder: Path, vocab_size: int, seed: int = 0):  # noqa: ANN201
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder, safe_serialization=True)
     return model

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
+from conftest import tiny_llama_config
 from lmforge.errors import LmforgeError
 from lmforge.export.gguf import _permute_qk, export_gguf
 
@@ -48,12 +49,9 @@ def byte_bpe_tokenizer():  # type: ignore[no-untyped-def]
 def make_model(path: Path, *, tied: bool = True, seed: int = 0) -> str:
     tokenizer = byte_bpe_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=len(tokenizer),
         max_position_embeddings=128,
         rms_norm_eps=1e-5,

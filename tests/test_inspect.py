@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama_config
 from lmforge.errors import LmforgeError
 from lmforge.models.inspect import format_inspection, inspect_model, trainable_share
 
@@ -18,18 +19,7 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
 def _config(**kw: object) -> LlamaConfig:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    base.update(kw)
-    return LlamaConfig(**base)
+    return tiny_llama_config(**{"hidden_size": 64, "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 128, **kw})
 
 
 @pytest.fixture()

@@ -12,8 +12,9 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
+from conftest import tiny_llama_config  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.models.quantize import (  # noqa: E402
     bnb_config,
@@ -23,22 +24,14 @@ from lmforge.models.quantize import (  # noqa: E402
 )
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CFG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
+CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, vocab_size=128, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(LlamaConfig(**CFG)).save_pretrained(path)
+    LlamaForCausalLM(tiny_llama_config(**CFG)).save_pretrained(path)
     return str(path)
 
 
@@ -54,7 +47,7 @@ def _lora() -> LoraConfig:
 
 def _reference(qmodel: torch.nn.Module) -> torch.nn.Module:
     """A float model holding exactly the de-quantized 4-bit weights and the same LoRA."""
-    ref = LlamaForCausalLM(LlamaConfig(**CFG))
+    ref = LlamaForCausalLM(tiny_llama_config(**CFG))
     state = {}
     for name, module in qmodel.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
