@@ -122,3 +122,30 @@ def test_qlora_trains_through_the_recipe(tiny_model_dir: Path, alpaca_file: Path
     summary = run_train(load_config(str(write_config(tmp_path / "c.yml", cfg))))
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_gpt2_conv1d_lora_with_fan_in_fan_out(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cfg = tiny_config(
+        model_dir, alpaca_file, tmp_path / "out", lora_target_linear=False, lora_target_modules=["c_attn", "c_proj"],
+        lora_fan_in_fan_out=True, val_set_size=4, max_steps=20,
+    )
+    summary = run_train(load_config(str(write_config(tmp_path / "c.yml", cfg))))
+    assert summary["eval_loss_end"] < summary["eval_loss_start"]
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter["fan_in_fan_out"] is True and set(adapter["target_modules"]) == {"c_attn", "c_proj"}
+
+
+def test_training_continues_from_an_existing_adapter(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    first = run_train(load_config(str(write_config(tmp_path / "a.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "a", val_set_size=4, max_steps=10)))))
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "b", val_set_size=4, max_steps=5, lora_model_dir=str(tmp_path / "a"))
+    second = run_train(load_config(str(write_config(tmp_path / "b.yml", cfg))))
+    # The second run starts where the first ended, not from the base model.
+    assert abs(second["eval_loss_start"] - first["eval_loss_end"]) < 1e-3
+    assert second["eval_loss_start"] < first["eval_loss_start"] - 1e-3
