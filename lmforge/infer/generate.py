@@ -13,7 +13,7 @@ from lmforge.config import LmforgeConfig
 from lmforge.data.formats import get_format
 from lmforge.data.prepare import adds_bos
 from lmforge.errors import LmforgeError
-from lmforge.models.load import load_model, load_tokenizer
+from lmforge.models.load import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 
 
 def load_for_inference(cfg: LmforgeConfig, lora_model_dir: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -23,8 +23,7 @@ def load_for_inference(cfg: LmforgeConfig, lora_model_dir: str | None, dtype: to
     tokenizer_source = lora_model_dir if lora_model_dir and (Path(lora_model_dir) / "tokenizer_config.json").exists() else None
     tokenizer = load_tokenizer(tokenizer_source or cfg.model.base_model, None if tokenizer_source else cfg.model.tokenizer_config, cfg.model.trust_remote_code)
     model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    fit_embeddings_to_tokenizer(model, tokenizer)
     if lora_model_dir:
         from peft import PeftModel
 

@@ -22,22 +22,25 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
     return sorted(names | conv1d)
 
 
+def lora_targets(settings: AdapterSection) -> Any:
+    """peft's target_modules for the config: "all-linear", a list of names, or None (peft's default)."""
+    if settings.lora_target_linear:
+        return "all-linear"
+    if isinstance(settings.lora_target_modules, str):
+        return [settings.lora_target_modules]
+    return settings.lora_target_modules
+
+
 def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
     """A peft LoraConfig for a causal LM from the adapter section."""
     from peft import LoraConfig, TaskType
 
-    if settings.lora_target_linear:
-        targets: Any = "all-linear"
-    elif isinstance(settings.lora_target_modules, str):
-        targets = [settings.lora_target_modules]
-    else:
-        targets = settings.lora_target_modules
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=targets,
+        target_modules=lora_targets(settings),
         fan_in_fan_out=settings.lora_fan_in_fan_out,
         modules_to_save=settings.lora_modules_to_save,
         use_dora=settings.peft_use_dora,

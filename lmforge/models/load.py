@@ -163,3 +163,9 @@ def load_model(
                 fix="set trust_remote_code: true if you trust it",
             ) from exc
         raise
+
+
+def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any) -> None:
+    """Grow the input (and tied output) embeddings when the tokenizer gained tokens."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))

@@ -10,7 +10,7 @@ from lmforge.config import LmforgeConfig
 from lmforge.errors import LmforgeError
 from lmforge.models.adapters import apply_lora
 from lmforge.models.fast_dropout import use_fast_dropout
-from lmforge.models.load import load_model, load_tokenizer
+from lmforge.models.load import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from lmforge.models.params import freeze_except, set_dropout
 
 
@@ -67,8 +67,7 @@ def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device
     dtype = torch.bfloat16 if (bf16 and cfg.adapter.adapter) else torch.float32
     extra = {"quantization_config": quantization} if quantization is not None else {}
     model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    fit_embeddings_to_tokenizer(model, tokenizer)
     if cfg.training.dropout is not None:
         set_dropout(model, cfg.training.dropout)
     if cfg.training.unfrozen_parameters:

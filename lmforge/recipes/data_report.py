@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import LmforgeConfig
+from lmforge.recipes.console import say
 from lmforge.data.report import build_report, write_report
 from lmforge.models.load import load_tokenizer
 
@@ -16,5 +17,5 @@ def run_data_report(cfg: LmforgeConfig) -> Path:
     report = build_report(cfg.data, tokenizer, cfg.training.seed)
     md, png = write_report(report, cfg.training.output_dir)
     print(report.markdown(png.name if png else None), end="")
-    print(f"[lmforge] report written to {md}" + (f" and {png}" if png else ""))
+    say(f"report written to {md}" + (f" and {png}" if png else ""))
     return md

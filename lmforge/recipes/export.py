@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import LmforgeConfig
+from lmforge.recipes.console import say
 from lmforge.errors import LmforgeError
 
 
@@ -22,7 +23,7 @@ def run_merge(cfg: LmforgeConfig, lora_model_dir: str | None, output_dir: str | 
     adapter = _adapter_dir(cfg, lora_model_dir)
     target = Path(output_dir or Path(adapter) / "merged")
     result = merge_lora(cfg.model.base_model, adapter, target)
-    print(f"[lmforge] merged {adapter} into {cfg.model.base_model}: {result.out_dir} (max logit diff vs adapter {result.max_abs_diff:.2e})")
+    say(f"merged {adapter} into {cfg.model.base_model}: {result.out_dir} (max logit diff vs adapter {result.max_abs_diff:.2e})")
     return result.out_dir
 
 
@@ -36,12 +37,13 @@ def run_export(cfg: LmforgeConfig, fmt: str, quant: str, lora_model_dir: str | N
     source = str(run_merge(cfg, lora_model_dir, None)) if has_adapter else cfg.model.base_model
     target = Path(output or Path(cfg.training.output_dir) / f"model-{quant}.gguf")
     export_gguf(source, target, quant=quant)
-    print(f"[lmforge] wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant})")
+    say(f"wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant})")
     return target
 
 
 def run_inspect(model: str, cfg: LmforgeConfig | None) -> str:
     """Architecture facts and LoRA target candidates; with a config, its trainable share."""
+    from lmforge.models.adapters import lora_targets
     from lmforge.models.inspect import format_inspection, inspect_model, trainable_share
     from lmforge.models.load import local_model_dir
 
@@ -49,8 +51,7 @@ def run_inspect(model: str, cfg: LmforgeConfig | None) -> str:
     share = None
     if cfg is not None and cfg.adapter.adapter:
         a = cfg.adapter
-        targets = "all-linear" if a.lora_target_linear else a.lora_target_modules
-        share = trainable_share(source, r=a.lora_r, lora_alpha=a.lora_alpha, target_modules=targets, modules_to_save=a.lora_modules_to_save)
+        share = trainable_share(source, r=a.lora_r, lora_alpha=a.lora_alpha, target_modules=lora_targets(a), modules_to_save=a.lora_modules_to_save)
     info = inspect_model(source)
     info.source = model
     text = format_inspection(info, share)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from lmforge.config import LmforgeConfig
+from lmforge.recipes.console import say
 from lmforge.data.batching import packing_efficiency
 from lmforge.data.prepare import PreparedData, prepare
 from lmforge.models.load import load_tokenizer
@@ -17,11 +18,11 @@ def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
     started = time.perf_counter()
     data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
     seconds = time.perf_counter() - started
-    print(f"[lmforge] {data.stats.summary()}")
-    print(f"[lmforge] {len(data.train)} train / {len(data.eval)} eval examples in {seconds:.1f}s ({data.stats.tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    say(f"{data.stats.summary()}")
+    say(f"{len(data.train)} train / {len(data.eval)} eval examples in {seconds:.1f}s ({data.stats.tokens / max(seconds, 1e-9):,.0f} tokens/s)")
     for line in data.stats.bad_examples[:5]:
-        print(f"[lmforge] skipped: {line}")
+        say(f"skipped: {line}")
     if cfg.data.sample_packing:
         efficiency, rows = packing_efficiency([len(e) for e in data.train], cfg.data.sequence_len, cfg.training.seed)
-        print(f"[lmforge] sample packing: {rows} rows of {cfg.data.sequence_len} tokens, {efficiency:.1%} filled")
+        say(f"sample packing: {rows} rows of {cfg.data.sequence_len} tokens, {efficiency:.1%} filled")
     return data

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import LmforgeConfig
+from lmforge.recipes.console import say
 from lmforge.config.sections import PretrainingSource, TokenizerTrainSpec
 from lmforge.data.batching import Batch
 from lmforge.data.shards import TokenWindows, iter_shard_tokens, write_shards
@@ -29,7 +30,7 @@ from lmforge.data.sources import local_files, read_local
 from lmforge.data.tokenizer_train import TokenizerReport, train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.build import build_config, build_model, count_parameters, flops_per_token, resolve_architecture
-from lmforge.models.load import load_model, load_tokenizer, local_model_dir
+from lmforge.models.load import fit_embeddings_to_tokenizer, load_model, load_tokenizer, local_model_dir
 from lmforge.train.checkpoint import assert_finite, publish_into, save_model_files, write_json
 from lmforge.train.loggers import build_loggers
 from lmforge.train.loop import Callbacks, LoopSettings, evaluate, train_loop
@@ -47,10 +48,6 @@ EVAL_MAX_WINDOWS = 1024
 BASELINE_MAX_TOKENS = 20_000_000
 DEFAULT_VAL_FRACTION = 0.005
 TEXT_SUFFIXES = {"", ".txt", ".text", ".md"}
-
-
-def say(message: str) -> None:
-    print(f"[lmforge] {message}", flush=True)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -237,8 +234,7 @@ def _pretrained_model(cfg: LmforgeConfig, tokenizer: Any) -> Any:
         from transformers import AutoModelForMaskedLM
 
         model = AutoModelForMaskedLM.from_pretrained(local_model_dir(base), trust_remote_code=cfg.model.trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    fit_embeddings_to_tokenizer(model, tokenizer)
     return model
 
 

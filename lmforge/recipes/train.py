@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lmforge.config import LmforgeConfig
+from lmforge.recipes.console import say
 from lmforge.data.batching import eval_batches, packing_efficiency
 from lmforge.data.prepare import PreparedData, prepare
 from lmforge.errors import LmforgeError
@@ -43,10 +44,6 @@ from lmforge.train.telemetry import peak_memory_mb, pick_device, release_free_me
 
 # A checkpoint's data position means the same batches only under the same settings.
 RESUME_INVARIANTS = ("seed", "micro_batch_size", "gradient_accumulation_steps", "group_by_length", "sequence_len", "sample_packing")
-
-
-def say(message: str) -> None:
-    print(f"[lmforge] {message}", flush=True)
 
 
 @dataclass
