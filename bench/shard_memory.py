@@ -2,7 +2,7 @@
 
 Corpus (built on the fly in a temp dir, never committed): the Python documentation sources
 from Debian's ``python3-doc`` package (``apt-get install -y python3-doc``; text under
-/usr/share/doc/python3*/) plus Tiny Shakespeare (``../shared/data/tinyshakespeare/input.txt``
+/usr/share/doc/python3*/) plus Tiny Shakespeare (``data/tinyshakespeare/input.txt``
 from the repo root), repeated into files of ``--file-mb`` MB until ``--gb`` GB is reached.
 A BPE tokenizer is trained on a few MB of it first. Then :func:`write_shards` runs, while a
 thread samples the resident memory (RSS) of this process and all its descendants every
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO / "../shared/data/tinyshakespeare/input.txt"
+SHAKESPEARE = REPO / "data/tinyshakespeare/input.txt"
 TEXT_SUFFIXES = {".txt", ".rst", ".html", ".md", ".py"}
 LIMIT_BYTES = 1.5 * 2**30
 

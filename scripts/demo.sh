@@ -8,8 +8,8 @@ bash scripts/setup.sh
 
 CONFIG=examples/smollm2-135m/lora-gsm8k.yml
 OUT=${OUT:-outputs/smollm2-lora-gsm8k}
-question=$(python -c 'import json; print(json.loads(open("../shared/data/gsm8k/test.jsonl").readline())["question"])')
-reference=$(python -c 'import json; print(json.loads(open("../shared/data/gsm8k/test.jsonl").readline())["answer"])')
+question=$(python -c 'import json; print(json.loads(open("data/gsm8k/test.jsonl").readline())["question"])')
+reference=$(python -c 'import json; print(json.loads(open("data/gsm8k/test.jsonl").readline())["answer"])')
 
 echo "== Held-out question (GSM8K test set) =="
 echo "$question"

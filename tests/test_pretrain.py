@@ -12,8 +12,7 @@ from lmforge.errors import LmforgeError
 from conftest import write_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO / "../shared/data/tinyshakespeare/input.txt"
-pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare is not available")
+SHAKESPEARE = REPO / "data/tinyshakespeare/input.txt"
 
 
 @pytest.fixture(scope="module")

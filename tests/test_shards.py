@@ -19,8 +19,7 @@ from lmforge.data.shards import TokenWindows, iter_shard_tokens, read_index, wri
 from lmforge.errors import LmforgeError
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO / "../shared/data/tinyshakespeare/input.txt"
-pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare is not available")
+SHAKESPEARE = REPO / "data/tinyshakespeare/input.txt"
 
 # Small batches and shards so a ~1 MB corpus makes many shards (and many commit points).
 SMALL = {"shard_tokens": 20_000, "batch_bytes": 16_384, "piece_bytes": 4096}

@@ -9,8 +9,7 @@ import pytest
 from lmforge.data.tokenizer_train import train_tokenizer
 from lmforge.errors import LmforgeError
 
-SHAKESPEARE = Path(__file__).resolve().parents[1] / "../shared/data/tinyshakespeare/input.txt"
-pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare is not available")
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "data/tinyshakespeare/input.txt"
 
 # Text the training slice never saw: unicode, tabs, runs of spaces, a leading space, digits.
 UNSEEN = " Zwölf Boxkämpfer jagen Viktor — 😀\tquer über den  großen   Sylter Deich. 12345\n\nend"
