@@ -110,6 +110,15 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
     run_inspect(args.model, cfg)
 
 
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.plan.report import PlanOptions
+    from lmforge.recipes.plan import run_plan
+
+    options = PlanOptions(gpu=args.gpu, num_gpus=args.num_gpus, strategy=args.strategy, offload=args.offload,
+                          prices=args.prices, mfu=args.mfu, use_data=not args.no_data)
+    run_plan(_config(args, overrides), options, as_json=args.json, measure=args.measure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
@@ -151,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="one prompt; without it, prompts are read from stdin, one per line")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p = add("plan", cmd_plan, "before training: peak memory per device, the GPUs that fit, time and cost, what to change")
+    p.add_argument("--gpu", default=None, help="the GPU to plan for (t4, a10, l4, 3090, 4090, a6000, a100-40gb, a100, h100, h200, mi300x)")
+    p.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=None, help="devices to train on (default 1)")
+    p.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"], default=None,
+                   help="how N devices share the run (default: ddp when --num-gpus > 1)")
+    p.add_argument("--offload", choices=["optimizer", "params"], default=None, help="keep optimizer states (or everything) in CPU RAM")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--measure", action="store_true", help="run a few real training steps here to calibrate the MFU")
+    p.add_argument("--prices", default=None, help="price file (default ~/.config/lmforge/prices.yml, else the shipped example)")
+    p.add_argument("--mfu", type=float, default=None, help="MFU to assume on GPUs (default 0.35)")
+    p.add_argument("--no-data", "--no_data", dest="no_data", action="store_true", help="do not read the data: assume full rows")
     add("validate", cmd_validate, "check a config (keys, types, files) without loading a model; print it resolved")
     add("config-schema", cmd_config_schema, "print the JSON schema of the config", config=False)
     p = add("merge-lora", cmd_merge_lora, "merge a LoRA adapter into the base model (safetensors folder)")

@@ -36,6 +36,7 @@ from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, NonFiniteErr
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.optimizers import build_optimizer
 from lmforge.models.setup import load_training_model, load_training_tokenizer
+from lmforge.plan.runcheck import start_peak_check
 from lmforge.train.report import plot_losses, summary_markdown
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
 from lmforge.train.signals import stop_on_signals
@@ -116,6 +117,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     say(f"device {device.type}, {'bf16' if bf16 else 'fp32'} compute, output in {output_dir}")
     resume_from = resolve_resume("auto" if t.auto_resume_from_checkpoints and not t.resume_from_checkpoint else t.resume_from_checkpoint, output_dir, say)
 
+    peak_check = start_peak_check(cfg)  # planner: baseline memory before anything loads
     tokenizer, model = load_for_training(cfg, device, bf16)
     trainable, total = parameter_counts(model)
     say(f"model {cfg.model.base_model}: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")
@@ -123,6 +125,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     data: PreparedData = prepare(cfg.data, tokenizer, t.seed)
     release_free_memory()
     say(f"data: {data.stats.summary()}; {len(data.train)} train / {len(data.eval)} eval examples")
+    peak_check.predict(cfg, data, say)  # planner: predicted peak of this run
     packing = cfg.data.sample_packing
     rows = len(data.train)
     if packing:
@@ -254,6 +257,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         "truncated_rows": data.stats.truncated,
         "skipped_rows_no_response": data.stats.no_trainable_tokens,
         "resumed_from": str(resume_from) if resume_from else None,
+        **peak_check.finish(),  # planner: predicted and measured peak memory
     }
     write_json(output_dir / "summary.json", summary)
     plot_losses(output_dir / "loss_curves.png", result.train_history, ([(0, eval_start)] if eval_start is not None else []) + result.eval_history)
