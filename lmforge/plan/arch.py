@@ -11,6 +11,7 @@ on torch's meta device (shapes only, no memory) and its parameters read from tha
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -87,6 +88,9 @@ class ModelShape:
 
     def params(self) -> list[Param]:
         """Every parameter tensor of the model, in transformers' names."""
+        return list(_params(self))
+
+    def _build_params(self) -> list[Param]:
         if self.meta_params is not None:
             return list(self.meta_params)
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -119,6 +123,11 @@ class ModelShape:
         return (f"{self.model_type}, {self.parameter_count() / 1e9:.2f}B parameters: {self.num_layers} layers, hidden "
                 f"{self.hidden_size}, MLP {self.intermediate_size}, {self.num_heads} heads ({self.num_kv_heads} KV) of "
                 f"{self.head_dim}, vocabulary {self.vocab_size:,}{', tied embeddings' if self.tie_word_embeddings else ''}")
+
+
+@functools.lru_cache(maxsize=64)
+def _params(shape: ModelShape) -> tuple[Param, ...]:
+    return tuple(shape._build_params())
 
 
 def shape_from_config(config: dict[str, Any], source: str) -> ModelShape:

@@ -28,6 +28,7 @@ step on, so a run of two or more steps pays them in every phase.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -122,8 +123,9 @@ def _nf4_bytes(numel: int, double_quant: bool) -> float:
     return numel / 2 + absmax
 
 
+@functools.lru_cache(maxsize=256)
 def param_memory(inputs: PlanInputs, shape: ModelShape, bf16: bool) -> ParamMemory:
-    """How the weights are held, and which tensors train."""
+    """How the weights are held, and which tensors train. (Cached: what-if questions ask it many times; do not mutate.)"""
     out = ParamMemory()
     params = shape.params()
     targets = lora_target_names(inputs, shape) if inputs.method != "full" else set()

@@ -22,7 +22,8 @@ def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measur
     from lmforge.recipes.train import run_train
     from lmforge.train.telemetry import pick_device, resolve_bf16
 
-    ceiling = matmul_ceiling()
+    dtype = "bf16" if resolve_bf16(cfg.training.bf16, pick_device()) else "fp32"
+    ceiling = matmul_ceiling((dtype,))
     with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
         training = cfg.training.model_copy(update={
             "max_steps": steps, "output_dir": tmp, "eval_steps": None, "evals_per_epoch": None, "save_steps": None,
@@ -32,8 +33,6 @@ def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measur
         trial = cfg.model_copy(update={"training": training, "data": data, "logging": LoggingSection()})
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report (--json)
             summary = run_train(trial)
-    bf16 = resolve_bf16(cfg.training.bf16, pick_device())
-    dtype = "bf16" if bf16 else "fp32"
     return Measurement(summary["steps"], summary["tokens_per_s"], ceiling[dtype], dtype,
                        summary.get("predicted_peak_memory_mb"), summary.get("measured_peak_memory_mb")), ceiling
 
