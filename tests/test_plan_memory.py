@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -70,21 +71,24 @@ def saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bo
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}
     weight_shapes = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
-    seen: dict[int, tuple[int, bool]] = {}
+    seen: dict[int, tuple[int, bool, weakref.ref]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr and ptr not in params and ptr not in seen:
+        if ptr and ptr not in params and not (ptr in seen and seen[ptr][2]() is not None):
             is_copy = t.dtype == torch.bfloat16 and (tuple(t.shape) in weight_shapes or tuple(t.shape[::-1]) in weight_shapes)
-            seen[ptr] = (storage.nbytes(), is_copy)
+            seen[ptr] = (storage.nbytes(), is_copy, weakref.ref(t))
         return t
 
     model.train()
     context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
-        causal_lm_loss(model, batch)
-    return sum(n for n, c in seen.values() if not c), sum(n for n, c in seen.values() if c)
+        loss, _ = causal_lm_loss(model, batch)
+    # what the graph still holds once the forward is done (saves of graphs dropped on the way are gone)
+    alive = [(n, c) for n, c, ref in seen.values() if ref() is not None]
+    del loss
+    return sum(n for n, c in alive if not c), sum(n for n, c in alive if c)
 
 
 CASES = [
@@ -96,6 +100,8 @@ CASES = [
     ("lora-nodrop-bf16-padded", dict(adapter="lora", lora_r=8, lora_dropout=0.0, lora_target_linear=True), True, True),
     ("full-fp32", dict(adapter=None), False, False),
     ("full-bf16-padded", dict(adapter=None), True, True),
+    ("dora-dropout-fp32", dict(adapter="lora", lora_r=8, lora_dropout=0.1, lora_target_linear=True, peft_use_dora=True), False, False),
+    ("dora-nodrop-bf16", dict(adapter="lora", lora_r=8, lora_dropout=0.0, peft_use_dora=True), True, False),
     ("qlora-fp32", dict(adapter="qlora", load_in_4bit=True, lora_r=8, lora_dropout=0.1, lora_target_linear=True), False, False),
     ("qlora-bf16-nodrop", dict(adapter="qlora", load_in_4bit=True, lora_r=8, lora_dropout=0.0, lora_target_linear=True), True, False),
 ]

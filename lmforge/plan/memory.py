@@ -112,6 +112,7 @@ class ParamMemory:
     trainable_shapes: list[tuple[int, ...]] = field(default_factory=list)
     matmul_fp32_numel: int = 0  # fp32 weights a bf16 autocast forward copies to bf16
     largest_dequant: int = 0  # the biggest 4-bit weight a matmul dequantizes (bf16 scratch)
+    dora_scratch: int = 0  # DoRA's per-module dense temporaries (forward)
     layer_numel: int = 0  # parameters of the largest layer (sharded gathers)
     first_trained_layer: int = 0  # layers below save no activations (nothing there needs a gradient)
     adapted: dict[str, tuple[int, int]] = field(default_factory=dict)  # adapted module -> (in, out) features
@@ -164,6 +165,8 @@ def param_memory(inputs: PlanInputs, shape: ModelShape, bf16: bool) -> ParamMemo
                     out.trainable_shapes.append(shp)
                     out.adapter += 4 * numel
                 if inputs.dora:
+                    # peft rebuilds the dense B@A through an in x in identity and adds it to the weight, every forward
+                    out.dora_scratch = max(out.dora_scratch, 4 * (in_f * in_f + 2 * in_f * out_f))
                     out.trainable.append(out_f)
                     out.trainable_shapes.append((out_f,))
                     out.adapter += 4 * out_f
@@ -293,7 +296,8 @@ def layer_activation_bytes(inputs: PlanInputs, shape: ModelShape, bf16: bool, ba
     else:
         per_token += (2 * qd + 2 * kvd) * dt.attn + shape.num_heads * 4
     if inputs.dora:
-        per_token += sum(out_f for _, out_f in adapted.values()) * dt.proj  # DoRA rescales each base output (approx.)
+        # DoRA scales the base output and the adapter output by the magnitude over the weight norm: both are saved
+        per_token += 2 * sum(out_f for _, out_f in adapted.values()) * dt.proj
     return per_token * batch.tokens
 
 
@@ -365,7 +369,7 @@ def estimate(inputs: PlanInputs, shape: ModelShape, device: Device, batch: Batch
     # bf16 copies of fp32 matmul weights, alive from forward to backward (full fine-tuning under autocast)
     autocast_copies = 2 * pm.matmul_fp32_numel if (bf16 and inputs.method == "full" and not sharded) else 0
     autocast_copies += 2 * sum(pm.trainable) if (bf16 and inputs.method != "full") else 0
-    workspace = 2 * pm.largest_dequant  # 4-bit weight dequantized for one matmul
+    workspace = 2 * pm.largest_dequant + pm.dora_scratch  # a 4-bit weight dequantized for one matmul; DoRA's dense B@A
     comm = 0
     host = 0
     if sharding == "ddp" and n > 1:
