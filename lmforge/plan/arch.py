@@ -167,16 +167,25 @@ def shape_from_config(config: dict[str, Any], source: str) -> ModelShape:
 def _shape_from_meta(config: dict[str, Any], source: str) -> ModelShape:
     """Any other architecture: build it on the meta device (no memory) and read its parameters."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "model_type"}
     try:
         hf_config = AutoConfig.for_model(config.get("model_type", ""), **fields)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
     except (ValueError, KeyError, TypeError) as exc:
-        raise LmforgeError(f"cannot build model_type '{config.get('model_type')}' to plan it: {exc}", where=source,
-                           fix="plan needs a causal-LM architecture transformers knows") from exc
+        raise LmforgeError(f"cannot read model_type '{config.get('model_type')}': {str(exc).splitlines()[0][:200]}", where=source,
+                           fix="plan needs an architecture transformers knows") from exc
+    model = None
+    for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):  # decoders, then encoders (masked-LM pretraining)
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(hf_config)
+            break
+        except ValueError:
+            continue
+    if model is None:
+        raise LmforgeError(f"model_type '{config.get('model_type')}' is neither a causal nor a masked LM transformers can build",
+                           where=source, fix="plan a causal-LM (or masked-LM) architecture")
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     kinds: dict[int, str] = {id(p): "embed" for p in embed.parameters()}

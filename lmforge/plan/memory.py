@@ -436,7 +436,11 @@ def estimate(inputs: PlanInputs, shape: ModelShape, device: Device, batch: Batch
         "workspace": in_phase["workspace"] + comm,
     }
     if device.kind == "cpu":
-        overhead = (cpu_overhead or CpuOverhead()).bytes_for(live, in_phase["activations"] + in_phase["logits"])
+        # The step's short-lived memory, whatever the phase: what the forward saves (or, checkpointed, the
+        # checkpoints plus one recomputed layer) and the loss buffers. Full fine-tuning frees all gradients
+        # right before each forward, and those blocks (weight-sized, like the activations) get reused.
+        transient = saved + recompute + logits
+        overhead = (cpu_overhead or CpuOverhead()).bytes_for(transient, grads if inputs.method == "full" else 0)
     else:
         overhead = CUDA_CONTEXT_BYTES + int(GPU_ALLOCATOR_SLACK * live)
     breakdown["framework_overhead"] = overhead
@@ -450,15 +454,18 @@ def estimate(inputs: PlanInputs, shape: ModelShape, device: Device, batch: Batch
 
 @dataclass(frozen=True)
 class CpuOverhead:
-    """What a CPU run adds above its live tensors, measured relative to the process after its imports.
+    """What a CPU run's resident memory holds beyond the live tensors, relative to the process after its imports.
 
-    ``fixed``: tokenizer, data, libraries loaded on first use. ``retained``: glibc keeps freed
-    heap pages of the forward/backward temporaries; its high-water mark grows by this share of the
-    transient (activation and loss) memory. Calibrated by bench/plan_memory.py on this project's CPU.
+    ``fixed``: the tokenizer, the prepared data and Python objects a run creates before its first
+    step (measured: ~70 MiB for SmolLM2 on GSM8K). ``retained``: glibc's allocator keeps freed heap
+    pages; the step's short-lived tensors (activations, loss buffers) are allocated among long-lived
+    ones, so the heap's high-water mark exceeds the live peak by about this share of them, less the
+    gradient blocks full fine-tuning frees before every forward (the activations reuse those).
+    Fitted with bench/plan_memory.py on this project's 2-core CPU (see bench/RESULTS.md).
     """
 
-    fixed: int = 150 * 2**20
+    fixed: int = 70 * 2**20
     retained: float = 0.8
 
-    def bytes_for(self, live: int, transient: int) -> int:
-        return self.fixed + int(self.retained * transient)
+    def bytes_for(self, transient: int, recyclable: int = 0) -> int:
+        return self.fixed + int(self.retained * max(0, transient - recyclable))

@@ -33,7 +33,7 @@ class PlanOptions:
 
 
 def gb(n: float) -> float:
-    return round(n / GiB, 2)
+    return round(n / GiB, 3)
 
 
 def _inputs_dict(inputs: PlanInputs, plan: RunPlan) -> dict[str, Any]:
