@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,24 @@ class DataStats:
     batches_walked: int
     truncated: int
     summary: str
+    lengths: list[int] = field(default_factory=list, repr=False)  # per training example (after truncation)
+    labelled_counts: list[int] = field(default_factory=list, repr=False)
+    micro_batches: int = 0  # what the run draws
 
     @property
     def mean_row_len(self) -> float:
         return self.tokens / max(self.rows_per_epoch, 1)
+
+    def candidates_for(self, micro_batch_size: int, sequence_len: int, packing: bool, seed: int, group_by_length: bool,
+                       micro_batches: int) -> list[Batch]:
+        """The run's biggest micro-batches under another batch geometry (what-if), from the same examples.
+
+        A shorter sequence_len truncates from the end, where the trained response is.
+        """
+        lengths = [min(n, sequence_len) for n in self.lengths]
+        labelled = [max(0, lab - (n - cut)) for n, cut, lab in zip(self.lengths, lengths, self.labelled_counts)]
+        return run_batches(lengths, labelled, micro_batch_size, seed, group_by_length, micro_batches,
+                           sequence_len if packing else None)[0]
 
 
 def _gguf_tokenizer_dir(gguf: Path) -> Path:
@@ -156,4 +170,5 @@ def data_stats(cfg: LmforgeConfig, micro_batches: int | None = None, tokenizer: 
         examples=len(lengths), tokens=sum(lengths), labelled=sum(labelled), max_len=max(lengths),
         micro_batches_per_epoch=per_epoch, rows_per_epoch=rows, padded_tokens_per_epoch=padded,
         candidates=candidates, batches_walked=walked, truncated=prepared.stats.truncated, summary=prepared.stats.summary(),
+        lengths=lengths, labelled_counts=labelled, micro_batches=micro_batches,
     )

@@ -27,10 +27,15 @@ class RunPlan:
         return peak_over_batches(inputs or self.inputs, self.shape, device, self.candidates_for(inputs))
 
     def candidates_for(self, inputs: PlanInputs | None) -> list[Batch]:
-        """The batches to evaluate: the data's, unless the change alters the batch geometry."""
-        if inputs is None or not self.data or _same_geometry(inputs, self.inputs):
+        """The batches to evaluate: the run's, re-walked from the same examples when a change alters the geometry."""
+        if inputs is None or _same_geometry(inputs, self.inputs):
             return self.candidates
-        return [Batch.assumed(inputs)]
+        if not self.data:
+            return [Batch.assumed(inputs)]
+        # the same tokens in the new micro-batches (smaller micro-batches with more accumulation: more of them)
+        micro = max(1, self.data.micro_batches * self.inputs.micro_batch_size // inputs.micro_batch_size)
+        return self.data.candidates_for(inputs.micro_batch_size, inputs.sequence_len, inputs.sample_packing, inputs.seed,
+                                        inputs.group_by_length, micro)
 
 
 def _same_geometry(a: PlanInputs, b: PlanInputs) -> bool:
