@@ -58,6 +58,6 @@ class Measurement:
         self.mfu = flops_per_token * self.real_tokens_per_s / (self.ceiling_gflops * 1e9) if self.ceiling_gflops else 0.0
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "real_tokens_per_s": round(self.real_tokens_per_s, 1), "mfu": self.mfu,
+        return {"steps": self.steps, "real_tokens_per_s": self.real_tokens_per_s, "mfu": self.mfu,
                 "flops_per_token": self.flops_per_token, "peak_gflops": round(self.ceiling_gflops, 3),
                 "peak_dtype": self.ceiling_dtype, "predicted_peak_mb": self.predicted_peak_mb, "measured_peak_mb": self.measured_peak_mb}

@@ -2,7 +2,8 @@
 
 What lmforge does, and so what is counted (see models/setup.py, train/loss.py, train/loop.py):
 - Full fine-tuning keeps fp32 weights; under bf16 autocast every matmul weight gets a bf16 copy
-  that stays alive from the forward pass to its backward.
+  that stays alive from the forward pass to its backward (with gradient checkpointing only the
+  head's does: the layers' copies come back one layer at a time in the recompute).
 - LoRA holds the frozen base in bf16 when bf16 is on (else fp32); the adapter's weights, gradients
   and optimizer states are fp32; LoRA inputs stay bf16 (no fp32 copy per adapted layer).
 - QLoRA holds the base's layer projections in NF4 (or int8); peft's k-bit preparation casts
@@ -21,9 +22,14 @@ actually saves (``saved_tensors_hooks``), and bench/plan_memory.py checks the wh
 against a real run's peak RSS.
 
 Phases: the peak is the largest of (a) the start of backward (everything the forward saved plus
-the loss buffers), (b) the end of backward (all gradients, activations gone) and (c) the
-optimizer step (gradients, states and the step's scratch). Optimizer states exist from the first
-step on, so a run of two or more steps pays them in every phase.
+the loss buffers), (b) the end of backward (all gradients, activations gone; under checkpointing
+one recomputed layer) and (c) the optimizer step (gradients, states and the step's scratch).
+Backward frees each layer's activations as it allocates its gradients, linearly in the layer
+index, so the peak of the walk is at one of its ends. Optimizer states exist from the first step
+on, so a run of two or more steps pays them in every phase.
+
+Per device on a GPU, the CUDA context and the caching allocator's slack are added; on a CPU the
+resident memory glibc keeps beyond the live tensors (CpuOverhead, calibrated by the bench).
 """
 
 from __future__ import annotations
@@ -33,15 +39,14 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from lmforge.plan.arch import ATTN_MODULES, MLP_MODULES, ModelShape, Param
+from lmforge.plan.arch import ModelShape
 from lmforge.plan.hardware import GiB, Device
 from lmforge.plan.inputs import PlanInputs, matches_unfrozen
+from lmforge.train.loss import PLAIN_HEAD_MODELS  # architectures whose head runs on labelled positions only
+from lmforge.train.optimizers import ADAMW_NAMES as ADAMW
 
 # peft's default target_modules for Llama-layout models (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
-# Architectures whose loss takes lmforge's fast path (head on labelled positions only): train/loss.py.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2", "gpt_neox", "mixtral"}
-ADAMW = ("adamw_torch", "adamw", "adamw_hf", "adamw_torch_fused")
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA/ROCm context, cuBLAS workspaces: outside the allocator's count
 GPU_ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation (reserved over allocated), typical
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
