@@ -6,7 +6,8 @@ its data is prepared, and :meth:`PeakCheck.finish` when it writes its summary. M
 - CPU: the process's peak resident set (``ru_maxrss``) minus its baseline. The baseline is the
   resident set right after importing the training stack (torch, transformers' model classes,
   peft, bitsandbytes when quantizing, lmforge's training modules) and before any tokenizer,
-  data or weights: what every training run pays whatever it trains. bench/plan_memory.py
+  data or weights: what every training run pays whatever it trains (the kernel's peak count restarts
+  there, see reset_peak_rss). bench/plan_memory.py
   measures the same thing from outside the process (``wait4``).
 """
 
@@ -105,4 +106,16 @@ def start_peak_check(cfg: Any) -> PeakCheck:
     import_training_stack(cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     return PeakCheck(device.type, current_rss_bytes() if device.type == "cpu" else 0, None)
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count from now (Linux >= 4.0), so a process that ran something bigger
+    before this run (a test session, `lmforge plan --measure`) measures this run's peak, not its own history."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        pass
