@@ -6,9 +6,8 @@ its data is prepared, and :meth:`PeakCheck.finish` when it writes its summary. M
 - CPU: the process's peak resident set (``ru_maxrss``) minus its baseline. The baseline is the
   resident set right after importing the training stack (torch, transformers' model classes,
   peft, bitsandbytes when quantizing, lmforge's training modules) and before any tokenizer,
-  data or weights: what every training run pays whatever it trains (the kernel's peak count restarts
-  there, see reset_peak_rss). bench/plan_memory.py
-  measures the same thing from outside the process (``wait4``).
+  data or weights: what every training run pays whatever it trains. The kernel's peak count
+  restarts there (reset_peak_rss). bench/plan_memory.py measures the same from outside (``wait4``).
 """
 
 from __future__ import annotations
