@@ -75,6 +75,7 @@ class ModelShape:
     gated_mlp: bool = True
     final_logit_softcapping: float | None = None
     max_position_embeddings: int | None = None
+    checkpoint_bytes: int = 2  # bytes per parameter of the stored weights (config.json's dtype; GGUF: converted to fp32)
     # Set for model types built on the meta device: their exact parameter list.
     meta_params: tuple[Param, ...] | None = field(default=None, compare=False, repr=False)
 
@@ -130,6 +131,12 @@ def _params(shape: ModelShape) -> tuple[Param, ...]:
     return tuple(shape._build_params())
 
 
+def checkpoint_bytes(config: dict[str, Any]) -> int:
+    """Bytes per parameter of the stored weights, from config.json's dtype (bf16 when it does not say)."""
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").lower().removeprefix("torch.")
+    return 4 if dtype in ("float32", "fp32", "float") else 2
+
+
 def shape_from_config(config: dict[str, Any], source: str) -> ModelShape:
     """A ModelShape from config.json fields (text_config is used for multimodal wrappers)."""
     if "text_config" in config and "hidden_size" not in config:
@@ -158,6 +165,7 @@ def shape_from_config(config: dict[str, Any], source: str) -> ModelShape:
             norms_per_layer=LLAMA_LIKE[model_type][1],
             final_logit_softcapping=config.get("final_logit_softcapping"),
             max_position_embeddings=config.get("max_position_embeddings"),
+            checkpoint_bytes=checkpoint_bytes(config),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LmforgeError(f"the model config lacks or mangles {exc}", where=source, fix="check its config.json") from exc
@@ -212,7 +220,7 @@ def _shape_from_meta(config: dict[str, Any], source: str) -> ModelShape:
         head_dim=int(getattr(text, "head_dim", 0) or hidden // heads), vocab_size=int(text.vocab_size),
         tie_word_embeddings=not any(p.kind == "head" for p in params),
         source=source, gated_mlp=gated, meta_params=tuple(params),
-        max_position_embeddings=getattr(text, "max_position_embeddings", None),
+        max_position_embeddings=getattr(text, "max_position_embeddings", None), checkpoint_bytes=checkpoint_bytes(config),
     )
 
 
@@ -263,7 +271,8 @@ def _gguf_config(path: Path, where: str) -> dict[str, Any]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     try:
-        return dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+        # lmforge de-quantizes a GGUF into an fp32 safetensors folder (models/load.py): that is what training reads
+        return {**load_gguf_checkpoint(str(path), return_tensors=False)["config"], "dtype": "float32"}
     except Exception as exc:  # the GGUF reader raises many types for a bad file
         raise LmforgeError(f"cannot read the GGUF header: {exc}", where=where, fix="check the file is a complete .gguf model") from exc
 

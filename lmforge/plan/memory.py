@@ -118,6 +118,7 @@ class ParamMemory:
     matmul_fp32_numel: int = 0  # fp32 weights a bf16 autocast forward copies to bf16
     largest_dequant: int = 0  # the biggest 4-bit weight a matmul dequantizes (bf16 scratch)
     dora_scratch: int = 0  # DoRA's per-module dense temporaries (forward)
+    quantized_bytes: int = 0  # the 4/8-bit weights (QLoRA)
     layer_numel: int = 0  # parameters of the largest layer (sharded gathers)
     first_trained_layer: int = 0  # layers below save no activations (nothing there needs a gradient)
     adapted: dict[str, tuple[int, int]] = field(default_factory=dict)  # adapted module -> (in, out) features
@@ -146,8 +147,10 @@ def param_memory(inputs: PlanInputs, shape: ModelShape, bf16: bool) -> ParamMemo
         quantized = inputs.method == "qlora" and p.kind == "linear"
         if quantized and inputs.load_in_8bit:
             out.base += p.numel + p.shape[0] * 4  # int8 + one fp32 scale per output row
+            out.quantized_bytes += p.numel + p.shape[0] * 4
         elif quantized:
             out.base += math.ceil(_nf4_bytes(p.numel, inputs.double_quant))
+            out.quantized_bytes += math.ceil(_nf4_bytes(p.numel, inputs.double_quant))
             out.largest_dequant = max(out.largest_dequant, p.numel)
         elif inputs.method == "qlora":
             out.base += 4 * p.numel  # peft's k-bit preparation casts the rest to fp32
@@ -351,6 +354,16 @@ def activation_bytes(inputs: PlanInputs, shape: ModelShape, bf16: bool, batch: B
 # --------------------------------------------------------------------------- the estimate
 
 
+def held_bytes(inputs: PlanInputs, bf16: bool) -> int:
+    """Bytes per weight lmforge loads the model in (models/setup.py): bf16 under an adapter with bf16 on, else fp32."""
+    return 2 if (bf16 and inputs.method != "full") else 4
+
+
+def converted_all(inputs: PlanInputs, shape: ModelShape, bf16: bool) -> bool:
+    """True when loading converts every tensor (so the checkpoint's file mapping is let go afterwards)."""
+    return held_bytes(inputs, bf16) != shape.checkpoint_bytes
+
+
 def resolve_bf16(inputs: PlanInputs, device: Device) -> bool:
     """`bf16: auto` is on where the device runs bf16 natively, as in training (train/telemetry.py)."""
     return device.bf16 if inputs.bf16 == "auto" else bool(inputs.bf16)
@@ -416,40 +429,51 @@ def estimate(inputs: PlanInputs, shape: ModelShape, device: Device, batch: Batch
     accumulated = grads if inputs.gradient_accumulation_steps > 1 else 0
     head_grad = min(grads, 4 * shape.vocab_size * shape.hidden_size) if inputs.method == "full" else 0
 
-    static = weights + adapter + states + comm
     # Backward walks the layers top-down, freeing each layer's activations (and weight copies) and allocating its
     # gradients: linear in the layer index, so the peak is at one end of the walk.
     in_phases = {
-        "backward start": dict(activations=saved, logits=logits, gradients=max(accumulated, head_grad),
-                               autocast_copies=autocast_copies, workspace=workspace),
-        "backward end": dict(activations=recompute, logits=0, gradients=grads, autocast_copies=0,
-                             workspace=workspace + backward_scratch),
-        "optimizer step": dict(activations=0, logits=0, gradients=grads, autocast_copies=0, workspace=step_scratch),
+        "backward start": dict(gradients=max(accumulated, head_grad), activations=saved, logits_and_loss=logits,
+                               autocast_weight_copies=autocast_copies, workspace=workspace),
+        "backward end": dict(gradients=grads, activations=recompute, workspace=workspace + backward_scratch),
+        "optimizer step": dict(gradients=grads, workspace=step_scratch),
     }
-    phases = {name: static + sum(parts.values()) for name, parts in in_phases.items()}
-    phase = max(phases, key=phases.__getitem__)
-    live = phases[phase]
-    in_phase = in_phases[phase]
-    breakdown = {
-        "weights": weights,
-        "adapter": adapter,
-        "gradients": in_phase["gradients"],
-        "optimizer_states": states,
-        "activations": in_phase["activations"],
-        "logits_and_loss": in_phase["logits"],
-        "autocast_weight_copies": in_phase["autocast_copies"],
-        "workspace": in_phase["workspace"] + comm,
-    }
+    breakdowns = {name: {"weights": weights, "adapter": adapter, "optimizer_states": states, **parts}
+                  for name, parts in in_phases.items()}
+    for parts in breakdowns.values():
+        parts["workspace"] = parts.get("workspace", 0) + comm
     if device.kind == "cpu":
-        # The step's short-lived memory, whatever the phase: what the forward saves (or, checkpointed, the
-        # checkpoints plus one recomputed layer) and the loss buffers. Full fine-tuning frees all gradients
-        # right before each forward, and those blocks (weight-sized, like the activations) get reused.
-        transient = saved + recompute + logits
-        overhead = (cpu_overhead or CpuOverhead()).bytes_for(transient, grads if inputs.method == "full" else 0)
+        overhead_model = cpu_overhead or CpuOverhead()
+        # glibc keeps freed heap pages: the high-water mark grows with the step's short-lived memory (activations
+        # and loss buffers). Full fine-tuning frees all gradients right before each forward, and those
+        # weight-sized blocks get reused by the activations.
+        # Checkpointing or not, every layer's activations are allocated once per step (forward or recompute).
+        volume = (activation_bytes(inputs.with_(gradient_checkpointing=False), shape, bf16, batch, pm)[0]
+                  if inputs.gradient_checkpointing else saved) + logits
+        retained = overhead_model.bytes_for(volume, grads if inputs.method == "full" else 0)
+        if inputs.method == "qlora" and not converted_all(inputs, shape, bf16):
+            # Tensors kept in the file's dtype are views of the checkpoint's mapping, so the pages the
+            # quantization read stay resident with it: the whole file counts, next to the 4-bit copies.
+            for parts in breakdowns.values():
+                parts["checkpoint_pages"] = shape.checkpoint_bytes * shape.parameter_count() - (weights - pm.quantized_bytes)
+        for parts in breakdowns.values():
+            parts["framework_overhead"] = retained
+        # Loading: the checkpoint's safetensors pages are resident while each tensor is converted (a dtype change
+        # or quantization); weights kept in the file's dtype are the mapped pages themselves (no copy).
+        file_bytes = shape.checkpoint_bytes * shape.parameter_count()
+        converted = inputs.method == "qlora" or held_bytes(inputs, bf16) != shape.checkpoint_bytes
+        breakdowns["loading the weights"] = {"weights": pm.base if converted else file_bytes,
+                                             "checkpoint_pages": file_bytes if converted else 0,
+                                             "framework_overhead": overhead_model.fixed}
     else:
-        overhead = CUDA_CONTEXT_BYTES + int(GPU_ALLOCATOR_SLACK * live)
-    breakdown["framework_overhead"] = overhead
-    peak = sum(breakdown.values())
+        for parts in breakdowns.values():
+            parts["framework_overhead"] = CUDA_CONTEXT_BYTES + int(GPU_ALLOCATOR_SLACK * sum(parts.values()))
+    totals = {name: sum(parts.values()) for name, parts in breakdowns.items()}
+    phase = max(totals, key=totals.__getitem__)
+    keys = ("weights", "adapter", "gradients", "optimizer_states", "activations", "logits_and_loss",
+            "autocast_weight_copies", "workspace", "checkpoint_pages", "framework_overhead")
+    breakdown = {k: breakdowns[phase].get(k, 0) for k in keys}
+    peak = totals[phase]
+    live = peak - breakdown["framework_overhead"]
     if sharding != "none" and n > 1:
         notes.append(f"{sharding} over {n} devices (per-device numbers)")
     if offload != "none":
@@ -470,7 +494,7 @@ class CpuOverhead:
     """
 
     fixed: int = 70 * 2**20
-    retained: float = 0.8
+    retained: float = 0.72
 
     def bytes_for(self, transient: int, recyclable: int = 0) -> int:
         return self.fixed + int(self.retained * max(0, transient - recyclable))

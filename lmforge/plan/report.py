@@ -69,7 +69,7 @@ def _time(plan: RunPlan, inputs: PlanInputs, device: Device, bf16: bool, mfu_rea
         total, mfu = per_token * length.computed_tokens, (DEFAULT_CPU_MFU if device.kind == "cpu" else DEFAULT_GPU_MFU)
         basis = "assumed"
     h = hours(total, device, bf16, mfu, count)
-    return {"hours": None if math.isnan(h) else round(h, 3), "mfu": mfu, "mfu_basis": basis,
+    return {"hours": None if math.isnan(h) else round(h, 6), "mfu": mfu, "mfu_basis": basis,
             "flops_per_token": per_token, "tokens_per_s": None if math.isnan(h) else round(length.real_tokens / (h * 3600), 1)}
 
 
