@@ -174,6 +174,23 @@ def measure(name: str, folder: Path, steps: int, baselines: dict[bool, int], nic
             "in_run_measured_mb": summary.get("measured_peak_memory_mb"), "in_run_predicted_mb": summary.get("predicted_peak_memory_mb")}
 
 
+def repredict(folders: list[Path], steps: int) -> list[dict[str, Any]]:
+    """Rows from earlier runs' measurements (their results.json) with the current planner's predictions.
+
+    The measurement does not depend on the planner, so after changing the model this re-checks it
+    against real runs in seconds; the table says where the measurements came from.
+    """
+    rows = []
+    for folder in folders:
+        for old in json.loads((folder / "results.json").read_text(encoding="utf-8")):
+            prediction = predict(folder / f"{old['name']}.yml", steps)
+            measured = old["measured_mb"] * MiB
+            rows.append({**old, "predicted_mb": prediction["peak_bytes"] / MiB, "error": prediction["peak_bytes"] / measured - 1,
+                         "phase": prediction["phase"], "breakdown_mb": {k: round(v / MiB) for k, v in prediction["breakdown"].items()},
+                         "measured_in": folder.name})
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| config | predicted MiB | measured MiB | error | predicted peak phase | largest components (MiB) |",
              "|---|---|---|---|---|---|"]
@@ -192,7 +209,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--reuse", nargs="+", type=Path, default=None, metavar="RUN_DIR",
+                        help="re-predict the measurements of earlier runs (bench/runs/plan-memory-*) instead of training")
     args = parser.parse_args()
+    if args.reuse:
+        rows = repredict(args.reuse, args.steps)
+        text = table(rows)
+        print(text)
+        if not args.no_results:
+            with open(RESULTS, "a", encoding="utf-8") as handle:
+                handle.write(f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: planner peak memory vs measured, "
+                             f"SmolLM2-135M on GSM8K (`bench/plan_memory.py --reuse`)\n\n{text}\n\n- Measured by earlier runs of "
+                             f"this script ({', '.join(f.name for f in args.reuse)}; their logs and results.json are in bench/runs/), "
+                             f"predicted by the current planner.\n")
+        return 0
     names = [n for n in args.only.split(",") if n] or list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
