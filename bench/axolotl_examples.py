@@ -238,7 +238,7 @@ def report(results: list[Result], skipped: list[str]) -> None:
     rest = [r for r in results if not r.projected]
     by_design = sum(all(c == "out of scope" or c.startswith("planned") or k in ASSUMED for k, c in r.blockers) for r in rest)
     print(f"refused only by out-of-scope keys (by design): {by_design:4d} ({by_design / total:.0%})")
-    print(f"refused by a key or value not supported yet:   {len(rest) - by_design:4d} ({(len(rest) - by_design) / total:.0%})")
+    print(f"refused by a key or value not yet planned:     {len(rest) - by_design:4d} ({(len(rest) - by_design) / total:.0%})")
     print(f"network connections attempted:               {len(NETWORK_ATTEMPTS):4d}")
     print(f"GPU on this machine (decides GPU-only keys):    {'yes' if gpu_present() else 'no'}")
     late = [r for r in results if r.passed_now and r.data_time]

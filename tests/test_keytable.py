@@ -306,3 +306,11 @@ def test_config_schema_renders_the_table(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["config-schema", "--markdown"]) == 0
     assert "| `deepspeed` | not yet (issue 11) |" in capsys.readouterr().out
     assert set(key_owners()) <= {r.name for r in KEYS if r.scope == TOP}
+
+
+def test_flex_compile_kwargs_follow_the_attention_choice(write) -> None:  # noqa: ANN001
+    kwargs = "flex_attn_compile_kwargs:\n  dynamic: false\n"
+    assert "not chosen" in load_config(write(kwargs), gpu=False).notices[0].text
+    path = write("attn_implementation: flex_attention\n" + kwargs)
+    assert "nothing is compiled" in load_config(path, gpu=False).notices[1].text
+    assert "'attn_implementation' is not supported yet" in refused(path, gpu=True)

@@ -175,6 +175,16 @@ def legacy_attention(switch: str) -> Rule:
     return rule
 
 
+def flex_compile(value: Any, facts: Facts) -> Verdict | None:
+    """a notice while flex attention is not chosen, or on a machine without a GPU (it runs as sdpa there)"""
+    chosen = facts.config.get("attn_implementation") == "flex_attention" or facts.config.get("flex_attention") is True
+    if not chosen:
+        return Verdict(Kind.NOTICE, "only used with attn_implementation: flex_attention, which is not chosen: nothing changes")
+    if not facts.gpu:
+        return Verdict(Kind.NOTICE, f"flex attention needs a GPU and {NO_GPU}: {SDPA}, so nothing is compiled")
+    return None
+
+
 def fp16(value: Any, facts: Facts) -> Verdict | None:
     """refused on a machine without a GPU, pointing at bf16"""
     if not facts.gpu:
@@ -563,8 +573,7 @@ KEYS: tuple[Key, ...] = (
     later("attn_implementation", "choosing the attention backend", nearest="attn_implementation: sdpa", issue=10, rule=attention),
     *(later(switch, f"axolotl's older switch for attn_implementation: {backend}", nearest="attn_implementation: sdpa",
             issue=10, rule=legacy_attention(switch)) for switch, backend in LEGACY_ATTENTION_SWITCHES.items()),
-    later("flex_attn_compile_kwargs", "compiling flex attention", issue=10, only_with="flex_attention",
-          cpu=f"flex attention needs a GPU and {NO_GPU}: {SDPA}"),
+    later("flex_attn_compile_kwargs", "compiling flex attention", issue=10, rule=flex_compile),
     out("s2_attention", f"shifted-sparse attention: {REMOVED}"),
     out("flash_attn_rms_norm", f"{REMOVED}", nearest="plugins: [liger] with liger_rms_norm"),
     later("flash_attn_cross_entropy", "flash-attn's cross-entropy kernel", nearest="cut_cross_entropy", cpu=CPU_KERNEL),
