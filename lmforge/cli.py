@@ -16,7 +16,10 @@ from lmforge.errors import LmforgeError
 def _config(args: argparse.Namespace, overrides: list[str], check_paths: bool = True):  # noqa: ANN202
     from lmforge.config import load_config
 
-    return load_config(args.config, overrides, check_paths=check_paths)
+    cfg = load_config(args.config, overrides, check_paths=check_paths)
+    for notice in cfg.notices:  # keys accepted because they change nothing here: one line each, with file:line
+        print(f"notice: {notice.line()}", file=sys.stderr)
+    return cfg
 
 
 def _finetune_config(args: argparse.Namespace, overrides: list[str], command: str):  # noqa: ANN202
@@ -76,12 +79,15 @@ def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
 
     cfg = _config(args, overrides)
     print(yaml.safe_dump(cfg.flat(), sort_keys=False), end="")
-    for key, why in cfg.ignored.items():
-        print(f"# accepted with no effect: {key} ({why})")
     print(f"# {args.config}: valid", file=sys.stderr)
 
 
 def cmd_config_schema(args: argparse.Namespace, overrides: list[str]) -> None:
+    if args.table or args.markdown:
+        from lmforge.config.keydocs import markdown, text_table
+
+        print(markdown() if args.markdown else text_table(), end="")
+        return
     from lmforge.config import json_schema
 
     print(json.dumps(json_schema(), indent=2))
@@ -152,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     add("validate", cmd_validate, "check a config (keys, types, files) without loading a model; print it resolved")
-    add("config-schema", cmd_config_schema, "print the JSON schema of the config", config=False)
+    p = add("config-schema", cmd_config_schema, "print the JSON schema of the config, or the table of every axolotl key", config=False)
+    p.add_argument("--table", action="store_true", help="every axolotl key and what lmforge does with it, as text")
+    p.add_argument("--markdown", action="store_true", help="the same table as Markdown (docs/CONFIG_KEYS.md)")
     p = add("merge-lora", cmd_merge_lora, "merge a LoRA adapter into the base model (safetensors folder)")
     p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (default: output_dir)")
     p.add_argument("--output_dir_merged", "--merged-dir", dest="output_dir", default=None, help="where to write (default: ADAPTER/merged)")

@@ -63,10 +63,7 @@ class ModelSection(Section):
         None, description="Local HF folder, .gguf file, pkg://PACKAGE/FILE, or Hub id. Optional when model_config "
         "builds a model from scratch."
     )
-    base_model_config: str | None = Field(None, description="Where to read the model config (defaults to base_model).")
     tokenizer_config: str | None = Field(None, description="Where to read the tokenizer (defaults to base_model).")
-    tokenizer_type: str | None = Field(None, description="Tokenizer class (AutoTokenizer picks the right one).")
-    model_type: str | None = Field(None, description="Model class (AutoModelForCausalLM picks the right one).")
     trust_remote_code: bool = Field(False, description="Run custom code from the model repository.")
     special_tokens: dict[str, str] = Field(
         default_factory=dict, description="bos_token/eos_token/pad_token/unk_token to set or add."
@@ -149,9 +146,9 @@ class TrainingSection(Section):
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on norms and biases).")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay (Lion: its first beta).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's second-moment decay (Lion: its second beta).")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
     sgd_momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum factor.")
     sgd_nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs sgd_momentum > 0).")
     max_grad_norm: float | None = Field(1.0, ge=0, description="Gradient clipping norm (0 or empty: off).")
@@ -164,8 +161,6 @@ class TrainingSection(Section):
         "stop", description="On a NaN/inf loss or gradient: stop (naming the step and last good checkpoint) or skip the step."
     )
     bf16: Switch = Field("auto", description="bfloat16 compute: true, false or auto (on where supported).")
-    fp16: Switch = Field(False, description="float16 compute with loss scaling (CUDA only).")
-    tf32: Switch = Field(False, description="TF32 matmuls on Ampere+ GPUs.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     logging_steps: int = Field(1, gt=0, description="Log every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps.")
@@ -260,8 +255,8 @@ class PretrainingSource(Section):
     name: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split of a Hub dataset.")
     text_column: str = Field("text", description="Column with the text (not used for .txt files).")
+    type: str | None = Field(None, description="pretrain or completion: the text is read as is either way.")
     data_files: str | list[str] | None = Field(None, description="Files inside a Hub dataset to read.")
-    type: str | None = Field(None, description="Accepted for axolotl compatibility (pretrain/completion); text is read as is.")
     max_documents: int | None = Field(None, gt=0, description="Stop reading this source after N documents (for Hub streams).")
 
 
@@ -302,8 +297,6 @@ class LoggingSection(Section):
     wandb_name: str | None = Field(None, description="W&B run name.")
     wandb_run_id: str | None = Field(None, description="W&B run id (to resume a run).")
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
-    wandb_watch: str | None = Field(None, description="W&B watch setting (gradients, all, false).")
-    wandb_log_model: str | None = Field(None, description="W&B model logging (checkpoint, end, false).")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking server or store (http://..., sqlite:///mlflow.db, file:./mlruns); set to log there."
     )
