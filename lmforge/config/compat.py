@@ -38,7 +38,7 @@ NOT_SUPPORTED_YET = {
     "dataset_shard_idx", "tokens", "resize_token_embeddings_to_32x", "embeddings_skip_upcast",
     "lora_on_cpu", "relora_steps", "relora_warmup_steps", "relora_cpu_offload", "noisy_embedding",
     "max_memory", "gpu_memory_limit", "low_cpu_mem_usage", "local_rank",
-    "rope_scaling", "chat_template_jinja", "default_system_message", "eval_max_new_tokens",
+    "rope_scaling", "default_system_message", "eval_max_new_tokens",
     "eval_causal_lm_metrics", "do_causal_lm_eval", "eval_table_size", "lr_groups", "loraplus_lr_ratio",
     "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "unsloth_cross_entropy_loss",
     "liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_cross_entropy",

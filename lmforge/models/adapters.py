@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +45,8 @@ def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
         modules_to_save=settings.lora_modules_to_save,
         use_dora=settings.peft_use_dora,
         use_rslora=settings.peft_use_rslora,
+        # A trained copy of a tied embedding must stay tied to the output head (peft unties it otherwise).
+        ensure_weight_tying=bool(settings.lora_modules_to_save) and ties_embeddings(model),
     )
 
 
