@@ -286,3 +286,58 @@ def test_per_dataset_template_and_inline_jinja(base_tokenizer_dir: Path) -> None
     with pytest.raises(LmforgeError, match="does not compile") as err:
         get_format("chat_template", tokenizer=tokenizer, data=DataSection(chat_template_jinja="{% for m in messages %}{{ m.content }"))
     assert err.value.where == "chat_template"
+
+
+def test_training_tokenizer_gets_a_named_templates_tokens_once(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from lmforge.data.formats import NAMED_TEMPLATES, prepare_chat_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # knows no <|im_start|>
+    data = DataSection(chat_template="chatml", datasets=[{"path": "x", "type": "chat_template"}])
+    with pytest.raises(LmforgeError, match="chatml needs the tokens <\\|im_start\\|>, <\\|im_end\\|>"):
+        get_format("chat_template", tokenizer=tokenizer, data=data)
+    size = len(tokenizer)
+    assert prepare_chat_tokenizer(tokenizer, data) == ["<|im_start|>", "<|im_end|>"]
+    assert len(tokenizer) == size + 2 and tokenizer.chat_template == NAMED_TEMPLATES["chatml"].source
+    assert prepare_chat_tokenizer(tokenizer, data) == []  # already there
+    fmt = get_format("chat_template", tokenizer=tokenizer, data=data)
+    ids = tokenizer(fmt.render([{"role": "user", "content": "one"}]), add_special_tokens=False).input_ids
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    # Nothing to do without a chat template; a bad one fails here, before any model loads.
+    assert prepare_chat_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir), DataSection(datasets=[{"path": "x"}])) == []
+    bad = DataSection(datasets=[{"path": "x", "type": "chat_template", "chat_template": "chatmll"}])
+    with pytest.raises(LmforgeError, match="unknown chat_template 'chatmll'") as err:
+        prepare_chat_tokenizer(tokenizer, bad)
+    assert err.value.where == "datasets[0].chat_template"
+    fallback = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert prepare_chat_tokenizer(fallback, DataSection(chat_template="tokenizer_default_fallback_gemma")) == ["<start_of_turn>", "<end_of_turn>"]
+    assert fallback.chat_template == NAMED_TEMPLATES["gemma"].source
+
+
+def test_new_token_rows_train_through_modules_to_save(capsys: pytest.CaptureFixture) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from lmforge.config.sections import AdapterSection
+    from lmforge.models.adapters import apply_lora, cover_new_token_rows
+
+    said: list[str] = []
+    untied = LlamaForCausalLM(tiny_llama_config(vocab_size=100))
+    settings = AdapterSection(adapter="lora", lora_target_linear=True)
+    assert cover_new_token_rows(settings, untied, [], said.append) is settings
+    covered = cover_new_token_rows(settings, untied, ["<|im_start|>"], said.append)
+    assert covered.lora_modules_to_save == ["embed_tokens", "lm_head"] and "lora_modules_to_save: [embed_tokens, lm_head] is set" in said[-1]
+    chosen = AdapterSection(adapter="lora", lora_target_linear=True, lora_modules_to_save=[])
+    assert cover_new_token_rows(chosen, untied, ["<|im_start|>"], said.append) is chosen
+    assert said[-1].startswith("warning:") and "add embed_tokens, lm_head" in said[-1]
+
+    tied = LlamaForCausalLM(tiny_llama_config(vocab_size=100, tie_word_embeddings=True))
+    covered = cover_new_token_rows(settings, tied, ["<|im_start|>"], said.append)
+    assert covered.lora_modules_to_save == ["embed_tokens"]
+    model = apply_lora(tied, covered)
+    loss = model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # still tied

@@ -176,6 +176,12 @@ def prepare_chat_tokenizer(tokenizer: Any, data: Any) -> list[str]:
             missing += [m for m in NAMED_TEMPLATES[name].markers if m not in missing and not _single_token(tokenizer, m)]
     if missing:
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-    if data.chat_template not in (None, "", "tokenizer_default"):
-        tokenizer.chat_template, _ = resolve_template(data.chat_template, tokenizer, jinja=data.chat_template_jinja)
+    from lmforge.data.formats.chat import check_template
+
+    for setting, jinja, where in template_choices(data):  # a bad name, file or template fails here, before the model loads
+        if setting:
+            source, _ = resolve_template(setting, tokenizer, where=where, jinja=jinja)
+            check_template(source, where)
+            if where == "chat_template" and setting != "tokenizer_default":
+                tokenizer.chat_template = source
     return missing
