@@ -234,6 +234,7 @@ def test_generation_blocks_follow_thinking_and_eot_switches(conversations: list,
         trained_text(train_on_eot="none")
     both = trained_text(roles_to_train=["user", "assistant"])
     assert row["conversations"][0]["value"].strip() in both
+    assert trained_text(roles_to_train=["human", "gpt"]) == both  # ShareGPT speaker names stand for their roles
 
 
 def test_chat_template_kwargs_reach_the_template_in_training_and_prompts(base_tokenizer_dir: Path) -> None:

@@ -112,7 +112,7 @@ def test_named_template_adds_its_tokens_and_lora_trains_their_rows(tmp_path: Pat
     tok.save_pretrained(folder)
     build_tiny_llama(folder, len(tok))
     data = write_jsonl(tmp_path / "chat.jsonl", ARITHMETIC_CHATS)
-    config = tiny_config(folder, data, tmp_path / "out", max_steps=60, learning_rate=0.02, sample_packing=True, sequence_len=64)
+    config = tiny_config(folder, data, tmp_path / "out", max_steps=40, learning_rate=0.02, sample_packing=True, sequence_len=64)
     config["datasets"] = [{"path": str(data), "type": "chat_template"}]
     config["chat_template"] = "chatml"
     path = write_config(tmp_path / "c.yml", config)

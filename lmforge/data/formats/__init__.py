@@ -79,7 +79,8 @@ def chat_format(spec: Any, tokenizer: Any, chat_template: str | None, where: str
         content_key=mappings.pop("content", None),
         property_mappings=mappings,
         roles=roles,
-        roles_to_train=tuple(getattr(spec, "roles_to_train", None) or ("assistant",)),
+        # as in axolotl, a speaker name (gpt, human) stands for its role
+        roles_to_train=tuple(roles.get(r, r) for r in (getattr(spec, "roles_to_train", None) or ("assistant",))),
         train_on_eos=train_on_eos,
         train_on_eot=train_on_eot,
         field_thinking=getattr(spec, "field_thinking", None) or "reasoning_content",
