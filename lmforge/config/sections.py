@@ -54,8 +54,60 @@ class DatasetSpec(Section):
     )
     roles_to_train: list[str] | None = Field(None, description="chat_template: roles whose turns are trained (default [assistant]).")
     train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
-        None, description="chat_template: train the end-of-turn token of trained turns (turn, default), all turns, the last, or none."
+        None, description="chat_template: train the EOS token after trained turns (turn, default), after all turns, the last, or none."
     )
+    train_on_eot: Literal["turn", "all", "last", "none"] | None = Field(
+        None, description="chat_template: the same for each turn's end-of-turn token (e.g. <|im_end|>); default: as train_on_eos."
+    )
+    chat_template: str | None = Field(
+        None, description="chat_template: this dataset's template (overrides the top-level chat_template; same values)."
+    )
+    chat_template_jinja: str | None = Field(
+        None, description="chat_template: Jinja text or a .jinja file, used with chat_template: jinja (or when chat_template is unset)."
+    )
+    field_thinking: str | None = Field(
+        None, description="chat_template: turn key holding an assistant's reasoning (default reasoning_content)."
+    )
+    template_thinking_key: str | None = Field(
+        None, description="chat_template: the message key the template reads the reasoning from (default reasoning_content)."
+    )
+    split_thinking: bool | None = Field(
+        None, description="chat_template: split <think>...</think> (or <reasoning>, <|begin_of_thought|>) out of assistant "
+        "content into the reasoning field."
+    )
+    train_on_thinking: bool | None = Field(
+        None, description="chat_template: train the reasoning of assistant turns (default true); false trains from the answer on."
+    )
+    drop_system_message: bool | None = Field(None, description="chat_template: drop a conversation's leading system turn.")
+    message_field_role: str | None = Field(
+        None, description="chat_template: deprecated (axolotl); same as message_property_mappings: {role: ...}."
+    )
+    message_field_content: str | None = Field(
+        None, description="chat_template: deprecated (axolotl); same as message_property_mappings: {content: ...}."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_message_fields(cls, data: Any) -> Any:
+        """axolotl's older message_field_role/content keys, folded into message_property_mappings."""
+        if not isinstance(data, dict) or not ({"message_field_role", "message_field_content"} & set(data)):
+            return data
+        data = dict(data)
+        mappings = dict(data.get("message_property_mappings") or {})
+        for old, key in (("message_field_role", "role"), ("message_field_content", "content")):
+            value = data.pop(old, None)
+            if value is None:
+                continue
+            if mappings.get(key, value) != value:
+                raise ValueError(f"{old}: {value} conflicts with message_property_mappings.{key}: {mappings[key]}; keep one")
+            mappings[key] = value
+        data["message_property_mappings"] = mappings
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_template(cls, data: Any) -> Any:
+        return _jinja_choice(data)
 
 
 class ModelSection(Section):
@@ -70,6 +122,17 @@ class ModelSection(Section):
     )
 
 
+def _jinja_choice(data: Any) -> Any:
+    """axolotl's inline template: chat_template_jinja alone means chat_template: jinja, and jinja needs the text."""
+    if not isinstance(data, dict):
+        return data
+    if data.get("chat_template") == "jinja" and not data.get("chat_template_jinja"):
+        raise ValueError("chat_template: jinja needs chat_template_jinja (the template text or a .jinja file)")
+    if data.get("chat_template_jinja") and not data.get("chat_template"):
+        return {**data, "chat_template": "jinja"}
+    return data
+
+
 class DataSection(Section):
     # Optional here because pretraining reads pretraining_dataset instead; build_config requires it otherwise.
     datasets: list[DatasetSpec] | None = Field(None, description="Training data sources (required unless pretraining).")
@@ -78,7 +141,17 @@ class DataSection(Section):
     sequence_len: int = Field(2048, gt=0, description="Maximum tokens per example; longer rows are truncated.")
     train_on_inputs: bool = Field(False, description="Also compute loss on prompt tokens.")
     chat_template: str | None = Field(
-        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma) or a Jinja template string."
+        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma), "
+        "tokenizer_default_fallback_NAME, 'jinja' (with chat_template_jinja) or a Jinja template string."
+    )
+    chat_template_jinja: str | None = Field(
+        None, description="Jinja chat template text, or a .jinja file, used with chat_template: jinja (or when chat_template is unset)."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the chat template, in training and inference alike (e.g. {enable_thinking: false})."
+    )
+    eot_tokens: list[str] | None = Field(
+        None, description="chat_template: the tokens that end a turn (default: found from the template, e.g. <|im_end|>, and EOS)."
     )
     dataset_processes: int | None = Field(None, ge=1, description="Processes used to tokenize.")
     test_datasets: list[DatasetSpec] | None = Field(None, description="Explicit evaluation data (instead of val_set_size).")
@@ -86,6 +159,11 @@ class DataSection(Section):
     skip_bad_rows: bool = Field(False, description="Skip malformed rows and records (counted and reported) instead of failing.")
     sample_packing: bool = Field(False, description="Pack several examples per sequence (no attention across them).")
     eval_sample_packing: bool | None = Field(None, description="Pack eval batches too (default: as sample_packing).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_template(cls, data: Any) -> Any:
+        return _jinja_choice(data)
 
 
 class QuantizationSection(Section):

@@ -26,7 +26,7 @@ from lmforge.data.prepare import Example, PreparedData, PrepareStats
 from lmforge.data.sources import local_files
 
 DEFAULT_PREPARED_PATH = "last_run_prepared"
-FORMAT_VERSION = 1  # bump when the meaning of stored ids or labels changes
+FORMAT_VERSION = 2  # bump when the meaning of stored ids or labels changes (2: templates rendered by transformers, tokens trained by overlap)
 
 
 def _hook_digest(kind: Any) -> str:
@@ -46,7 +46,14 @@ def _spec_fingerprint(spec: DatasetSpec) -> dict[str, Any]:
     files = local_files(spec.path, spec.ds_type, spec.data_files)
     content = [file_sha256(f) for f in files] if files is not None else None
     kind = spec.type.model_dump() if isinstance(spec.type, UserDefinedFormat) else spec.type
-    return {"spec": spec.model_dump(mode="json", exclude={"path"}), "content": content or spec.path, "type": kind, "hook": _hook_digest(spec.type)}
+    return {"spec": spec.model_dump(mode="json", exclude={"path"}), "content": content or spec.path, "type": kind, "hook": _hook_digest(spec.type),
+            "template_file": _template_file_digest(spec.chat_template_jinja)}
+
+
+def _template_file_digest(jinja: str | None) -> str:
+    """chat_template_jinja may name a .jinja file: its bytes shape the data, not its name."""
+    path = Path(jinja).expanduser() if jinja and "{" not in jinja else None
+    return file_sha256(path) if path is not None and path.is_file() else ""
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -64,7 +71,8 @@ def cache_key(data: DataSection, tokenizer: Any, seed: int) -> str:
         "version": FORMAT_VERSION,
         "datasets": [_spec_fingerprint(s) for s in data.datasets],
         "test_datasets": [_spec_fingerprint(s) for s in data.test_datasets or []],
-        "data": data.model_dump(mode="json", include={"sequence_len", "train_on_inputs", "chat_template", "val_set_size", "shuffle_merged_datasets", "skip_bad_rows"}),
+        "data": data.model_dump(mode="json", include={"sequence_len", "train_on_inputs", "chat_template", "chat_template_jinja", "chat_template_kwargs", "eot_tokens", "val_set_size", "shuffle_merged_datasets", "skip_bad_rows"}),
+        "template_file": _template_file_digest(data.chat_template_jinja),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "seed": seed,
     }

@@ -37,7 +37,7 @@ def load_for_inference(cfg: LmforgeConfig, lora_model_dir: str | None, dtype: to
 def build_prompt(cfg: LmforgeConfig, tokenizer: Any, text: str) -> str:
     """The prompt `text` becomes: the same format as the first dataset's training rows."""
     spec = cfg.data.datasets[0]
-    fmt = get_format(spec.type, "datasets[0].type", spec=spec, tokenizer=tokenizer, chat_template=cfg.data.chat_template)
+    fmt = get_format(spec.type, "datasets[0].type", spec=spec, tokenizer=tokenizer, data=cfg.data)
     prompt = fmt.prompt(text)
     # Training prepends BOS to formats that do not render special tokens themselves; so must we.
     if not getattr(fmt, "renders_special_tokens", False) and adds_bos(tokenizer) and not prompt.startswith(tokenizer.bos_token):

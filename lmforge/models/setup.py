@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from lmforge.config import LmforgeConfig
 from lmforge.errors import LmforgeError
-from lmforge.models.adapters import apply_lora
+from lmforge.models.adapters import apply_lora, cover_new_token_rows
 from lmforge.models.fast_dropout import use_fast_dropout
 from lmforge.models.load import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from lmforge.models.params import freeze_except, set_dropout
 
 
-def load_training_tokenizer(cfg: LmforgeConfig) -> Any:
-    """The tokenizer with the configured special tokens added."""
+def load_training_tokenizer(cfg: LmforgeConfig, say: Callable[[str], None] | None = None) -> Any:
+    """The tokenizer with the configured special tokens and the chat template's marker tokens added."""
     tokenizer = load_tokenizer(cfg.model.base_model, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
     if cfg.model.special_tokens:
         tokenizer.add_special_tokens(dict(cfg.model.special_tokens))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    # A named chat template's markers (chatml's <|im_start|>, ...) join this one tokenizer, which the data is
+    # tokenized with, the embeddings grow to and the output saves; and a configured template becomes its own.
+    from lmforge.data.formats.templates import prepare_chat_tokenizer
+
+    added = prepare_chat_tokenizer(tokenizer, cfg.data)
+    if added and say:
+        say(f"chat_template: added {', '.join(added)} to the tokenizer as special tokens (the embeddings grow to match)")
     return tokenizer
 
 
@@ -59,7 +66,7 @@ def keep_lora_inputs_in_compute_dtype(model: Any) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf16: bool) -> Any:
+def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf16: bool, say: Callable[[str], None] | None = None) -> Any:
     """Base model in the cheapest dtype that trains correctly, then the adapter."""
     quantization = _quantization_config(cfg)
     # Frozen base weights need no fp32 master copy: holding them in bf16 halves their memory
@@ -67,7 +74,9 @@ def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device
     dtype = torch.bfloat16 if (bf16 and cfg.adapter.adapter) else torch.float32
     extra = {"quantization_config": quantization} if quantization is not None else {}
     model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
+    rows = model.get_input_embeddings().num_embeddings
     fit_embeddings_to_tokenizer(model, tokenizer)
+    new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]
     if cfg.training.dropout is not None:
         set_dropout(model, cfg.training.dropout)
     if cfg.training.unfrozen_parameters:
@@ -85,7 +94,7 @@ def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device
     elif cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.adapter.adapter:
-        model = apply_lora(model, cfg.adapter)
+        model = apply_lora(model, cover_new_token_rows(cfg.adapter, model, new_tokens, say))
         if quantization is not None:
             from lmforge.models.quantize import disable_cpu_weight_packing
 

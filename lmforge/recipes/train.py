@@ -67,8 +67,8 @@ def plan_steps(cfg: LmforgeConfig, num_examples: int) -> Plan:
 
 def load_for_training(cfg: LmforgeConfig, device: torch.device, bf16: bool) -> tuple[Any, Any]:
     """The tokenizer and the model, with its adapter when configured."""
-    tokenizer = load_training_tokenizer(cfg)
-    model = load_training_model(cfg, tokenizer, device, bf16)
+    tokenizer = load_training_tokenizer(cfg, say)
+    model = load_training_model(cfg, tokenizer, device, bf16, say)
     if cfg.training.dropout is not None:
         say(f"dropout {cfg.training.dropout} set on the model's dropout fields")
     return tokenizer, model
