@@ -196,8 +196,8 @@ def test_out_of_scope_key_refused_with_reason(write) -> None:  # noqa: ANN001
 
 
 def test_dataset_entry_keys_are_screened_with_their_path(write) -> None:  # noqa: ANN001
-    text = refused(write("", BASE.replace("    type: alpaca\n", "    type: alpaca\n    field_thinking: reasoning\n")))
-    assert "config.yml:5: 'datasets[0].field_thinking' is not supported yet" in text and "issue 16" in text
+    text = refused(write("", BASE.replace("    type: alpaca\n", "    type: alpaca\n    field_tools: tools\n")))
+    assert "config.yml:5: 'datasets[0].field_tools' is not supported yet" in text
     text = refused(write("", BASE.replace("    type: alpaca\n", "    type: alpaca\n    field_choosen: x\n")))
     assert "unknown key 'field_choosen'" in text
 

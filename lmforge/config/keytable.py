@@ -331,13 +331,6 @@ def bnb_kwargs(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
-def same_chat_template(value: Any, facts: Facts) -> Verdict | None:
-    """notice when it equals the top-level chat_template"""
-    if value == facts.config.get("chat_template"):
-        return Verdict(Kind.NOTICE, "the same as the top-level chat_template, which lmforge applies to every dataset")
-    return None
-
-
 def best_metric(value: Any, facts: Facts) -> Verdict | None:
     """notice for eval_loss / loss"""
     if value in ("eval_loss", "loss"):
@@ -727,10 +720,10 @@ KEYS: tuple[Key, ...] = (
     out("is_preprocess", INTERNAL),
     out("total_num_tokens", INTERNAL),
     out("total_supervised_tokens", INTERNAL),
-    done("chat_template", PREPARE),
-    later("chat_template_jinja", "a Jinja template given inline", nearest="chat_template: <the template string>", issue=16),
-    later("chat_template_kwargs", "arguments to the chat template", issue=16),
-    later("eot_tokens", "end-of-turn tokens for masking", nearest="train_on_eos", issue=10),
+    done("chat_template", FORMATS, "lmforge/data/formats/templates.py"),
+    done("chat_template_jinja", FORMATS, "lmforge/data/formats/templates.py"),
+    done("chat_template_kwargs", FORMATS),
+    done("eot_tokens", FORMATS),
     later("default_system_message", "a default system message", nearest="system_prompt (alpaca_w_system)"),
     done("pretraining_dataset", PRETRAIN),
     done("model_config", PRETRAIN, rule=overrides_with_base_model),
@@ -760,24 +753,23 @@ KEYS: tuple[Key, ...] = (
     later("shards_idx", "reading one shard of a dataset", scope=DATASET, only_with="shards"),
     later("preprocess_shards", "preparing a dataset in chunks", scope=DATASET),
     out("conversation", "FastChat conversation templates (axolotl's older sharegpt)", nearest="chat_template", scope=DATASET),
-    later("chat_template", "a chat template per dataset", nearest="the top-level chat_template", scope=DATASET,
-          rule=same_chat_template),
-    later("chat_template_jinja", "a Jinja template given inline", nearest="chat_template", issue=16, scope=DATASET),
+    done("chat_template", FORMATS, "lmforge/data/formats/templates.py", scope=DATASET),
+    done("chat_template_jinja", FORMATS, "lmforge/data/formats/templates.py", scope=DATASET),
     later("input_format", "axolotl's input_format", scope=DATASET),
     later("field_human", "axolotl's older sharegpt field names", nearest="message_property_mappings, roles", scope=DATASET),
     later("field_model", "axolotl's older sharegpt field names", nearest="message_property_mappings, roles", scope=DATASET),
     later("field_tools", "tool definitions in chat rows", scope=DATASET),
-    later("field_thinking", "reasoning content in chat rows", issue=16, scope=DATASET),
-    later("template_thinking_key", "reasoning content in chat rows", issue=16, scope=DATASET),
-    later("split_thinking", "reasoning content in chat rows", issue=16, scope=DATASET),
-    later("message_field_role", "axolotl's older name for message_property_mappings.role", nearest="message_property_mappings",
-          issue=16, scope=DATASET),
-    later("message_field_content", "axolotl's older name for message_property_mappings.content",
-          nearest="message_property_mappings", issue=16, scope=DATASET),
+    done("field_thinking", FORMATS, scope=DATASET),
+    done("template_thinking_key", FORMATS, scope=DATASET),
+    done("split_thinking", FORMATS, scope=DATASET),
+    done("train_on_thinking", FORMATS, scope=DATASET),
+    # folded into message_property_mappings while the config is validated
+    done("message_field_role", "lmforge/config/sections.py", scope=DATASET),
+    done("message_field_content", "lmforge/config/sections.py", scope=DATASET),
     later("message_field_training", "training chosen turns by a per-turn flag", nearest="roles_to_train", scope=DATASET),
     later("message_field_training_detail", "training chosen spans of a turn", nearest="roles_to_train", scope=DATASET),
-    later("train_on_eot", "which end-of-turn tokens are trained", nearest="train_on_eos", issue=16, scope=DATASET),
-    later("drop_system_message", "dropping system turns", issue=16, scope=DATASET),
+    done("train_on_eot", FORMATS, scope=DATASET),
+    done("drop_system_message", FORMATS, scope=DATASET),
     out("trust_remote_code", "lmforge never runs a dataset's loading script", scope=DATASET),
     later("revision", "a Hub revision of a dataset", nearest="path (a local copy)", scope=DATASET),
     out("logprobs_field", "distillation from teacher log-probabilities is out of lmforge's scope", scope=DATASET),
