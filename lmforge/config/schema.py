@@ -14,6 +14,7 @@ from lmforge.config.sections import (
     AdapterSection,
     DatasetSpec,
     DataSection,
+    InferenceSection,
     LoggingSection,
     ModelConfigSpec,
     ModelSection,
@@ -42,6 +43,7 @@ class LmforgeConfig(BaseModel):
     training: TrainingSection = TrainingSection()
     logging: LoggingSection = LoggingSection()
     pretrain: PretrainSection = PretrainSection()
+    inference: InferenceSection = InferenceSection()
     ignored: dict[str, str] = {}
 
     def flat(self) -> dict[str, Any]:
