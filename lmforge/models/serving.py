@@ -144,7 +144,8 @@ def check_adapter(base_model: str, lora_dir: str | os.PathLike[str]) -> AdapterC
         suffixes = {name.split(".", i)[-1] for name in modules for i in range(name.count(".") + 1)}
         missing = sorted(set(targets) - suffixes)
         if missing:
-            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in missing})  # 14 layer paths read as 7 names
+            shown = ", ".join(leaves) + (f" ({len(missing)} module paths)" if len(missing) > len(leaves) else "")
             raise LmforgeError(
                 f"target modules {shown} of the adapter do not exist in the base model",
                 where=f"base_model: {base_model}",
