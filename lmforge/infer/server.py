@@ -19,6 +19,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmforge.errors import LmforgeError
+
+try:  # at module level: FastAPI resolves the `Request` annotations through this module's globals
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+except ImportError:  # pragma: no cover - the serve extra is not installed
+    FastAPI = None  # type: ignore[assignment,misc]
+
 from lmforge.infer.generate import Generator, GenerationStream, PromptTooLong, Sampling
 
 # Request fields we accept and act on; `model` and `user` are accepted and change nothing.
@@ -100,10 +108,8 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 def create_app(gen: Generator, model_id: str, api_key: str | None = None) -> Any:
     """The FastAPI application serving ``gen`` as ``model_id``."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-
+    if FastAPI is None:
+        raise LmforgeError("the server needs fastapi and uvicorn", where="serve", fix="pip install 'lmforge[serve]' (scripts/setup.sh does)")
     app = FastAPI(title=f"lmforge: {model_id}", docs_url=None, redoc_url=None)
     created = int(time.time())
 
