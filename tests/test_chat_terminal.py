@@ -129,3 +129,39 @@ def test_chat_commands_on_an_empty_conversation(tiny_model_dir: Path, tmp_path: 
     session = run_chat(gen, save_path=str(tmp_path / "c.jsonl"), read=lambda _: next(lines), out=out)
     assert expected in out.getvalue() and session.messages == []
     assert "answered without the earlier turns" in out.getvalue()  # an alpaca config says what its chat does
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_what_was_said(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import io
+
+    from lmforge.config import load_config
+    from lmforge.infer.chat import run_chat
+    from lmforge.recipes.inference import SamplingFlags, build_generator
+
+    gen = build_generator(load_config(str(tiny_infer_config(tmp_path, tiny_model_dir)), [], check_paths=False), flags=SamplingFlags(max_new_tokens=20))
+    real_stream = gen.stream
+
+    class Interrupted:
+        """The real stream, with Ctrl-C pressed after two pieces."""
+
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            self.inner = real_stream(*args, **kwargs)
+            self.text = ""
+
+        def __iter__(self):  # noqa: ANN204
+            for n, piece in enumerate(self.inner):
+                if n == 2:
+                    raise KeyboardInterrupt
+                self.text += piece
+                yield piece
+
+        def cancel(self) -> None:
+            self.inner.cancel()
+
+    gen.stream = Interrupted  # type: ignore[method-assign]
+    lines = iter(["what is two plus two ?", "/exit"])
+    out = io.StringIO()
+    session = run_chat(gen, save_path=str(tmp_path / "c.jsonl"), read=lambda _: next(lines), out=out)
+    assert "(stopped; /retry answers again)" in out.getvalue()
+    assert session.messages[-1]["role"] == "assistant" and session.messages[-1]["content"]
+    assert len(session.messages[-1]["content"].split()) <= 2

@@ -64,11 +64,13 @@ class ChatSession:
         except KeyboardInterrupt:
             self.current.cancel()
             stopped = True
-        text = self.current.text
-        self.out.write("\n" + ("(stopped)\n" if stopped else ""))
-        self.out.flush()
+        text, self.current = self.current.text, None
+        if stopped and not text:
+            self.messages.pop()  # nothing to keep: an empty answer would train the model to say nothing
+            self.say("\n(stopped before any text; your message was dropped)")
+            return
+        self.say("\n(stopped; /retry answers again)" if stopped else "")
         self.messages.append({"role": "assistant", "content": text})
-        self.current = None
 
     def command(self, line: str) -> bool:
         """Run a /command; False means leave."""
@@ -132,6 +134,8 @@ def run_chat(generator: Generator, save_path: str = "chat.jsonl", system: str | 
         pass
     session = ChatSession(generator, out, save_path, system)
     session.say(f"chat with {generator.name}: {generator.prompts.explain()}.")
+    if system and not generator.prompts.multi_turn:
+        session.say("--system is not used: this format is not a chat template, and has no system message")
     session.say("/help lists the commands, /exit leaves.")
     while True:
         try:

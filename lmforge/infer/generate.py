@@ -141,7 +141,6 @@ class GenerationStream:
         emitted = 0  # characters of the decoded answer already handed out
         hold = max((len(s) for s in self._stop), default=1) - 1  # a stop string may still be forming
         stop_ids = set(gen.stop_token_ids)
-        text, cut = "", None
         try:
             while True:
                 token = streamer.ids.get()
@@ -161,6 +160,7 @@ class GenerationStream:
                     break
                 safe = len(text) - hold
                 if safe > emitted:
+                    self.text = text[:safe]  # what the caller has, should it stop reading now
                     yield text[emitted:safe]
                     emitted = safe
             text = gen.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -30,6 +30,8 @@ from lmforge.infer.generate import Generator, Sampling
 from lmforge.infer.prompts import PromptBuilder
 from lmforge.train.telemetry import pick_device, resolve_bf16
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass
 class SamplingFlags:
@@ -209,7 +211,10 @@ def run_inference(
         from lmforge.infer.web import launch
 
         inf = cfg.inference
-        launch(gen, host=host or inf.gradio_server_name or "127.0.0.1", port=port or inf.gradio_server_port or 7860,
+        host = host or inf.gradio_server_name or "127.0.0.1"
+        if host not in LOCAL_HOSTS:
+            note(f"listening on {host}: other machines can reach this chat, and it has no login")
+        launch(gen, host=host, port=port or inf.gradio_server_port or 7860,
                share=inf.gradio_share if share is None else share, title=inf.gradio_title,
                max_new_tokens=inf.gradio_max_new_tokens, temperature=inf.gradio_temperature)
         return None
@@ -241,7 +246,7 @@ def run_serve(cfg: LmforgeConfig, lora_model_dir: str | None = None, *, model: s
 
     gen = build_generator(cfg, lora_model_dir, model, flags)
     model_id = model_name or gen.name
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOCAL_HOSTS:
         note(f"listening on {host}: other machines can reach this server" + ("" if api_key else " and it has no --api_key"))
     note(f"serving {model_id} at http://{host}:{port}/v1 (OpenAI API: /v1/models, /v1/chat/completions, /v1/completions)")
     serve(gen, model_id, host=host, port=port, api_key=api_key)
