@@ -9,6 +9,7 @@ fonts fetched, so it works offline. Several browser tabs share the one model: an
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -131,8 +132,17 @@ def launch(gen: Generator, host: str = "127.0.0.1", port: int = 7860, share: boo
     theme = gr.themes.Default(font=fonts, font_mono=["ui-monospace", "monospace"])
     app.queue(default_concurrency_limit=4)
     try:
-        app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
-                   theme=theme, ssr_mode=False, mcp_server=False, footer_links=[])
+        # prevent_thread_lock: launch returns, and we say where the page is in our words (gradio's own
+        # lines name launch() arguments, not our flags) before blocking.
+        _, local_url, share_url = app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                                             quiet=True, theme=theme, ssr_mode=False, mcp_server=False, footer_links=[])
     except OSError as exc:
         raise LmforgeError(f"could not listen on {host}:{port}: {exc}", where="--port", fix="choose another --port") from exc
+    if block:
+        where = f"{local_url}" + (f" and {share_url} (public)" if share_url else "")
+        print(f"[lmforge] web chat on {where}; Ctrl-C stops it", file=sys.stderr, flush=True)
+        try:
+            app.block_thread()
+        finally:
+            app.close()
     return app
