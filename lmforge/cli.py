@@ -68,10 +68,30 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> None:
     run_data_report(_finetune_config(args, overrides, "data report"))
 
 
+def _sampling_flags(args: argparse.Namespace):  # noqa: ANN202
+    from lmforge.recipes.inference import SamplingFlags
+
+    return SamplingFlags(**{k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")})
+
+
 def cmd_inference(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.inference import run_inference
 
-    run_inference(_config(args, overrides, check_paths=False), args.lora_model_dir, args.prompt, args.max_new_tokens, args.temperature)
+    run_inference(
+        _config(args, overrides, check_paths=False), args.lora_model_dir, args.prompt, model=args.model,
+        flags=_sampling_flags(args), jsonl=args.jsonl, input_path=args.input, output_path=args.output,
+        batch_size=args.batch_size, chat=args.chat, save_path=args.save, system=args.system, gradio=args.gradio,
+        host=args.host, port=args.port, share=args.share,
+    )
+
+
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.inference import run_serve
+
+    run_serve(
+        _config(args, overrides, check_paths=False), args.lora_model_dir, model=args.model, flags=_sampling_flags(args),
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"), model_name=args.model_name,
+    )
 
 
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -152,11 +172,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config: a path or an http(s) URL")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=cmd_data)
-    p = add("inference", cmd_inference, "generate answers with the base model or a trained adapter")
-    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (a training output_dir)")
+    def add_model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--lora_model_dir", "--lora-model-dir", default=None,
+                       help="LoRA adapter folder (a training output_dir), checked against the base model before loading")
+        p.add_argument("--model", default=None,
+                       help="load this instead of base_model: a merged folder, a .gguf file, pkg://PACKAGE/FILE or a Hub id")
+        g = p.add_argument_group("sampling (default: the config's max_new_tokens, temperature, ... keys)")
+        g.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, help="most tokens per answer (256)")
+        g.add_argument("--temperature", type=float, default=None, help="0 is greedy (the default)")
+        g.add_argument("--top_p", "--top-p", type=float, default=None, help="nucleus sampling (1: off)")
+        g.add_argument("--top_k", "--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: off)")
+        g.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, help="1: off")
+        g.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
+
+    p = add("inference", cmd_inference, "generate answers with the base model, a trained adapter, a merged folder or a GGUF file")
+    add_model_flags(p)
     p.add_argument("--prompt", default=None, help="one prompt; without it, prompts are read from stdin, one per line")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--jsonl", action="store_true",
+                   help='batch mode: JSON lines in ({"prompt": ...} or {"messages": [...]}), one JSON line out per input')
+    p.add_argument("--input", default=None, help="read prompts from this file instead of stdin")
+    p.add_argument("--output", default=None, help="--jsonl: write answers to this file (default stdout)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="--jsonl: prompts generated together (8)")
+    p.add_argument("--chat", action="store_true", help="interactive terminal chat (/retry, /undo, /save, /exit)")
+    p.add_argument("--save", default="chat.jsonl", help="--chat: the file /save appends to (chat JSONL)")
+    p.add_argument("--system", default=None, help="--chat: a system message (chat-template formats only)")
+    p.add_argument("--gradio", action="store_true", help="web chat UI (gradio), on 127.0.0.1 unless --host says otherwise")
+    p.add_argument("--host", default=None, help="--gradio: address to listen on (default gradio_server_name or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="--gradio: port (default gradio_server_port or 7860)")
+    p.add_argument("--share", action="store_true", default=None, help="--gradio: also make a public gradio.live link")
+    p = add("serve", cmd_serve, "OpenAI-compatible HTTP server (/v1/models, /v1/chat/completions, /v1/completions)")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", "--api-key", default=None, help="require this bearer token (or set LMFORGE_API_KEY)")
+    p.add_argument("--model_name", "--model-name", default=None, help="the model id clients see (default: the adapter's or model's folder name)")
     add("validate", cmd_validate, "check a config (keys, types, files) without loading a model; print it resolved")
     p = add("config-schema", cmd_config_schema, "print the JSON schema of the config, or the table of every axolotl key", config=False)
     p.add_argument("--table", action="store_true", help="every axolotl key and what lmforge does with it, as text")

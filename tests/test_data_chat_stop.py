@@ -64,11 +64,13 @@ def generate_answer(config: Path, out: Path, question: str) -> tuple[list[int], 
     """Greedy answer through lmforge's inference loader and prompt (the config's template, the output's tokenizer)."""
     from lmforge.config import load_config
     from lmforge.data.formats import get_format
-    from lmforge.infer.generate import build_prompt, load_for_inference
+    from lmforge.infer.prompts import PromptBuilder
+    from lmforge.models.serving import load_for_generation
 
     cfg = load_config(str(config))
-    tokenizer, model = load_for_inference(cfg, str(out), torch.float32)
-    prompt = tokenizer(build_prompt(cfg, tokenizer, question), add_special_tokens=False).input_ids
+    loaded = load_for_generation(cfg.model.base_model, str(out), dtype=torch.float32)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    prompt = tokenizer(PromptBuilder.from_config(cfg, tokenizer, model).single(question), add_special_tokens=False).input_ids
     fmt = get_format(cfg.data.datasets[0].type, spec=cfg.data.datasets[0], tokenizer=tokenizer, data=cfg.data)
     end = tokenizer.convert_tokens_to_ids(fmt.stop_tokens[0])
     with torch.no_grad():

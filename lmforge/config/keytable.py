@@ -371,6 +371,7 @@ ADAPTERS = "lmforge/models/adapters.py"
 FORMATS = "lmforge/data/formats/__init__.py"
 CHAT = "lmforge/data/formats/chat.py"
 USER_DEFINED = "lmforge/data/formats/user_defined.py"
+INFERENCE = "lmforge/recipes/inference.py"
 
 KEYS: tuple[Key, ...] = (
     # --- model and tokenizer -----------------------------------------------------------------------------------
@@ -899,7 +900,12 @@ KEYS: tuple[Key, ...] = (
     out("capabilities", INTERNAL),
     out("env_capabilities", INTERNAL),
     out("trainer_cls", "lmforge runs its own loop, not an HF Trainer class"),
-    later("gradio_*", "web chat settings", nearest="`lmforge inference`"),
+    done("gradio_title", INFERENCE), done("gradio_share", INFERENCE), done("gradio_server_name", INFERENCE),
+    done("gradio_server_port", INFERENCE), done("gradio_max_new_tokens", INFERENCE), done("gradio_temperature", INFERENCE),
+    later("gradio_*", "web chat settings", nearest="`lmforge inference --gradio`"),
+    # lmforge's own generation defaults (`lmforge inference`, --chat, --gradio, serve); flags override them
+    done("max_new_tokens", INFERENCE), done("temperature", INFERENCE), done("top_p", INFERENCE), done("top_k", INFERENCE),
+    done("repetition_penalty", INFERENCE), done("truncate_prompt", INFERENCE),
 
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
     out("rl", RL), out("trl", RL), out("vllm", RL), out("ebft", RL), out("rl_beta", RL), out("dpo_*", RL),

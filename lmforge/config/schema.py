@@ -14,6 +14,7 @@ from lmforge.config.sections import (
     AdapterSection,
     DatasetSpec,
     DataSection,
+    InferenceSection,
     LoggingSection,
     ModelConfigSpec,
     ModelSection,
@@ -42,6 +43,7 @@ class LmforgeConfig(BaseModel):
     training: TrainingSection = TrainingSection()
     logging: LoggingSection = LoggingSection()
     pretrain: PretrainSection = PretrainSection()
+    inference: InferenceSection = InferenceSection()
     notices: list[Notice] = []  # axolotl keys accepted because they change nothing here (`lmforge validate` prints them)
 
     def flat(self) -> dict[str, Any]:

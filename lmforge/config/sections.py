@@ -382,6 +382,27 @@ class LoggingSection(Section):
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
 
+class InferenceSection(Section):
+    """Generation after training: `inference` (one prompt, batches, --chat, --gradio) and `serve`.
+
+    Command-line flags (--temperature ...) override these; the gradio_* keys are axolotl's."""
+
+    max_new_tokens: int = Field(256, gt=0, description="Most tokens generated per answer.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 is greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this much probability (1: off).")
+    top_k: int = Field(0, ge=0, description="Sample only among the k likeliest tokens (0: off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already generated (1: off).")
+    truncate_prompt: bool = Field(
+        False, description="A prompt longer than the context window keeps only its last tokens, instead of being refused."
+    )
+    gradio_title: str | None = Field(None, description="--gradio: page title (default: the model's name).")
+    gradio_share: bool = Field(False, description="--gradio: also open a public gradio.live link (off: 127.0.0.1 only).")
+    gradio_server_name: str | None = Field(None, description="--gradio: address to listen on (default 127.0.0.1).")
+    gradio_server_port: int | None = Field(None, gt=0, lt=65536, description="--gradio: port (default 7860).")
+    gradio_max_new_tokens: int | None = Field(None, gt=0, description="--gradio: initial max_new_tokens in the UI.")
+    gradio_temperature: float | None = Field(None, ge=0, description="--gradio: initial temperature in the UI.")
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -390,6 +411,7 @@ SECTIONS: dict[str, type[Section]] = {
     "training": TrainingSection,
     "logging": LoggingSection,
     "pretrain": PretrainSection,
+    "inference": InferenceSection,
 }
 
 
