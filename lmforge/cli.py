@@ -68,17 +68,14 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_inference(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.inference import run_inference
 
-    run_inference(_config(args, overrides, check_paths=False), args.lora_model_dir, args.prompt, args.max_new_tokens, args.temperature)
+    run_inference(_config(args, overrides, check_paths=False), args.lora_model_dir, args.prompt, args.max_new_tokens, args.temperature,
+                  jsonl=args.jsonl)
 
 
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
-    import yaml
+    from lmforge.recipes.validate import run_validate
 
-    cfg = _config(args, overrides)
-    print(yaml.safe_dump(cfg.flat(), sort_keys=False), end="")
-    for key, why in cfg.ignored.items():
-        print(f"# accepted with no effect: {key} ({why})")
-    print(f"# {args.config}: valid", file=sys.stderr)
+    run_validate(_config(args, overrides), args.config)
 
 
 def cmd_config_schema(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -151,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="one prompt; without it, prompts are read from stdin, one per line")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    add("validate", cmd_validate, "check a config (keys, types, files) without loading a model; print it resolved")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON line {prompt, answer} per prompt instead of streaming")
+    add("validate", cmd_validate, "check a config (keys, cross-key rules, data files) without loading a model; print it resolved")
     add("config-schema", cmd_config_schema, "print the JSON schema of the config", config=False)
     p = add("merge-lora", cmd_merge_lora, "merge a LoRA adapter into the base model (safetensors folder)")
     p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (default: output_dir)")

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from lmforge.config.checks import check_cross_keys
 from lmforge.config.compat import NO_EFFECT, NOT_SUPPORTED_YET, is_off
 from lmforge.config.loader import KeyPath, RawConfig, apply_overrides, read_config
 from lmforge.config.sections import (
@@ -43,6 +44,7 @@ class LmforgeConfig(BaseModel):
     logging: LoggingSection = LoggingSection()
     pretrain: PretrainSection = PretrainSection()
     ignored: dict[str, str] = {}
+    warnings: list[str] = []  # cross-key settings that run but likely not as meant ('file:line: what'); see config.checks
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as axolotl-style flat keys (what gets saved next to outputs)."""
@@ -128,6 +130,7 @@ def build_config(raw: RawConfig) -> LmforgeConfig:
             raise _explain(raw, best, name) from exc
     cfg = LmforgeConfig(**sections, ignored=ignored)
     _check_model_and_data(cfg, raw)
+    cfg.warnings = check_cross_keys(cfg, raw)
     return cfg
 
 

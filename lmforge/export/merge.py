@@ -220,15 +220,13 @@ def _probe_logits(model: Any, vocab: int) -> torch.Tensor:
 
 
 def _load_tokenizer_for(base_model: str, lora_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    from lmforge.models.load import local_model_dir
+    from lmforge.models.load import load_tokenizer, local_model_dir
 
     # a run that added tokens or a chat template saved its tokenizer with the adapter
     own = any((lora_dir / name).is_file() for name in _TOKENIZER_FILES)
     source = str(lora_dir) if own else local_model_dir(base_model)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return load_tokenizer(source)  # the one tokenizer loader
     except (OSError, ValueError) as exc:
         raise LmforgeError(
             f"could not load the tokenizer: {str(exc).splitlines()[0]}",
