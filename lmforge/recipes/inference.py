@@ -33,6 +33,6 @@ def run_inference(
         else:
             if prompt is None:  # prompts from stdin are not on the screen: show each above its answer
                 print(f"{'' if number == 1 else chr(10)}### prompt {number}: {text}", flush=True)
-            reply = answer(model, tokenizer, full, max_new_tokens=max_new_tokens, temperature=temperature)
+            reply = answer(model, tokenizer, full, out=sys.stdout, max_new_tokens=max_new_tokens, temperature=temperature)
         answers.append(reply)
     return answers
