@@ -15,7 +15,7 @@ from lmforge.config import LmforgeConfig
 from lmforge.data.batching import eval_batches, packing_efficiency
 from lmforge.data.prepare import prepare
 from lmforge.recipes.console import say
-from lmforge.recipes.training import TrainingRun, plan_steps  # noqa: F401 (plan_steps: part of this recipe's API)
+from lmforge.recipes.training import TrainingRun
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.stream import EpochStream
 from lmforge.train.telemetry import release_free_memory

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lmforge.atomic import publish_into, write_json
 from lmforge.config import LmforgeConfig
 from lmforge.config.checks import warmup_warning
 from lmforge.config.sections import TrainingSection
@@ -46,13 +47,11 @@ from lmforge.train.checkpoint import (
     load_best,
     load_checkpoint,
     prune_checkpoints,
-    publish_into,
     remove_partial_writes,
     resolve_resume,
     save_checkpoint,
     save_model_files,
     trainable_state,
-    write_json,
 )
 from lmforge.train.loggers import build_loggers
 from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonFiniteError, evaluate, train_loop

@@ -1,4 +1,4 @@
-"""Write outputs atomically: a crash mid-write never leaves a half-written folder under the final name.
+"""Training checkpoints: written atomically (lmforge.atomic), verified by a manifest, resumed bit-identically.
 
 A training checkpoint (``checkpoint-<step>/``) holds the weights (adapter or full model, with
 tokenizer and config, loadable like any output), ``optimizer.pt``, ``scheduler.pt``, ``rng.pt``
@@ -11,7 +11,6 @@ changed or lost later is caught by the manifest and named in the error.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from lmforge.atomic import atomic_dir, publish_into, restore_swapped, write_json, write_text
+from lmforge.atomic import atomic_dir, restore_swapped, write_json, write_text
 from lmforge.hashing import file_sha256
 from lmforge.errors import LmforgeError
 
