@@ -210,3 +210,34 @@ def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
         other.wait()
     first.release()  # not ours any more: left alone
     assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_sigterm_before_the_loop_exits_130_and_frees_the_lock(tiny_model_dir: Path, same_data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.recipes.train as recipe
+
+    real = recipe.prepare
+
+    def prepare(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        os.kill(os.getpid(), signal.SIGTERM)  # while the data is being prepared, before any handler of the loop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "prepare", prepare)
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", str(write_config(tmp_path / "c.yml", _config(tiny_model_dir, same_data, out)))]) == 130
+    assert not (out / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) is before, "the run left its SIGTERM handler installed"
+
+
+def test_a_fresh_run_over_old_checkpoints_saves_its_own(tiny_model_dir: Path, same_data: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    settings = dict(max_steps=4, save_steps=2, eval_steps=None)
+    run_train(load_config(str(write_config(tmp_path / "a.yml", _config(tiny_model_dir, same_data, out, **settings)))))
+    old = _weights(out / "checkpoint-4")
+    run_train(load_config(str(write_config(tmp_path / "b.yml", _config(tiny_model_dir, same_data, out, learning_rate=0.01, **settings)))))
+    assert "holds checkpoints of an earlier run (checkpoint-4, checkpoint-2)" in capsys.readouterr().out
+    new = _weights(out / "checkpoint-4")
+    _assert_same(new, _weights(out))
+    assert not all(torch.equal(old[k], new[k]) for k in old), "checkpoint-4 still holds the earlier run's weights"

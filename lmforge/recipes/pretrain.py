@@ -416,6 +416,6 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
 
         run.publish(model, tokenizer, outcome)
         run.write_summary(summary, outcome)
-    say(f"done: {result.steps} steps, {result.tokens_per_s:,.0f} tokens/s, {summary['wall_seconds']:.0f}s in all; "
+    say(f"done: {result.steps} steps, {result.tokens_per_s:,.0f} tokens/s, {summary['wall_seconds']:.0f}s of training; "
         f"model and tokenizer saved to {output_dir}")
     return summary

@@ -59,7 +59,7 @@ from lmforge.train.optimizers import build_optimizer
 from lmforge.train.report import plot_losses, summary_markdown
 from lmforge.train.runlock import RunLock
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
-from lmforge.train.signals import stop_on_signals
+from lmforge.train.signals import sigterm_as_interrupt, stop_on_signals
 from lmforge.train.stream import ResumableStream
 from lmforge.train.telemetry import peak_memory_mb, pick_device, resolve_bf16
 
@@ -143,18 +143,25 @@ class TrainingRun:
         for warning in self.cfg.warnings:
             say(f"warning: {warning}")
         torch.manual_seed(self.t.seed)
-        self.lock.acquire()
+        self._sigterm = sigterm_as_interrupt()
+        self._sigterm.__enter__()
         try:
+            self.lock.acquire()
             t = self.t
             setting = "auto" if t.auto_resume_from_checkpoints and not t.resume_from_checkpoint else t.resume_from_checkpoint
             self.resume_from = resolve_resume(setting, self.output_dir, say)
+            earlier = list_checkpoints(self.output_dir)
+            if earlier and not self.resume_from:
+                say(f"note: {self.output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[:3])}); "
+                    "this run starts at step 0 and replaces those it reaches (to continue instead: --resume_from_checkpoint=auto)")
         except BaseException:
-            self.lock.release()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
+        self._sigterm.__exit__(None, None, None)
 
     def tokenizer(self, source: str | None = None) -> Any:
         """The config's tokenizer (`source`: a folder holding a trained one)."""
@@ -229,6 +236,7 @@ class TrainingRun:
         optimizer, scheduler = self.optimizer(model, plan)
         settings = self.loop_settings(plan, has_eval=eval_fn is not None)
         result, eval_start, best = LoopResult(), None, None
+        resumed_at = None
         if self.resume_from:
             state = load_checkpoint(self.resume_from, model, optimizer, scheduler)
             check_resumable(state, invariants, self.resume_from)
@@ -236,6 +244,7 @@ class TrainingRun:
             stream.restore(state["data_position"])
             if t.load_best_model_at_end:
                 best = load_best(self.resume_from) or (trainable_state(model) if result.best_step == result.steps else None)
+            resumed_at = result.steps
             position = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in state["data_position"].items())
             say(f"resumed from {self.resume_from} at step {result.steps} ({position})")
         remove_partial_writes(output_dir)
@@ -273,7 +282,7 @@ class TrainingRun:
                     raise KeyboardInterrupt
                 # The final state is a checkpoint too: a finished run can be extended (a larger max_steps
                 # and --resume_from_checkpoint=auto) without repeating a step.
-                if not (output_dir / f"checkpoint-{result.steps}").is_dir():
+                if result.steps != resumed_at:  # resumed at the end: that checkpoint is this state already
                     save(result.steps)
         except NonFiniteError as exc:
             good = next(iter(list_checkpoints(output_dir)), None)
