@@ -190,3 +190,14 @@ def test_validate_checks_pretraining_columns(tiny_model_dir: Path, tmp_path: Pat
                                              "tokenizer_config": str(tiny_model_dir), "pretraining_dataset": [str(rows)]})
     assert main(["validate", str(path)]) == 2
     assert "docs.jsonl:1: column 'text' is missing (set text_column to one of: body)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").rglob("*.yml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_example_data_file_reads_clean(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `lmforge validate` reads: every row of every shipped example's data parses, with the fields its type needs."""
+    from lmforge.data.check import check_data_files
+
+    monkeypatch.chdir(path.parents[2])
+    lines = check_data_files(load_config(str(path)))
+    assert lines and all("rows" in line or "file(s)" in line for line in lines), lines

@@ -150,7 +150,8 @@ def read_local(path: Path, ds_type: str | None = None) -> Iterator[Row]:
     elif kind == "text":
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
-                yield Row({"text": line.rstrip("\n")}, f"{path}:{number}")
+                if line.strip():  # a blank line separates text; it is not a row
+                    yield Row({"text": line.rstrip("\n")}, f"{path}:{number}")
     else:
         yield from _read_with_datasets(kind, [str(path)])
 
