@@ -19,7 +19,11 @@ exit 130; a second signal exits at once), and a checkpoint of the final state, s
 can be extended with a larger ``max_steps`` and ``--resume_from_checkpoint=auto``.
 
 Config keys are read here, once, and nowhere else in the training path: a new training key
-belongs in the part above that it changes (model loading, loop settings, checkpoint policy).
+belongs in the part that it changes, and then works in every training recipe at once:
+- how the model is built or run (attn_implementation, torch_compile, liger kernels): `model`;
+- what one step does (loss_watchdog_*, fp16 with a grad scaler): `loop_settings` / the loop;
+- when and what to save (save_strategy, save_only_model): `plan_steps` and `train`'s `save`;
+- optimizer and schedule keys: `optimizer`; loggers (use_tensorboard, trackers): `train`.
 """
 
 from __future__ import annotations
