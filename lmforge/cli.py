@@ -95,11 +95,9 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
-    import yaml
+    from lmforge.recipes.validate import run_validate
 
-    cfg = _config(args, overrides)
-    print(yaml.safe_dump(cfg.flat(), sort_keys=False), end="")
-    print(f"# {args.config}: valid", file=sys.stderr)
+    run_validate(_config(args, overrides), args.config)
 
 
 def cmd_config_schema(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -206,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", "--api-key", default=None, help="require this bearer token (or set LMFORGE_API_KEY)")
     p.add_argument("--model_name", "--model-name", default=None, help="the model id clients see (default: the adapter's or model's folder name)")
-    add("validate", cmd_validate, "check a config (keys, types, files) without loading a model; print it resolved")
+    add("validate", cmd_validate, "check a config (keys, cross-key rules, data files) without loading a model; print it resolved")
     p = add("config-schema", cmd_config_schema, "print the JSON schema of the config, or the table of every axolotl key", config=False)
     p.add_argument("--table", action="store_true", help="every axolotl key and what lmforge does with it, as text")
     p.add_argument("--markdown", action="store_true", help="the same table as Markdown (docs/CONFIG_KEYS.md)")

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmforge.config.compat import Notice, screen
+from lmforge.config.checks import check_cross_keys
 from lmforge.config.loader import KeyPath, RawConfig, apply_overrides, read_config
 from lmforge.config.sections import (
     AdapterSection,
@@ -45,6 +46,7 @@ class LmforgeConfig(BaseModel):
     pretrain: PretrainSection = PretrainSection()
     inference: InferenceSection = InferenceSection()
     notices: list[Notice] = []  # axolotl keys accepted because they change nothing here (`lmforge validate` prints them)
+    warnings: list[str] = []  # cross-key settings that run but likely not as meant ('file:line: what'); see config.checks
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as axolotl-style flat keys (what gets saved next to outputs)."""
@@ -123,6 +125,7 @@ def build_config(raw: RawConfig, *, gpu: bool | None = None) -> LmforgeConfig:
             raise _explain(raw, best, name) from exc
     cfg = LmforgeConfig(**sections, notices=notices)
     _check_model_and_data(cfg, raw)
+    cfg.warnings = check_cross_keys(cfg, raw)
     return cfg
 
 

@@ -13,13 +13,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmforge.atomic import atomic_dir
 from lmforge.hashing import file_sha256
 from lmforge.config.sections import DataSection, DatasetSpec, UserDefinedFormat
 from lmforge.data.prepare import Example, PreparedData, PrepareStats
@@ -99,20 +98,13 @@ def _read_split(folder: Path, name: str) -> list[Example]:
 
 def save(root: str | os.PathLike, key: str, prepared: PreparedData) -> Path:
     """Write an entry atomically (a temporary folder renamed into place)."""
-    target = Path(root) / key
-    Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         _write_split(tmp, "train", prepared.train)
         _write_split(tmp, "eval", prepared.eval)
         (tmp / "stats.json").write_text(json.dumps({"key": key, "stats": prepared.stats.to_json()}, indent=1), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return atomic_dir(Path(root) / key, write)
 
 
 def load(root: str | os.PathLike, key: str) -> PreparedData | None:

@@ -202,8 +202,6 @@ class Generator:
 
     def __init__(self, model: Any, tokenizer: Any, prompts: Any, sampling: Sampling | None = None,
                  truncate_prompt: bool = False, name: str = "lmforge") -> None:
-        from transformers import StoppingCriteriaList  # noqa: F401  (fail early if transformers is broken)
-
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = prompts

@@ -7,11 +7,11 @@ from pathlib import Path
 from lmforge.config import LmforgeConfig
 from lmforge.recipes.console import say
 from lmforge.data.report import build_report, write_report
-from lmforge.models.setup import load_training_tokenizer
+from lmforge.recipes.training import data_tokenizer
 
 
 def run_data_report(cfg: LmforgeConfig) -> Path:
-    tokenizer = load_training_tokenizer(cfg, say)  # counts tokens as training will tokenize them
+    tokenizer = data_tokenizer(cfg)
     report = build_report(cfg.data, tokenizer, cfg.training.seed)
     md, png = write_report(report, cfg.training.output_dir)
     print(report.markdown(png.name if png else None), end="")

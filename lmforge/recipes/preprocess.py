@@ -8,11 +8,11 @@ from lmforge.config import LmforgeConfig
 from lmforge.recipes.console import say
 from lmforge.data.batching import packing_efficiency
 from lmforge.data.prepare import PreparedData, prepare
-from lmforge.models.setup import load_training_tokenizer
+from lmforge.recipes.training import data_tokenizer
 
 
 def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
-    tokenizer = load_training_tokenizer(cfg, say)  # the same tokens as training, so train finds this cache
+    tokenizer = data_tokenizer(cfg)  # the tokenizer train uses: the same prepared-data cache key
     started = time.perf_counter()
     data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
     seconds = time.perf_counter() - started
