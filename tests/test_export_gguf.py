@@ -89,6 +89,7 @@ def test_permute_interleaves_rotary_halves() -> None:
 def test_f16_round_trip(tmp_path: Path, tied: bool) -> None:
     src = make_model(tmp_path / "src", tied=tied)
     out = export_gguf(src, tmp_path / "out" / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
+    assert_llama_cpp_loads_vocab(out)
     model, tokenizer = load_gguf(out)
     ref = AutoModelForCausalLM.from_pretrained(src).eval()
     ref_tok = AutoTokenizer.from_pretrained(src)
@@ -122,6 +123,7 @@ def test_q8_0_round_trip(tmp_path: Path) -> None:
     f16 = export_gguf(src, tmp_path / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
     q8 = export_gguf(src, tmp_path / "model-q8_0.gguf", "q8_0", tokenizer_pre="gpt-2")
     assert q8.stat().st_size < 0.7 * f16.stat().st_size
+    assert assert_llama_cpp_loads_vocab(f16) == assert_llama_cpp_loads_vocab(q8) == "gpt-2"
     model, _ = load_gguf(q8)
     ref = AutoModelForCausalLM.from_pretrained(src).eval()
     ref_state = ref.state_dict()

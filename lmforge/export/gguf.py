@@ -104,6 +104,7 @@ def pre_tokenizer_for(tokenizer: Any, *, base_model: str | None = None, override
     from lmforge.models.load import resolve_model_path
 
     listed = "lmforge/export/llama_cpp_tables.py lists them"
+    _byte_level_bpe(tokenizer, f"base_model: {base_model}" if base_model else "tokenizer")  # the only kind with a pre-tokenizer here
     if override:
         if override not in KNOWN_PRE_TOKENIZERS:
             raise LmforgeError(
@@ -151,24 +152,28 @@ def _end_of_turn_id(tokenizer: Any) -> int | None:
     return int(ids[0]) if ids and ids[0] in special else None
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where: str) -> None:
-    import gguf
-
+def _byte_level_bpe(tokenizer: Any, where: str) -> dict[str, Any]:
+    """The tokenizer.json of a byte-level BPE tokenizer (the kind lmforge writes); refuses others."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise LmforgeError("GGUF export needs a fast (tokenizer.json) tokenizer", where=where)
     data = json.loads(backend.to_str())
-    model = data["model"]
-    byte_level = any(
-        p.get("type") == "ByteLevel"
-        for p in [data.get("pre_tokenizer") or {}, *((data.get("pre_tokenizer") or {}).get("pretokenizers") or [])]
-    )
-    if model.get("type") != "BPE" or not byte_level:
+    pre = data.get("pre_tokenizer") or {}
+    byte_level = any(p.get("type") == "ByteLevel" for p in [pre, *(pre.get("pretokenizers") or [])])
+    if data["model"].get("type") != "BPE" or not byte_level:
         raise LmforgeError(
-            f"GGUF export supports byte-level BPE tokenizers (GPT-2 style), not {model.get('type')}",
+            f"GGUF export supports byte-level BPE tokenizers (GPT-2 style), not {data['model'].get('type')}",
             where=where,
             fix="use llama.cpp's convert_hf_to_gguf.py for sentencepiece tokenizers",
         )
+    return data
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where: str) -> None:
+    import gguf
+
+    backend = tokenizer.backend_tokenizer
+    model = _byte_level_bpe(tokenizer, where)["model"]
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(id_to_token) >= vocab_size:
         raise LmforgeError(
