@@ -319,12 +319,25 @@ def test_export_keeps_merged_copy_only_when_asked(tmp_path: Path) -> None:
         assert (kept(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() < 1e-5
 
 
+def test_export_refuses_an_unknown_tokenizer_before_merging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.export.merge as merge
+
+    def no_merge(*args: object, **kwargs: object) -> None:
+        raise AssertionError("merged before the tokenizer was checked")
+
+    monkeypatch.setattr(merge, "merge_lora_in_memory", no_merge)
+    code, _, err, adapter, target = export_command(tmp_path, "--tokenizer_pre=")  # none given: identify by hash
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1 and "does not know this tokenizer's pre-tokenizer" in errors[0], err
+    assert "--tokenizer_pre NAME" in errors[0] and not target.exists()
+
+
 def test_export_fails_loudly_when_the_file_is_far_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmforge.export.gguf as gguf_export
 
     # no real export is this far off; an impossible limit stands in for a broken file
-    monkeypatch.setitem(gguf_export.FIDELITY_LIMITS, "f16", (-1.0, 1.0))
-    code, _, err, _, target = export_command(tmp_path)
+    monkeypatch.setitem(gguf_export.FIDELITY_LIMITS, "q8_0", (-1.0, 1.0))
+    code, _, err, _, target = export_command(tmp_path, "--quant", "q8_0")
     assert code != 0
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "far from the unquantized model" in errors[0] and "--quant" in errors[0], err

@@ -51,10 +51,23 @@ def run_export(
     check_quant(quant)
     base = cfg.model.base_model
     target = Path(output or Path(cfg.training.output_dir) / f"model-{quant}.gguf")
-    if lora_model_dir or cfg.adapter.adapter:
+    adapter = _adapter_dir(cfg, lora_model_dir) if lora_model_dir or cfg.adapter.adapter else None
+    if adapter is None and keep_merged:
+        raise LmforgeError("--keep_merged needs an adapter to merge", where="--keep_merged",
+                           fix="pass --lora_model_dir DIR, or drop --keep_merged")
+    # the tokenizer decides whether llama.cpp can run the file at all: settle it before loading weights
+    if adapter:
+        from lmforge.export.merge import _load_tokenizer_for
+
+        tokenizer = _load_tokenizer_for(base, Path(adapter))
+    else:
+        from lmforge.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(base, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
+    pre = pre_tokenizer_for(tokenizer, base_model=base, override=tokenizer_pre)
+    if adapter:
         from lmforge.export.merge import merge_lora_in_memory
 
-        adapter = _adapter_dir(cfg, lora_model_dir)
         merged = merge_lora_in_memory(base, adapter)
         model, tokenizer = merged.model, merged.tokenizer
         say(f"merged {adapter} into {base} in memory (max logit diff vs adapter {merged.max_abs_diff:.2e})")
@@ -62,15 +75,10 @@ def run_export(
     else:
         import torch
 
-        from lmforge.models.load import load_model, load_tokenizer
+        from lmforge.models.load import load_model
 
-        if keep_merged:
-            raise LmforgeError("--keep_merged needs an adapter to merge", where="--keep_merged",
-                               fix="pass --lora_model_dir DIR, or drop --keep_merged")
-        tokenizer = load_tokenizer(base, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
         model = load_model(base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
         name = Path(base).stem
-    pre = pre_tokenizer_for(tokenizer, base_model=base, override=tokenizer_pre)
     write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}")
     say(f"wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant}, pre-tokenizer {pre})")
     fidelity = check_fidelity(model, tokenizer, target, quant)
@@ -81,7 +89,8 @@ def run_export(
             f"the {quant} file is far from the unquantized model (mean KL {fidelity.mean_kl:.2g},"
             f" top-1 agreement {fidelity.top1:.0%}); removed it",
             where=str(target),
-            fix="export with a higher-precision --quant (q8_0 or f16)",
+            fix="export with a higher-precision --quant (q8_0 or f16)" if quant not in ("f16", "f32")
+            else "an unquantized file should match; please report this as an lmforge bug with the model's config.json",
         )
     if keep_merged:
         from lmforge.export.merge import save_merged
