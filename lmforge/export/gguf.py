@@ -104,7 +104,8 @@ def pre_tokenizer_for(tokenizer: Any, *, base_model: str | None = None, override
     from lmforge.models.load import resolve_model_path
 
     listed = "lmforge/export/llama_cpp_tables.py lists them"
-    _byte_level_bpe(tokenizer, f"base_model: {base_model}" if base_model else "tokenizer")  # the only kind with a pre-tokenizer here
+    # the only kind of tokenizer lmforge writes, and the one that needs a pre-tokenizer name
+    _byte_level_bpe(tokenizer, f"base_model: {base_model}" if base_model else "tokenizer")
     if override:
         if override not in KNOWN_PRE_TOKENIZERS:
             raise LmforgeError(
@@ -365,7 +366,9 @@ def export_gguf(
         ) from exc
     pre = pre_tokenizer_for(tokenizer, base_model=model_dir, override=tokenizer_pre)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-    name = Path(model_dir).stem if model_dir.endswith(".gguf") else str(getattr(model.config, "_name_or_path", "") or Path(source).name)
+    name = Path(model_dir).stem if model_dir.endswith(".gguf") else (
+        str(getattr(model.config, "_name_or_path", "") or Path(source).name)
+    )
     return write_gguf(model, tokenizer, out_file, quant, tokenizer_pre=pre, name=name, where=tokenizer_dir or model_dir)
 
 
