@@ -120,7 +120,8 @@ def cmd_merge_lora(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.export import run_export
 
-    run_export(_config(args, overrides, check_paths=False), args.format, args.quant, args.lora_model_dir, args.output)
+    run_export(_config(args, overrides, check_paths=False), args.format, args.quant, args.lora_model_dir, args.output,
+               tokenizer_pre=args.tokenizer_pre, keep_merged=args.keep_merged)
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -213,9 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir_merged", "--merged-dir", dest="output_dir", default=None, help="where to write (default: ADAPTER/merged)")
     p = add("export", cmd_export, "export the (merged) model, e.g. to GGUF for llama.cpp")
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "f32"])
-    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter to merge first")
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter to merge first (merged in memory)")
     p.add_argument("--output", default=None, help="file to write (default: output_dir/model-QUANT.gguf)")
+    p.add_argument("--keep_merged", "--keep-merged", nargs="?", const=True, default=None, metavar="DIR",
+                   help="also save the merged model as a safetensors folder (default DIR: ADAPTER/merged)")
+    p.add_argument("--tokenizer_pre", "--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer name, when it cannot be carried over from a GGUF base or identified")
     p = add("inspect", cmd_inspect, "show a model's architecture and its lora_target_modules candidates", config=False)
     p.add_argument("model", help="model folder, .gguf file, pkg://PACKAGE/FILE or Hub id")
     p.add_argument("--config", default=None, help="a config whose LoRA settings to count trainable parameters for")

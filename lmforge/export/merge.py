@@ -34,27 +34,17 @@ def _probe_logits(model: Any, vocab: int) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def merge_lora(
-    base_model: str,
-    lora_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    dtype: torch.dtype | str | None = None,
-    *,
-    tolerance: float = 1e-3,
-) -> MergeResult:
-    """Merge ``lora_dir`` into ``base_model`` and write a safetensors model folder to ``out_dir``.
+@dataclass
+class MergedModel:
+    model: Any  # a plain transformers model in float32, adapter merged in
+    tokenizer: Any
+    max_abs_diff: float  # merged vs. adapter-model logits on a probe sequence (fp32)
+    resized_vocab: int | None
 
-    ``dtype`` is the saved weight dtype (``None``: the base model's own dtype, else
-    float32); the merge itself always runs in float32. Raises LmforgeError when the
-    adapter does not fit the base model, or when the merged logits differ from the
-    adapter model's by more than ``tolerance``.
-    """
-    from lmforge.models.quantize import parse_dtype
 
-    lora_dir, out_dir = Path(lora_dir), Path(out_dir)
-    if out_dir.resolve() == lora_dir.resolve():
-        raise LmforgeError("the merged model would overwrite the adapter", where=str(out_dir),
-                           fix="choose another output folder")
+def merge_lora_in_memory(base_model: str, lora_dir: str | os.PathLike[str], *, tolerance: float = 1e-3) -> MergedModel:
+    """Merge ``lora_dir`` into ``base_model`` in float32, in memory, checked like :func:`merge_lora`."""
+    lora_dir = Path(lora_dir)
     check = check_adapter(base_model, lora_dir)
     tokenizer = load_tokenizer_for(base_model, lora_dir)
     model = load_lora_model(base_model, lora_dir, dtype=torch.float32, check=check)
@@ -93,12 +83,43 @@ def merge_lora(
         config.tie_word_embeddings = False
         if hasattr(config, "get_text_config"):
             config.get_text_config().tie_word_embeddings = False
+    return MergedModel(model=merged, tokenizer=tokenizer, max_abs_diff=diff, resized_vocab=check.resize_to)
 
+
+def merge_lora(
+    base_model: str,
+    lora_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    *,
+    tolerance: float = 1e-3,
+) -> MergeResult:
+    """Merge ``lora_dir`` into ``base_model`` and write a safetensors model folder to ``out_dir``.
+
+    ``dtype`` is the saved weight dtype (``None``: the base model's own dtype, else
+    float32); the merge itself always runs in float32. Raises LmforgeError when the
+    adapter does not fit the base model, or when the merged logits differ from the
+    adapter model's by more than ``tolerance``.
+    """
+    lora_dir, out_dir = Path(lora_dir), Path(out_dir)
+    if out_dir.resolve() == lora_dir.resolve():
+        raise LmforgeError("the merged model would overwrite the adapter", where=str(out_dir),
+                           fix="choose another output folder")
+    result = merge_lora_in_memory(base_model, lora_dir, tolerance=tolerance)
+    save_merged(result, out_dir, dtype)
+    return MergeResult(out_dir=out_dir, max_abs_diff=result.max_abs_diff, resized_vocab=result.resized_vocab)
+
+
+def save_merged(result: MergedModel, out_dir: str | os.PathLike[str], dtype: torch.dtype | str | None = None) -> Path:
+    """Write a merged model as a safetensors folder (``dtype`` as in :func:`merge_lora`); casts it in place."""
+    from lmforge.models.quantize import parse_dtype
+
+    merged, config, out_dir = result.model, result.model.config, Path(out_dir)
     base_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     target = parse_dtype(dtype if dtype is not None else (base_dtype or torch.float32), where="dtype")
     merged = merged.to(target)
     config.dtype = target
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return MergeResult(out_dir=out_dir, max_abs_diff=diff, resized_vocab=check.resize_to)
+    result.tokenizer.save_pretrained(out_dir)
+    return out_dir
