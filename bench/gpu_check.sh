@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU paths check, for a session lent a GPU machine (never part of CI). One short script:
 # installs the pinned stack, then checks CUDA bf16 matmul ceiling, SDPA/flash attention,
-# QLoRA 4-bit on CUDA, and lmforge LoRA training throughput on the real model.
+# QLoRA 4-bit on CUDA, lmforge LoRA training throughput on the real model, and generation with the adapter.
 # Usage on the device: bash bench/gpu_check.sh   (writes $OUT/gpu_check.txt when OUT is set)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,3 +32,5 @@ for cfg in "--adapter=lora" "--adapter=qlora --load_in_4bit=true"; do
   lmforge train bench/lora_gsm8k_bench.yml $cfg --max_steps=30 --output_dir=/tmp/gpu-run --bf16=true | grep -E "done:|error"
   python -c "import json; s=json.load(open('/tmp/gpu-run/summary.json')); print({k: round(s[k]) for k in ('tokens_per_s', 'peak_memory_mb')})"
 done
+echo "== inference on CUDA through the checked loader (the last adapter above): streamed vs batched"
+python bench/generate_batch.py --config bench/lora_gsm8k_bench.yml --lora_model_dir /tmp/gpu-run --prompts 16 --max_new_tokens 64

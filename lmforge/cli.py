@@ -16,7 +16,10 @@ from lmforge.errors import LmforgeError
 def _config(args: argparse.Namespace, overrides: list[str], check_paths: bool = True):  # noqa: ANN202
     from lmforge.config import load_config
 
-    return load_config(args.config, overrides, check_paths=check_paths)
+    cfg = load_config(args.config, overrides, check_paths=check_paths)
+    for notice in cfg.notices:  # keys accepted because they change nothing here: one line each, with file:line
+        print(f"notice: {notice.line()}", file=sys.stderr)
+    return cfg
 
 
 def _finetune_config(args: argparse.Namespace, overrides: list[str], command: str):  # noqa: ANN202
@@ -65,23 +68,44 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> None:
     run_data_report(_finetune_config(args, overrides, "data report"))
 
 
+def _sampling_flags(args: argparse.Namespace):  # noqa: ANN202
+    from lmforge.recipes.inference import SamplingFlags
+
+    return SamplingFlags(**{k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")})
+
+
 def cmd_inference(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.inference import run_inference
 
-    run_inference(_config(args, overrides, check_paths=False), args.lora_model_dir, args.prompt, args.max_new_tokens, args.temperature)
+    run_inference(
+        _config(args, overrides, check_paths=False), args.lora_model_dir, args.prompt, model=args.model,
+        flags=_sampling_flags(args), jsonl=args.jsonl, input_path=args.input, output_path=args.output,
+        batch_size=args.batch_size, chat=args.chat, save_path=args.save, system=args.system, gradio=args.gradio,
+        host=args.host, port=args.port, share=args.share,
+    )
+
+
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.inference import run_serve
+
+    run_serve(
+        _config(args, overrides, check_paths=False), args.lora_model_dir, model=args.model, flags=_sampling_flags(args),
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"), model_name=args.model_name,
+    )
 
 
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
-    import yaml
+    from lmforge.recipes.validate import run_validate
 
-    cfg = _config(args, overrides)
-    print(yaml.safe_dump(cfg.flat(), sort_keys=False), end="")
-    for key, why in cfg.ignored.items():
-        print(f"# accepted with no effect: {key} ({why})")
-    print(f"# {args.config}: valid", file=sys.stderr)
+    run_validate(_config(args, overrides), args.config)
 
 
 def cmd_config_schema(args: argparse.Namespace, overrides: list[str]) -> None:
+    if args.table or args.markdown:
+        from lmforge.config.keydocs import markdown, text_table
+
+        print(markdown() if args.markdown else text_table(), end="")
+        return
     from lmforge.config import json_schema
 
     print(json.dumps(json_schema(), indent=2))
@@ -96,7 +120,8 @@ def cmd_merge_lora(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.export import run_export
 
-    run_export(_config(args, overrides, check_paths=False), args.format, args.quant, args.lora_model_dir, args.output)
+    run_export(_config(args, overrides, check_paths=False), args.format, args.quant, args.lora_model_dir, args.output,
+               tokenizer_pre=args.tokenizer_pre, keep_merged=args.keep_merged)
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -155,11 +180,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config: a path or an http(s) URL")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=cmd_data)
-    p = add("inference", cmd_inference, "generate answers with the base model or a trained adapter")
-    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (a training output_dir)")
+    def add_model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--lora_model_dir", "--lora-model-dir", default=None,
+                       help="LoRA adapter folder (a training output_dir), checked against the base model before loading")
+        p.add_argument("--model", default=None,
+                       help="load this instead of base_model: a merged folder, a .gguf file, pkg://PACKAGE/FILE or a Hub id")
+        g = p.add_argument_group("sampling (default: the config's max_new_tokens, temperature, ... keys)")
+        g.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, help="most tokens per answer (256)")
+        g.add_argument("--temperature", type=float, default=None, help="0 is greedy (the default)")
+        g.add_argument("--top_p", "--top-p", type=float, default=None, help="nucleus sampling (1: off)")
+        g.add_argument("--top_k", "--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: off)")
+        g.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, help="1: off")
+        g.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
+
+    p = add("inference", cmd_inference, "generate answers with the base model, a trained adapter, a merged folder or a GGUF file")
+    add_model_flags(p)
     p.add_argument("--prompt", default=None, help="one prompt; without it, prompts are read from stdin, one per line")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--jsonl", action="store_true",
+                   help='batch mode: JSON lines in ({"prompt": ...} or {"messages": [...]}), one JSON line out per input')
+    p.add_argument("--input", default=None, help="read prompts from this file instead of stdin")
+    p.add_argument("--output", default=None, help="--jsonl: write answers to this file (default stdout)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="--jsonl: prompts generated together (8)")
+    p.add_argument("--chat", action="store_true", help="interactive terminal chat (/retry, /undo, /save, /exit)")
+    p.add_argument("--save", default="chat.jsonl", help="--chat: the file /save appends to (chat JSONL)")
+    p.add_argument("--system", default=None, help="--chat: a system message (chat-template formats only)")
+    p.add_argument("--gradio", action="store_true", help="web chat UI (gradio), on 127.0.0.1 unless --host says otherwise")
+    p.add_argument("--host", default=None, help="--gradio: address to listen on (default gradio_server_name or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="--gradio: port (default gradio_server_port or 7860)")
+    p.add_argument("--share", action="store_true", default=None, help="--gradio: also make a public gradio.live link")
+    p = add("serve", cmd_serve, "OpenAI-compatible HTTP server (/v1/models, /v1/chat/completions, /v1/completions)")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", "--api-key", default=None, help="require this bearer token (or set LMFORGE_API_KEY)")
+    p.add_argument("--model_name", "--model-name", default=None, help="the model id clients see (default: the adapter's or model's folder name)")
     p = add("plan", cmd_plan, "before training: peak memory per device, the GPUs that fit, time and cost, what to change")
     p.add_argument("--gpu", default=None, help="the GPU to plan for (t4, a10, l4, 3090, 4090, a6000, a100-40gb, a100, h100, h200, mi300x)")
     p.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=None, help="devices to train on (default 1)")
@@ -171,16 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", default=None, help="price file (default ~/.config/lmforge/prices.yml, else the shipped example)")
     p.add_argument("--mfu", type=float, default=None, help="MFU to assume on GPUs (default 0.35)")
     p.add_argument("--no-data", "--no_data", dest="no_data", action="store_true", help="do not read the data: assume full rows")
-    add("validate", cmd_validate, "check a config (keys, types, files) without loading a model; print it resolved")
-    add("config-schema", cmd_config_schema, "print the JSON schema of the config", config=False)
+    add("validate", cmd_validate, "check a config (keys, cross-key rules, data files) without loading a model; print it resolved")
+    p = add("config-schema", cmd_config_schema, "print the JSON schema of the config, or the table of every axolotl key", config=False)
+    p.add_argument("--table", action="store_true", help="every axolotl key and what lmforge does with it, as text")
+    p.add_argument("--markdown", action="store_true", help="the same table as Markdown (docs/CONFIG_KEYS.md)")
     p = add("merge-lora", cmd_merge_lora, "merge a LoRA adapter into the base model (safetensors folder)")
     p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (default: output_dir)")
     p.add_argument("--output_dir_merged", "--merged-dir", dest="output_dir", default=None, help="where to write (default: ADAPTER/merged)")
     p = add("export", cmd_export, "export the (merged) model, e.g. to GGUF for llama.cpp")
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "f32"])
-    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter to merge first")
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter to merge first (merged in memory)")
     p.add_argument("--output", default=None, help="file to write (default: output_dir/model-QUANT.gguf)")
+    p.add_argument("--keep_merged", "--keep-merged", nargs="?", const=True, default=None, metavar="DIR",
+                   help="also save the merged model as a safetensors folder (default DIR: ADAPTER/merged)")
+    p.add_argument("--tokenizer_pre", "--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer name, when it cannot be carried over from a GGUF base or identified")
     p = add("inspect", cmd_inspect, "show a model's architecture and its lora_target_modules candidates", config=False)
     p.add_argument("model", help="model folder, .gguf file, pkg://PACKAGE/FILE or Hub id")
     p.add_argument("--config", default=None, help="a config whose LoRA settings to count trainable parameters for")

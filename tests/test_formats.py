@@ -120,7 +120,7 @@ def test_message_property_mappings(chat_tok) -> None:  # noqa: ANN001
     spec = DatasetSpec(path="x", type="chat_template", field_messages="turns", message_property_mappings={"role": "who", "content": "said"})
     fmt = get_format("chat_template", spec=spec, tokenizer=chat_tok, chat_template="chatml")
     segments = fmt.segments({"turns": [{"who": "user", "said": "one"}, {"who": "assistant", "said": "two"}]}, "f:1")
-    assert [s.text for s in segments if s.train] == ["two", "<|im_end|>"]
+    assert [s.text for s in segments if s.train] == ["two<|im_end|>"]
 
 
 def test_named_template_needs_its_tokens(tok) -> None:  # noqa: ANN001
@@ -160,7 +160,7 @@ def test_hook_returning_segments_and_messages(tmp_path: Path, tok, chat_tok) -> 
     prepared = prepare(DataSection(datasets=[{"path": str(data), "type": f"{hook}:segs"}]), tok, seed=0)
     assert len(prepared.train) == 1 and prepared.stats.hook_skipped == 1
     chat = get_format(f"{hook}:msgs", tokenizer=chat_tok, chat_template="chatml")
-    assert [s.text for s in chat.segments({"q": "one", "a": "two"}, "f:1") if s.train] == ["two", "<|im_end|>"]
+    assert [s.text for s in chat.segments({"q": "one", "a": "two"}, "f:1") if s.train] == ["two<|im_end|>"]
     with pytest.raises(LmforgeError, match="hook file does not exist"):
         get_format("nowhere/conv.py:segs")
 

@@ -134,9 +134,10 @@ def test_early_stopping_counts_evaluations_without_improvement(tiny_model_dir: P
 
 def test_load_best_model_at_end_saves_the_best_weights(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmforge.recipes.train as recipe
+    import lmforge.recipes.training as shared_setup
 
     scripted = iter([5.0, 3.0, 2.0, 2.5, 2.6, 2.7])  # step 0, then evals at steps 1..5
-    monkeypatch.setattr(recipe, "evaluate", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(shared_setup, "evaluate", lambda *a, **k: next(scripted))
     out = tmp_path / "out"
     cfg = tiny_config(tiny_model_dir, alpaca_file, out, adapter=None, max_steps=6, eval_steps=1, save_steps=1, val_set_size=4,
                       learning_rate=0.003, early_stopping_patience=3, load_best_model_at_end=True)

@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lmforge.errors import LmforgeError
-from lmforge.export.merge import check_adapter, load_lora_model, merge_lora
+from lmforge.export.merge import merge_lora
+from lmforge.models.serving import check_adapter, load_lora_model
 
 VOCAB = 100
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -215,3 +216,13 @@ def test_merge_real_model(tmp_path: Path) -> None:
     with torch.no_grad():
         diff = (peft_model.eval()(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()
     assert diff < 1e-4
+
+
+def test_merge_adapter_with_full_module_paths(tmp_path: Path) -> None:
+    # lmforge's lora_target_linear saves full module paths as target_modules; peft matches them by suffix
+    base = make_base(tmp_path / "base")
+    paths = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    adapter = make_adapter(base, tmp_path / "lora", target_modules=paths)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_modules"]
+    merge_lora(base, adapter, tmp_path / "merged")
+    assert max_logit_diff(base, adapter, str(tmp_path / "merged")) < 1e-4

@@ -124,7 +124,7 @@ def test_price_file_format_and_errors(tmp_path: Path) -> None:
 def test_unknown_hub_id_offline_says_what_to_do() -> None:
     with pytest.raises(LmforgeError) as info:
         read_shape("some-org/not-a-model-we-know")
-    assert "base_model_config" in info.value.format() and "meta-llama/Llama-2-7b-hf" in info.value.format()
+    assert "config.json" in info.value.format() and "meta-llama/Llama-2-7b-hf" in info.value.format()
 
 
 def test_unknown_gpu_lists_the_table() -> None:

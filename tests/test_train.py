@@ -80,7 +80,8 @@ def test_saved_adapter_loads_in_plain_peft_with_identical_logits(tiny_model_dir:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.infer.generate import build_prompt, load_for_inference
+    from lmforge.infer.prompts import PromptBuilder
+    from lmforge.models.serving import load_for_generation
 
     out = tmp_path / "out"
     cfg = load_config(str(write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, out, max_steps=5))))
@@ -88,8 +89,9 @@ def test_saved_adapter_loads_in_plain_peft_with_identical_logits(tiny_model_dir:
 
     plain_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     plain = PeftModel.from_pretrained(plain_base, out).eval()
-    tokenizer, ours = load_for_inference(cfg, str(out), torch.float32)
-    prompt = build_prompt(cfg, tokenizer, "what is two plus two ?")
+    loaded = load_for_generation(cfg.model.base_model, str(out), dtype=torch.float32)
+    tokenizer, ours = loaded.tokenizer, loaded.model
+    prompt = PromptBuilder.from_config(cfg, tokenizer).single("what is two plus two ?")
     ids = AutoTokenizer.from_pretrained(out)(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         diff = (plain(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()

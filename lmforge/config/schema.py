@@ -8,12 +8,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from lmforge.config.compat import NO_EFFECT, NOT_SUPPORTED_YET, is_off
+from lmforge.config.compat import Notice, screen
+from lmforge.config.checks import check_cross_keys
 from lmforge.config.loader import KeyPath, RawConfig, apply_overrides, read_config
 from lmforge.config.sections import (
     AdapterSection,
     DatasetSpec,
     DataSection,
+    InferenceSection,
     LoggingSection,
     ModelConfigSpec,
     ModelSection,
@@ -42,7 +44,9 @@ class LmforgeConfig(BaseModel):
     training: TrainingSection = TrainingSection()
     logging: LoggingSection = LoggingSection()
     pretrain: PretrainSection = PretrainSection()
-    ignored: dict[str, str] = {}
+    inference: InferenceSection = InferenceSection()
+    notices: list[Notice] = []  # axolotl keys accepted because they change nothing here (`lmforge validate` prints them)
+    warnings: list[str] = []  # cross-key settings that run but likely not as meant ('file:line: what'); see config.checks
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as axolotl-style flat keys (what gets saved next to outputs)."""
@@ -97,26 +101,19 @@ def _explain(raw: RawConfig, err: dict[str, Any], section: str) -> LmforgeError:
     return LmforgeError(f"{key}: {err['msg']}, got {describe(value)}", where=where, fix=f"change {key}")
 
 
-def build_config(raw: RawConfig) -> LmforgeConfig:
-    """Route flat keys into sections and validate; any mistake becomes one LmforgeError."""
+def build_config(raw: RawConfig, *, gpu: bool | None = None) -> LmforgeConfig:
+    """Screen the axolotl keys, route the rest into sections and validate; any mistake becomes one LmforgeError.
+
+    `gpu` says whether this machine has a GPU (default: detected); it decides whether GPU-only keys
+    may be accepted as changing nothing here.
+    """
+    values, notices = screen(raw, gpu)
     owners = key_owners()
     grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    ignored: dict[str, str] = {}
-    for key, value in raw.values.items():
-        if not isinstance(key, str):
-            raise LmforgeError(f"config keys must be names, got {key!r}", where=raw.where((str(key),)))
-        if key in owners:
-            grouped[owners[key]][key] = value
-        elif key in NO_EFFECT:
-            ignored[key] = NO_EFFECT[key] or "no effect in lmforge"
-        elif key in NOT_SUPPORTED_YET or key.startswith(("wandb_", "mlflow_")):
-            if not is_off(value):
-                raise LmforgeError(
-                    f"'{key}' is not supported yet", where=raw.where((key,)), fix=f"remove {key} from the config"
-                )
-            ignored[key] = "left off"
-        else:
-            raise LmforgeError(f"unknown key '{key}'", where=raw.where((key,)), fix=_suggest(key, sorted(owners)))
+    for key, value in values.items():
+        if key not in owners:  # the key table renamed a key onto one lmforge does not have: a table bug, said plainly
+            raise LmforgeError(f"unknown key '{key}'", where=raw.where((key,)), fix="see `lmforge config-schema --table`")
+        grouped[owners[key]][key] = value
     sections: dict[str, Any] = {}
     for name, model in SECTIONS.items():
         try:
@@ -126,8 +123,9 @@ def build_config(raw: RawConfig) -> LmforgeConfig:
             # For a union (e.g. a dataset `type` given as a mapping), the branch that names a key is the useful one.
             best = next((e for e in errors if e["type"] == "extra_forbidden"), max(errors, key=lambda e: len(e["loc"])))
             raise _explain(raw, best, name) from exc
-    cfg = LmforgeConfig(**sections, ignored=ignored)
+    cfg = LmforgeConfig(**sections, notices=notices)
     _check_model_and_data(cfg, raw)
+    cfg.warnings = check_cross_keys(cfg, raw)
     return cfg
 
 
@@ -172,10 +170,11 @@ def check_files(cfg: LmforgeConfig, raw: RawConfig | None = None) -> None:
         raise LmforgeError(f"model path does not exist: {base}", where=where, fix="fix the path or use a Hub id")
 
 
-def load_config(location: str, overrides: list[str] | None = None, *, check_paths: bool = True) -> LmforgeConfig:
+def load_config(location: str, overrides: list[str] | None = None, *, check_paths: bool = True,
+                gpu: bool | None = None) -> LmforgeConfig:
     """Read, override, validate and (optionally) check the files of a config."""
     raw = apply_overrides(read_config(location), overrides or [])
-    cfg = build_config(raw)
+    cfg = build_config(raw, gpu=gpu)
     if check_paths:
         check_files(cfg, raw)
     return cfg

@@ -54,8 +54,60 @@ class DatasetSpec(Section):
     )
     roles_to_train: list[str] | None = Field(None, description="chat_template: roles whose turns are trained (default [assistant]).")
     train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
-        None, description="chat_template: train the end-of-turn token of trained turns (turn, default), all turns, the last, or none."
+        None, description="chat_template: train the EOS token after trained turns (turn, default), after all turns, the last, or none."
     )
+    train_on_eot: Literal["turn", "all", "last", "none"] | None = Field(
+        None, description="chat_template: the same for each turn's end-of-turn token (e.g. <|im_end|>); default: as train_on_eos."
+    )
+    chat_template: str | None = Field(
+        None, description="chat_template: this dataset's template (overrides the top-level chat_template; same values)."
+    )
+    chat_template_jinja: str | None = Field(
+        None, description="chat_template: Jinja text or a .jinja file, used with chat_template: jinja (or when chat_template is unset)."
+    )
+    field_thinking: str | None = Field(
+        None, description="chat_template: turn key holding an assistant's reasoning (default reasoning_content)."
+    )
+    template_thinking_key: str | None = Field(
+        None, description="chat_template: the message key the template reads the reasoning from (default reasoning_content)."
+    )
+    split_thinking: bool | None = Field(
+        None, description="chat_template: split <think>...</think> (or <reasoning>, <|begin_of_thought|>) out of assistant "
+        "content into the reasoning field."
+    )
+    train_on_thinking: bool | None = Field(
+        None, description="chat_template: train the reasoning of assistant turns (default true); false trains from the answer on."
+    )
+    drop_system_message: bool | None = Field(None, description="chat_template: drop a conversation's leading system turn.")
+    message_field_role: str | None = Field(
+        None, description="chat_template: deprecated (axolotl); same as message_property_mappings: {role: ...}."
+    )
+    message_field_content: str | None = Field(
+        None, description="chat_template: deprecated (axolotl); same as message_property_mappings: {content: ...}."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_message_fields(cls, data: Any) -> Any:
+        """axolotl's older message_field_role/content keys, folded into message_property_mappings."""
+        if not isinstance(data, dict) or not ({"message_field_role", "message_field_content"} & set(data)):
+            return data
+        data = dict(data)
+        mappings = dict(data.get("message_property_mappings") or {})
+        for old, key in (("message_field_role", "role"), ("message_field_content", "content")):
+            value = data.pop(old, None)
+            if value is None:
+                continue
+            if mappings.get(key, value) != value:
+                raise ValueError(f"{old}: {value} conflicts with message_property_mappings.{key}: {mappings[key]}; keep one")
+            mappings[key] = value
+        data["message_property_mappings"] = mappings
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_template(cls, data: Any) -> Any:
+        return _jinja_choice(data)
 
 
 class ModelSection(Section):
@@ -63,14 +115,22 @@ class ModelSection(Section):
         None, description="Local HF folder, .gguf file, pkg://PACKAGE/FILE, or Hub id. Optional when model_config "
         "builds a model from scratch."
     )
-    base_model_config: str | None = Field(None, description="Where to read the model config (defaults to base_model).")
     tokenizer_config: str | None = Field(None, description="Where to read the tokenizer (defaults to base_model).")
-    tokenizer_type: str | None = Field(None, description="Tokenizer class (AutoTokenizer picks the right one).")
-    model_type: str | None = Field(None, description="Model class (AutoModelForCausalLM picks the right one).")
     trust_remote_code: bool = Field(False, description="Run custom code from the model repository.")
     special_tokens: dict[str, str] = Field(
         default_factory=dict, description="bos_token/eos_token/pad_token/unk_token to set or add."
     )
+
+
+def _jinja_choice(data: Any) -> Any:
+    """axolotl's inline template: chat_template_jinja alone means chat_template: jinja, and jinja needs the text."""
+    if not isinstance(data, dict):
+        return data
+    if data.get("chat_template") == "jinja" and not data.get("chat_template_jinja"):
+        raise ValueError("chat_template: jinja needs chat_template_jinja (the template text or a .jinja file)")
+    if data.get("chat_template_jinja") and not data.get("chat_template"):
+        return {**data, "chat_template": "jinja"}
+    return data
 
 
 class DataSection(Section):
@@ -81,7 +141,17 @@ class DataSection(Section):
     sequence_len: int = Field(2048, gt=0, description="Maximum tokens per example; longer rows are truncated.")
     train_on_inputs: bool = Field(False, description="Also compute loss on prompt tokens.")
     chat_template: str | None = Field(
-        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma) or a Jinja template string."
+        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma), "
+        "tokenizer_default_fallback_NAME, 'jinja' (with chat_template_jinja) or a Jinja template string."
+    )
+    chat_template_jinja: str | None = Field(
+        None, description="Jinja chat template text, or a .jinja file, used with chat_template: jinja (or when chat_template is unset)."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the chat template, in training and inference alike (e.g. {enable_thinking: false})."
+    )
+    eot_tokens: list[str] | None = Field(
+        None, description="chat_template: the tokens that end a turn (default: found from the template, e.g. <|im_end|>, and EOS)."
     )
     dataset_processes: int | None = Field(None, ge=1, description="Processes used to tokenize.")
     test_datasets: list[DatasetSpec] | None = Field(None, description="Explicit evaluation data (instead of val_set_size).")
@@ -89,6 +159,11 @@ class DataSection(Section):
     skip_bad_rows: bool = Field(False, description="Skip malformed rows and records (counted and reported) instead of failing.")
     sample_packing: bool = Field(False, description="Pack several examples per sequence (no attention across them).")
     eval_sample_packing: bool | None = Field(None, description="Pack eval batches too (default: as sample_packing).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_template(cls, data: Any) -> Any:
+        return _jinja_choice(data)
 
 
 class QuantizationSection(Section):
@@ -149,9 +224,9 @@ class TrainingSection(Section):
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on norms and biases).")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay (Lion: its first beta).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's second-moment decay (Lion: its second beta).")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
     sgd_momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum factor.")
     sgd_nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs sgd_momentum > 0).")
     max_grad_norm: float | None = Field(1.0, ge=0, description="Gradient clipping norm (0 or empty: off).")
@@ -164,8 +239,6 @@ class TrainingSection(Section):
         "stop", description="On a NaN/inf loss or gradient: stop (naming the step and last good checkpoint) or skip the step."
     )
     bf16: Switch = Field("auto", description="bfloat16 compute: true, false or auto (on where supported).")
-    fp16: Switch = Field(False, description="float16 compute with loss scaling (CUDA only).")
-    tf32: Switch = Field(False, description="TF32 matmuls on Ampere+ GPUs.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     logging_steps: int = Field(1, gt=0, description="Log every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps.")
@@ -260,8 +333,8 @@ class PretrainingSource(Section):
     name: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split of a Hub dataset.")
     text_column: str = Field("text", description="Column with the text (not used for .txt files).")
+    type: str | None = Field(None, description="pretrain or completion: the text is read as is either way.")
     data_files: str | list[str] | None = Field(None, description="Files inside a Hub dataset to read.")
-    type: str | None = Field(None, description="Accepted for axolotl compatibility (pretrain/completion); text is read as is.")
     max_documents: int | None = Field(None, gt=0, description="Stop reading this source after N documents (for Hub streams).")
 
 
@@ -302,13 +375,32 @@ class LoggingSection(Section):
     wandb_name: str | None = Field(None, description="W&B run name.")
     wandb_run_id: str | None = Field(None, description="W&B run id (to resume a run).")
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
-    wandb_watch: str | None = Field(None, description="W&B watch setting (gradients, all, false).")
-    wandb_log_model: str | None = Field(None, description="W&B model logging (checkpoint, end, false).")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking server or store (http://..., sqlite:///mlflow.db, file:./mlruns); set to log there."
     )
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment (created if missing; default lmforge).")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
+
+
+class InferenceSection(Section):
+    """Generation after training: `inference` (one prompt, batches, --chat, --gradio) and `serve`.
+
+    Command-line flags (--temperature ...) override these; the gradio_* keys are axolotl's."""
+
+    max_new_tokens: int = Field(256, gt=0, description="Most tokens generated per answer.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 is greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this much probability (1: off).")
+    top_k: int = Field(0, ge=0, description="Sample only among the k likeliest tokens (0: off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already generated (1: off).")
+    truncate_prompt: bool = Field(
+        False, description="A prompt longer than the context window keeps only its last tokens, instead of being refused."
+    )
+    gradio_title: str | None = Field(None, description="--gradio: page title (default: the model's name).")
+    gradio_share: bool = Field(False, description="--gradio: also open a public gradio.live link (off: 127.0.0.1 only).")
+    gradio_server_name: str | None = Field(None, description="--gradio: address to listen on (default 127.0.0.1).")
+    gradio_server_port: int | None = Field(None, gt=0, lt=65536, description="--gradio: port (default 7860).")
+    gradio_max_new_tokens: int | None = Field(None, gt=0, description="--gradio: initial max_new_tokens in the UI.")
+    gradio_temperature: float | None = Field(None, ge=0, description="--gradio: initial temperature in the UI.")
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -319,6 +411,7 @@ SECTIONS: dict[str, type[Section]] = {
     "training": TrainingSection,
     "logging": LoggingSection,
     "pretrain": PretrainSection,
+    "inference": InferenceSection,
 }
 
 

@@ -13,20 +13,19 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmforge.atomic import atomic_dir
 from lmforge.hashing import file_sha256
 from lmforge.config.sections import DataSection, DatasetSpec, UserDefinedFormat
 from lmforge.data.prepare import Example, PreparedData, PrepareStats
 from lmforge.data.sources import local_files
 
 DEFAULT_PREPARED_PATH = "last_run_prepared"
-FORMAT_VERSION = 1  # bump when the meaning of stored ids or labels changes
+FORMAT_VERSION = 2  # bump when the meaning of stored ids or labels changes (2: templates rendered by transformers, tokens trained by overlap)
 
 
 def _hook_digest(kind: Any) -> str:
@@ -46,7 +45,14 @@ def _spec_fingerprint(spec: DatasetSpec) -> dict[str, Any]:
     files = local_files(spec.path, spec.ds_type, spec.data_files)
     content = [file_sha256(f) for f in files] if files is not None else None
     kind = spec.type.model_dump() if isinstance(spec.type, UserDefinedFormat) else spec.type
-    return {"spec": spec.model_dump(mode="json", exclude={"path"}), "content": content or spec.path, "type": kind, "hook": _hook_digest(spec.type)}
+    return {"spec": spec.model_dump(mode="json", exclude={"path"}), "content": content or spec.path, "type": kind, "hook": _hook_digest(spec.type),
+            "template_file": _template_file_digest(spec.chat_template_jinja)}
+
+
+def _template_file_digest(jinja: str | None) -> str:
+    """chat_template_jinja may name a .jinja file: its bytes shape the data, not its name."""
+    path = Path(jinja).expanduser() if jinja and "{" not in jinja else None
+    return file_sha256(path) if path is not None and path.is_file() else ""
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -64,7 +70,8 @@ def cache_key(data: DataSection, tokenizer: Any, seed: int) -> str:
         "version": FORMAT_VERSION,
         "datasets": [_spec_fingerprint(s) for s in data.datasets],
         "test_datasets": [_spec_fingerprint(s) for s in data.test_datasets or []],
-        "data": data.model_dump(mode="json", include={"sequence_len", "train_on_inputs", "chat_template", "val_set_size", "shuffle_merged_datasets", "skip_bad_rows"}),
+        "data": data.model_dump(mode="json", include={"sequence_len", "train_on_inputs", "chat_template", "chat_template_jinja", "chat_template_kwargs", "eot_tokens", "val_set_size", "shuffle_merged_datasets", "skip_bad_rows"}),
+        "template_file": _template_file_digest(data.chat_template_jinja),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "seed": seed,
     }
@@ -91,20 +98,13 @@ def _read_split(folder: Path, name: str) -> list[Example]:
 
 def save(root: str | os.PathLike, key: str, prepared: PreparedData) -> Path:
     """Write an entry atomically (a temporary folder renamed into place)."""
-    target = Path(root) / key
-    Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         _write_split(tmp, "train", prepared.train)
         _write_split(tmp, "eval", prepared.eval)
         (tmp / "stats.json").write_text(json.dumps({"key": key, "stats": prepared.stats.to_json()}, indent=1), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return atomic_dir(Path(root) / key, write)
 
 
 def load(root: str | os.PathLike, key: str) -> PreparedData | None:

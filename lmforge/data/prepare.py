@@ -121,25 +121,48 @@ def _finish(ids: list[int], labels: list[int], sequence_len: int, stats: Prepare
     out.append(Example(ids, labels))
 
 
+def trained_token_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens overlap a trained character span: transformers' rule for ``return_assistant_tokens_mask``.
+
+    transformers walks tokens and sorted spans once and marks a token when it ends after the start
+    of the first span that ends after the token's start; a binary search per token is the same rule.
+    """
+    tokens = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if not spans:
+        return np.zeros(len(tokens), dtype=bool)
+    starts = np.fromiter((s for s, _ in spans), dtype=np.int64, count=len(spans))
+    ends = np.fromiter((e for _, e in spans), dtype=np.int64, count=len(spans))
+    index = np.searchsorted(ends, tokens[:, 0], side="right")
+    inside = index < len(spans)
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[inside] = tokens[inside, 1] > starts[index[inside]]
+    return mask
+
+
+def _trained_spans(segments: list[Segment]) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for segment in segments:
+        end = start + len(segment.text)
+        if segment.train and end > start:
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+        start = end
+    return spans
+
+
 def _tokenize_joint(rows: list[list[Segment]], tokenizer: Any, sequence_len: int, train_on_inputs: bool, stats: PrepareStats) -> list[Example]:
-    """Each row's segments joined and tokenized as one string; labels from character offsets."""
+    """Each row's segments joined and tokenized as one string; a token is trained when it overlaps trained text."""
     texts = ["".join(s.text for s in segment_list) for segment_list in rows]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
     examples: list[Example] = []
-    for segment_list, text, ids, offsets in zip(rows, texts, encoded["input_ids"], encoded["offset_mapping"]):
+    for segment_list, ids, offsets in zip(rows, encoded["input_ids"], encoded["offset_mapping"]):
         if train_on_inputs:
             labels = list(ids)
         else:
-            trained = np.zeros(len(text) + 1, dtype=bool)
-            start = 0
-            for segment in segment_list:
-                end = start + len(segment.text)
-                if segment.train:
-                    trained[start:end] = True
-                start = end
-            spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            last_char = np.where(spans[:, 1] > spans[:, 0], spans[:, 1] - 1, spans[:, 0])
-            mask = trained[last_char]
+            mask = trained_token_mask(offsets, _trained_spans(segment_list))
             labels = np.where(mask, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
         _finish(list(ids), labels, sequence_len, stats, examples)
     return examples
@@ -226,7 +249,7 @@ def prepare_specs(
     processes = processes or data.dataset_processes or 1
     for index, spec in enumerate(specs):
         where = f"{key}[{index}]"
-        fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, chat_template=data.chat_template)
+        fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, data=data)
         rows = _read(spec)
         if not rows:
             raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")

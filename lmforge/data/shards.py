@@ -35,7 +35,6 @@ tokenizing worker processes stay small (~30 MB instead of ~250 MB each).
 from __future__ import annotations
 
 import fcntl
-import glob as globlib
 import itertools
 import json
 import math
@@ -50,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmforge.atomic import write_json
+from lmforge.data.sources import expand_paths
 from lmforge.hashing import file_sha256
 from lmforge.errors import LmforgeError
 
@@ -240,42 +241,6 @@ class ShardReport:
     resumed: bool
 
 
-def _expand_sources(sources: Sequence[str]) -> list[str]:
-    files: list[str] = []
-    for pattern in sources:
-        if any(c in pattern for c in "*?["):
-            matches = sorted(m for m in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(m))
-            if not matches:
-                raise LmforgeError(f"no files match '{pattern}'", where="pretraining sources",
-                                   fix="check the glob (use ** for subfolders)")
-            files.extend(matches)
-        elif os.path.isfile(os.path.expanduser(pattern)):
-            files.append(os.path.expanduser(pattern))
-        else:
-            raise LmforgeError(f"no such file: {pattern}", where="pretraining sources",
-                               fix="give text files or globs")
-    return [os.path.abspath(f) for f in files]
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename itself must reach the disk, or a power cut could lose a committed shard.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_index(out_dir: str) -> dict[str, Any]:
     """The shard index of ``out_dir`` (raises LmforgeError when there is none)."""
     path = Path(out_dir) / INDEX
@@ -315,7 +280,7 @@ def write_shards(
     ``processes > 1`` starts workers with multiprocessing's *spawn* method, which re-imports
     the calling script: call this from under ``if __name__ == "__main__":`` in scripts.
     """
-    from transformers import AutoTokenizer
+    from lmforge.models.load import load_tokenizer  # the one tokenizer loader
 
     if doc_per not in ("file", "line"):
         raise LmforgeError(f"unknown doc_per '{doc_per}'", where="pretraining.doc_per", fix="use file or line")
@@ -324,7 +289,7 @@ def write_shards(
     if not tok_json.is_file():
         raise LmforgeError(f"{tokenizer_dir} has no tokenizer.json (a fast tokenizer is needed)",
                            where="tokenizer", fix="train one with `lmforge tokenizer train` or save a fast tokenizer there")
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = load_tokenizer(str(tok_dir))
     vocab_size = len(tokenizer)
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     bos_id = tokenizer.bos_token_id if add_bos else None
@@ -337,7 +302,7 @@ def write_shards(
     if isinstance(sources, (str, os.PathLike)):
         sources = [str(sources)]
     is_files = isinstance(sources, (list, tuple)) and all(isinstance(s, (str, os.PathLike)) for s in sources)
-    files = _expand_sources([str(s) for s in sources]) if is_files else []
+    files = [os.path.abspath(f) for f in expand_paths([str(s) for s in sources], where="pretraining sources", what="file")] if is_files else []
     if is_files and not files:
         raise LmforgeError("no input files given", where="pretraining sources", fix="list text files or globs")
     settings = {
@@ -391,7 +356,7 @@ def _write_locked(
         start_state = ({"file": 0, "offset": 0, "doc_open": False, "docs": 0} if is_files
                        else {"items": 0, "docs": 0})
         index = {**settings, "shards": [], "state": start_state, "total_tokens": 0, "complete": False}
-        _write_json_atomic(index_path, index)
+        write_json(index_path, index, indent=1, durable=True)
     resumed = bool(index["shards"]) or index["complete"]
     if index["complete"]:
         return ShardReport(str(out), len(index["shards"]), index["total_tokens"], index["state"]["docs"],
@@ -429,7 +394,7 @@ def _write_locked(
             shard_no += 1
         index["state"] = state_after
         index["complete"] = complete
-        _write_json_atomic(index_path, index)
+        write_json(index_path, index, indent=1, durable=True)
         shard_file, shard_len = None, 0
         if on_shard is not None and not complete:
             on_shard(index["shards"][-1])

@@ -150,7 +150,8 @@ def read_local(path: Path, ds_type: str | None = None) -> Iterator[Row]:
     elif kind == "text":
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
-                yield Row({"text": line.rstrip("\n")}, f"{path}:{number}")
+                if line.strip():  # a blank line separates text; it is not a row
+                    yield Row({"text": line.rstrip("\n")}, f"{path}:{number}")
     else:
         yield from _read_with_datasets(kind, [str(path)])
 
@@ -182,14 +183,36 @@ def resolve_path(path: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / rel)
 
 
+def is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def expand_paths(patterns: list[str], where: str, what: str = "file") -> list[str]:
+    """Files named by paths and globs (``**`` recursive, ``~`` expanded), in order; each glob sorted.
+
+    A glob that matches no file, or a path that is not a file, is an error naming it: a typo never
+    shrinks the data silently. `what` names the files in that error ("text file", ...).
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(str(pattern))
+        if is_glob(expanded):
+            matches = sorted(m for m in glob.glob(expanded, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise LmforgeError(f"no files match '{pattern}'", where=where, fix="check the glob (use ** for subfolders)")
+            files.extend(matches)
+        elif os.path.isfile(expanded):
+            files.append(expanded)
+        else:
+            raise LmforgeError(f"no such {what}: {pattern}", where=where, fix=f"give existing {what}s or globs")
+    return files
+
+
 def local_files(path: str, ds_type: str | None = None, data_files: Any = None) -> list[Path] | None:
     """The local files a dataset entry names, or None when `path` is not local (a Hub id)."""
     resolved = resolve_path(path)
-    if any(ch in resolved for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(resolved, recursive=True) if Path(p).is_file())
-        if not files:
-            raise LmforgeError("no file matches the pattern", where=path, fix="fix the glob")
-        return files
+    if is_glob(resolved):
+        return [Path(f) for f in expand_paths([resolved], where=path)]
     local = Path(resolved)
     if local.is_file():
         return [local]

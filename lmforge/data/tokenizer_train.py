@@ -17,7 +17,6 @@ tokens per word, the number that says how well the vocabulary fits the text.
 
 from __future__ import annotations
 
-import glob as globlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lmforge.data.sources import expand_paths
 from lmforge.errors import LmforgeError
 
 ModelType = Literal["bpe", "unigram"]
@@ -131,17 +131,6 @@ class _Splitter:
             for path in self.held_out_files:
                 for chunk in _iter_chunks(path):
                     self._keep(chunk)
-
-
-def _expand(files: list[str], what: str) -> list[str]:
-    out: list[str] = []
-    for pattern in files:
-        pattern = os.path.expanduser(pattern)
-        matches = sorted(globlib.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
-        if not matches or not all(os.path.isfile(m) for m in matches):
-            raise LmforgeError(f"no such text file: {pattern}", where=what, fix="give existing text files or globs")
-        out.extend(matches)
-    return out
 
 
 def _train_hf(splitter: _Splitter, vocab_size: int, model_type: ModelType, special: SpecialTokens):
@@ -261,8 +250,8 @@ def train_tokenizer(
     if vocab_size < minimum:
         raise LmforgeError(f"vocab_size {vocab_size} is too small", where="tokenizer_train.vocab_size",
                            fix=f"use at least {minimum} (256 byte pieces + 5 special tokens + merges)")
-    train_files = _expand(files, "tokenizer_train.files")
-    heldout_files = _expand(held_out_files or [], "tokenizer_train.held_out_files")
+    train_files = expand_paths(files, "tokenizer_train.files", what="text file")
+    heldout_files = expand_paths(held_out_files or [], "tokenizer_train.held_out_files", what="text file")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splitter = _Splitter(train_files, heldout_files, held_out_fraction)
@@ -292,9 +281,9 @@ def train_tokenizer(
     hf_tok.save_pretrained(str(out))
 
     # Report on held-out text with the saved tokenizer, so the numbers describe what loads.
-    from transformers import AutoTokenizer
+    from lmforge.models.load import load_tokenizer  # the one tokenizer loader
 
-    loaded = AutoTokenizer.from_pretrained(str(out))
+    loaded = load_tokenizer(str(out))
     heldout_tokens = heldout_words = heldout_chars = 0
     roundtrip = True
     for chunk in splitter.heldout:

@@ -1,4 +1,4 @@
-"""Export a Llama-architecture model folder to a single GGUF file (llama.cpp, Ollama...).
+"""Export a Llama-architecture model to a single GGUF file (llama.cpp, Ollama, LM Studio...).
 
 Written with the ``gguf`` package's ``GGUFWriter``, following llama.cpp's
 ``convert_hf_to_gguf.py`` for the ``llama`` architecture: hyper-parameters under
@@ -6,12 +6,23 @@ Written with the ``gguf`` package's ``GGUFWriter``, following llama.cpp's
 and tensors under llama.cpp names. llama.cpp's rotary embedding pairs neighbouring
 dimensions while Hugging Face pairs the two halves of each head, so q_proj and k_proj
 rows are permuted on the way out (readers, transformers' included, undo it).
+
+llama.cpp splits text before BPE with a regex it picks by the file's
+``tokenizer.ggml.pre`` name and refuses names it does not know. The name is carried over
+from a GGUF base model, or identified the way llama.cpp's converter does it (the hash of
+the token ids of its check text, see :mod:`lmforge.export.llama_cpp_tables`); an
+unknown tokenizer is refused rather than written with a guess.
+
+After writing, :func:`check_fidelity` reads the file back with the gguf package and
+compares its next-token distributions with the unquantized model's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +30,25 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.export.llama_cpp_tables import CHECK_TEXT, KNOWN_PRE_TOKENIZERS, LLAMA_CPP_COMMIT, PRE_TOKENIZER_HASHES
 
-QUANTS = ("f16", "q8_0", "f32")
+# Every type the gguf package can quantize to (it only de-quantizes the k-quants).
+QUANTS = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 _SUPPORTED = ("llama",)
+_BLOCK_QUANTS = {"q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_1": "MOSTLY_Q5_1",
+               "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
 
 
 def _permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotary layout (halves) → llama.cpp layout (interleaved pairs), per head."""
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise LmforgeError(f"unknown GGUF quantization '{quant}'", where="--quant", fix=f"use one of {', '.join(QUANTS)}")
 
 
 def _check_config(config: Any, where: str) -> None:
@@ -60,46 +81,100 @@ def _rope_theta(config: Any) -> float:
     return float(getattr(config, "rope_theta", 10000.0))
 
 
-def _pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizer.json pre-tokenizer.
-
-    llama.cpp picks its split regex by this name; these are the byte-level cases whose
-    split is fully described by the tokenizer.json, everything else gets ``default``.
-    """
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    types = [p.get("type") for p in parts]
-    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
-    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    if types[:1] == ["Split"]:
-        pattern = (parts[0].get("pattern") or {}).get("Regex", "")
-        if pattern.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"):
-            return "llama-bpe"
-        if pattern.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"):
-            return "qwen2"
-    return "default"
-
-
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str | None, where: str) -> None:
+def read_gguf_metadata(path: str | os.PathLike[str], key: str) -> Any:
+    """One metadata value of a GGUF file (``None`` when absent), read with the gguf package."""
     import gguf
 
+    field = gguf.GGUFReader(path).get_field(key)
+    return None if field is None else field.contents()
+
+
+def pre_tokenizer_hash(tokenizer: Any) -> str:
+    """llama.cpp converter's fingerprint of a tokenizer: sha256 of the ids of its check text."""
+    return sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
+def pre_tokenizer_for(tokenizer: Any, *, base_model: str | None = None, override: str | None = None) -> str:
+    """The ``tokenizer.ggml.pre`` name to write: ``override``, the base GGUF's, or identified by hash.
+
+    Raises LmforgeError when ``override`` is not a name llama.cpp knows, or when the
+    tokenizer's hash is not one llama.cpp's converter knows (llama.cpp would refuse the
+    file, or split text differently from training).
+    """
+    from lmforge.models.load import resolve_model_path
+
+    listed = "lmforge/export/llama_cpp_tables.py lists them"
+    # the only kind of tokenizer lmforge writes, and the one that needs a pre-tokenizer name
+    _byte_level_bpe(tokenizer, f"base_model: {base_model}" if base_model else "tokenizer")
+    if override:
+        if override not in KNOWN_PRE_TOKENIZERS:
+            raise LmforgeError(
+                f"'{override}' is not a pre-tokenizer llama.cpp knows (as of llama.cpp {LLAMA_CPP_COMMIT})",
+                where="--tokenizer_pre",
+                fix=f"use one of llama.cpp's names, e.g. llama-bpe, qwen2, smollm, gpt-2 ({listed})",
+            )
+        return override
+    if base_model:
+        path = resolve_model_path(base_model)
+        if path.endswith(".gguf") and os.path.isfile(path):
+            carried = read_gguf_metadata(path, "tokenizer.ggml.pre")
+            if carried:
+                return str(carried)
+    digest = pre_tokenizer_hash(tokenizer)
+    name = PRE_TOKENIZER_HASHES.get(digest)
+    if name in KNOWN_PRE_TOKENIZERS:
+        return name
+    raise LmforgeError(
+        f"llama.cpp does not know this tokenizer's pre-tokenizer (its check-text hash is {digest},"
+        f" not in llama.cpp {LLAMA_CPP_COMMIT}'s convert_hf_to_gguf.py); llama.cpp would split text"
+        " differently from training or refuse the file",
+        where=f"base_model: {base_model}" if base_model else "tokenizer",
+        fix="if the tokenizer comes from a known model family, pass --tokenizer_pre NAME with llama.cpp's name"
+        f" for it (e.g. llama-bpe for Llama 3, qwen2, smollm, gpt-2; {listed}); otherwise convert the merged"
+        " model (export --keep_merged) with llama.cpp's convert_hf_to_gguf.py after adding the tokenizer there",
+    )
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``...)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        return None
+    marker = "lmforge end-of-turn probe"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # templates may reject this conversation (a required system turn...): no EOT then
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    ids = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False).input_ids
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    return int(ids[0]) if ids and ids[0] in special else None
+
+
+def _byte_level_bpe(tokenizer: Any, where: str) -> dict[str, Any]:
+    """The tokenizer.json of a byte-level BPE tokenizer (the kind lmforge writes); refuses others."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise LmforgeError("GGUF export needs a fast (tokenizer.json) tokenizer", where=where)
     data = json.loads(backend.to_str())
-    model = data["model"]
-    byte_level = any(
-        p.get("type") == "ByteLevel"
-        for p in [data.get("pre_tokenizer") or {}, *((data.get("pre_tokenizer") or {}).get("pretokenizers") or [])]
-    )
-    if model.get("type") != "BPE" or not byte_level:
+    pre = data.get("pre_tokenizer") or {}
+    byte_level = any(p.get("type") == "ByteLevel" for p in [pre, *(pre.get("pretokenizers") or [])])
+    if data["model"].get("type") != "BPE" or not byte_level:
         raise LmforgeError(
-            f"GGUF export supports byte-level BPE tokenizers (GPT-2 style), not {model.get('type')}",
+            f"GGUF export supports byte-level BPE tokenizers (GPT-2 style), not {data['model'].get('type')}",
             where=where,
             fix="use llama.cpp's convert_hf_to_gguf.py for sentencepiece tokenizers",
         )
+    return data
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where: str) -> None:
+    import gguf
+
+    backend = tokenizer.backend_tokenizer
+    model = _byte_level_bpe(tokenizer, where)["model"]
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(id_to_token) >= vocab_size:
         raise LmforgeError(
@@ -124,7 +199,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str | None
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or _pre_tokenizer_name(data))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -137,6 +212,10 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str | None
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             add(int(token_id))
+    eot = _end_of_turn_id(tokenizer)
+    if eot is not None and eot != tokenizer.eos_token_id:
+        # llama.cpp stops at EOS or this; without it a chat answer runs on past the turn
+        writer.add_eot_token_id(eot)
     # what the tokenizer does to plain text, so that llama.cpp tokenizes prompts the same way
     probe = tokenizer("a").input_ids
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
@@ -145,6 +224,113 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str | None
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
+
+
+
+
+def _tensor_type(quant: str, name: str, data: np.ndarray, output_role: bool) -> str:
+    """The GGML type one tensor is written in for file type ``quant``."""
+    import gguf
+
+    if data.ndim == 1 or quant == "f32":
+        return "F32"  # norms stay f32: tiny, and llama.cpp expects them so
+    if quant == "f16":
+        return "F16"
+    wanted = _BLOCK_QUANTS[quant]
+    if quant != "q8_0" and output_role:
+        # The matrix that produces the logits is the most sensitive to rounding: llama.cpp's
+        # quantizer keeps it at q6_K for q4/q5 files; the gguf package cannot write k-quants,
+        # q8_0 is the nearest it can.
+        wanted = "Q8_0"
+    block = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, wanted)][0]
+    return wanted if data.shape[-1] % block == 0 else "F16"
+
+
+def write_gguf(
+    model: Any,
+    tokenizer: Any,
+    out_file: str | os.PathLike[str],
+    quant: str = "f16",
+    *,
+    tokenizer_pre: str,
+    name: str | None = None,
+    where: str = "model",
+) -> Path:
+    """Write an in-memory Llama model and its tokenizer as one GGUF file (atomically).
+
+    ``quant``: ``f32``; ``f16`` (matrices in half precision, norms in f32); ``q8_0``,
+    ``q5_1``, ``q5_0``, ``q4_1`` or ``q4_0`` (llama.cpp's blocks of 32 for every matrix whose
+    rows divide into blocks, f16 otherwise; under q4/q5 the logits matrix is q8_0).
+    ``tokenizer_pre``: llama.cpp's pre-tokenizer name (see :func:`pre_tokenizer_for`).
+    """
+    import gguf
+
+    check_quant(quant)
+    config = model.config
+    _check_config(config, where)
+    state = model.state_dict()
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    vocab = model.get_input_embeddings().weight.shape[0]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    tmp = out_file.with_name(out_file.name + ".part")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    try:
+        writer.add_name(name or str(getattr(config, "_name_or_path", "") or out_file.stem))
+        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_embedding_length(int(config.hidden_size))
+        writer.add_block_count(int(n_layers))
+        writer.add_feed_forward_length(int(config.intermediate_size))
+        writer.add_head_count(int(n_head))
+        writer.add_head_count_kv(int(n_kv))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_rope_freq_base(_rope_theta(config))
+        writer.add_rope_dimension_count(int(head_dim))
+        if head_dim * n_head != config.hidden_size:
+            writer.add_key_length(int(head_dim))
+            writer.add_value_length(int(head_dim))
+        writer.add_vocab_size(int(vocab))
+        writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[quant]))
+        if quant in _BLOCK_QUANTS:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_tokenizer(writer, tokenizer, vocab, tokenizer_pre, where)
+
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+        for hf_name, tensor in state.items():
+            if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+                continue  # recomputed by readers / shared with token_embd
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise LmforgeError(f"no llama.cpp name for tensor '{hf_name}'", where=where,
+                                   fix="this Llama variant is not supported by lmforge's GGUF export")
+            data = tensor.detach().float().numpy()
+            if hf_name.endswith("q_proj.weight"):
+                data = _permute_qk(data, n_head)
+            elif hf_name.endswith("k_proj.weight"):
+                data = _permute_qk(data, n_kv)
+            output_role = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+            kind = _tensor_type(quant, gguf_name, data, output_role)
+            if kind == "F32":
+                writer.add_tensor(gguf_name, data.astype(np.float32))
+            elif kind == "F16":
+                writer.add_tensor(gguf_name, data.astype(np.float16))
+            else:
+                qtype = getattr(gguf.GGMLQuantizationType, kind)
+                writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    tmp.replace(out_file)
+    return out_file
 
 
 def export_gguf(
@@ -157,21 +343,16 @@ def export_gguf(
 ) -> Path:
     """Write ``model_dir`` (a folder, ``.gguf`` or ``pkg://`` path) as one GGUF file.
 
-    ``quant``: ``f16`` (weights in half precision, norms in f32), ``q8_0`` (8-bit blocks
-    of 32 for every matrix whose rows divide into blocks, f16 otherwise) or ``f32``.
-    ``tokenizer_pre`` overrides the llama.cpp pre-tokenizer name guessed from
-    tokenizer.json (e.g. ``smollm``, ``llama-bpe``).
+    ``quant`` as in :func:`write_gguf`. ``tokenizer_pre`` sets llama.cpp's pre-tokenizer
+    name; by default it is carried over from a ``.gguf`` source or identified by hash.
     """
-    import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from lmforge.models.load import local_model_dir
 
-    if quant not in QUANTS:
-        raise LmforgeError(f"unknown GGUF quantization '{quant}'", where="quant", fix=f"use one of {', '.join(QUANTS)}")
+    check_quant(quant)
     source = local_model_dir(model_dir)
-    config = AutoConfig.from_pretrained(source)
-    _check_config(config, model_dir)
+    _check_config(AutoConfig.from_pretrained(source), model_dir)
     try:
         # a tokenizer-only folder has no config.json, so local_model_dir would refuse it
         tok_source = source if tokenizer_dir is None else (
@@ -183,67 +364,147 @@ def export_gguf(
             f"could not load the tokenizer: {str(exc).splitlines()[0]}", where=tokenizer_dir or model_dir,
             fix="save the tokenizer into the model folder or pass tokenizer_dir",
         ) from exc
+    pre = pre_tokenizer_for(tokenizer, base_model=model_dir, override=tokenizer_pre)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-    state = model.state_dict()
+    name = Path(model_dir).stem if model_dir.endswith(".gguf") else (
+        str(getattr(model.config, "_name_or_path", "") or Path(source).name)
+    )
+    return write_gguf(model, tokenizer, out_file, quant, tokenizer_pre=pre, name=name, where=tokenizer_dir or model_dir)
 
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+
+# Largest mean KL(unquantized || file) per token and smallest top-1 agreement that still
+# pass: they tell a file that is broken (wrong layout or tensor: KL of several nats, top-1
+# near chance) from one that is only as lossy as its type. Measured on SmolLM2-135M-Instruct,
+# whose weights are themselves de-quantized q4_1 (so q4_1 comes back exactly): f16 KL 3e-6,
+# top-1 100%; q8_0 0.003, 99%; q5_0 0.16, 86%; q5_1 0.23, 77%; q4_0 0.66, 62%. Small models
+# lose much more to 4- and 5-bit types than large ones; the printed numbers say how much.
+FIDELITY_LIMITS: dict[str, tuple[float, float]] = {
+    "f32": (1e-4, 0.99), "f16": (1e-3, 0.97), "q8_0": (0.05, 0.85),
+    "q5_1": (0.5, 0.6), "q5_0": (0.5, 0.6), "q4_1": (1.0, 0.5), "q4_0": (1.0, 0.5),
+}
+FIDELITY_PROMPTS = (
+    "The capital of France is Paris. The capital of Italy is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+)
+
+
+@dataclass
+class Fidelity:
+    """How closely the written file's next-token distributions follow the unquantized model's."""
+
+    quant: str
+    prompts: int
+    positions: int
+    mean_kl: float  # KL(unquantized || file) per position, averaged
+    max_kl: float
+    top1: float  # share of positions where both pick the same next token
+    max_mean_kl: float
+    min_top1: float
+
+    @property
+    def ok(self) -> bool:
+        return self.mean_kl <= self.max_mean_kl and self.top1 >= self.min_top1
+
+    def summary(self) -> str:
+        return (
+            f"fidelity vs the unquantized model on {self.prompts} prompts ({self.positions} tokens):"
+            f" mean KL {self.mean_kl:.2g} (max {self.max_kl:.2g}), top-1 agreement {self.top1:.1%}"
+            f" (limits for {self.quant}: mean KL <= {self.max_mean_kl:g}, top-1 >= {self.min_top1:.0%})"
+        )
+
+
+def _fidelity_prompts(tokenizer: Any) -> list[list[int]]:
+    texts = list(FIDELITY_PROMPTS)
+    prompts = [tokenizer(t).input_ids for t in texts]
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        try:
+            chat = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "What is 7 times 8?"}, {"role": "assistant", "content": "7 times 8 is 56."}],
+                tokenize=False,
+            )
+            prompts.append(tokenizer(chat, add_special_tokens=False).input_ids)
+        except Exception:  # a template that rejects this conversation: the plain prompts suffice
+            pass
+    return [p for p in prompts if p]
+
+
+def _unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`_permute_qk`."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def read_gguf_weights(gguf_file: str | os.PathLike[str], like: Any) -> Any:
+    """A copy of ``like`` (the model the file was written from) holding the file's de-quantized weights.
+
+    Reads with the gguf package; the hyper-parameters that shape the weights are checked
+    against ``like``'s config, every tensor must map to one of ``like``'s weights and every
+    weight must come from the file. (transformers' own GGUF reader, used by the tests,
+    checks the rest of the metadata, but it parses the file twice and takes minutes on a
+    busy 2-core machine.)
+    """
+    import copy
+
+    import gguf
+
+    config, where = like.config, str(gguf_file)
+    reader = gguf.GGUFReader(gguf_file)
     n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    vocab = model.get_input_embeddings().weight.shape[0]
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-
-    tmp = out_file.with_name(out_file.name + ".part")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_name(str(getattr(config, "_name_or_path", "") or Path(source).name))
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(int(n_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(n_head))
-    writer.add_head_count_kv(int(n_kv))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_rope_dimension_count(int(head_dim))
-    if head_dim * n_head != config.hidden_size:
-        writer.add_key_length(int(head_dim))
-        writer.add_value_length(int(head_dim))
-    writer.add_vocab_size(int(vocab))
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
-    writer.add_file_type(file_type)
-    if quant == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, tokenizer, vocab, tokenizer_pre, tokenizer_dir or model_dir)
-
+    expected = {"general.architecture": "llama", "llama.block_count": n_layers,
+                "llama.embedding_length": config.hidden_size, "llama.attention.head_count": n_head,
+                "llama.attention.head_count_kv": n_kv}
+    for key, want in expected.items():
+        field = reader.get_field(key)
+        got = None if field is None else field.contents()
+        if got != want:
+            raise LmforgeError(f"the written GGUF file says {key} = {got}, the model has {want}", where=where,
+                               fix="this is an lmforge bug; please report it with the model's config.json")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    for hf_name, tensor in state.items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
-            continue  # recomputed by readers / shared with token_embd
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise LmforgeError(f"no llama.cpp name for tensor '{hf_name}'", where=model_dir,
-                               fix="this Llama variant is not supported by lmforge's GGUF export")
-        data = tensor.detach().float().numpy()
+    model = copy.deepcopy(like)
+    params = dict(model.named_parameters())
+    to_hf = {names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in params}
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        hf_name = to_hf.get(tensor.name)
+        if hf_name is None:
+            raise LmforgeError(f"the written GGUF file has an unexpected tensor '{tensor.name}'", where=where,
+                               fix="this is an lmforge bug; please report it with the model's config.json")
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        data = data.reshape(params[hf_name].shape)
         if hf_name.endswith("q_proj.weight"):
-            data = _permute_qk(data, n_head)
+            data = _unpermute_qk(data, n_head)
         elif hf_name.endswith("k_proj.weight"):
-            data = _permute_qk(data, n_kv)
-        if data.ndim == 1 or quant == "f32":
-            # norms stay f32: tiny, and llama.cpp expects them so
-            writer.add_tensor(name, data.astype(np.float32))
-        elif quant == "q8_0" and data.shape[-1] % block == 0:
-            packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, data.astype(np.float16))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    tmp.replace(out_file)
-    return out_file
+            data = _unpermute_qk(data, n_kv)
+        state[hf_name] = torch.from_numpy(data)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in params if k not in state and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise LmforgeError(f"the written GGUF file lacks {len(missing)} weights, e.g. {missing[0]}", where=where,
+                           fix="this is an lmforge bug; please report it with the model's config.json")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+    return model.float().eval()
+
+
+def check_fidelity(reference: Any, tokenizer: Any, gguf_file: str | os.PathLike[str], quant: str) -> Fidelity:
+    """Read ``gguf_file`` back and compare its next-token distributions with ``reference`` on a few prompts."""
+    readback = read_gguf_weights(gguf_file, reference)
+    was_training = reference.training
+    reference.eval()
+    kls, agree = [], []
+    with torch.no_grad():
+        for ids in _fidelity_prompts(tokenizer):
+            x = torch.tensor([ids])
+            ref = reference(input_ids=x).logits.float().log_softmax(-1)[0]
+            got = readback(input_ids=x).logits.float().log_softmax(-1)[0]
+            kls.append((ref.exp() * (ref - got)).sum(-1))
+            agree.append(ref.argmax(-1) == got.argmax(-1))
+    reference.train(was_training)
+    del readback
+    kl, top1 = torch.cat(kls), torch.cat(agree).float()
+    max_mean_kl, min_top1 = FIDELITY_LIMITS[quant]
+    return Fidelity(quant=quant, prompts=len(kls), positions=int(kl.numel()), mean_kl=float(kl.mean()),
+                    max_kl=float(kl.max()), top1=float(top1.mean()), max_mean_kl=max_mean_kl, min_top1=min_top1)

@@ -1,77 +1,292 @@
-"""Generation with the same prompt format as training, streamed token by token."""
+"""Generation for every front end (one prompt, batches, terminal chat, web UI, server): streamed or batched.
+
+One :class:`Generator` per loaded model. It owns a lock, so however many callers there are (gradio
+sessions, concurrent HTTP requests), one generation runs on the model at a time and requests queue
+in arrival order; a stream's tokens can never interleave with another's. Streaming runs
+``model.generate`` in a worker thread that hands token ids over a queue; the caller decodes them
+incrementally, cuts at stop strings, and can cancel (the worker stops at the next token).
+"""
 
 from __future__ import annotations
 
-import sys
+import queue
+import threading
 from collections.abc import Iterator
-from threading import Thread
-from typing import Any, TextIO
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from lmforge.config import LmforgeConfig
-from lmforge.data.formats import get_format
-from lmforge.data.prepare import adds_bos
 from lmforge.errors import LmforgeError
-from lmforge.models.load import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 
 
-def load_for_inference(cfg: LmforgeConfig, lora_model_dir: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Base model (+ adapter) and tokenizer; the adapter folder's tokenizer wins when it has one."""
-    from pathlib import Path
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off."""
 
-    tokenizer_source = lora_model_dir if lora_model_dir and (Path(lora_model_dir) / "tokenizer_config.json").exists() else None
-    tokenizer = load_tokenizer(tokenizer_source or cfg.model.base_model, None if tokenizer_source else cfg.model.tokenizer_config, cfg.model.trust_remote_code)
-    model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    if lora_model_dir:
-        from peft import PeftModel
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
 
-        if not (Path(lora_model_dir) / "adapter_config.json").exists():
-            raise LmforgeError("no adapter_config.json in the folder", where=f"--lora_model_dir {lora_model_dir}", fix="point it at a training output_dir")
-        model = PeftModel.from_pretrained(model, lora_model_dir)
-    model.eval()
-    return tokenizer, model
+    def with_overrides(self, **values: Any) -> "Sampling":
+        """A copy with every value that is not None replaced."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
 
+    def check(self, where: str = "sampling") -> "Sampling":
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(("max_new_tokens", "must be at least 1"))
+        if self.temperature < 0:
+            problems.append(("temperature", "must be 0 (greedy) or more"))
+        if not 0 < self.top_p <= 1:
+            problems.append(("top_p", "must be in (0, 1]"))
+        if self.top_k < 0:
+            problems.append(("top_k", "must be 0 (off) or more"))
+        if self.repetition_penalty <= 0:
+            problems.append(("repetition_penalty", "must be above 0 (1 is off)"))
+        if problems:
+            key, why = problems[0]
+            raise LmforgeError(f"{key} {why}, got {getattr(self, key)}", where=where, fix=f"change {key}")
+        return self
 
-def build_prompt(cfg: LmforgeConfig, tokenizer: Any, text: str) -> str:
-    """The prompt `text` becomes: the same format as the first dataset's training rows."""
-    spec = cfg.data.datasets[0]
-    fmt = get_format(spec.type, "datasets[0].type", spec=spec, tokenizer=tokenizer, chat_template=cfg.data.chat_template)
-    prompt = fmt.prompt(text)
-    # Training prepends BOS to formats that do not render special tokens themselves; so must we.
-    if not getattr(fmt, "renders_special_tokens", False) and adds_bos(tokenizer) and not prompt.startswith(tokenizer.bos_token):
-        prompt = tokenizer.bos_token + prompt
-    return prompt
-
-
-def stream_generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
-    """Yield decoded text pieces as they are generated; stops at EOS."""
-    from transformers import TextIteratorStreamer
-
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(
-        **inputs,
-        streamer=streamer,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if temperature > 0:
-        kwargs["temperature"] = temperature
-    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            # Explicit values: a model's generation_config may carry its own top_k/top_p defaults.
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
 
 
-def answer(model: Any, tokenizer: Any, prompt: str, out: TextIO = sys.stdout, **kwargs: Any) -> str:
-    pieces = []
-    for piece in stream_generate(model, tokenizer, prompt, **kwargs):
-        out.write(piece)
-        out.flush()
-        pieces.append(piece)
-    out.write("\n")
-    return "".join(pieces)
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (an end token or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class PromptTooLong(LmforgeError):
+    """A prompt that does not fit the context window (the server answers it with HTTP 400)."""
+
+
+def context_window(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class _IdStreamer:
+    """A ``generate`` streamer that forwards generated token ids over a queue (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.ids: queue.Queue[int | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.ids.put(int(token))
+
+    def end(self) -> None:
+        self.ids.put(None)
+
+
+class _Cancel:
+    """Stopping criterion: stop every row as soon as the event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class GenerationStream:
+    """Text pieces of one answer as they are generated; afterwards ``text``, ``finish_reason`` and token counts.
+
+    Iterate it once. ``cancel()`` (or leaving the loop early) stops the generation at the next token.
+    """
+
+    def __init__(self, generator: "Generator", ids: list[int], sampling: Sampling, stop: list[str]) -> None:
+        self._generator = generator
+        self._ids = ids
+        self._sampling = sampling
+        self._stop = [s for s in stop if s]
+        self._cancel = threading.Event()
+        self.text = ""
+        self.finish_reason = "length"
+        self.prompt_tokens = len(ids)
+        self.completion_tokens = 0
+        self.error: BaseException | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        gen = self._generator
+        streamer = _IdStreamer()
+        worker = threading.Thread(target=self._run, args=(streamer,), daemon=True, name="lmforge-generate")
+        worker.start()
+        tokens: list[int] = []
+        emitted = 0  # characters of the decoded answer already handed out
+        hold = max((len(s) for s in self._stop), default=1) - 1  # a stop string may still be forming
+        stop_ids = set(gen.stop_token_ids)
+        try:
+            while True:
+                token = streamer.ids.get()
+                if token is None:
+                    break
+                self.completion_tokens += 1
+                if token in stop_ids:
+                    self.finish_reason = "stop"
+                    break
+                tokens.append(token)
+                text = gen.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # a multi-byte character still incomplete
+                    continue
+                cut = self._find_stop(text, emitted)
+                if cut is not None:
+                    self._cancel.set()
+                    break
+                safe = len(text) - hold
+                if safe > emitted:
+                    self.text = text[:safe]  # what the caller has, should it stop reading now
+                    yield text[emitted:safe]
+                    emitted = safe
+            text = gen.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = self._find_stop(text, 0)
+            if cut is not None:
+                text, self.finish_reason = text[:cut], "stop"
+            if len(text) > emitted:
+                yield text[emitted:]
+            self.text = text
+        finally:
+            self._cancel.set()  # a caller that left early frees the model at the next token
+            worker.join()
+        if self.error is not None:
+            raise self.error
+
+    def _find_stop(self, text: str, emitted: int) -> int | None:
+        if not self._stop:
+            return None
+        start = max(0, emitted - max(len(s) for s in self._stop))
+        hits = [text.find(s, start) for s in self._stop]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def _run(self, streamer: _IdStreamer) -> None:
+        gen = self._generator
+        try:
+            with gen.lock:
+                if self._cancel.is_set():
+                    return
+                gen.generate_ids([self._ids], self._sampling, streamer=streamer, cancel=self._cancel)
+        except BaseException as exc:  # surfaced to the consumer after the stream ends
+            self.error = exc
+        finally:
+            streamer.end()
+
+
+class Generator:
+    """A loaded model, its tokenizer and prompt builder, and the lock that serialises generation."""
+
+    def __init__(self, model: Any, tokenizer: Any, prompts: Any, sampling: Sampling | None = None,
+                 truncate_prompt: bool = False, name: str = "lmforge") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.sampling = (sampling or Sampling()).check()
+        self.truncate_prompt = truncate_prompt
+        self.name = name
+        self.stop_token_ids: list[int] = list(getattr(prompts, "stop_token_ids", None) or [tokenizer.eos_token_id])
+        self.window = context_window(model)
+        self.lock = threading.Lock()
+
+    # -- prompts → ids ------------------------------------------------------------------------------
+
+    def encode(self, prompt: str, sampling: Sampling, where: str = "prompt") -> tuple[list[int], Sampling]:
+        """Token ids of ``prompt`` and the sampling settings that fit the context window."""
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        window = self.window
+        if window is None:
+            return ids, sampling
+        if len(ids) >= window or (self.truncate_prompt and len(ids) + sampling.max_new_tokens > window):
+            if not self.truncate_prompt:
+                raise PromptTooLong(
+                    f"the prompt is {len(ids)} tokens, the model's context window is {window}",
+                    where=where, fix="shorten the prompt, or set truncate_prompt: true to keep only its last tokens",
+                )
+            keep = max(window - sampling.max_new_tokens, window // 2)
+            bos = self.tokenizer.bos_token_id
+            head = [bos] if bos is not None and ids[:1] == [bos] else []
+            ids = head + ids[len(ids) - (keep - len(head)):]
+        room = window - len(ids)
+        if sampling.max_new_tokens > room:
+            sampling = replace(sampling, max_new_tokens=room)  # the answer ends at the window ("length")
+        return ids, sampling
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def generate_ids(self, rows: list[list[int]], sampling: Sampling, streamer: Any = None,
+                     cancel: threading.Event | None = None) -> torch.Tensor:
+        """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held."""
+        from transformers import StoppingCriteriaList
+
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.stop_token_ids[0]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        device = self.model.device
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        kwargs = sampling.generate_kwargs()
+        if cancel is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), streamer=streamer,
+                pad_token_id=pad, eos_token_id=self.stop_token_ids, **kwargs,
+            )
+        return out[:, width:].cpu()
+
+    def stream(self, prompt: str, sampling: Sampling | None = None, stop: list[str] | None = None,
+               where: str = "prompt") -> GenerationStream:
+        """Start streaming the answer to ``prompt`` (already formatted); raises PromptTooLong before starting."""
+        ids, fitted = self.encode(prompt, (sampling or self.sampling).check(), where)
+        return GenerationStream(self, ids, fitted, stop or [])
+
+    def complete(self, prompt: str, sampling: Sampling | None = None, stop: list[str] | None = None,
+                 where: str = "prompt") -> Completion:
+        stream = self.stream(prompt, sampling, stop, where)
+        for _ in stream:
+            pass
+        return Completion(stream.text, stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
+
+    def complete_batch(self, prompts: list[str], sampling: Sampling | None = None,
+                       where: list[str] | None = None) -> list[Completion]:
+        """Answers to several formatted prompts in one left-padded batch (equal to answering each alone)."""
+        sampling = (sampling or self.sampling).check()
+        encoded = [self.encode(p, sampling, (where or [])[i] if where else f"prompt {i + 1}") for i, p in enumerate(prompts)]
+        rows = [ids for ids, _ in encoded]
+        fitted = replace(sampling, max_new_tokens=min(s.max_new_tokens for _, s in encoded))
+        with self.lock:
+            new = self.generate_ids(rows, fitted)
+        stop_ids = set(self.stop_token_ids)
+        results = []
+        for ids, row in zip(rows, new.tolist()):
+            end = next((i for i, t in enumerate(row) if t in stop_ids), None)
+            kept = row if end is None else row[:end]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            results.append(Completion(text, "stop" if end is not None else "length", len(ids), len(kept) + (end is not None)))
+        return results

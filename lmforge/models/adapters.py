@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +31,49 @@ def lora_targets(settings: AdapterSection) -> Any:
     return settings.lora_target_modules
 
 
+def ties_embeddings(model: torch.nn.Module) -> bool:
+    """True when the output head shares the input embedding's weight."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def embedding_layer_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the input embedding and (unless tied to it) the output head: what modules_to_save takes."""
+    wanted = [model.get_input_embeddings()]
+    if not ties_embeddings(model) and model.get_output_embeddings() is not None:
+        wanted.append(model.get_output_embeddings())
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return [names[id(module)] for module in wanted if id(module) in names]
+
+
+def cover_new_token_rows(
+    settings: AdapterSection, model: torch.nn.Module, new_tokens: list[str], say: Callable[[str], None] | None = None
+) -> AdapterSection:
+    """Under LoRA the base weights stay frozen, so the embedding rows of tokens added for this run train only
+    through lora_modules_to_save: put the embedding layers there when the user left it unset, else say what
+    stays untrained."""
+    if not new_tokens or not settings.adapter:
+        return settings
+    names = embedding_layer_names(model)
+    listed = ", ".join(new_tokens[:6]) + (", ..." if len(new_tokens) > 6 else "")
+    if settings.lora_modules_to_save is None:
+        size = sum(p.numel() for module in _modules_named(model, names) for p in module.parameters())
+        if say:
+            say(f"{len(new_tokens)} tokens were added ({listed}) and their embedding rows start untrained: "
+                f"lora_modules_to_save: [{', '.join(names)}] is set so they train ({size:,} more trainable parameters, "
+                "saved with the adapter); set lora_modules_to_save yourself (e.g. []) to choose otherwise")
+        return settings.model_copy(update={"lora_modules_to_save": names})
+    missing = [name for name in names if name not in settings.lora_modules_to_save]
+    if missing and say:
+        say(f"warning: {len(new_tokens)} tokens were added ({listed}) but lora_modules_to_save lacks {', '.join(missing)}, "
+            f"so their rows keep their initial values and the model can hardly learn to emit them; add {', '.join(missing)} to train them")
+    return settings
+
+
+def _modules_named(model: torch.nn.Module, leaves: list[str]) -> list[torch.nn.Module]:
+    return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in leaves]
+
+
 def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
     """A peft LoraConfig for a causal LM from the adapter section."""
     from peft import LoraConfig, TaskType
@@ -45,6 +88,8 @@ def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
         modules_to_save=settings.lora_modules_to_save,
         use_dora=settings.peft_use_dora,
         use_rslora=settings.peft_use_rslora,
+        # A trained copy of a tied embedding must stay tied to the output head (peft unties it otherwise).
+        ensure_weight_tying=bool(settings.lora_modules_to_save) and ties_embeddings(model),
     )
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.atomic import atomic_dir
 from lmforge.errors import LmforgeError
 
 PKG_SCHEME = "pkg://"
@@ -82,12 +82,12 @@ def convert_gguf(gguf_path: Path) -> Path:
     model.config.__dict__.pop("_pre_quantization_dtype", None)
     model.hf_quantizer = None  # otherwise transformers refuses: "quantized with gguf and is not serializable"
     model.is_quantized = False
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
-    return target
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(target, write)
 
 
 def local_model_dir(base_model: str, marker: str = "config.json") -> str:
@@ -123,28 +123,52 @@ def _hub_error(base_model: str, exc: Exception) -> LmforgeError:
 
 
 def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False) -> Any:
-    """Load the tokenizer for ``base_model`` (or ``tokenizer_path``) and make sure it can pad."""
+    """The one tokenizer loader: ``tokenizer_path`` or ``base_model`` (an HF folder, a .gguf or pkg:// file,
+    or a Hub id), made able to pad. Every command reaches tokenizers through here or :func:`tokenizer_for`."""
     from transformers import AutoTokenizer
 
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
+        if os.path.isdir(source):
+            raise LmforgeError(f"could not load the tokenizer: {str(exc).splitlines()[0]}", where=source,
+                               fix="save a tokenizer there with save_pretrained") from exc
         raise _hub_error(tokenizer_path or base_model, exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(
-    base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs: Any
-) -> Any:
-    """Load a causal LM in ``dtype``; raises LmforgeError with a fix for every user mistake."""
-    from transformers import AutoModelForCausalLM
+def tokenizer_for(cfg: Any, source: str | None = None) -> Any:
+    """The tokenizer a config's data is prepared and trained with (train, preprocess, data report,
+    pretrain): `source` when given (a trained tokenizer's folder), else ``tokenizer_config``, else
+    ``base_model``; with the config's ``special_tokens`` added. Two commands given one config get
+    equal tokenizers, so they compute the same prepared-data cache key."""
+    model = cfg.model
+    if source is None and model.tokenizer_config is None and model.base_model is None:
+        raise LmforgeError("no tokenizer: model_config builds a new model, so the tokenizer must come from somewhere",
+                           where="model_config",
+                           fix="set tokenizer_train: {files: [...], vocab_size: N} to train one, or tokenizer_config: FOLDER_OR_HUB_ID")
+    tokenizer = load_tokenizer(source or model.base_model, None if source else model.tokenizer_config, model.trust_remote_code)
+    if model.special_tokens:
+        tokenizer.add_special_tokens(dict(model.special_tokens))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
+
+def load_model(
+    base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, masked_lm: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Load a causal LM (or, with `masked_lm`, a masked LM) in ``dtype``; raises LmforgeError with a fix for every user mistake."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto_class = AutoModelForMaskedLM if masked_lm else AutoModelForCausalLM
     source = local_model_dir(base_model)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
         )
     except OSError as exc:

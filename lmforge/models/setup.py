@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from lmforge.config import LmforgeConfig
-from lmforge.errors import LmforgeError
-from lmforge.models.adapters import apply_lora
+from lmforge.models.adapters import apply_lora, cover_new_token_rows
 from lmforge.models.fast_dropout import use_fast_dropout
-from lmforge.models.load import fit_embeddings_to_tokenizer, load_model, load_tokenizer
+from lmforge.models.load import fit_embeddings_to_tokenizer, load_model
 from lmforge.models.params import freeze_except, set_dropout
 
 
-def load_training_tokenizer(cfg: LmforgeConfig) -> Any:
-    """The tokenizer with the configured special tokens added."""
-    tokenizer = load_tokenizer(cfg.model.base_model, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
-    if cfg.model.special_tokens:
-        tokenizer.add_special_tokens(dict(cfg.model.special_tokens))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _quantization_config(cfg: LmforgeConfig) -> Any:
+    """bitsandbytes settings for a 4/8-bit base (the config checks made sure an adapter goes with it)."""
     q = cfg.quantization
-    if cfg.adapter.adapter == "qlora" and not (q.load_in_4bit or q.load_in_8bit):
-        raise LmforgeError("adapter: qlora needs a quantized base", where="adapter", fix="add load_in_4bit: true")
     if not (q.load_in_4bit or q.load_in_8bit):
         return None
-    if not cfg.adapter.adapter:
-        raise LmforgeError(
-            "a 4/8-bit base model cannot be fully fine-tuned", where="load_in_4bit", fix="set adapter: qlora (or lora)"
-        )
     from lmforge.models.quantize import bnb_config
 
     return bnb_config(
@@ -59,24 +43,31 @@ def keep_lora_inputs_in_compute_dtype(model: Any) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf16: bool) -> Any:
-    """Base model in the cheapest dtype that trains correctly, then the adapter."""
+def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf16: bool, new_model: Any = None,
+                   say: Callable[[str], None] | None = None) -> Any:
+    """The model a recipe trains: `new_model` (built from scratch) or the base model in the cheapest
+    dtype that trains correctly, then the same steps for both: embeddings grown to the tokenizer,
+    dropout, frozen weights, gradient checkpointing, k-bit preparation, adapter, device.
+
+    Cross-key mistakes (an adapter with unfrozen_parameters, a 4-bit base without an adapter, ...)
+    were refused by the config checks before anything loaded.
+    """
     quantization = _quantization_config(cfg)
     # Frozen base weights need no fp32 master copy: holding them in bf16 halves their memory
     # and skips autocast's per-step casts. Trainable weights stay fp32.
     dtype = torch.bfloat16 if (bf16 and cfg.adapter.adapter) else torch.float32
-    extra = {"quantization_config": quantization} if quantization is not None else {}
-    model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
+    if new_model is not None:
+        model = new_model
+    else:
+        extra = {"quantization_config": quantization} if quantization is not None else {}
+        model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                           masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining, **extra)
+    rows = model.get_input_embeddings().num_embeddings
     fit_embeddings_to_tokenizer(model, tokenizer)
+    new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]
     if cfg.training.dropout is not None:
         set_dropout(model, cfg.training.dropout)
     if cfg.training.unfrozen_parameters:
-        if cfg.adapter.adapter:
-            raise LmforgeError(
-                "unfrozen_parameters selects weights for full fine-tuning; it does not combine with an adapter",
-                where="unfrozen_parameters",
-                fix="remove adapter, or use lora_modules_to_save",
-            )
         freeze_except(model, cfg.training.unfrozen_parameters)
     if quantization is not None:
         from lmforge.models.quantize import prepare_kbit_model
@@ -85,7 +76,7 @@ def load_training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device
     elif cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.adapter.adapter:
-        model = apply_lora(model, cfg.adapter)
+        model = apply_lora(model, cover_new_token_rows(cfg.adapter, model, new_tokens, say))
         if quantization is not None:
             from lmforge.models.quantize import disable_cpu_weight_packing
 

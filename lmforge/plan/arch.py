@@ -306,5 +306,5 @@ def read_shape(base_model: str, config_path: str | None = None) -> ModelShape:
     known = ", ".join(i for i in shipped_hub_ids() if not re.search(r"(Instruct|chat|-it)", i))
     raise LmforgeError(
         f"no architecture known offline for '{spec}'", where=where,
-        fix=f"set base_model_config to a config.json (or a folder holding one), or use one of: {known}",
+        fix=f"point base_model at a folder holding its config.json (plan reads no weights), or use one of: {known}",
     )

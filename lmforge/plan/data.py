@@ -2,8 +2,8 @@
 
 Counting tokens needs the tokenizer, not the weights. A GGUF file carries its tokenizer; when no
 training run has converted it yet, the tokenizer is read from the GGUF header alone and saved
-next to lmforge's cache, so the one tokenizer loader (models.setup.load_training_tokenizer) reads
-it like any other folder.
+next to lmforge's cache, so the one tokenizer loader (models.load.tokenizer_for, as
+recipes.training.data_tokenizer uses it) reads it like any other folder.
 
 Batch order is a pure function of the seed and the epoch (data.batching), so the planner walks the
 same batches the run will and finds the one that needs the most memory: no guess about padding,
@@ -68,8 +68,8 @@ def _gguf_tokenizer_dir(gguf: Path) -> Path:
 
 def tokenizer_without_weights(cfg: LmforgeConfig) -> Any:
     """The training tokenizer (special tokens included) without reading any weights."""
-    from lmforge.models.load import _gguf_cache_dir, resolve_model_path
-    from lmforge.models.setup import load_training_tokenizer
+    from lmforge.data.formats.templates import prepare_chat_tokenizer
+    from lmforge.models.load import _gguf_cache_dir, resolve_model_path, tokenizer_for
 
     source = cfg.model.tokenizer_config or cfg.model.base_model
     path = resolve_model_path(source) if source else ""
@@ -84,7 +84,10 @@ def tokenizer_without_weights(cfg: LmforgeConfig) -> Any:
             os.makedirs(folder.parent, exist_ok=True)
             tmp.replace(folder) if not folder.exists() else None
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tokenizer_config": str(folder)})})
-    return load_training_tokenizer(cfg)
+    # As recipes.training.data_tokenizer builds it: the config's special tokens and chat-template markers.
+    tokenizer = tokenizer_for(cfg)
+    prepare_chat_tokenizer(tokenizer, cfg.data)
+    return tokenizer
 
 
 def label_count(labels: Sequence[int]) -> int:
@@ -134,7 +137,7 @@ def run_batches(lengths: Sequence[int], labelled: Sequence[int], micro_batch_siz
 
 
 def run_steps(cfg: LmforgeConfig, rows: int) -> int:
-    """Optimizer steps of the run for `rows` training rows: the rule recipes/train.py's plan_steps applies."""
+    """Optimizer steps of the run for `rows` training rows: the rule recipes/training.py's plan_steps applies."""
     t = cfg.training
     per_epoch = max(1, math.ceil(math.ceil(rows / t.micro_batch_size) / t.gradient_accumulation_steps))
     return t.max_steps or max(1, math.ceil(per_epoch * t.num_epochs))

@@ -60,7 +60,8 @@ def model_shape(cfg: LmforgeConfig) -> ModelShape:
         vocab = train.vocab_size if train else len(tokenizer_without_weights(cfg))
         config = build_config(spec.architecture, vocab, spec.preset, spec.overrides(), cfg.pretrain.objective)
         return shape_from_config(config.to_dict(), "model_config")
-    return read_shape(cfg.model.base_model or "", cfg.model.base_model_config)
+    # base_model_config is "not yet" in config/keytable.py (refused); read when a later schema carries it.
+    return read_shape(cfg.model.base_model or "", getattr(cfg.model, "base_model_config", None))
 
 
 def current_device(device_type: str) -> Device:

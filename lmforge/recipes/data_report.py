@@ -7,13 +7,11 @@ from pathlib import Path
 from lmforge.config import LmforgeConfig
 from lmforge.recipes.console import say
 from lmforge.data.report import build_report, write_report
-from lmforge.models.load import load_tokenizer
+from lmforge.recipes.training import data_tokenizer
 
 
 def run_data_report(cfg: LmforgeConfig) -> Path:
-    tokenizer = load_tokenizer(cfg.model.base_model, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
-    if cfg.model.special_tokens:
-        tokenizer.add_special_tokens(dict(cfg.model.special_tokens))
+    tokenizer = data_tokenizer(cfg)
     report = build_report(cfg.data, tokenizer, cfg.training.seed)
     md, png = write_report(report, cfg.training.output_dir)
     print(report.markdown(png.name if png else None), end="")

@@ -27,17 +27,71 @@ def run_merge(cfg: LmforgeConfig, lora_model_dir: str | None, output_dir: str | 
     return result.out_dir
 
 
-def run_export(cfg: LmforgeConfig, fmt: str, quant: str, lora_model_dir: str | None, output: str | None) -> Path:
-    """Export the (merged) model; GGUF is the format supported today."""
-    from lmforge.export.gguf import export_gguf
+def run_export(
+    cfg: LmforgeConfig,
+    fmt: str,
+    quant: str,
+    lora_model_dir: str | None,
+    output: str | None,
+    *,
+    tokenizer_pre: str | None = None,
+    keep_merged: str | bool | None = None,
+) -> Path:
+    """Export the model (adapter merged in memory) to GGUF, then check the file against it.
+
+    ``keep_merged``: also save the merged model as a safetensors folder there (``True``:
+    ``ADAPTER/merged``, where ``merge-lora`` writes it). Raises
+    LmforgeError (after removing the file) when the written file's next-token
+    distributions are far from the unquantized model's.
+    """
+    from lmforge.export.gguf import check_fidelity, check_quant, pre_tokenizer_for, write_gguf
 
     if fmt != "gguf":
         raise LmforgeError(f"unknown export format '{fmt}'", where="--format", fix="use --format gguf")
-    has_adapter = bool(lora_model_dir or cfg.adapter.adapter)
-    source = str(run_merge(cfg, lora_model_dir, None)) if has_adapter else cfg.model.base_model
+    check_quant(quant)
+    base = cfg.model.base_model
     target = Path(output or Path(cfg.training.output_dir) / f"model-{quant}.gguf")
-    export_gguf(source, target, quant=quant)
-    say(f"wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant})")
+    adapter = _adapter_dir(cfg, lora_model_dir) if lora_model_dir or cfg.adapter.adapter else None
+    if adapter is None and keep_merged:
+        raise LmforgeError("--keep_merged needs an adapter to merge", where="--keep_merged",
+                           fix="pass --lora_model_dir DIR, or drop --keep_merged")
+    # the tokenizer decides whether llama.cpp can run the file at all: settle it before loading weights
+    from lmforge.models.serving import load_tokenizer_for
+
+    tokenizer = load_tokenizer_for(base, adapter, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
+    pre = pre_tokenizer_for(tokenizer, base_model=base, override=tokenizer_pre)
+    if adapter:
+        from lmforge.export.merge import merge_lora_in_memory
+
+        merged = merge_lora_in_memory(base, adapter)
+        model, tokenizer = merged.model, merged.tokenizer
+        say(f"merged {adapter} into {base} in memory (max logit diff vs adapter {merged.max_abs_diff:.2e})")
+        name = Path(adapter).resolve().name
+    else:
+        import torch
+
+        from lmforge.models.load import load_model
+
+        model = load_model(base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+        name = Path(base).stem
+    write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}")
+    say(f"wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant}, pre-tokenizer {pre})")
+    fidelity = check_fidelity(model, tokenizer, target, quant)
+    say(fidelity.summary())
+    if not fidelity.ok:
+        target.unlink()
+        raise LmforgeError(
+            f"the {quant} file is far from the unquantized model (mean KL {fidelity.mean_kl:.2g},"
+            f" top-1 agreement {fidelity.top1:.0%}); removed it",
+            where=str(target),
+            fix="export with a higher-precision --quant (q8_0 or f16)" if quant not in ("f16", "f32")
+            else "an unquantized file should match; please report this as an lmforge bug with the model's config.json",
+        )
+    if keep_merged:
+        from lmforge.export.merge import save_merged
+
+        folder = save_merged(merged, Path(adapter) / "merged" if keep_merged is True else keep_merged)
+        say(f"kept the merged model: {folder}")
     return target
 
 

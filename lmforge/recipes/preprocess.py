@@ -8,13 +8,11 @@ from lmforge.config import LmforgeConfig
 from lmforge.recipes.console import say
 from lmforge.data.batching import packing_efficiency
 from lmforge.data.prepare import PreparedData, prepare
-from lmforge.models.load import load_tokenizer
+from lmforge.recipes.training import data_tokenizer
 
 
 def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
-    tokenizer = load_tokenizer(cfg.model.base_model, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
-    if cfg.model.special_tokens:
-        tokenizer.add_special_tokens(dict(cfg.model.special_tokens))
+    tokenizer = data_tokenizer(cfg)  # the tokenizer train uses: the same prepared-data cache key
     started = time.perf_counter()
     data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
     seconds = time.perf_counter() - started

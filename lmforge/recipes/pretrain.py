@@ -11,8 +11,6 @@ user can tell at a glance whether the model learned anything beyond token freque
 from __future__ import annotations
 
 import itertools
-import math
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,25 +20,21 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import LmforgeConfig
-from lmforge.recipes.console import say
 from lmforge.config.sections import PretrainingSource, TokenizerTrainSpec
 from lmforge.data.batching import Batch
+from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.data.shards import TokenWindows, iter_shard_tokens, write_shards
 from lmforge.data.sources import local_files, read_local
 from lmforge.data.tokenizer_train import TokenizerReport, train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.build import build_config, build_model, count_parameters, flops_per_token, resolve_architecture
-from lmforge.models.load import fit_embeddings_to_tokenizer, load_model, load_tokenizer, local_model_dir
-from lmforge.train.checkpoint import assert_finite, publish_into, save_model_files, write_json
-from lmforge.train.loggers import build_loggers
-from lmforge.train.loop import Callbacks, LoopSettings, evaluate, train_loop
+from lmforge.models.load import local_model_dir
+from lmforge.recipes.console import say
+from lmforge.recipes.training import TrainingRun
+from lmforge.train.loop import LoopSettings, evaluate
 from lmforge.train.loss import causal_lm_loss
-from lmforge.train.objectives import IGNORE_INDEX, PretrainCollator, masked_token_counts, perplexity
-from lmforge.train.optimizers import build_optimizer
-from lmforge.models.params import set_dropout
-from lmforge.train.schedules import build_scheduler, warmup_steps_for
-from lmforge.train.signals import stop_on_signals
-from lmforge.train.telemetry import peak_memory_mb, pick_device, resolve_bf16
+from lmforge.train.objectives import PretrainCollator, masked_token_counts, perplexity
+from lmforge.train.stream import WindowStream
 
 # Held-out windows evaluated at most (evenly spaced): a bigger val split only slows every eval.
 EVAL_MAX_WINDOWS = 1024
@@ -93,23 +87,21 @@ def run_tokenizer_train(cfg: LmforgeConfig | None, flags: dict[str, Any] | None 
     return report
 
 
-def _tokenizer(cfg: LmforgeConfig) -> tuple[Any, str | None]:
-    """The tokenizer, and its folder when that folder holds a tokenizer.json (what shards need)."""
-    from transformers import AutoTokenizer
-
+def _tokenizer(cfg: LmforgeConfig, run: TrainingRun) -> tuple[Any, str | None]:
+    """The tokenizer, and its folder when that folder holds a tokenizer.json the shards can use as is."""
     if cfg.pretrain.tokenizer_train is not None:
         spec, out = tokenizer_spec(cfg)
         if (Path(out) / "tokenizer.json").is_file():
             say(f"tokenizer: reusing {out} (delete it to train a new one)")
         else:
             run_tokenizer_train(cfg)
-        return AutoTokenizer.from_pretrained(out), out
-    source = cfg.model.tokenizer_config or cfg.model.base_model
-    if source is None:
-        raise LmforgeError("model_config needs a tokenizer", where="model_config",
-                           fix="set tokenizer_train: {files: [...], vocab_size: N} to train one, or tokenizer_config: FOLDER_OR_HUB_ID")
-    tokenizer = load_tokenizer(source, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
-    folder = local_model_dir(source, marker="tokenizer_config.json")
+        source: str | None = out
+    else:
+        source = None
+    tokenizer = run.tokenizer(source)
+    if cfg.model.special_tokens:  # tokens added on top of the folder's: the shards need this very tokenizer
+        return tokenizer, None
+    folder = source or local_model_dir(cfg.model.tokenizer_config or cfg.model.base_model or "", marker="tokenizer_config.json")
     return tokenizer, folder if (Path(folder) / "tokenizer.json").is_file() else None
 
 
@@ -117,17 +109,11 @@ def _tokenizer(cfg: LmforgeConfig) -> tuple[Any, str | None]:
 
 
 def _sources(cfg: LmforgeConfig) -> list[PretrainingSource]:
-    """pretraining_dataset, or `datasets` entries of type completion (continued pretraining)."""
+    """pretraining_dataset, or `datasets` entries (of type completion: config.checks refuses others)."""
     if cfg.pretrain.pretraining_dataset:
         return list(cfg.pretrain.pretraining_dataset)
-    out = []
-    for index, spec in enumerate(cfg.data.datasets or []):
-        if spec.type != "completion":
-            raise LmforgeError(f"pretraining reads raw text, but this dataset has type {spec.type!r}",
-                               where=f"datasets[{index}].type", fix="use type: completion, or list the text under pretraining_dataset")
-        out.append(PretrainingSource(path=spec.path, name=spec.name, split=spec.split, text_column=spec.field or "text",
-                                     data_files=spec.data_files))
-    return out
+    return [PretrainingSource(path=spec.path, name=spec.name, split=spec.split, text_column=spec.field or "text",
+                              data_files=spec.data_files) for spec in cfg.data.datasets or []]
 
 
 def _documents(sources: list[PretrainingSource]) -> Iterator[str]:
@@ -189,11 +175,7 @@ def make_shards(cfg: LmforgeConfig, tokenizer: Any, tokenizer_dir: str | None, s
 
 
 def _val_fraction(cfg: LmforgeConfig) -> float:
-    v = cfg.data.val_set_size
-    if v >= 1:
-        raise LmforgeError(f"val_set_size {v} is a row count; pretraining holds out a share of the tokens",
-                           where="val_set_size", fix="use a share below 1, e.g. 0.01")
-    return v or DEFAULT_VAL_FRACTION
+    return cfg.data.val_set_size or DEFAULT_VAL_FRACTION  # a share (config.checks refuses a row count)
 
 
 # ----------------------------------------------------------------------------- model
@@ -225,19 +207,6 @@ def _new_model(cfg: LmforgeConfig, tokenizer: Any, context: int) -> Any:
     return build_model(spec.architecture, len(tokenizer), spec.preset, overrides, objective, seed=cfg.training.seed, **ids)
 
 
-def _pretrained_model(cfg: LmforgeConfig, tokenizer: Any) -> Any:
-    base = cfg.model.base_model
-    assert base is not None
-    if cfg.pretrain.objective == "clm":
-        model = load_model(base, trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        from transformers import AutoModelForMaskedLM
-
-        model = AutoModelForMaskedLM.from_pretrained(local_model_dir(base), trust_remote_code=cfg.model.trust_remote_code)
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    return model
-
-
 # ----------------------------------------------------------------------------- objectives
 
 
@@ -249,31 +218,35 @@ def mlm_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits[chosen].float(), labels[chosen], reduction="sum"), int(chosen.sum())
 
 
+def _batch_seed(seed: int, epoch: int, start: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, start]).generate_state(1)[0])
+
+
 class _Collate:
     """Windows → batches. MLM uses the first seq_len tokens of a window and never labels position 0:
-    the loop counts labels from position 1 (the causal shift), so both objectives divide by the same count."""
+    the loop counts labels from position 1 (the causal shift), so both objectives divide by the same count.
+
+    Given a `key` (epoch, first window), MLM masks are drawn from a generator seeded by it, so the
+    masks of a batch are a pure function of the seed and the data position, and a resumed run
+    draws the same ones. Without a key (the fixed eval batches) the generator runs on.
+    """
 
     def __init__(self, cfg: LmforgeConfig, tokenizer: Any, seed: int) -> None:
         self.objective = cfg.pretrain.objective
         self.seq_len = cfg.data.sequence_len
+        self.seed = seed
         self.inner = PretrainCollator(self.objective, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
                                       special_ids=tokenizer.all_special_ids, mlm_probability=cfg.pretrain.mlm_probability,
                                       seed=seed)
 
-    def __call__(self, windows: list[torch.Tensor]) -> Batch:
+    def __call__(self, windows: list[torch.Tensor], key: tuple[int, int] | None = None) -> Batch:
         if self.objective == "clm":
             return self.inner(windows)
+        if key is not None:
+            self.inner.generator.manual_seed(_batch_seed(self.seed, *key))
         batch = self.inner([w[: self.seq_len] for w in windows])
         batch["labels"][:, 0] = IGNORE_INDEX
         return batch
-
-
-def _train_batches(windows: Any, size: int, collate: _Collate) -> Iterator[Batch]:
-    """Batches over epochs (re-cut and re-shuffled each epoch); the loop stops at total_steps."""
-    for epoch in itertools.count():
-        windows.set_epoch(epoch)
-        for start in range(0, len(windows), size):
-            yield collate([windows[i] for i in range(start, min(start + size, len(windows)))])
 
 
 def _eval_batches(windows: Any, size: int, collate: _Collate) -> list[Batch]:
@@ -364,129 +337,86 @@ def _default_sample(cfg: LmforgeConfig, tokenizer: Any, val: Any) -> str:
 # ----------------------------------------------------------------------------- the recipe
 
 
-class _Log(Callbacks):
-    def __init__(self, loggers: list) -> None:
-        self.loggers = loggers
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        for logger in self.loggers:
-            logger.log(step, metrics)
+# A checkpoint's data position means the same windows and masks only under the same settings.
+RESUME_INVARIANTS = ("seed", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "objective",
+                     "mlm_probability", "val_set_size")
 
 
 def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
     """Pretrain as configured; returns the summary (also written to output_dir/summary.json)."""
-    started = time.perf_counter()
     t, p = cfg.training, cfg.pretrain
     _check_model_config(cfg)
-    torch.manual_seed(t.seed)
-    device = pick_device()
-    bf16 = resolve_bf16(t.bf16, device)
-    output_dir = Path(t.output_dir)
-    shards_dir = Path(p.shards_dir or (Path(cfg.data.dataset_prepared_path) / "shards" if cfg.data.dataset_prepared_path
-                                       else output_dir / "shards"))
-    say(f"pretraining ({p.objective}) on {device.type}, {'bf16' if bf16 else 'fp32'} compute, output in {output_dir}")
+    with TrainingRun(cfg, "pretrain") as run:
+        output_dir = run.output_dir
+        shards_dir = Path(p.shards_dir or (Path(cfg.data.dataset_prepared_path) / "shards" if cfg.data.dataset_prepared_path
+                                           else output_dir / "shards"))
+        say(f"pretraining ({p.objective}) on {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {output_dir}")
+        tokenizer, tokenizer_dir = _tokenizer(cfg, run)
+        if p.objective == "mlm" and tokenizer.mask_token_id is None:
+            raise LmforgeError("objective mlm needs a tokenizer with a mask token", where="objective",
+                               fix="train one with tokenizer_train (it adds <mask>), or use objective: clm")
+        shards = make_shards(cfg, tokenizer, tokenizer_dir, shards_dir)
 
-    tokenizer, tokenizer_dir = _tokenizer(cfg)
-    if p.objective == "mlm" and tokenizer.mask_token_id is None:
-        raise LmforgeError("objective mlm needs a tokenizer with a mask token", where="objective",
-                           fix="train one with tokenizer_train (it adds <mask>), or use objective: clm")
-    shards = make_shards(cfg, tokenizer, tokenizer_dir, shards_dir)
+        # The windows before the weights: a sequence_len longer than the data fails before any model loads.
+        seq_len = cfg.data.sequence_len
+        val_fraction = _val_fraction(cfg)
+        train = TokenWindows(str(shards_dir), seq_len, "train", val_fraction, seed=t.seed)
+        val = TokenWindows(str(shards_dir), seq_len, "val", val_fraction, seed=t.seed)
+        eval_batches = _eval_batches(val, t.eval_batch_size or t.micro_batch_size, _Collate(cfg, tokenizer, t.seed + 1))
+        plan = run.plan(len(train))
+        run.predict_peak()  # full windows of sequence_len: the planner's assumed batch
 
-    seq_len = cfg.data.sequence_len
-    context = seq_len + 1 if p.objective == "clm" else seq_len
-    model = _new_model(cfg, tokenizer, context) if p.model_config_ else _pretrained_model(cfg, tokenizer)
-    if t.dropout is not None:
-        say(f"dropout {t.dropout} set on {', '.join(set_dropout(model, t.dropout))}")
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    params, non_embedding = count_parameters(model), count_parameters(model, exclude_embeddings=True)
-    flops = flops_per_token(model, seq_len, p.objective)
-    source = f"new {model.config.model_type}" if p.model_config_ else cfg.model.base_model
-    say(f"model {source}: {params:,} parameters ({non_embedding:,} non-embedding), {flops / 1e6:,.1f} MFLOPs per "
-        f"token (6N + attention at {seq_len} tokens)")
+        context = seq_len + 1 if p.objective == "clm" else seq_len
+        model = run.model(tokenizer, new_model=_new_model(cfg, tokenizer, context) if p.model_config_ else None)
+        params, non_embedding = count_parameters(model), count_parameters(model, exclude_embeddings=True)
+        flops = flops_per_token(model, seq_len, p.objective)
+        tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len
+        total = plan.total_steps
+        say(f"{non_embedding:,} non-embedding parameters, {flops / 1e6:,.1f} MFLOPs per token (6N + attention at {seq_len} tokens)")
+        say(f"{len(train):,} train / {sum(len(b['input_ids']) for b in eval_batches):,} held-out windows of {seq_len} tokens; "
+            f"{total} steps of {tokens_per_step:,} tokens ({total * tokens_per_step / max(len(train) * seq_len, 1):.2f} epochs, "
+            f"{flops * total * tokens_per_step:.2e} FLOPs)")
 
-    val_fraction = _val_fraction(cfg)
-    train = TokenWindows(str(shards_dir), seq_len, "train", val_fraction, seed=t.seed)
-    val = TokenWindows(str(shards_dir), seq_len, "val", val_fraction, seed=t.seed)
-    collate = _Collate(cfg, tokenizer, t.seed)
-    eval_batches = _eval_batches(val, t.eval_batch_size or t.micro_batch_size, _Collate(cfg, tokenizer, t.seed + 1))
-    per_epoch = max(1, math.ceil(len(train) / t.micro_batch_size / t.gradient_accumulation_steps))
-    total = t.max_steps or max(1, math.ceil(per_epoch * t.num_epochs))
-    tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len
-    say(f"{len(train):,} train / {sum(len(b['input_ids']) for b in eval_batches):,} held-out windows of {seq_len} tokens; "
-        f"{total} steps of {tokens_per_step:,} tokens ({total * tokens_per_step / max(len(train) * seq_len, 1):.2f} epochs, "
-        f"{flops * total * tokens_per_step:.2e} FLOPs)")
+        loss_fn = causal_lm_loss if p.objective == "clm" else mlm_loss
+        stream = WindowStream(train, t.micro_batch_size, _Collate(cfg, tokenizer, t.seed))
+        flat = cfg.flat()
+        invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, "shard_tokens": shards["tokens"]}
+        outcome = run.train(model, tokenizer, stream, plan, loss_fn=loss_fn,
+                            eval_fn=lambda: run.evaluate(model, eval_batches, loss_fn), invariants=invariants)
+        result, eval_start = outcome.result, outcome.eval_start
 
-    loss_fn = causal_lm_loss if p.objective == "clm" else mlm_loss
-    optimizer = build_optimizer(model, t.optimizer, t.learning_rate, t.weight_decay, (t.adam_beta1, t.adam_beta2),
-                                t.adam_epsilon, t.sgd_momentum, t.sgd_nesterov)
-    warmup = warmup_steps_for(total, t.warmup_steps, t.warmup_ratio)
-    scheduler = build_scheduler(optimizer, t.lr_scheduler, total, warmup, t.cosine_min_lr_ratio or 0.0)
-    settings = LoopSettings(
-        total_steps=total, grad_accum=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        eval_every=t.eval_steps or (max(1, per_epoch // t.evals_per_epoch) if t.evals_per_epoch else None),
-        nan_policy=t.nan_policy, device=device, autocast_dtype=torch.bfloat16 if bf16 else None,
-    )
+        # Final numbers in fp32, whatever the training compute was.
+        summary: dict[str, Any] = {**run.summary(outcome, model), "objective": p.objective, "parameters": params,
+                                   "non_embedding_parameters": non_embedding, "flops_per_token": flops,
+                                   "tokens_seen": result.total_tokens, "shards": shards}
+        fp32 = LoopSettings(total_steps=0, device=run.device)
+        if p.objective == "clm":
+            eval_loss = evaluate(model, iter(eval_batches), fp32, causal_lm_loss)
+            targets = np.concatenate([b["input_ids"][:, 1:].reshape(-1).numpy() for b in eval_batches])
+            baseline = unigram_entropy(targets)
+            summary.update(eval_loss=eval_loss, eval_perplexity=perplexity(eval_loss), unigram_entropy=baseline,
+                           unigram_perplexity=perplexity(baseline), eval_tokens=int(len(targets)))
+            say(f"held-out loss {eval_loss:.4f} nats/token (perplexity {perplexity(eval_loss):.1f}) vs unigram baseline "
+                f"{baseline:.4f} (perplexity {perplexity(baseline):.1f}) on {len(targets):,} tokens; was {eval_start:.4f} at step 0")
+            prompt = _default_sample(cfg, tokenizer, val)
+            summary["sample"] = clm_sample(model, tokenizer, prompt, run.device)
+            say(f"sample (greedy) from {prompt!r}:\n{summary['sample']}")
+        else:
+            majority_id = _most_frequent_token(shards_dir, tokenizer.all_special_ids)
+            metrics = mlm_metrics(model, eval_batches, run.device, majority_id)
+            summary.update(eval_loss=metrics["loss"], masked_accuracy=metrics["accuracy"],
+                           majority_accuracy=metrics["majority_accuracy"], majority_token=tokenizer.decode([majority_id]),
+                           eval_masked_tokens=metrics["masked_tokens"])
+            say(f"masked-token accuracy {metrics['accuracy']:.2%} vs most-frequent-token baseline "
+                f"{metrics['majority_accuracy']:.2%} (always {summary['majority_token']!r}) on {metrics['masked_tokens']:,} "
+                f"masked held-out tokens; loss {metrics['loss']:.4f} (was {eval_start:.4f} at step 0)")
+            text = _default_sample(cfg, tokenizer, val)
+            fills = fill_mask_sample(model, tokenizer, text, run.device)
+            summary["sample"] = {"text": text, "top": fills}
+            say(f"fill-mask sample {text!r}: " + ", ".join(f"{w!r} {q:.0%}" for w, q in fills))
 
-    def eval_fn() -> float:
-        return evaluate(model, iter(eval_batches), settings, loss_fn)
-
-    resolved = cfg.flat()
-    loggers = build_loggers(cfg.logging, str(output_dir), resolved)
-    callbacks = _Log(loggers)
-    eval_start = eval_fn()
-    say(f"held-out loss at step 0: {eval_start:.4f}")
-    try:
-        with stop_on_signals(callbacks):
-            result = train_loop(model, optimizer, scheduler, _train_batches(train, t.micro_batch_size, collate),
-                                settings, eval_fn, callbacks, loss_fn)
-    finally:
-        for logger in loggers:
-            logger.close()
-    if result.stop_reason == "interrupted":
-        say(f"stopped at step {result.steps}; saving the weights as they are")
-
-    # Final numbers in fp32, whatever the training compute was.
-    summary: dict[str, Any] = {"objective": p.objective, "steps": result.steps, "stop_reason": result.stop_reason,
-                               "parameters": params, "non_embedding_parameters": non_embedding,
-                               "flops_per_token": flops, "tokens_per_s": result.tokens_per_s,
-                               "train_seconds": result.train_seconds, "tokens_seen": result.total_tokens,
-                               "shards": shards, "eval_loss_start": eval_start,
-                               "final_train_loss": result.train_history[-1][1] if result.train_history else None}
-    if p.objective == "clm":
-        eval_loss = evaluate(model, iter(eval_batches), LoopSettings(total_steps=0, device=device), causal_lm_loss)
-        targets = np.concatenate([b["input_ids"][:, 1:].reshape(-1).numpy() for b in eval_batches])
-        baseline = unigram_entropy(targets)
-        summary.update(eval_loss=eval_loss, eval_perplexity=perplexity(eval_loss), unigram_entropy=baseline,
-                       unigram_perplexity=perplexity(baseline), eval_tokens=int(len(targets)))
-        say(f"held-out loss {eval_loss:.4f} nats/token (perplexity {perplexity(eval_loss):.1f}) vs unigram baseline "
-            f"{baseline:.4f} (perplexity {perplexity(baseline):.1f}) on {len(targets):,} tokens; was {eval_start:.4f} at step 0")
-        prompt = _default_sample(cfg, tokenizer, val)
-        summary["sample"] = clm_sample(model, tokenizer, prompt, device)
-        say(f"sample (greedy) from {prompt!r}:\n{summary['sample']}")
-    else:
-        majority_id = _most_frequent_token(shards_dir, tokenizer.all_special_ids)
-        metrics = mlm_metrics(model, eval_batches, device, majority_id)
-        summary.update(eval_loss=metrics["loss"], masked_accuracy=metrics["accuracy"],
-                       majority_accuracy=metrics["majority_accuracy"], majority_token=tokenizer.decode([majority_id]),
-                       eval_masked_tokens=metrics["masked_tokens"])
-        say(f"masked-token accuracy {metrics['accuracy']:.2%} vs most-frequent-token baseline "
-            f"{metrics['majority_accuracy']:.2%} (always {summary['majority_token']!r}) on {metrics['masked_tokens']:,} "
-            f"masked held-out tokens; loss {metrics['loss']:.4f} (was {eval_start:.4f} at step 0)")
-        text = _default_sample(cfg, tokenizer, val)
-        fills = fill_mask_sample(model, tokenizer, text, device)
-        summary["sample"] = {"text": text, "top": fills}
-        say(f"fill-mask sample {text!r}: " + ", ".join(f"{w!r} {q:.0%}" for w, q in fills))
-
-    assert_finite(model, result.steps)
-    model.to("cpu")
-    publish_into(output_dir, lambda tmp: save_model_files(model, tokenizer, resolved, tmp))
-    summary["wall_seconds"] = time.perf_counter() - started
-    summary["peak_memory_mb"] = peak_memory_mb(device)
-    write_json(output_dir / "summary.json", summary)
-    say(f"done: {result.steps} steps, {result.tokens_per_s:,.0f} tokens/s, {summary['wall_seconds']:.0f}s in all; "
+        run.publish(model, tokenizer, outcome)
+        run.write_summary(summary, outcome)
+    say(f"done: {result.steps} steps, {result.tokens_per_s:,.0f} tokens/s, {summary['wall_seconds']:.0f}s of training; "
         f"model and tokenizer saved to {output_dir}")
     return summary
-

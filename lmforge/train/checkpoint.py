@@ -1,4 +1,4 @@
-"""Write outputs atomically: a crash mid-write never leaves a half-written folder under the final name.
+"""Training checkpoints: written atomically (lmforge.atomic), verified by a manifest, resumed bit-identically.
 
 A training checkpoint (``checkpoint-<step>/``) holds the weights (adapter or full model, with
 tokenizer and config, loadable like any output), ``optimizer.pt``, ``scheduler.pt``, ``rng.pt``
@@ -11,7 +11,6 @@ changed or lost later is caught by the manifest and named in the error.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 
+from lmforge.atomic import atomic_dir, restore_swapped, write_json, write_text
 from lmforge.hashing import file_sha256
 from lmforge.errors import LmforgeError
 
@@ -32,46 +32,11 @@ STATE = "trainer_state.json"
 BEST = "best.safetensors"  # trainable weights of the best eval so far (load_best_model_at_end)
 
 
-def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` into a temporary sibling folder, then rename it onto `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def publish_into(target: Path, write: Callable[[Path], None]) -> None:
-    """Write files into a temporary folder, then move each into `target` with an atomic rename."""
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".publish-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, target / item.name)
-    tmp.rmdir()
-
-
 def save_model_files(model: Any, tokenizer: Any, config: dict[str, Any], folder: Path) -> None:
     """Weights (adapter or full model, safetensors), tokenizer and the resolved config."""
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    (folder / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    write_text(folder / "config.yml", yaml.safe_dump(config, sort_keys=False))
 
 
 # ---------------------------------------------------------------- training checkpoints
@@ -158,9 +123,13 @@ def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
 
 
 def remove_partial_writes(output_dir: Path) -> None:
-    """Temporary folders left by a process killed mid-write (never loadable, never needed)."""
+    """Temporary folders left by a process killed mid-write (never loadable, never needed), and a
+    checkpoint renamed aside by a kill in the middle of replacing it (put back)."""
     for tmp in Path(output_dir).glob(".checkpoint-*.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in Path(output_dir).glob(".publish-tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    restore_swapped(output_dir)
 
 
 def _corrupt(folder: Path, name: str, problem: str) -> LmforgeError:

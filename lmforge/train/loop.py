@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.data.batching import Batch
+from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.telemetry import peak_memory_mb
@@ -151,6 +152,7 @@ def train_loop(
     callbacks = callbacks or Callbacks()
     result = result or LoopResult(steps=start_step)
     start_step = result.steps
+    result.stop_reason = None  # whatever stopped the run before (a signal, early stopping) ends with this call
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -162,7 +164,7 @@ def train_loop(
             result.stop_reason = "data_exhausted"
             break
         # Counted on the host copies: no device sync.
-        label_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step_batches)
+        label_count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
         step_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
         step_loss = 0.0
         for batch in step_batches:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from lmforge.data.prepare import IGNORE_INDEX
 
 
 def clm_labels(input_ids: torch.Tensor, pad_token_id: int | None = None) -> torch.Tensor:

@@ -13,11 +13,11 @@ from typing import Any
 from lmforge.config.sections import UserDefinedFormat
 from lmforge.data.formats.alpaca import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca, alpaca_w_system
 from lmforge.data.formats.base import PromptFormat, Segment
-from lmforge.data.formats.chat import DEFAULT_ROLES, ChatTemplateFormat
+from lmforge.data.formats.chat import DEFAULT_ROLES, RESERVED_VARIABLES, ChatTemplateFormat, check_template
 from lmforge.data.formats.completion import CompletionFormat
 from lmforge.data.formats.hook import HookFormat, SkipRow, looks_like_hook
 from lmforge.data.formats.input_output import InputOutputFormat
-from lmforge.data.formats.templates import NAMED_TEMPLATES, resolve_template
+from lmforge.data.formats.templates import NAMED_TEMPLATES, has_generation_blocks, prepare_chat_tokenizer, resolve_template
 from lmforge.data.formats.user_defined import TemplateFormat, user_defined
 from lmforge.errors import LmforgeError
 
@@ -26,40 +26,81 @@ BUILTIN_TYPES = ("alpaca", "alpaca_w_system", "completion", "input_output", "cha
 __all__ = [
     "ALPACA_NO_INPUT", "ALPACA_WITH_INPUT", "BUILTIN_TYPES", "NAMED_TEMPLATES", "ChatTemplateFormat", "CompletionFormat",
     "HookFormat", "InputOutputFormat", "PromptFormat", "Segment", "SkipRow", "TemplateFormat", "get_format",
+    "prepare_chat_tokenizer",
 ]
 
 
-def chat_format(spec: Any, tokenizer: Any, chat_template: str | None, where: str) -> ChatTemplateFormat:
+def chat_format(spec: Any, tokenizer: Any, chat_template: str | None, where: str, data: Any = None) -> ChatTemplateFormat:
+    """The chat format of a dataset entry: its template (its own, else the top-level one) and keys."""
     if tokenizer is None:
         raise LmforgeError("chat_template needs the tokenizer", where=where)
-    source, ends = resolve_template(chat_template, tokenizer, where="chat_template")
+    entry = where.rsplit(".type", 1)[0] if where.endswith(".type") else where
+    setting, jinja, key = chat_template, None, "chat_template"
+    if data is not None:
+        setting, jinja = data.chat_template, data.chat_template_jinja
+    if getattr(spec, "chat_template", None):
+        setting, jinja, key = spec.chat_template, spec.chat_template_jinja, f"{entry}.chat_template"
+    source, ends = resolve_template(setting, tokenizer, where=key, jinja=jinja)
+    check_template(source, key)
+    eot_tokens = getattr(data, "eot_tokens", None)
+    if eot_tokens:
+        split = [t for t in eot_tokens if len(tokenizer(t, add_special_tokens=False).input_ids) != 1]
+        if split:
+            raise LmforgeError(
+                f"eot_tokens {', '.join(split)} are not single tokens of this tokenizer", where="eot_tokens",
+                fix="list the template's turn-ending tokens as the tokenizer has them, or add them with special_tokens",
+            )
+        ends = tuple(eot_tokens)
+    kwargs = dict(getattr(data, "chat_template_kwargs", None) or {})
+    reserved = sorted(set(kwargs) & set(RESERVED_VARIABLES))
+    if reserved:
+        raise LmforgeError(f"chat_template_kwargs cannot set {', '.join(reserved)}", where="chat_template_kwargs", fix=f"remove {', '.join(reserved)}: lmforge sets it")
     mappings = dict(getattr(spec, "message_property_mappings", None) or {})
     roles = dict(DEFAULT_ROLES)
     for role, names in (getattr(spec, "roles", None) or {}).items():
         for name in [names] if isinstance(names, str) else names:
             roles[name] = role
+    train_on_eos = getattr(spec, "train_on_eos", None) or "turn"
+    train_on_eot = getattr(spec, "train_on_eot", None)
+    eos = tokenizer.eos_token or ""
+    if train_on_eot is not None and train_on_eot != train_on_eos and eos in ends:
+        raise LmforgeError(
+            f"train_on_eos: {train_on_eos} and train_on_eot: {train_on_eot} disagree, and this template ends turns with EOS ({eos})",
+            where=f"{entry}.train_on_eot", fix="set them to the same value",
+        )
     return ChatTemplateFormat(
         template=source,
         end_of_turn=ends,
-        bos_token=tokenizer.bos_token or "",
-        eos_token=tokenizer.eos_token or "",
+        # What apply_chat_template gives a template: the special tokens, then the user's variables.
+        variables={**tokenizer.special_tokens_map, **kwargs},
+        generation=has_generation_blocks(source),
         field_messages=getattr(spec, "field_messages", None),
-        role_key=mappings.get("role"),
-        content_key=mappings.get("content"),
+        role_key=mappings.pop("role", None),
+        content_key=mappings.pop("content", None),
+        property_mappings=mappings,
         roles=roles,
-        roles_to_train=tuple(getattr(spec, "roles_to_train", None) or ("assistant",)),
-        train_on_eos=getattr(spec, "train_on_eos", None) or "turn",
+        # as in axolotl, a speaker name (gpt, human) stands for its role
+        roles_to_train=tuple(roles.get(r, r) for r in (getattr(spec, "roles_to_train", None) or ("assistant",))),
+        train_on_eos=train_on_eos,
+        train_on_eot=train_on_eot,
+        field_thinking=getattr(spec, "field_thinking", None) or "reasoning_content",
+        thinking_key=getattr(spec, "template_thinking_key", None) or "reasoning_content",
+        split_thinking=bool(getattr(spec, "split_thinking", None)),
+        train_on_thinking=getattr(spec, "train_on_thinking", None) is not False,
+        drop_system_message=bool(getattr(spec, "drop_system_message", None)),
     )
 
 
 def get_format(
     kind: str | UserDefinedFormat, where: str = "datasets.type", *, spec: Any = None, tokenizer: Any = None,
-    chat_template: str | None = None,
+    chat_template: str | None = None, data: Any = None,
 ) -> PromptFormat:
     """The format object for a dataset's `type:` value.
 
-    `spec` (a DatasetSpec) supplies per-format keys (field, field_messages, ...); `tokenizer` and
-    `chat_template` are needed only by chat formats.
+    `spec` (a DatasetSpec) supplies per-format keys (field, field_messages, ...); `tokenizer` and the
+    template are needed only by chat formats: `data` (the DataSection: chat_template,
+    chat_template_jinja, chat_template_kwargs, eot_tokens) or, without it, `chat_template` alone.
+    Training and inference both build their format here, so both render alike.
     """
     if isinstance(kind, UserDefinedFormat):
         return user_defined(kind, where)
@@ -72,9 +113,10 @@ def get_format(
     if kind == "input_output":
         return InputOutputFormat(getattr(spec, "field", None) or "segments")
     if kind in ("chat_template", "sharegpt"):
-        return chat_format(spec, tokenizer, chat_template, where)
+        return chat_format(spec, tokenizer, chat_template, where, data)
     if isinstance(kind, str) and looks_like_hook(kind):
-        chat = chat_format(spec, tokenizer, chat_template, where) if (tokenizer is not None and chat_template) else None
+        wants_chat = chat_template or getattr(data, "chat_template", None) or getattr(spec, "chat_template", None)
+        chat = chat_format(spec, tokenizer, chat_template, where, data) if (tokenizer is not None and wants_chat) else None
         hook = HookFormat(kind, where, chat, renders_special_tokens=chat is not None)
         from lmforge.data.formats.hook import load_hook
 

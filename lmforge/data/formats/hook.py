@@ -80,7 +80,7 @@ class HookFormat:
         if isinstance(first, dict):
             if self.chat is None:
                 raise LmforgeError(f"{self.kind} returned messages, but no chat template is available", where=self.where, fix="set chat_template:")
-            return self.chat.conversation_segments([self.chat._message(m, n, where) for n, m in enumerate(result)], where)
+            return self.chat.conversation_segments(self.chat.normalize(result, where), where)
         out = []
         for item in result:
             if isinstance(item, Segment):

@@ -1,12 +1,20 @@
-"""Named chat templates (`chat_template: chatml | llama3 | mistral | gemma`) and how a template is chosen.
+"""Which chat template a dataset uses, the tokens it ends turns with, and the marker tokens it needs.
 
-Each named template lists the marker tokens it needs: a tokenizer that does not know them as
-single tokens would split "<|im_start|>" into pieces the model cannot learn to emit, so that is
-an error, not a silent degradation.
+`chat_template:` takes axolotl's values: `tokenizer_default` (the tokenizer's own),
+`tokenizer_default_fallback_NAME` (the tokenizer's own, else NAME), a name (`chatml`, `llama3`,
+`mistral`, `gemma`), `jinja` with `chat_template_jinja` (text or a .jinja file), or a Jinja string.
+A dataset's own `chat_template` overrides the top-level one.
+
+Each named template lists the marker tokens it needs. A tokenizer that does not know them as single
+tokens would split "<|im_start|>" into pieces the model cannot learn to emit, so training adds them
+as special tokens (`prepare_chat_tokenizer`, called where the training tokenizer is built) and the
+model grows its embeddings; a tokenizer that reaches a format without them is an error.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +58,19 @@ NAMED_TEMPLATES = {
     ),
 }
 
-# End-of-turn markers of common templates, tried in order when the template is not a named one.
-KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+# End-of-turn markers of common templates, tried when the template is not a named one (those the
+# template's text contains, plus EOS when it writes it).
+KNOWN_END_OF_TURN = (
+    "<|im_end|>", "<|eot_id|>", "<|eot|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>", "<|end▁of▁sentence|>",
+    "<|return|>", "<|endoftext|>", "</s>",
+)
+FALLBACK_PREFIX = "tokenizer_default_fallback_"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_blocks(source: str) -> bool:
+    """True when the template marks assistant output with {% generation %} (transformers' assistant mask)."""
+    return bool(_GENERATION_TAG.search(source))
 
 
 def _single_token(tokenizer: Any, text: str) -> bool:
@@ -59,19 +78,55 @@ def _single_token(tokenizer: Any, text: str) -> bool:
     return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
 
 
-def resolve_template(setting: str | None, tokenizer: Any, where: str = "chat_template") -> tuple[str, tuple[str, ...]]:
+def _fix_list() -> str:
+    return f"tokenizer_default, {FALLBACK_PREFIX}NAME, one of {', '.join(NAMED_TEMPLATES)}, jinja (with chat_template_jinja) or a Jinja template string"
+
+
+def named_choice(setting: str | None, tokenizer: Any) -> str | None:
+    """The named template a `chat_template:` value ends up using, if any."""
+    if setting and setting.startswith(FALLBACK_PREFIX):
+        return None if getattr(tokenizer, "chat_template", None) else setting[len(FALLBACK_PREFIX):]
+    return setting if setting in NAMED_TEMPLATES else None
+
+
+def _read_jinja(jinja: str | None, where: str) -> str:
+    if not jinja:
+        raise LmforgeError("chat_template: jinja needs the template", where=where, fix="set chat_template_jinja: to the Jinja text or a .jinja file")
+    if "{" not in jinja and os.path.isfile(os.path.expanduser(jinja)):  # axolotl: a path to a file also works
+        with open(os.path.expanduser(jinja), encoding="utf-8") as handle:
+            return handle.read()
+    if "{" not in jinja:
+        raise LmforgeError(f"chat_template_jinja is neither a Jinja template nor a file: {jinja}", where=where, fix="fix the path or give the template text")
+    return jinja
+
+
+def end_of_turn_candidates(source: str, tokenizer: Any) -> tuple[str, ...]:
+    """Markers of common templates that this template writes, then EOS when it writes it."""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    found = tuple(m for m in KNOWN_END_OF_TURN if m in source and m != eos)
+    writes_eos = eos and (eos in source or "eos_token" in source)
+    if writes_eos or not found:
+        found += ((eos,) if eos else ())
+    return found or KNOWN_END_OF_TURN
+
+
+def resolve_template(
+    setting: str | None, tokenizer: Any, where: str = "chat_template", jinja: str | None = None
+) -> tuple[str, tuple[str, ...]]:
     """(Jinja source, end-of-turn candidates) for a `chat_template:` value."""
     eos = getattr(tokenizer, "eos_token", None)
+    if setting and setting.startswith(FALLBACK_PREFIX):
+        name = setting[len(FALLBACK_PREFIX):]
+        if name not in NAMED_TEMPLATES:
+            raise LmforgeError(f"unknown chat_template '{name}' after {FALLBACK_PREFIX}", where=where, fix=f"use one of {', '.join(NAMED_TEMPLATES)}")
+        setting = "tokenizer_default" if getattr(tokenizer, "chat_template", None) else name
     if setting in (None, "", "tokenizer_default"):
         source = getattr(tokenizer, "chat_template", None)
         if not source:
-            raise LmforgeError(
-                "the tokenizer has no chat template", where=where,
-                fix=f"set chat_template: to one of {', '.join(NAMED_TEMPLATES)} or a Jinja template string",
-            )
+            raise LmforgeError("the tokenizer has no chat template", where=where, fix=f"set chat_template: to {_fix_list()}")
         if isinstance(source, dict):  # several named templates on one tokenizer
             source = source.get("default") or next(iter(source.values()))
-        return source, KNOWN_END_OF_TURN + ((eos,) if eos else ())
+        return source, end_of_turn_candidates(source, tokenizer)
     if setting in NAMED_TEMPLATES:
         named = NAMED_TEMPLATES[setting]
         missing = [m for m in named.markers if not _single_token(tokenizer, m)]
@@ -79,15 +134,54 @@ def resolve_template(setting: str | None, tokenizer: Any, where: str = "chat_tem
             raise LmforgeError(
                 f"chat_template {setting} needs the tokens {', '.join(missing)}, which this tokenizer does not have",
                 where=where,
-                fix="use chat_template: tokenizer_default, or a template built from the tokenizer's own special tokens",
+                fix="training adds them (and saves them with the tokenizer in output_dir): load the tokenizer from there "
+                "(--lora_model_dir or tokenizer_config), or use chat_template: tokenizer_default",
             )
         end = named.end_of_turn or eos
         if not end:
             raise LmforgeError(f"chat_template {setting} ends turns with eos_token, and the tokenizer has none", where=where, fix="set special_tokens: {eos_token: ...}")
         return named.source, (end,)
+    if setting == "jinja":
+        source = _read_jinja(jinja, where)
+        return source, end_of_turn_candidates(source, tokenizer)
     if "{{" in setting or "{%" in setting:
-        return setting, KNOWN_END_OF_TURN + ((eos,) if eos else ())
-    raise LmforgeError(
-        f"unknown chat_template '{setting}'", where=where,
-        fix=f"use tokenizer_default, one of {', '.join(NAMED_TEMPLATES)}, or a Jinja template string",
-    )
+        return setting, end_of_turn_candidates(setting, tokenizer)
+    raise LmforgeError(f"unknown chat_template '{setting}'", where=where, fix=f"use {_fix_list()}")
+
+
+def template_choices(data: Any) -> list[tuple[str | None, str | None, str]]:
+    """(chat_template, chat_template_jinja, where) of every dataset entry, each with the top-level default."""
+    out = [(data.chat_template, data.chat_template_jinja, "chat_template")]
+    for key in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(data, key, None) or []):
+            if getattr(spec, "chat_template", None):
+                out.append((spec.chat_template, spec.chat_template_jinja, f"{key}[{index}].chat_template"))
+    return out
+
+
+def prepare_chat_tokenizer(tokenizer: Any, data: Any) -> list[str]:
+    """Make the training tokenizer carry what the configured chat templates need; returns the tokens it added.
+
+    Named templates' marker tokens the tokenizer lacks become special tokens (the model then grows
+    its embeddings to match), and a top-level template other than the tokenizer's own becomes
+    ``tokenizer.chat_template``, so the tokenizer saved with the trained model renders prompts as
+    training did.
+    """
+    if data is None:
+        return []
+    missing: list[str] = []
+    for setting, _, _ in template_choices(data):
+        name = named_choice(setting, tokenizer)
+        if name is not None:
+            missing += [m for m in NAMED_TEMPLATES[name].markers if m not in missing and not _single_token(tokenizer, m)]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    from lmforge.data.formats.chat import check_template
+
+    for setting, jinja, where in template_choices(data):  # a bad name, file or template fails here, before the model loads
+        if setting:
+            source, _ = resolve_template(setting, tokenizer, where=where, jinja=jinja)
+            check_template(source, where)
+            if where == "chat_template" and setting != "tokenizer_default":
+                tokenizer.chat_template = source
+    return missing

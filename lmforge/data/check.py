@@ -1,0 +1,96 @@
+"""Read a config's data files without a tokenizer: every row parsed and its fields checked.
+
+`lmforge validate` runs this, so a broken JSON line, a CSV without the mapped column or a
+conversation with no turns is named by ``file:line`` before any model or tokenizer loads.
+What needs the tokenizer (token counts, truncation, chat-template rendering) is checked when
+the data is prepared, which `train` does before it loads any weights.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from lmforge.config.sections import DataSection, DatasetSpec, PretrainingSource
+from lmforge.data.formats import SkipRow, get_format
+from lmforge.data.formats.hook import looks_like_hook
+from lmforge.data.sources import local_files, read_local, read_rows
+from lmforge.errors import LmforgeError
+
+TEXT_SUFFIXES = {"", ".txt", ".text", ".md"}
+
+
+def _row_checker(spec: DatasetSpec, where: str) -> Any:
+    """A function row → None raising LmforgeError for a bad row, for the entry's `type`; None when the
+    format cannot be checked without a tokenizer (a hook may need the chat template to run)."""
+    kind = spec.type
+    if isinstance(kind, str) and kind in ("chat_template", "sharegpt"):
+        # The turns' structure needs no template; a stand-in tokenizer lets the format be built.
+        stand_in = SimpleNamespace(bos_token="", eos_token="", chat_template="{{ messages }}", special_tokens_map={})
+        try:
+            fmt = get_format(kind, f"{where}.type", spec=spec, tokenizer=stand_in, chat_template=None)
+        except Exception:  # noqa: BLE001 (a template option only the real tokenizer can resolve: checked at prepare)
+            return None
+        return fmt.messages
+    if isinstance(kind, str) and looks_like_hook(kind):
+        get_format(kind, f"{where}.type", spec=spec)  # imports the function: a missing one is named now
+        return None
+    return get_format(kind, f"{where}.type", spec=spec).segments
+
+
+def check_dataset(spec: DatasetSpec, where: str, data: DataSection) -> str:
+    """Parse every row of one local dataset entry and check its fields; a line saying what was read."""
+    if local_files(spec.path, spec.ds_type, spec.data_files) is None:
+        return f"{where}: {spec.path} is a Hub dataset, read when training"
+    check = _row_checker(spec, where)
+    rows = bad = 0
+    first_bad = ""
+    for row in read_rows(spec.path, spec.ds_type, spec.data_files, spec.split, spec.name):
+        rows += 1
+        try:
+            values = row.check()
+            if check is not None:
+                check(values, row.where)
+        except SkipRow:
+            continue
+        except LmforgeError as exc:
+            if not data.skip_bad_rows:
+                raise
+            bad += 1
+            first_bad = first_bad or exc.format()
+    if not rows:
+        raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+    if bad == rows:
+        raise LmforgeError(f"all {rows} rows are bad (first: {first_bad})", where=spec.path, fix="check the data and its type")
+    checked = "fields checked" if check is not None else "rows parsed (the format is checked when training)"
+    return f"{where}: {spec.path}: {rows:,} rows, {checked}" + (f", {bad:,} bad rows will be skipped" if bad else "")
+
+
+def check_text_source(source: PretrainingSource, where: str) -> str:
+    """A pretraining source: text files exist; JSONL/CSV/Parquet rows hold `text_column`."""
+    files = local_files(source.path, None, source.data_files)
+    if files is None:
+        return f"{where}: {source.path} is a Hub dataset, streamed when training"
+    rows = 0
+    for path in files:
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            continue
+        for row in read_local(path):
+            values = row.check()
+            if source.text_column not in values:
+                raise LmforgeError(f"column '{source.text_column}' is missing", where=row.where,
+                                   fix=f"set text_column to one of: {', '.join(map(str, values))}")
+            rows += 1
+    return f"{where}: {len(files)} file(s)" + (f", {rows:,} rows with '{source.text_column}'" if rows else "")
+
+
+def check_data_files(cfg: Any) -> list[str]:
+    """Every local data file of the config read and checked (no tokenizer); one line per entry."""
+    data, lines = cfg.data, []
+    pretraining_text = cfg.pretrain.pretraining_dataset
+    for index, source in enumerate(pretraining_text or []):
+        lines.append(check_text_source(source, f"pretraining_dataset[{index}]"))
+    for key, specs in (("datasets", [] if pretraining_text else data.datasets or []), ("test_datasets", data.test_datasets or [])):
+        for index, spec in enumerate(specs):
+            lines.append(check_dataset(spec, f"{key}[{index}]", data))
+    return lines

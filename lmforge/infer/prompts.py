@@ -1,0 +1,135 @@
+"""What the model sees at inference: the training format re-applied to a prompt or a conversation.
+
+The first dataset's ``type:`` decides, through the same :func:`lmforge.data.formats.get_format`
+training uses, so a prompt is wrapped exactly as training rows were:
+
+- a chat format (``chat_template`` / ``sharegpt``, or a hook that returns messages) renders the
+  whole conversation with its template and the generation prompt, so every turn sees the earlier
+  ones, as in training;
+- an instruction format (alpaca, a user-defined mapping) was trained on single exchanges, so each
+  message is wrapped on its own: the model answers the latest message without the earlier turns
+  (:attr:`PromptBuilder.multi_turn` is False, and the chat says so);
+- ``completion`` text (and a pretraining config) is continued as written.
+
+It also lists every token that ends an answer: EOS, the model's own generation EOS ids, and the
+end-of-turn markers the format writes (``<|im_end|>``, ``<|eot_id|>``, ...), so a model whose
+end-of-turn token differs from EOS still stops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.data.formats import ChatTemplateFormat, HookFormat, get_format
+from lmforge.data.formats.templates import KNOWN_END_OF_TURN
+from lmforge.data.prepare import adds_bos
+
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+@dataclass
+class PromptBuilder:
+    """Turns user text or OpenAI-style messages into the prompt string training would have produced."""
+
+    tokenizer: Any
+    fmt: Any = None  # a PromptFormat, or None for raw text (pretraining configs)
+    describe: str = "raw text"
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg: Any, tokenizer: Any, model: Any = None) -> "PromptBuilder":
+        fmt, describe = None, "raw text (no datasets in the config)"
+        datasets = cfg.data.datasets or []
+        if datasets:
+            spec = datasets[0]
+            # `data` carries chat_template, chat_template_jinja, chat_template_kwargs and eot_tokens, as in training.
+            fmt = get_format(spec.type, "datasets[0].type", spec=spec, tokenizer=tokenizer, data=cfg.data)
+            kind = spec.type if isinstance(spec.type, str) else "user-defined format"
+            describe = f"datasets[0].type ({kind})"
+        builder = cls(tokenizer=tokenizer, fmt=fmt, describe=describe)
+        builder.stop_token_ids = builder._stop_ids(model)
+        return builder
+
+    # -- what kind of format ------------------------------------------------------------------------
+
+    @property
+    def chat(self) -> ChatTemplateFormat | None:
+        """The chat template that renders conversations, when the training format is a chat format."""
+        if isinstance(self.fmt, ChatTemplateFormat):
+            return self.fmt
+        if isinstance(self.fmt, HookFormat) and self.fmt.chat is not None:
+            return self.fmt.chat
+        return None
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.chat is not None
+
+    def explain(self) -> str:
+        """One line for the chat's banner: how each turn is formatted."""
+        if self.multi_turn:
+            return f"each turn renders the whole conversation with the chat template, as in training ({self.describe})"
+        return (
+            f"{self.describe} trains single exchanges, so each message is wrapped in that format on its own and "
+            "answered without the earlier turns (train with type: chat_template for multi-turn chat)"
+        )
+
+    # -- prompts ------------------------------------------------------------------------------------
+
+    def _with_bos(self, prompt: str) -> str:
+        # Training prepends BOS to formats that do not render special tokens themselves; so must we.
+        renders = getattr(self.fmt, "renders_special_tokens", False) if self.fmt is not None else False
+        bos = self.tokenizer.bos_token
+        if not renders and bos and adds_bos(self.tokenizer) and not prompt.startswith(bos):
+            return bos + prompt
+        return prompt
+
+    def single(self, text: str) -> str:
+        """The prompt for one user message, exactly as training wrapped its rows."""
+        if self.fmt is None:
+            return self._with_bos(text)
+        return self._with_bos(self.fmt.prompt(text))
+
+    def conversation(self, messages: list[dict[str, str]]) -> str:
+        """The prompt that asks for the next assistant turn of ``messages`` (OpenAI roles)."""
+        chat = self.chat
+        if chat is not None:
+            return chat.conversation_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
+        last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        if last is None:
+            raise ValueError("the conversation has no user message")
+        return self.single(last)
+
+    # -- when to stop -------------------------------------------------------------------------------
+
+    def _stop_ids(self, model: Any) -> list[int]:
+        tok = self.tokenizer
+        ids: list[int] = []
+
+        def add(value: Any) -> None:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, int) and v >= 0 and v not in ids:
+                    ids.append(v)
+
+        add(tok.eos_token_id)
+        config = getattr(model, "generation_config", None)
+        if config is not None:
+            add(getattr(config, "eos_token_id", None))
+        # End-of-turn markers the format writes around an answer (a chat template's, or a format string's).
+        if self.chat is not None:
+            try:
+                sample = self.chat.render(_PROBE)
+            except Exception:  # a template that refuses the probe: fall back to its declared markers
+                sample = "".join(self.chat.end_of_turn)
+            markers = [m for m in self.chat.end_of_turn if m and m in sample]
+        elif self.fmt is not None:
+            sample = self.fmt.prompt("Hi")
+            markers = [m for m in KNOWN_END_OF_TURN if m in sample]
+        else:
+            markers = []
+        for marker in markers:
+            marker_ids = tok(marker, add_special_tokens=False).input_ids
+            if len(marker_ids) == 1 and marker_ids[0] != tok.unk_token_id:
+                add(marker_ids[0])
+        return ids

