@@ -34,7 +34,10 @@ def test_inputs_come_from_the_validated_config(tiny_model_dir: Path, alpaca_file
     assert (inputs.method, inputs.load_in_4bit, inputs.lora_r, inputs.lora_target_linear) == ("qlora", True, 32, True)
     assert (inputs.optimizer, inputs.gradient_checkpointing, inputs.sample_packing) == ("adamw_bnb_8bit", True, True)
     assert (inputs.micro_batch_size, inputs.gradient_accumulation_steps, inputs.sequence_len) == (3, 5, 64)
-    assert PlanInputs.from_config(cfg, num_devices=4).sharding == "ddp"  # several devices: torchrun's DDP by default
+    four = PlanInputs.from_config(cfg, num_devices=4)
+    assert four.sharding == "ddp"  # several devices: torchrun's DDP by default
+    assert any("--strategy/--num-gpus" in n and "issue 11" in n for n in four.notes)  # says where the scale-out came from
+    assert PlanInputs.from_config(cfg).notes == ()
 
 
 def test_sharding_divides_what_it_shards() -> None:
@@ -90,6 +93,14 @@ def test_advice_is_computed_and_ranked_by_saving() -> None:
     assert path and estimator(path[-1].inputs, a100).peak_bytes <= a100.memory_bytes
     n, strategy, _ = devices_needed(full, a100, estimator)
     assert strategy == "fsdp" and n >= 2
+    # the fewest: one device less does not fit (not just the next power of two)
+    assert estimator(full.with_(sharding="fsdp", num_devices=n - 1), a100).peak_bytes > a100.memory_bytes
+    checkpointed = full.with_(gradient_checkpointing=True)  # activations that fit a small card (they do not shard)
+    for gpu in ("RTX 3090", "A6000", "H100"):
+        device = find_gpu(gpu)
+        count = devices_needed(checkpointed, device, estimator)[0]
+        assert not estimator(checkpointed.with_(sharding="fsdp", num_devices=count - 1), device).fits(device), gpu
+        assert estimator(checkpointed.with_(sharding="fsdp", num_devices=count), device).fits(device), gpu
 
 
 def test_flops_and_time() -> None:

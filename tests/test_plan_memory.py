@@ -216,6 +216,39 @@ def test_lora_needs_about_a_third_of_full_finetuning_at_7b() -> None:
     assert 2.7 <= full.peak_bytes / lora.peak_bytes <= 3.5, (full.breakdown, lora.breakdown)
 
 
+def test_65b_full_finetune_needs_about_16_a100_80gb_and_qlora_one() -> None:
+    """The seed: QLoRA takes a 65B job from 16 A100-80GB to one A100. Full fine-tuning (fp32 weights and AdamW,
+    bf16 autocast, gradient checkpointing, sequence 512) sharded with FSDP2/ZeRO-3 needs the fewest A100 80GB
+    cards at 15; QLoRA (r=64 on every linear layer) fits one."""
+    from lmforge.plan.advice import devices_needed
+
+    llama65, a100 = read_shape("huggyllama/llama-65b"), find_gpu("A100 80GB")
+    full = PlanInputs(method="full", bf16=True, sequence_len=512, micro_batch_size=1, gradient_checkpointing=True)
+    count, strategy, est = devices_needed(full, a100, lambda i, d: estimate(i, llama65, d))
+    assert strategy == "fsdp" and 14 <= count <= 16 and est.fits(a100)
+    assert not estimate(full.with_(sharding="fsdp", num_devices=count - 1), llama65, a100).fits(a100)  # the fewest
+    qlora = PlanInputs(method="qlora", load_in_4bit=True, lora_r=64, lora_target_linear=True, lora_dropout=0.05, bf16=True,
+                       sequence_len=512, micro_batch_size=1, gradient_checkpointing=True)
+    assert estimate(qlora, llama65, a100).fits(a100)
+
+
+def test_scale_out_read_from_deepspeed_and_fsdp_keys(tmp_path: Path) -> None:
+    """axolotl's scale-out keys (lmforge's own come with issue 11) set the planner's sharding and offload."""
+    from lmforge.plan.inputs import scale_out_from_keys
+
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    assert scale_out_from_keys({"deepspeed": str(zero3)})[0] == {"sharding": "zero3", "offload": "optimizer"}
+    assert scale_out_from_keys({"deepspeed": {"zero_optimization": {"stage": 2}}})[0] == {"sharding": "zero2"}
+    assert scale_out_from_keys({"fsdp": ["full_shard", "auto_wrap"]})[0] == {"sharding": "fsdp"}
+    assert scale_out_from_keys({"fsdp": "shard_grad_op offload"})[0] == {"sharding": "zero2", "offload": "params"}
+    assert scale_out_from_keys({"fsdp_config": {"fsdp_offload_params": True, "reshard_after_forward": True}})[0] == {
+        "sharding": "fsdp", "offload": "params"}
+    out, notes = scale_out_from_keys({"deepspeed": str(tmp_path / "missing.json")})
+    assert out == {} and "could not read" in notes[0]
+    assert scale_out_from_keys({})[0] == {}
+
+
 # --------------------------------------------------------------------------- whole runs on this CPU
 
 

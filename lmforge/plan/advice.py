@@ -57,7 +57,8 @@ def candidate_changes(inputs: PlanInputs) -> list[tuple[str, str, PlanInputs]]:
     if inputs.optimizer in ("adamw_torch", "adamw", "adamw_hf", "adamw_torch_fused"):
         out.append(("optimizer: adamw_bnb_8bit", "8-bit AdamW states (bitsandbytes)", inputs.with_(optimizer="adamw_bnb_8bit")))
     if inputs.offload == "none":
-        out.append(("offload the optimizer to CPU (ZeRO-Offload)", "optimizer states (and fp32 master weights) in host RAM",
+        out.append(("offload the optimizer to CPU (deepspeed: ZeRO with offload_optimizer: {device: cpu})",
+                    "optimizer states (and fp32 master weights) in host RAM; lmforge runs DeepSpeed once issue 11 lands",
                     inputs.with_(offload="optimizer")))
     if inputs.sequence_len > 256:
         seq = inputs.sequence_len // 2
@@ -67,13 +68,21 @@ def candidate_changes(inputs: PlanInputs) -> list[tuple[str, str, PlanInputs]]:
 
 
 def _min_devices(inputs: PlanInputs, device: Device, estimator: Estimator, strategy: str) -> tuple[int, MemoryEstimate] | None:
-    n = 2
-    while n <= MAX_DEVICES:
-        est = estimator(inputs.with_(sharding=strategy, num_devices=n), device)
-        if est.peak_bytes <= device.memory_bytes:
-            return n, est
-        n *= 2
-    return None
+    """The fewest devices (2..MAX_DEVICES) the run fits on under `strategy`: doubling, then bisecting the last gap
+    (per-device memory only falls as devices are added)."""
+
+    def on(n: int) -> MemoryEstimate:
+        return estimator(inputs.with_(sharding=strategy, num_devices=n), device)
+
+    low, high = 1, 2
+    while high <= MAX_DEVICES and on(high).peak_bytes > device.memory_bytes:
+        low, high = high, high * 2
+    if high > MAX_DEVICES:
+        return None
+    while high - low > 1:  # `low` does not fit, `high` does
+        mid = (low + high) // 2
+        low, high = (low, mid) if on(mid).peak_bytes <= device.memory_bytes else (mid, high)
+    return high, on(high)
 
 
 def devices_needed(inputs: PlanInputs, device: Device, estimator: Estimator) -> tuple[int, str, MemoryEstimate] | None:
@@ -98,7 +107,8 @@ def rank_changes(inputs: PlanInputs, device: Device, estimator: Estimator) -> li
         found = _min_devices(inputs, device, estimator, "fsdp")
         if found:
             n, est = found
-            changes.append(Change(f"FSDP2 / ZeRO-3 over {n} x {device.name}", "shard weights, gradients and optimizer states",
+            changes.append(Change(f"FSDP2 / ZeRO-3 over {n} x {device.name} (fsdp_config or deepspeed zero3, torchrun)",
+                                  "shard weights, gradients and optimizer states; lmforge runs it once issue 11 lands",
                                   inputs.with_(sharding="fsdp", num_devices=n), est, base - est.peak_bytes, True, n))
     return changes
 

@@ -12,10 +12,12 @@ packing or how many positions carry a label.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +70,13 @@ def _gguf_tokenizer_dir(gguf: Path) -> Path:
 
 def tokenizer_without_weights(cfg: LmforgeConfig) -> Any:
     """The training tokenizer (special tokens included) without reading any weights."""
-    from lmforge.data.formats.templates import prepare_chat_tokenizer
-    from lmforge.models.load import _gguf_cache_dir, resolve_model_path, tokenizer_for
+    from lmforge.models.load import _gguf_cache_dir, resolve_model_path
 
     source = cfg.model.tokenizer_config or cfg.model.base_model
     path = resolve_model_path(source) if source else ""
+    if path and not os.path.exists(path):  # a Hub id
+        with hub_offline_unless_reachable():
+            return _tokenizer_for(cfg)
     if path.endswith(".gguf") and os.path.isfile(path) and not (_gguf_cache_dir(Path(path)) / "config.json").exists():
         folder = _gguf_tokenizer_dir(Path(path))
         if not (folder / "tokenizer_config.json").exists():
@@ -84,10 +88,47 @@ def tokenizer_without_weights(cfg: LmforgeConfig) -> Any:
             os.makedirs(folder.parent, exist_ok=True)
             tmp.replace(folder) if not folder.exists() else None
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tokenizer_config": str(folder)})})
+    return _tokenizer_for(cfg)
+
+
+def _tokenizer_for(cfg: LmforgeConfig) -> Any:
+    from lmforge.data.formats.templates import prepare_chat_tokenizer
+    from lmforge.models.load import tokenizer_for
+
     # As recipes.training.data_tokenizer builds it: the config's special tokens and chat-template markers.
     tokenizer = tokenizer_for(cfg)
     prepare_chat_tokenizer(tokenizer, cfg.data)
     return tokenizer
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers a TCP connection within `timeout` seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable() -> Iterator[None]:
+    """Hub offline mode while the Hub cannot be reached: a cached tokenizer loads at once, a missing one fails
+    at once, instead of huggingface_hub retrying for half a minute (plan is asked about Hub ids offline)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def label_count(labels: Sequence[int]) -> int:

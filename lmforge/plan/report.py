@@ -134,7 +134,7 @@ def build_report(cfg: LmforgeConfig, options: PlanOptions, measurement: Measurem
         "prices": None if prices is None else {"source": prices.source, "currency": prices.currency, "as_of": prices.as_of,
                                                "example": prices.example},
         "measurement": measurement.as_dict() if measurement else None,
-        "notes": plan.notes + main.notes + ([] if length else [
+        "notes": list(inputs.notes) + plan.notes + main.notes + ([] if length else [
             "time and cost need the run's length: the data's token count (drop --no-data) or max_steps"]),
     }
     fitting = [g for g in gpus if g["fits"]]
