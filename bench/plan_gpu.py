@@ -14,6 +14,7 @@ tensor peak: no CUDA context, no allocator slack) and torch.cuda.max_memory_allo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,8 +52,12 @@ def build_model(folder: Path) -> Path:
 
     if (folder / "config.json").exists():
         return folder
-    gguf = Path(resolve_model_path(pm.MODEL))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    carried = os.environ.get("PLAN_GPU_TOKENIZER")  # bench/plan_gpu_carry.sh saved it (offline GPU images)
+    if carried:
+        tokenizer = AutoTokenizer.from_pretrained(carried)
+    else:
+        gguf = Path(resolve_model_path(pm.MODEL))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     fields = json.loads((ARCHS_DIR / "HuggingFaceTB--SmolLM2-1.7B.json").read_text())
     fields = {k: v for k, v in fields.items() if not k.startswith("_") and k != "model_type"}
     config = AutoConfig.for_model("llama", **fields, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -74,12 +79,25 @@ def main() -> int:
     model_dir = build_model(work / "llama-1.7b-random")
     props = torch.cuda.get_device_properties(0)
     rows = []
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name, overrides in CONFIGS.items():
+        needs_bnb = overrides.get("load_in_4bit") or str(overrides.get("optimizer", "")).endswith("8bit")
+        if needs_bnb and not has_bnb:
+            rows.append(f"| {name} | skipped: bitsandbytes is not installed here | | | | |")
+            continue
         config = pm.write_config(work, name, {**overrides, "base_model": str(model_dir), "bf16": True}, 3)
         start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", str(config)], capture_output=True, text=True, cwd=work)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", str(config)], capture_output=True, text=True,
+                                  cwd=work, env=env, timeout=240)
+        except subprocess.TimeoutExpired:
+            rows.append(f"| {name} | timed out after 240 s | | | | |")
+            print(rows[-1], flush=True)
+            continue
         if proc.returncode != 0:
-            rows.append(f"| {name} | failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:120] if proc.stderr.strip() else ''} | | | |")
+            rows.append(f"| {name} | failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:120] if proc.stderr.strip() else ''} | | | | |")
+            print(rows[-1], flush=True)
             continue
         s = json.loads((work / name / "summary.json").read_text())
         predicted, measured = s.get("predicted_peak_memory_mb"), s["measured_peak_memory_mb"]
@@ -88,7 +106,8 @@ def main() -> int:
         rows.append(f"| {name} | {predicted or 0:,.0f} | {measured:,.0f} | {error} | {', '.join(f'{k} {v:,.0f}' for v, k in top)} | {time.time() - start:.0f} s |")
         print(rows[-1], flush=True)
     text = "\n".join([
-        f"# Planner vs torch.cuda.max_memory_allocated on {props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}",
+        f"# Planner vs torch.cuda.max_memory_allocated on {props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
+        f"transformers {__import__('transformers').__version__}, peft {__import__('peft').__version__}",
         "", "Random-init Llama with SmolLM2-1.7B's shape, bf16, 3 steps per configuration (bench/plan_gpu.py).", "",
         "| config | predicted live peak MiB | max_memory_allocated MiB | error | largest predicted parts (MiB) | wall |",
         "|---|---|---|---|---|---|", *rows])

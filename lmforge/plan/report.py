@@ -134,6 +134,7 @@ def build_report(cfg: LmforgeConfig, options: PlanOptions, measurement: Measurem
         "prices": None if prices is None else {"source": prices.source, "currency": prices.currency, "as_of": prices.as_of,
                                                "example": prices.example},
         "measurement": measurement.as_dict() if measurement else None,
+        "gpu_mfu": {"mfu": options.mfu or DEFAULT_GPU_MFU, "basis": "--mfu" if options.mfu else "assumed"},
         "notes": list(inputs.notes) + plan.notes + main.notes + ([] if length else [
             "time and cost need the run's length: the data's token count (drop --no-data) or max_steps"]),
     }
@@ -197,8 +198,9 @@ def render_text(r: dict[str, Any]) -> str:
                      f"{_fmt_hours(g['hours']):>10s} {cost:>10s}{'' if g['bf16'] else '  (no bf16: fp32)'}")
     if r["prices"]:
         p = r["prices"]
-        lines.append(f"Time at {'the measured' if r['measurement'] else f'an assumed {DEFAULT_GPU_MFU:.0%}'} MFU"
-                     + (f" (--mfu)" if False else "") + f"; cost from {p['source']} (as of {p['as_of']})"
+        m = r["gpu_mfu"]
+        lines.append(f"GPU time at {'an assumed ' if m['basis'] == 'assumed' else ''}{m['mfu']:.0%} MFU"
+                     + (" (--mfu)" if m["basis"] == "--mfu" else " (--mfu to change)") + f"; cost from {p['source']} (as of {p['as_of']})"
                      + (" -- EXAMPLE PRICES, edit them" if p["example"] else ""))
     c = r["cpu"]
     cpu_line = f"\n{c['device']}, {c['memory_gb']:.1f} GiB RAM: peak {c['peak_gb']:.2f} GiB above the process baseline ({c['phase']}; bf16 {'on' if c['bf16'] else 'off'})"
