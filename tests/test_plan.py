@@ -228,3 +228,28 @@ def test_readme_plan_command_on_the_lora_example(capsys: pytest.CaptureFixture, 
     assert report["trainable_parameters"] == 4_884_480  # what `lmforge train` reports for this adapter
     assert report["data"]["examples"] > 7000 and report["run"]["steps"] == 60
     assert all(g["fits"] for g in report["gpus"]) and "advice" not in report
+
+
+def test_plan_examples_give_the_reference_points(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/plan/ as a user runs them (offline, no weights): the 7B full fine-tune in the 150-195 GB band and
+    over one A100, the 7B QLoRA on one 24 GB card, the QLoRA paper's 65B on one 48 GB card (8-bit AdamW; not with
+    lmforge's fp32 adapters and 32-bit AdamW)."""
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+
+    def plan(*args: str) -> dict:
+        assert main(["plan", *args, "--json", "--no-data"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    full = plan("examples/plan/llama2-7b-full.yml", "--gpu", "a100")
+    assert 150 <= full["peak_gb"] * GiB / 1e9 <= 195 and not full["fits"]
+    assert full["advice"]["ranked"][0]["change"].startswith("adapter: ") and full["advice"]["to_fit_one"]
+    a100 = next(g for g in full["gpus"] if g["gpu"] == "A100 80GB")
+    assert a100["count_strategy"] == "fsdp" and 2 <= a100["count"] <= 8
+    assert any("scale-out" in n for n in plan("examples/plan/llama2-7b-full.yml", "--num-gpus", "8", "--strategy", "fsdp")["notes"])
+    qlora = plan("examples/plan/llama2-7b-qlora.yml", "--gpu", "4090")
+    assert qlora["fits"] and qlora["peak_gb"] < 24
+    paper = plan("examples/plan/llama-65b-qlora.yml", "--gpu", "a6000")
+    assert paper["fits"] and paper["breakdown"]["weights"] == pytest.approx(33.1, abs=1.0)
+    assert not plan("examples/plan/llama-65b-qlora.yml", "--gpu", "a6000", "--optimizer=adamw_torch")["fits"]
