@@ -174,6 +174,20 @@ def measure(name: str, folder: Path, steps: int, baselines: dict[bool, int], nic
             "in_run_measured_mb": summary.get("measured_peak_memory_mb"), "in_run_predicted_mb": summary.get("predicted_peak_memory_mb")}
 
 
+def _measured_rows(folder: Path) -> list[dict[str, Any]]:
+    """An earlier run folder's measurements: its results.json, else (a bench stopped before writing it) each finished
+    run's summary.json, whose in-run peak (RSS above the baseline after the imports) matches wait4's within ~1 MiB."""
+    if (folder / "results.json").exists():
+        return json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    rows = []
+    for summary_path in sorted(folder.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if summary.get("measured_peak_memory_mb") and summary_path.parent.name in CONFIGS:
+            rows.append({"name": summary_path.parent.name, "measured_mb": summary["measured_peak_memory_mb"],
+                         "source": "in-run summary.json"})
+    return rows
+
+
 def repredict(folders: list[Path], steps: int) -> list[dict[str, Any]]:
     """Rows from earlier runs' measurements (their results.json) with the current planner's predictions.
 
@@ -182,7 +196,7 @@ def repredict(folders: list[Path], steps: int) -> list[dict[str, Any]]:
     """
     rows = []
     for folder in folders:
-        for old in json.loads((folder / "results.json").read_text(encoding="utf-8")):
+        for old in _measured_rows(folder):
             prediction = predict(folder / f"{old['name']}.yml", steps)
             measured = old["measured_mb"] * MiB
             rows.append({**old, "predicted_mb": prediction["peak_bytes"] / MiB, "error": prediction["peak_bytes"] / measured - 1,
