@@ -109,10 +109,11 @@ class PlanInputs:
             group_by_length=t.group_by_length,
         )
         # Keys other parts of lmforge are adding; read when present, defaults otherwise.
-        attn = getattr(cfg.model, "attn_implementation", None)
+        flat = cfg.flat()  # section-agnostic: whichever section a later key lands in
+        attn = flat.get("attn_implementation")
         if attn:
             values["attn_implementation"] = str(attn)
-        from_keys, notes = scale_out_from_keys(cfg.flat())
+        from_keys, notes = scale_out_from_keys(flat)
         values.update(from_keys)
         given = {k: v for k, v in overrides.items() if v is not None}
         values.update(given)

@@ -61,7 +61,7 @@ def model_shape(cfg: LmforgeConfig) -> ModelShape:
         config = build_config(spec.architecture, vocab, spec.preset, spec.overrides(), cfg.pretrain.objective)
         return shape_from_config(config.to_dict(), "model_config")
     # base_model_config is "not yet" in config/keytable.py (refused); read when a later schema carries it.
-    return read_shape(cfg.model.base_model or "", getattr(cfg.model, "base_model_config", None))
+    return read_shape(cfg.model.base_model or "", cfg.flat().get("base_model_config"))
 
 
 def current_device(device_type: str) -> Device:
