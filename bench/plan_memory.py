@@ -206,12 +206,14 @@ def repredict(folders: list[Path], steps: int) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| config | predicted MiB | measured MiB | error | predicted peak phase | largest components (MiB) |",
-             "|---|---|---|---|---|---|"]
+    where = any("measured_in" in r for r in rows)
+    lines = ["| config | predicted MiB | measured MiB | error | predicted peak phase | largest components (MiB) |"
+             + (" measured in |" if where else ""), "|---|---|---|---|---|---|" + ("---|" if where else "")]
     for r in rows:
         top = sorted(((v, k) for k, v in r["breakdown_mb"].items() if v), reverse=True)[:4]
         lines.append(f"| {r['name']} | {r['predicted_mb']:,.0f} | {r['measured_mb']:,.0f} | {r['error']:+.1%} | {r['phase']} | "
-                     + ", ".join(f"{k} {v:,}" for v, k in top) + " |")
+                     + ", ".join(f"{k} {v:,}" for v, k in top) + " |"
+                     + (f" {r.get('measured_in', '')}{' (summary.json)' if r.get('source') else ''} |" if where else ""))
     worst = max(abs(r["error"]) for r in rows)
     lines.append(f"\nWorst error {worst:.1%} over {len(rows)} configurations (acceptance: within ±15%).")
     return "\n".join(lines)

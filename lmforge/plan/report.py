@@ -129,7 +129,7 @@ def build_report(cfg: LmforgeConfig, options: PlanOptions, measurement: Measurem
             "examples": plan.data.examples, "tokens_per_epoch": plan.data.tokens, "labelled_per_epoch": plan.data.labelled,
             "max_length": plan.data.max_len, "truncated": plan.data.truncated,
             "micro_batches_per_epoch": plan.data.micro_batches_per_epoch},
-        "run": None if length is None else {"steps": length.steps, "micro_batches": length.micro_batches, "epochs": round(length.epochs, 3),
+        "run": None if length is None else {"steps": length.steps, "micro_batches": length.micro_batches, "epochs": round(length.epochs, 3) if plan.data else None,
                                            "real_tokens": length.real_tokens, "computed_tokens": length.computed_tokens},
         "prices": None if prices is None else {"source": prices.source, "currency": prices.currency, "as_of": prices.as_of,
                                                "example": prices.example},
@@ -181,8 +181,9 @@ def render_text(r: dict[str, Any]) -> str:
                      f"({d['labelled_per_epoch'] / max(d['tokens_per_epoch'], 1):.0%} labelled), longest {d['max_length']}")
     if r["run"]:
         run = r["run"]
-        lines.append(f"run        {run['steps']:,} optimizer steps = {run['micro_batches']:,} micro-batches = {run['epochs']:.2f} epochs, "
-                     f"{run['real_tokens']:,} real tokens")
+        epochs = f"{run['epochs']:.2f} epochs" if run["epochs"] is not None else "epochs unknown (data not read)"
+        lines.append(f"run        {run['steps']:,} optimizer steps = {run['micro_batches']:,} micro-batches = {epochs}, "
+                     f"{run['real_tokens']:,} {'real' if run['epochs'] is not None else 'assumed (full rows)'} tokens")
     lines += ["", f"Peak memory per device on {r['device']}: {r['peak_gb']:.2f} GiB ({r['phase']})"]
     for key, value in r["breakdown"].items():
         if value:
