@@ -197,7 +197,11 @@ def repredict(folders: list[Path], steps: int) -> list[dict[str, Any]]:
     rows = []
     for folder in folders:
         for old in _measured_rows(folder):
-            prediction = predict(folder / f"{old['name']}.yml", steps)
+            config_path = folder / f"{old['name']}.yml"
+            import yaml
+
+            ran = yaml.safe_load(config_path.read_text(encoding="utf-8")).get("max_steps") or steps  # the steps it measured
+            prediction = predict(config_path, ran)
             measured = old["measured_mb"] * MiB
             rows.append({**old, "predicted_mb": prediction["peak_bytes"] / MiB, "error": prediction["peak_bytes"] / measured - 1,
                          "phase": prediction["phase"], "breakdown_mb": {k: round(v / MiB) for k, v in prediction["breakdown"].items()},

