@@ -334,3 +334,46 @@ def test_wandb_watch_and_log_model_reach_wandb(tiny_model_dir: Path, alpaca_file
     assert calls[0] == ("watch", "gradients") and calls[-1] == ("finish",)
     artifact = calls[-2]
     assert artifact[0] == "artifact" and artifact[1] == "run1-model" and "adapter_model.safetensors" in artifact[2]
+
+
+# --- vocabulary, LoRA on parameters, optimizer names, cross-key checks ------------------------------------------------
+
+def test_tokens_join_the_vocabulary_and_embeddings_pad_to_32x(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from lmforge.models.load import tokenizer_for
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, tokens=["<|tool|>", "zebra"], resize_token_embeddings_to_32x=True,
+               adapter=None, lora_r=None, lora_alpha=None, lora_target_linear=None)
+    tok = tokenizer_for(cfg)
+    plain = load_tokenizer(str(tiny_model_dir))
+    assert len(tok) == len(plain) + 2 and len(tok("zebra <|tool|>").input_ids) == 2
+    model = training_model(cfg, tok, CPU, bf16=False)
+    rows = model.get_input_embeddings().num_embeddings
+    assert rows % 32 == 0 and len(tok) <= rows < len(tok) + 32 and model.get_output_embeddings().out_features == rows
+
+
+def test_lora_target_parameters_adapt_parameters_by_name(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, lora_target_linear=None, lora_target_modules=[],
+               lora_target_parameters=["mlp.down_proj.weight"])
+    model = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("down_proj" in name and "lora_" in name for name in trainable), trainable
+    assert len(trainable) == 2 * model.get_base_model().config.num_hidden_layers
+
+
+def test_torchao_optimizer_names_map_or_are_refused_naming_the_nearest(tiny_model_dir: Path, alpaca_file: Path,
+                                                                        tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, optimizer="adamw_torch_8bit")
+    assert cfg.training.optimizer == "adamw_bnb_8bit" and "bitsandbytes' 8-bit AdamW" in cfg.notices[0].text
+    with pytest.raises(LmforgeError, match="adamw_torch_4bit") as err:
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, optimizer="adamw_torch_4bit")
+    assert "adamw_bnb_8bit" in err.value.fix
+
+
+def test_precision_and_satellite_keys_are_checked_across_keys(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="fp16 and bf16 are both on"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, fp16=True, bf16=True)
+    assert _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, fp16=True, bf16="auto").speed.fp16
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, gradient_checkpointing_kwargs={"use_reentrant": True},
+               loss_watchdog_patience=5)
+    assert any("gradient_checkpointing_kwargs has no effect" in w for w in cfg.warnings)
+    assert any("loss_watchdog_patience has no effect" in w for w in cfg.warnings)

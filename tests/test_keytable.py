@@ -186,8 +186,8 @@ def test_planned_key_refused_naming_its_issue_and_line(write) -> None:  # noqa: 
 
 
 def test_not_yet_key_names_the_nearest_supported_key(write) -> None:  # noqa: ANN001
-    text = refused(write("lora_target_parameters: [experts.down_proj]\n"))
-    assert "'lora_target_parameters' is not supported yet" in text and "nearest supported: lora_target_modules" in text
+    text = refused(write("lora_rank_pattern:\n  q_proj: 4\n"))
+    assert "'lora_rank_pattern' is not supported yet" in text and "nearest supported: lora_r" in text
 
 
 def test_out_of_scope_key_refused_with_reason(write) -> None:  # noqa: ANN001

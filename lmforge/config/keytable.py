@@ -310,8 +310,9 @@ PAGED_OPTIMIZER = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "a
 
 
 def optimizer_names(value: Any, facts: Facts) -> Verdict | None:
-    """also adamw_8bit (= adamw_bnb_8bit), and paged_adamw_8bit / paged_adamw_32bit on a machine without
-    a GPU (run unpaged, with a notice); adamw_torch_8bit / adamw_torch_4bit refused"""
+    """also adamw_8bit (= adamw_bnb_8bit), adamw_torch_8bit (torchao's; runs as adamw_bnb_8bit, with a notice),
+    and paged_adamw_8bit / paged_adamw_32bit on a machine without a GPU (run unpaged, with a notice);
+    adamw_torch_4bit refused"""
     if value in SAME_OPTIMIZER:
         ours = SAME_OPTIMIZER[value]
         return Verdict(Kind.NOTICE, f"{value} is {ours}, the same bitsandbytes optimizer", value=ours, replaces=True)
@@ -321,8 +322,13 @@ def optimizer_names(value: Any, facts: Facts) -> Verdict | None:
                        "the same update", value=ours, replaces=True)
     if value in PAGED_OPTIMIZER:
         return Verdict(Kind.NOT_YET, f"optimizer: {value} (paged optimizer state)", nearest=f"optimizer: {PAGED_OPTIMIZER[value]}")
-    if value in ("adamw_torch_8bit", "adamw_torch_4bit"):
-        return Verdict(Kind.NOT_YET, f"optimizer: {value} (torchao's low-bit AdamW)", nearest="optimizer: adamw_bnb_8bit")
+    if value == "adamw_torch_8bit":
+        return Verdict(Kind.NOTICE, "torchao's 8-bit AdamW runs as adamw_bnb_8bit, bitsandbytes' 8-bit AdamW: the same "
+                       "update with block-wise 8-bit states (the two round the states slightly differently)",
+                       value="adamw_bnb_8bit", replaces=True)
+    if value == "adamw_torch_4bit":
+        return Verdict(Kind.NOT_YET, f"optimizer: {value} (torchao's 4-bit AdamW states)",
+                       nearest="optimizer: adamw_bnb_8bit (8-bit states)")
     return None
 
 
@@ -451,7 +457,7 @@ KEYS: tuple[Key, ...] = (
     later("model_revision", "a Hub revision of the model", nearest="base_model (a local folder)"),
     later("revision_of_model", "a Hub revision of the model", nearest="base_model (a local folder)"),
     later("reinit_weights", "re-initialising a pretrained model's weights", nearest="model_config (a new model)"),
-    later("resize_token_embeddings_to_32x", "padding the vocabulary to a multiple of 32", nearest="special_tokens"),
+    done("resize_token_embeddings_to_32x", MODEL),
     later("mean_resizing_embeddings", "random rows for added tokens", quiet=(None,),
           same={True: "new embedding rows start at the mean of the others, as lmforge grows them"}),
     later("shrink_embeddings", "shrinking the embeddings to the tokenizer"),
@@ -459,7 +465,7 @@ KEYS: tuple[Key, ...] = (
     done("special_tokens", LOAD),
     later("additional_special_tokens", "adding extra special tokens", nearest="special_tokens: {bos_token, eos_token, pad_token, unk_token}",
           scope=SPECIAL_TOKENS),
-    later("tokens", "adding tokens to the vocabulary", nearest="special_tokens"),
+    done("tokens", LOAD),
     later("added_tokens_overrides", "renaming reserved tokens", nearest="special_tokens"),
     later("fix_untrained_tokens", "re-initialising untrained token rows"),
     note("hf_use_auth_token", "lmforge reads the Hub token from the environment (HF_TOKEN)"),
@@ -495,7 +501,7 @@ KEYS: tuple[Key, ...] = (
     done("lora_modules_to_save", ADAPTERS),
     done("peft_use_dora", ADAPTERS),
     done("peft_use_rslora", ADAPTERS),
-    later("lora_target_parameters", "LoRA on parameters (MoE expert weights)", nearest="lora_target_modules"),
+    done("lora_target_parameters", ADAPTERS),
     later("lora_rank_pattern", "per-module LoRA ranks", nearest="lora_r"),
     later("lora_alpha_pattern", "per-module LoRA alphas", nearest="lora_alpha"),
     later("peft_layers_to_transform", "LoRA on chosen layer indices", nearest="lora_target_modules (a regex)"),

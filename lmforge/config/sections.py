@@ -129,6 +129,10 @@ class ModelSection(Section):
     tokenizer_type: str | None = Field(
         None, description="transformers class to load the tokenizer with (e.g. PreTrainedTokenizerFast; default AutoTokenizer)."
     )
+    tokens: list[str] | None = Field(None, description="Tokens to add to the vocabulary (the embeddings grow to match).")
+    resize_token_embeddings_to_32x: bool = Field(
+        False, description="Pad the embedding rows to a multiple of 32 (faster matmuls on GPUs); the extra rows are never used."
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
         None, description="Attention backend (default: transformers' choice, sdpa where supported). Without CUDA, "
         "flash_attention_2 and flex_attention run as sdpa. Packed rows never attend across examples on any backend."
@@ -211,6 +215,10 @@ class AdapterSection(Section):
     lora_target_linear: bool = Field(False, description="Adapt every linear layer except the output head.")
     lora_fan_in_fan_out: bool = Field(False, description="Set for Conv1D layers that store weights transposed (GPT-2).")
     lora_modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
+    lora_target_parameters: list[str] | None = Field(
+        None, description="Parameters (not modules) to adapt, by name suffix, e.g. [experts.gate_up_proj] for MoE experts "
+        "(peft's target_parameters)."
+    )
 
 
 class TrainingSection(Section):

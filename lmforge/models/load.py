@@ -171,6 +171,8 @@ def tokenizer_for(cfg: Any, source: str | None = None) -> Any:
         tokenizer.add_special_tokens(dict(model.special_tokens))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    if model.tokens:
+        tokenizer.add_tokens(list(model.tokens))
     return tokenizer
 
 
@@ -211,7 +213,9 @@ def load_model(
         raise
 
 
-def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any) -> None:
-    """Grow the input (and tied output) embeddings when the tokenizer gained tokens."""
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any, multiple_of: int | None = None) -> None:
+    """Grow the input (and tied output) embeddings when the tokenizer gained tokens (to a multiple of
+    `multiple_of` rows: resize_token_embeddings_to_32x)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows or (multiple_of and rows % multiple_of):
+        model.resize_token_embeddings(max(len(tokenizer), rows), pad_to_multiple_of=multiple_of)

@@ -71,7 +71,7 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
                            masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                            model_type=cfg.model.model_type, config_source=cfg.model.base_model_config, **extra)
     rows = model.get_input_embeddings().num_embeddings
-    fit_embeddings_to_tokenizer(model, tokenizer)
+    fit_embeddings_to_tokenizer(model, tokenizer, 32 if cfg.model.resize_token_embeddings_to_32x else None)
     new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]
     if cfg.training.dropout is not None:
         set_dropout(model, cfg.training.dropout)
