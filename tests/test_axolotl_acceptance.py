@@ -5,7 +5,7 @@ base_model (the shipped SmolLM2-135M), the dataset (the repository's GSM8K) and 
 every other key (attn_implementation: flash_attention_2, loss_watchdog_*, gradient_checkpointing_kwargs,
 optimizer: adamw_8bit / paged_adamw_8bit, tf32, special_tokens, ...) is read as axolotl wrote it. So that
 three real runs fit the test budget on 2 CPU cores, the test shortens them the way a user would on the
-command line: a small eval split and, for the 8B recipe, sequence_len 2048 and no gradient accumulation.
+command line: a small eval split, sequence_len 512 and (QLoRA, full) no gradient accumulation.
 On a machine without CUDA, QLoRA runs on bitsandbytes' CPU 4-bit kernels, as `lmforge train` does there.
 """
 
@@ -22,11 +22,11 @@ from lmforge.config import load_config
 from lmforge.recipes.train import run_train
 
 FIXTURES = REPO / "tests" / "fixtures" / "axolotl"
-SHORTER = ["--val_set_size=8"]
+SHORTER = ["--val_set_size=8", "--sequence_len=512"]
 RUNS = {  # fixture -> (extra command-line overrides, what the run must be)
     "llama-3-lora-1b.yml": ([], "lora"),
-    "llama-3-qlora-1b.yml": ([], "qlora"),
-    "llama-3-fft-8b.yaml": (["--sequence_len=2048", "--gradient_accumulation_steps=1"], None),
+    "llama-3-qlora-1b.yml": (["--gradient_accumulation_steps=1"], "qlora"),
+    "llama-3-fft-8b.yaml": (["--gradient_accumulation_steps=1"], None),
 }
 
 

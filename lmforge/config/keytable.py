@@ -436,7 +436,9 @@ KEYS: tuple[Key, ...] = (
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),
     later("tokenizer_legacy", "the tokenizer's legacy flag", nearest="tokenizer_config"),
-    later("tokenizer_use_mistral_common", "the mistral-common tokenizer", nearest="tokenizer_config"),
+    later("tokenizer_use_mistral_common", "Mistral's mistral-common tokenizer; lmforge tokenizes with the model's Hugging "
+          "Face tokenizer, whose ids and chat template may differ from it", nearest="tokenizer_use_mistral_common: false "
+          "(the model's Hugging Face tokenizer)"),
     done("tokenizer_type", LOAD),
     out("processor_type", MULTIMODAL),
     out("processor_kwargs", MULTIMODAL),
