@@ -5,7 +5,8 @@ base_model (the shipped SmolLM2-135M), the dataset (the repository's GSM8K) and 
 every other key (attn_implementation: flash_attention_2, loss_watchdog_*, gradient_checkpointing_kwargs,
 optimizer: adamw_8bit / paged_adamw_8bit, tf32, special_tokens, ...) is read as axolotl wrote it. So that
 three real runs fit the test budget on 2 CPU cores, the test shortens them the way a user would on the
-command line: a small eval split, sequence_len 512 and (QLoRA, full) no gradient accumulation.
+command line: a small eval split, and steps of one 256-token row (sequence_len, micro_batch_size,
+gradient_accumulation_steps).
 On a machine without CUDA, QLoRA runs on bitsandbytes' CPU 4-bit kernels, as `lmforge train` does there.
 """
 
@@ -22,12 +23,8 @@ from lmforge.config import load_config
 from lmforge.recipes.train import run_train
 
 FIXTURES = REPO / "tests" / "fixtures" / "axolotl"
-SHORTER = ["--val_set_size=8", "--sequence_len=512"]
-RUNS = {  # fixture -> (extra command-line overrides, what the run must be)
-    "llama-3-lora-1b.yml": ([], "lora"),
-    "llama-3-qlora-1b.yml": (["--gradient_accumulation_steps=1"], "qlora"),
-    "llama-3-fft-8b.yaml": (["--gradient_accumulation_steps=1"], None),
-}
+SHORTER = ["--val_set_size=8", "--sequence_len=256", "--micro_batch_size=1", "--gradient_accumulation_steps=1"]
+RUNS = {"llama-3-lora-1b.yml": "lora", "llama-3-qlora-1b.yml": "qlora", "llama-3-fft-8b.yaml": None}  # -> the adapter
 
 
 def test_fixtures_are_axolotls_examples_with_three_lines_changed() -> None:
@@ -44,8 +41,8 @@ def test_fixtures_are_axolotls_examples_with_three_lines_changed() -> None:
 def test_axolotl_example_trains_end_to_end(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     os.symlink(REPO / "data", tmp_path / "data")  # the fixture reads data/gsm8k as a checkout's example would
-    overrides, adapter = RUNS[name]
-    cfg = load_config(str(FIXTURES / name), SHORTER + overrides)
+    adapter = RUNS[name]
+    cfg = load_config(str(FIXTURES / name), SHORTER)
     notices = {n.key for n in cfg.notices}
     assert "attn_implementation" in notices or cfg.model.attn_implementation == "flash_attention_2"
     assert cfg.adapter.adapter == adapter and cfg.training.max_steps == 2
