@@ -23,7 +23,7 @@ from lmforge.config import load_config
 from lmforge.recipes.train import run_train
 
 FIXTURES = REPO / "tests" / "fixtures" / "axolotl"
-SHORTER = ["--val_set_size=8", "--sequence_len=256", "--micro_batch_size=1", "--gradient_accumulation_steps=1"]
+SHORTER = ["--val_set_size=2", "--sequence_len=256", "--micro_batch_size=1", "--gradient_accumulation_steps=1"]
 RUNS = {"llama-3-lora-1b.yml": "lora", "llama-3-qlora-1b.yml": "qlora", "llama-3-fft-8b.yaml": None}  # -> the adapter
 
 
