@@ -186,8 +186,8 @@ def test_planned_key_refused_naming_its_issue_and_line(write) -> None:  # noqa: 
 
 
 def test_not_yet_key_names_the_nearest_supported_key(write) -> None:  # noqa: ANN001
-    text = refused(write("lora_target_parameters: [experts.down_proj]\n"))
-    assert "'lora_target_parameters' is not supported yet" in text and "nearest supported: lora_target_modules" in text
+    text = refused(write("lora_rank_pattern:\n  q_proj: 4\n"))
+    assert "'lora_rank_pattern' is not supported yet" in text and "nearest supported: lora_r" in text
 
 
 def test_out_of_scope_key_refused_with_reason(write) -> None:  # noqa: ANN001
@@ -206,18 +206,34 @@ def test_unknown_top_level_key_still_suggests(write) -> None:  # noqa: ANN001
     assert "did you mean lora_r?" in refused(write("lora_rr: 8\n"))
 
 
-@pytest.mark.parametrize("key", ["attn_implementation: flash_attention_2", "flash_attention: true", "liger_rms_norm: true",
-                                 "lora_mlp_kernel: true", "cut_cross_entropy: true", "tf32: true"])
-def test_gpu_only_keys_change_nothing_without_a_gpu_and_are_refused_with_one(write, key: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("key, on_gpu", [
+    ("attn_implementation: flash_attention_2", lambda cfg: cfg.model.attn_implementation == "flash_attention_2"),
+    ("flash_attention: true", lambda cfg: cfg.model.attn_implementation == "flash_attention_2"),
+    ("liger_rms_norm: true", lambda cfg: cfg.speed.liger_rms_norm),
+    ("cut_cross_entropy: true", lambda cfg: cfg.speed.cut_cross_entropy),
+    ("tf32: true", lambda cfg: cfg.speed.tf32),
+])
+def test_gpu_only_keys_change_nothing_without_a_gpu_and_are_read_with_one(write, key: str, on_gpu) -> None:  # noqa: ANN001
     path = write(key + "\n")
     cfg = load_config(path, gpu=False)
     assert len(cfg.notices) == 1 and "GPU" in cfg.notices[0].text
-    assert "is not supported yet" in refused(path, gpu=True) and key.split(":")[0] in refused(path, gpu=True)
+    assert cfg.model.attn_implementation in (None, "sdpa")  # what runs here, and what the saved config says
+    gpu = load_config(path, gpu=True)
+    assert gpu.notices == [] and on_gpu(gpu)
+
+
+def test_gpu_kernels_not_brought_yet_are_refused_with_a_gpu(write) -> None:  # noqa: ANN001
+    path = write("lora_mlp_kernel: true\n")
+    assert len(load_config(path, gpu=False).notices) == 1
+    assert "'lora_mlp_kernel' is not supported yet" in refused(path, gpu=True)
+    assert "nearest supported: attn_implementation: flash_attention_2" in refused(write("attn_implementation: xformers\n"), gpu=True)
 
 
 def test_fp16_on_a_machine_without_gpu_is_refused_pointing_at_bf16(write) -> None:  # noqa: ANN001
     text = refused(write("fp16: true\n"))
     assert "'fp16' is not supported yet" in text and "needs a CUDA GPU" in text and "bf16" in text
+    assert load_config(write("fp16: true\n"), gpu=True).speed.fp16 is True
+    assert load_config(write("fp16: false\n"), gpu=False).speed.fp16 is False
 
 
 def test_plugins_are_decided_one_by_one(write) -> None:  # noqa: ANN001
@@ -228,16 +244,18 @@ def test_plugins_are_decided_one_by_one(write) -> None:  # noqa: ANN001
     assert "config.yml:8: 'plugins: axolotl.integrations.kernels.KernelsPlugin' is out of scope: MoE" in text
 
 
-def test_values_that_ask_for_what_lmforge_does_are_accepted(write) -> None:  # noqa: ANN001
-    cfg = load_config(write("model_type: AutoModelForCausalLM\ntokenizer_type: AutoTokenizer\n"
-                            "gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrant: false\n"), gpu=False)
-    assert [n.key for n in cfg.notices] == ["model_type", "tokenizer_type", "gradient_checkpointing_kwargs"]
-    assert "issue 10" in refused(write("model_type: LlamaForCausalLM\n"))
-    assert "issue 10" in refused(write("gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrant: true\n"))
+def test_loading_classes_and_checkpointing_arguments_are_read(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("model_type: LlamaForCausalLM\ntype_of_model: LlamaForCausalLM\ntokenizer_type: AutoTokenizer\n"
+                            "gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrant: true\n"), gpu=False)
+    assert cfg.notices == []
+    assert (cfg.model.model_type, cfg.model.tokenizer_type) == ("LlamaForCausalLM", "AutoTokenizer")
+    assert cfg.speed.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    text = refused(write("gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrent: true\n"))
+    assert "gradient_checkpointing_kwargs.use_reentrent" in text and "use_reentrant" in text
 
 
 def test_satellite_keys_change_nothing_while_their_key_is_off(write) -> None:  # noqa: ANN001
-    cfg = load_config(write("gradient_checkpointing_kwargs:\n  use_reentrant: true\nloss_watchdog_patience: 3\n"), gpu=False)
+    cfg = load_config(write("liger_use_token_scaling: true\ntorch_compile_options:\n  max_autotune: true\n"), gpu=False)
     assert all("which is not set: nothing changes" in n.text for n in cfg.notices) and len(cfg.notices) == 2
 
 
@@ -267,18 +285,17 @@ def test_axolotl_model_config_with_base_model_is_refused_by_name(write) -> None:
 def test_keys_once_accepted_and_never_read_are_now_decided(write) -> None:  # noqa: ANN001
     """fp16, tf32, base_model_config, tokenizer_type, model_type, wandb_watch, wandb_log_model: read, notice or refusal."""
     cfg = load_config(write("tf32: true\nbase_model_config: ./model\nwandb_watch: false\nwandb_log_model: 'false'\n"), gpu=False)
-    assert [n.key for n in cfg.notices] == ["tf32", "base_model_config"]
-    for key in ("fp16", "tf32", "base_model_config", "tokenizer_type", "model_type", "wandb_watch", "wandb_log_model"):
-        assert key not in cfg.flat()
-    assert "'wandb_watch' is not supported yet" in refused(write("wandb_watch: gradients\n"))
-    assert "'base_model_config' is not supported yet" in refused(write("base_model_config: other/config\n"))
+    assert [n.key for n in cfg.notices] == ["tf32"]
+    assert cfg.model.base_model_config == "./model" and cfg.logging.wandb_watch is None and cfg.logging.wandb_log_model is None
+    cfg = load_config(write("wandb_watch: gradients\nwandb_log_model: end\n"), gpu=False)
+    assert (cfg.logging.wandb_watch, cfg.logging.wandb_log_model) == ("gradients", "end")
 
 
 EXPECTED = {  # copied axolotl example → None (validates) or the key its one-line refusal names
     "llama-3-qlora.yml": None,
     "llama-3-fft-8b.yaml": None,
     "archived-tiny-llama-lora.yml": None,
-    "llama-3-lora-1b.yml": "'loss_watchdog_threshold' is not supported yet",
+    "llama-3-lora-1b.yml": None,
     "llama-3-fft-8b-liger-fsdp.yaml": "'fsdp' is not supported yet",
     "llama-3-vision-lora-11b.yaml": "'processor_type' is out of scope",
 }
@@ -301,7 +318,7 @@ def test_axolotl_examples_validate_or_are_refused_by_key(name: str, tmp_path: Pa
 def test_config_schema_renders_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config-schema", "--table"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^  attn_implementation +not yet \(issue 10\) ", out, re.M)
+    assert re.search(r"^  attn_implementation +implemented +\[model\] ", out, re.M)
     assert re.search(r"^  lora_r +implemented +\[adapter\]", out, re.M)
     assert main(["config-schema", "--markdown"]) == 0
     assert "| `deepspeed` | not yet (issue 11) |" in capsys.readouterr().out
@@ -313,4 +330,4 @@ def test_flex_compile_kwargs_follow_the_attention_choice(write) -> None:  # noqa
     assert "not chosen" in load_config(write(kwargs), gpu=False).notices[0].text
     path = write("attn_implementation: flex_attention\n" + kwargs)
     assert "nothing is compiled" in load_config(path, gpu=False).notices[1].text
-    assert "'attn_implementation' is not supported yet" in refused(path, gpu=True)
+    assert "'flex_attn_compile_kwargs' is not supported yet" in refused(path, gpu=True)

@@ -62,6 +62,7 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _evaluation(c)
     _schedule(c)
     _pretraining(c)
+    _speed(c)
     return c.warnings
 
 
@@ -143,3 +144,13 @@ def _pretraining(c: _Checker) -> None:
                               "use type: completion, or list the text under pretraining_dataset")
     if cfg.data.sample_packing:
         c.warn("sample_packing", "sample_packing has no effect in pretraining: every window is already full")
+
+
+def _speed(c: _Checker) -> None:
+    cfg = c.cfg
+    if cfg.speed.fp16 and cfg.training.bf16 is True:
+        raise c.error("fp16", "fp16 and bf16 are both on; a run computes in one of them", "keep one (bf16 where the GPU supports it)")
+    if cfg.speed.gradient_checkpointing_kwargs and not cfg.training.gradient_checkpointing:
+        c.warn("gradient_checkpointing_kwargs", "gradient_checkpointing_kwargs has no effect without gradient_checkpointing: true")
+    if cfg.training.loss_watchdog_threshold is None and c.given("loss_watchdog_patience"):
+        c.warn("loss_watchdog_patience", "loss_watchdog_patience has no effect without loss_watchdog_threshold")

@@ -144,18 +144,18 @@ LEGACY_ATTENTION_SWITCHES = {
 
 
 def attention(value: Any, facts: Facts) -> Verdict | None:
-    """notice for sdpa, and for flash_attention_2/3, flex_attention, xformers (exact attention, GPU only)
-    on a machine without a GPU; sage and fp8 refused (they change the result)"""
-    if value == "sdpa":
-        return Verdict(Kind.NOTICE, "lmforge leaves attention to transformers' default, torch sdpa wherever the model "
-                       "supports it (packed rows stay apart through a block-diagonal mask)")
+    """flash_attention_2/3, flex_attention, xformers (exact attention, GPU only) run as sdpa, with a notice, on a
+    machine without a GPU; on a GPU flash_attention_3, xformers and Hub kernels are refused (nearest
+    flash_attention_2); sage and fp8 refused (they change the result)"""
     exact_gpu = value in EXACT_GPU_ATTENTION or (isinstance(value, str) and value.startswith("kernels-community/")
                                                   and ("flash" in value or "flex" in value))
     if exact_gpu and not facts.gpu:
-        return Verdict(Kind.NOTICE, f"{value} needs a CUDA GPU and {NO_GPU}: {SDPA}")
+        return Verdict(Kind.NOTICE, f"{value} needs a CUDA GPU and {NO_GPU}: {SDPA}", value="sdpa", replaces=True)
     if value in ("sage", "fp8"):
         return Verdict(Kind.NOT_YET, f"{value} attention quantizes queries and keys, which changes the result",
                        nearest="attn_implementation: sdpa")
+    if exact_gpu and value not in ("flash_attention_2", "flex_attention"):
+        return Verdict(Kind.NOT_YET, f"attn_implementation: {value}", nearest="attn_implementation: flash_attention_2")
     return None
 
 
@@ -165,6 +165,8 @@ def legacy_attention(switch: str) -> Rule:
 
     def rule(value: Any, facts: Facts) -> Verdict | None:
         """true means attn_implementation: %s (decided as that is)"""
+        if value in (None, False):
+            return QUIET
         chosen = facts.config.get("attn_implementation")
         if chosen not in (None, backend):
             return Verdict(Kind.NOT_YET, f"{switch}: true asks for {backend}, but attn_implementation is {chosen}",
@@ -186,24 +188,81 @@ def flex_compile(value: Any, facts: Facts) -> Verdict | None:
 
 
 def fp16(value: Any, facts: Facts) -> Verdict | None:
-    """refused on a machine without a GPU, pointing at bf16"""
-    if not facts.gpu:
-        return Verdict(Kind.NOT_YET, f"fp16 training needs a CUDA GPU (with a gradient scaler) and {NO_GPU}",
-                       nearest="bf16: true (or bf16: false for fp32)", issue=10)
+    """true refused on a machine without a GPU, pointing at bf16"""
+    if value is True and not facts.gpu:
+        return Verdict(Kind.NOT_YET, f"fp16 training needs a CUDA GPU (it runs with a gradient scaler there) and {NO_GPU}",
+                       nearest="bf16: true (or bf16: false for fp32)")
     return None
 
 
 def tf32(value: Any, facts: Facts) -> Verdict | None:
-    """notice on a machine without a GPU (TF32 is a CUDA matmul mode)"""
-    if not facts.gpu:
+    """notice for true on a machine without a GPU (TF32 is a CUDA matmul mode)"""
+    if value is True and not facts.gpu:
         return Verdict(Kind.NOTICE, f"TF32 is a mode of CUDA matmuls and {NO_GPU}: nothing changes")
     return None
 
 
-def same_as_base_model(value: Any, facts: Facts) -> Verdict | None:
-    """notice when it equals base_model"""
-    if value == facts.config.get("base_model"):
-        return Verdict(Kind.NOTICE, "the same as base_model, where lmforge reads the model config anyway")
+def cpu_kernel(what: str) -> Rule:
+    """A GPU kernel lmforge applies on CUDA; on a machine without a GPU a notice says what runs instead."""
+
+    def rule(value: Any, facts: Facts) -> Verdict | None:
+        """notice for true on a machine without a GPU (the plain PyTorch op runs instead)"""
+        if value is True and not facts.gpu:
+            return Verdict(Kind.NOTICE, f"{what} is a Triton/CUDA kernel and {NO_GPU}: the plain PyTorch op runs instead "
+                           "(the same result)")
+        return None
+
+    return rule
+
+
+def on_gpu_only(text: str) -> Rule:
+    """A plugin whose keys do the work: quiet on a GPU, a notice without one."""
+
+    def rule(value: Any, facts: Facts) -> Verdict | None:
+        """quiet on a GPU (its keys decide); a notice without one"""
+        return QUIET if facts.gpu else Verdict(Kind.NOTICE, f"{text}; {NO_GPU}: the plain PyTorch ops run instead (the same result)")
+
+    return rule
+
+
+def offloading(value: Any, facts: Facts) -> Verdict | None:
+    """legacy means true; disk refused; a notice for true on a machine without a GPU"""
+    if value == "disk":
+        return Verdict(Kind.NOT_YET, "activation_offloading: disk", nearest="activation_offloading: true")
+    if value in (True, "legacy") and not facts.gpu:
+        return Verdict(Kind.NOTICE, f"activations are offloaded from GPU to CPU memory and {NO_GPU}: they are in CPU memory "
+                       "already, nothing moves", value=True, replaces=True)
+    if value == "legacy":
+        return Verdict(Kind.NOTICE, "legacy offloading is torch's save_on_cpu, what activation_offloading: true runs",
+                       value=True, replaces=True)
+    return None
+
+
+def compile_switch(value: Any, facts: Facts) -> Verdict | None:
+    """auto compiles on CUDA only (a notice without a GPU)"""
+    if value == "auto" and not facts.gpu:
+        return Verdict(Kind.NOTICE, f"torch_compile: auto compiles on CUDA and {NO_GPU}: the model runs uncompiled")
+    return None
+
+
+def save_strategies(value: Any, facts: Facts) -> Verdict | None:
+    """best refused (nearest load_best_model_at_end)"""
+    if value == "best":
+        return Verdict(Kind.NOT_YET, "save_strategy: best (a checkpoint only when the eval loss improves)",
+                       nearest="load_best_model_at_end: true with save_steps")
+    return None
+
+
+CHECKPOINT_KWARGS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug")
+
+
+def checkpointing_kwargs(value: Any, facts: Facts) -> Verdict | None:
+    """entries other than torch.utils.checkpoint's own arguments refused"""
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k not in CHECKPOINT_KWARGS]
+        if unknown:
+            return Verdict(Kind.NOT_YET, f"gradient_checkpointing_kwargs.{unknown[0]} (not an argument of torch.utils.checkpoint)",
+                           nearest=", ".join(CHECKPOINT_KWARGS))
     return None
 
 
@@ -225,25 +284,11 @@ def tracker_switch(project_key: str) -> Rule:
     return rule
 
 
-def tensorboard(value: Any, facts: Facts) -> Verdict | None:
-    """notice for true (TensorBoard is always on); false refused until it can be turned off"""
-    if value is True:
-        return Verdict(Kind.NOTICE, "lmforge always writes TensorBoard event files to output_dir")
-    return None  # false: turning TensorBoard off is issue 10's
-
-
-def checkpointing_kwargs(value: Any, facts: Facts) -> Verdict | None:
-    """notice for {use_reentrant: false}, how lmforge checkpoints already"""
-    if isinstance(value, Mapping) and dict(value) == {"use_reentrant": False}:
-        return Verdict(Kind.NOTICE, "use_reentrant: false is how lmforge checkpoints already")
-    return None
-
-
 def gradient_checkpointing_modes(value: Any, facts: Facts) -> Verdict | None:
-    """offload / offload_disk refused (issue 10)"""
+    """offload / offload_disk refused"""
     if value in ("offload", "offload_disk"):
-        return Verdict(Kind.NOT_YET, f"gradient_checkpointing: {value} offloads activations", nearest="gradient_checkpointing: true",
-                       issue=10)
+        return Verdict(Kind.NOT_YET, f"gradient_checkpointing: {value} offloads activations",
+                       nearest="gradient_checkpointing: true with activation_offloading: true")
     return None
 
 
@@ -265,8 +310,9 @@ PAGED_OPTIMIZER = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "a
 
 
 def optimizer_names(value: Any, facts: Facts) -> Verdict | None:
-    """also adamw_8bit (= adamw_bnb_8bit), and paged_adamw_8bit / paged_adamw_32bit on a machine without
-    a GPU (run unpaged, with a notice); adamw_torch_8bit / adamw_torch_4bit refused"""
+    """also adamw_8bit (= adamw_bnb_8bit), adamw_torch_8bit (torchao's; runs as adamw_bnb_8bit, with a notice),
+    and paged_adamw_8bit / paged_adamw_32bit on a machine without a GPU (run unpaged, with a notice);
+    adamw_torch_4bit refused"""
     if value in SAME_OPTIMIZER:
         ours = SAME_OPTIMIZER[value]
         return Verdict(Kind.NOTICE, f"{value} is {ours}, the same bitsandbytes optimizer", value=ours, replaces=True)
@@ -276,8 +322,13 @@ def optimizer_names(value: Any, facts: Facts) -> Verdict | None:
                        "the same update", value=ours, replaces=True)
     if value in PAGED_OPTIMIZER:
         return Verdict(Kind.NOT_YET, f"optimizer: {value} (paged optimizer state)", nearest=f"optimizer: {PAGED_OPTIMIZER[value]}")
-    if value in ("adamw_torch_8bit", "adamw_torch_4bit"):
-        return Verdict(Kind.NOT_YET, f"optimizer: {value} (torchao's low-bit AdamW)", nearest="optimizer: adamw_bnb_8bit")
+    if value == "adamw_torch_8bit":
+        return Verdict(Kind.NOTICE, "torchao's 8-bit AdamW runs as adamw_bnb_8bit, bitsandbytes' 8-bit AdamW: the same "
+                       "update with block-wise 8-bit states (the two round the states slightly differently)",
+                       value="adamw_bnb_8bit", replaces=True)
+    if value == "adamw_torch_4bit":
+        return Verdict(Kind.NOT_YET, f"optimizer: {value} (torchao's 4-bit AdamW states)",
+                       nearest="optimizer: adamw_bnb_8bit (8-bit states)")
     return None
 
 
@@ -374,20 +425,21 @@ FORMATS = "lmforge/data/formats/__init__.py"
 CHAT = "lmforge/data/formats/chat.py"
 USER_DEFINED = "lmforge/data/formats/user_defined.py"
 INFERENCE = "lmforge/recipes/inference.py"
+KERNELS = "lmforge/models/kernels.py"  # attention backend, compile, fused-kernel plugins
 
 KEYS: tuple[Key, ...] = (
     # --- model and tokenizer -----------------------------------------------------------------------------------
     done("base_model", MODEL, TRAINING),
-    later("base_model_config", "reading the model config from another place than base_model",
-          nearest="base_model (a folder holding config and weights)", rule=same_as_base_model),
+    done("base_model_config", MODEL),
     later("cls_model_config", "choosing the transformers config class", nearest="base_model (its config.json names the class)"),
     done("tokenizer_config", LOAD),
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),
     later("tokenizer_legacy", "the tokenizer's legacy flag", nearest="tokenizer_config"),
-    later("tokenizer_use_mistral_common", "the mistral-common tokenizer", nearest="tokenizer_config"),
-    later("tokenizer_type", "loading the tokenizer with a named class", nearest="tokenizer_config", issue=10,
-          same={"AutoTokenizer": "AutoTokenizer is how lmforge loads tokenizers"}),
+    later("tokenizer_use_mistral_common", "Mistral's mistral-common tokenizer; lmforge tokenizes with the model's Hugging "
+          "Face tokenizer, whose ids and chat template may differ from it", nearest="tokenizer_use_mistral_common: false "
+          "(the model's Hugging Face tokenizer)"),
+    done("tokenizer_type", LOAD),
     out("processor_type", MULTIMODAL),
     out("processor_kwargs", MULTIMODAL),
     later("tokenizer_save_jinja_files", "saving the chat template inside tokenizer_config.json", quiet=(None,),
@@ -399,17 +451,15 @@ KEYS: tuple[Key, ...] = (
     later("model_quantization_config", "loading Mxfp4 / FP8 checkpoints", nearest="load_in_4bit"),
     later("model_quantization_config_kwargs", "loading Mxfp4 / FP8 checkpoints", nearest="load_in_4bit"),
     out("use_onebitllms", "1.58-bit (BitNet) training is out of lmforge's scope"),
-    later("model_type", "loading the model with a named class", nearest="leave it out (AutoModelForCausalLM)", issue=10,
-          same={"AutoModelForCausalLM": "AutoModelForCausalLM is how lmforge loads models"}),
-    later("type_of_model", "loading the model with a named class", nearest="leave it out (AutoModelForCausalLM)", issue=10,
-          same={"AutoModelForCausalLM": "AutoModelForCausalLM is how lmforge loads models"}),
+    done("model_type", MODEL),
+    alias("type_of_model", "model_type", "axolotl's other name for model_type"),
     later("model_kwargs", "extra from_pretrained arguments", nearest="base_model"),
     later("overrides_of_model_kwargs", "extra from_pretrained arguments", nearest="base_model"),
     later("overrides_of_model_config", "overriding fields of the base model's config", nearest="base_model"),
     later("model_revision", "a Hub revision of the model", nearest="base_model (a local folder)"),
     later("revision_of_model", "a Hub revision of the model", nearest="base_model (a local folder)"),
     later("reinit_weights", "re-initialising a pretrained model's weights", nearest="model_config (a new model)"),
-    later("resize_token_embeddings_to_32x", "padding the vocabulary to a multiple of 32", nearest="special_tokens"),
+    done("resize_token_embeddings_to_32x", MODEL),
     later("mean_resizing_embeddings", "random rows for added tokens", quiet=(None,),
           same={True: "new embedding rows start at the mean of the others, as lmforge grows them"}),
     later("shrink_embeddings", "shrinking the embeddings to the tokenizer"),
@@ -417,7 +467,7 @@ KEYS: tuple[Key, ...] = (
     done("special_tokens", LOAD),
     later("additional_special_tokens", "adding extra special tokens", nearest="special_tokens: {bos_token, eos_token, pad_token, unk_token}",
           scope=SPECIAL_TOKENS),
-    later("tokens", "adding tokens to the vocabulary", nearest="special_tokens"),
+    done("tokens", LOAD),
     later("added_tokens_overrides", "renaming reserved tokens", nearest="special_tokens"),
     later("fix_untrained_tokens", "re-initialising untrained token rows"),
     note("hf_use_auth_token", "lmforge reads the Hub token from the environment (HF_TOKEN)"),
@@ -453,7 +503,7 @@ KEYS: tuple[Key, ...] = (
     done("lora_modules_to_save", ADAPTERS),
     done("peft_use_dora", ADAPTERS),
     done("peft_use_rslora", ADAPTERS),
-    later("lora_target_parameters", "LoRA on parameters (MoE expert weights)", nearest="lora_target_modules"),
+    done("lora_target_parameters", ADAPTERS),
     later("lora_rank_pattern", "per-module LoRA ranks", nearest="lora_r"),
     later("lora_alpha_pattern", "per-module LoRA alphas", nearest="lora_alpha"),
     later("peft_layers_to_transform", "LoRA on chosen layer indices", nearest="lora_target_modules (a regex)"),
@@ -543,18 +593,17 @@ KEYS: tuple[Key, ...] = (
 
     # --- precision and memory -------------------------------------------------------------------------------------
     done("bf16", TRAIN, PRETRAIN),
-    later("fp16", "fp16 training with a gradient scaler (CUDA)", nearest="bf16", issue=10, rule=fp16),
-    later("tf32", "TF32 matmuls on CUDA", nearest="bf16", issue=10, quiet=(None, False), rule=tf32),
+    done("fp16", TRAINING, rule=fp16),
+    done("tf32", TRAINING, rule=tf32),
     later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true"),
     later("float16", "pure fp16 weights without mixed precision", nearest="bf16"),
     later("float32", "fp32 training", nearest="bf16: false"),
     later("fp8", "FP8 training", nearest="bf16"),
     later("fp8_enable_fsdp_float8_all_gather", "FP8 training under FSDP", nearest="fsdp", only_with="fp8"),
     done("gradient_checkpointing", MODEL, rule=gradient_checkpointing_modes),
-    later("gradient_checkpointing_kwargs", "other gradient checkpointing arguments", nearest="gradient_checkpointing", issue=10,
-          only_with="gradient_checkpointing", rule=checkpointing_kwargs),
+    done("gradient_checkpointing_kwargs", MODEL, rule=checkpointing_kwargs),
     later("selective_checkpointing", "saving chosen ops under checkpointing", nearest="gradient_checkpointing"),
-    later("activation_offloading", "offloading activations to CPU memory", nearest="gradient_checkpointing", issue=10),
+    done("activation_offloading", TRAINING, rule=offloading),
     later("layer_offloading", "offloading layer weights to CPU memory", nearest="fsdp", issue=11),
     note("gc_steps", "memory housekeeping (garbage collection); the result is the same"),
     note("gc_collect_steps", "memory housekeeping (garbage collection); the result is the same"),
@@ -566,10 +615,11 @@ KEYS: tuple[Key, ...] = (
     later("chunked_cross_entropy_num_chunks", "chunking the loss to save memory", only_with="chunked_cross_entropy"),
 
     # --- attention and kernels -------------------------------------------------------------------------------------
-    later("attn_implementation", "choosing the attention backend", nearest="attn_implementation: sdpa", issue=10, rule=attention),
-    *(later(switch, f"axolotl's older switch for attn_implementation: {backend}", nearest="attn_implementation: sdpa",
-            issue=10, rule=legacy_attention(switch)) for switch, backend in LEGACY_ATTENTION_SWITCHES.items()),
-    later("flex_attn_compile_kwargs", "compiling flex attention", issue=10, rule=flex_compile),
+    done("attn_implementation", MODEL, rule=attention),
+    *(alias(switch, "attn_implementation", f"axolotl's older switch for attn_implementation: {backend}",
+            rule=legacy_attention(switch), convert=lambda value, facts, backend=backend: backend)
+      for switch, backend in LEGACY_ATTENTION_SWITCHES.items()),
+    later("flex_attn_compile_kwargs", "compiling flex attention with other options", nearest="torch_compile", rule=flex_compile),
     out("s2_attention", f"shifted-sparse attention: {REMOVED}"),
     out("flash_attn_rms_norm", f"{REMOVED}", nearest="plugins: [liger] with liger_rms_norm"),
     later("flash_attn_cross_entropy", "flash-attn's cross-entropy kernel", nearest="cut_cross_entropy", cpu=CPU_KERNEL),
@@ -587,9 +637,11 @@ KEYS: tuple[Key, ...] = (
     later("lora_qkv_kernel", "axolotl's LoRA QKV kernels", nearest="adapter: lora", cpu=CPU_KERNEL),
     later("lora_o_kernel", "axolotl's LoRA output-projection kernels", nearest="adapter: lora", cpu=CPU_KERNEL),
     later("lora_embedding_kernel", "axolotl's LoRA embedding kernels", nearest="adapter: lora", cpu=CPU_KERNEL),
-    later("plugins", "axolotl plugins", issue=10),  # each plugin is decided by its own row (scope plugins[])
-    later("liger", "the Liger kernels plugin (liger-kernel)", issue=10, scope=PLUGIN, cpu=CPU_KERNEL),
-    later("cut_cross_entropy", "the Cut Cross-Entropy plugin", issue=10, scope=PLUGIN, cpu=CPU_KERNEL),
+    note("plugins", "each plugin named is decided by its own row (plugins[])"),  # never decided itself
+    note("liger", "the Liger kernels plugin (liger-kernel): its liger_* keys choose the kernels", scope=PLUGIN,
+         rule=on_gpu_only("the Liger kernels plugin (liger-kernel)")),
+    note("cut_cross_entropy", "the Cut Cross-Entropy plugin: cut_cross_entropy: true turns it on", scope=PLUGIN,
+         rule=on_gpu_only("the Cut Cross-Entropy plugin")),
     out("kernels", MOE_KERNELS, scope=PLUGIN),
     out("expert_parallel", PARALLEL, scope=PLUGIN),
     out("densemixer", MOE_KERNELS, scope=PLUGIN),
@@ -603,21 +655,23 @@ KEYS: tuple[Key, ...] = (
     later("grokfast", "the Grokfast gradient filter", nearest="optimizer", scope=PLUGIN),
     later("lm_eval", "lm-eval-harness benchmarks after training", scope=PLUGIN),
     later("mora", "MoRA adapters", nearest="adapter: lora", scope=PLUGIN),
-    later("liger_rope", "Liger's fused RoPE", issue=10, cpu=CPU_KERNEL),
-    later("liger_rms_norm", "Liger's fused RMSNorm", issue=10, cpu=CPU_KERNEL),
-    later("liger_rms_norm_gated", "Liger's fused gated RMSNorm", issue=10, cpu=CPU_KERNEL),
-    later("liger_layer_norm", "Liger's fused LayerNorm", issue=10, cpu=CPU_KERNEL),
-    later("liger_swiglu", "Liger's fused SwiGLU", issue=10, cpu=CPU_KERNEL),
-    later("liger_glu_activation", "Liger's fused GLU activation", issue=10, cpu=CPU_KERNEL),
-    later("liger_cross_entropy", "Liger's cross-entropy kernel", issue=10, cpu=CPU_KERNEL),
-    later("liger_fused_linear_cross_entropy", "Liger's fused output head and loss", issue=10, cpu=CPU_KERNEL),
+    done("liger_rope", KERNELS, rule=cpu_kernel("Liger's fused RoPE")),
+    done("liger_rms_norm", KERNELS, rule=cpu_kernel("Liger's fused RMSNorm")),
+    later("liger_rms_norm_gated", "Liger's fused gated RMSNorm", cpu=CPU_KERNEL),
+    done("liger_layer_norm", KERNELS, rule=cpu_kernel("Liger's fused LayerNorm")),
+    alias("liger_swiglu", "liger_glu_activation", "Liger's older name for liger_glu_activation"),
+    done("liger_glu_activation", KERNELS, rule=cpu_kernel("Liger's fused GLU activation")),
+    later("liger_cross_entropy", "Liger's cross-entropy kernel on full logits (lmforge computes the head only where "
+          "labels are)", nearest="liger_fused_linear_cross_entropy", cpu=CPU_KERNEL),
+    done("liger_fused_linear_cross_entropy", KERNELS,
+         rule=cpu_kernel("Liger's fused output head and loss")),
     later("liger_use_token_scaling", "scaling each token's loss by its probability (changes the loss)",
           only_with="liger_fused_linear_cross_entropy"),
-    later("cut_cross_entropy", "Cut Cross-Entropy (fused output head and loss)", issue=10, cpu=CPU_KERNEL),
-    later("torch_compile", "torch.compile", issue=10),
-    later("torch_compile_backend", "torch.compile", issue=10, only_with="torch_compile"),
-    later("torch_compile_mode", "torch.compile", issue=10, only_with="torch_compile"),
-    later("torch_compile_options", "torch.compile", issue=10, only_with="torch_compile"),
+    done("cut_cross_entropy", KERNELS, rule=cpu_kernel("Cut Cross-Entropy (fused output head and loss)")),
+    done("torch_compile", KERNELS, rule=compile_switch),
+    done("torch_compile_backend", KERNELS),
+    done("torch_compile_mode", KERNELS),
+    later("torch_compile_options", "inductor options for torch.compile", nearest="torch_compile_mode", only_with="torch_compile"),
     out("experts_implementation", MOE_KERNELS),
     out("quantize_moe_experts", MOE_KERNELS),
     out("llama4_linearized_experts", MOE_KERNELS),
@@ -680,7 +734,7 @@ KEYS: tuple[Key, ...] = (
     later("sample_packing_bin_size", "tuning axolotl's packing search", nearest="sample_packing"),
     later("sample_packing_sequentially", "packing in dataset order", nearest="sample_packing"),
     note("sample_packing_mp_start_method", "how axolotl starts packing processes; the packing is the same"),
-    later("pad_to_sequence_len", "padding every batch to sequence_len", nearest="sample_packing", issue=10),
+    done("pad_to_sequence_len", TRAIN),
     later("pad_to_multiple_of", "padding batches to a multiple", nearest="pad_to_sequence_len"),
     later("curriculum_sampling", "sequential sampling", nearest="shuffle_merged_datasets"),
     later("multipack_real_batches", "axolotl's multipack batching", nearest="sample_packing"),
@@ -708,7 +762,7 @@ KEYS: tuple[Key, ...] = (
     done("shuffle_merged_datasets", PREPARE),
     later("shuffle_before_merging_datasets", "shuffling each dataset before merging", nearest="shuffle_merged_datasets"),
     done("skip_bad_rows", PREPARE),
-    later("skip_prepare_dataset", "tokenizing on the fly instead of preparing", nearest="dataset_prepared_path", issue=10),
+    done("skip_prepare_dataset", PREPARE),
     note("num_dataset_shards_to_save", "how axolotl stores its prepared dataset; lmforge's cache is its own"),
     later("dataset_shard_num", "training on one shard of the data"),
     later("dataset_shard_idx", "training on one shard of the data", only_with="dataset_shard_num"),
@@ -831,14 +885,14 @@ KEYS: tuple[Key, ...] = (
     # --- evaluation, checkpoints, steps ----------------------------------------------------------------------------------
     done("eval_steps", TRAINING, rule=whole_steps("eval_steps", "evals_per_epoch")),
     done("evals_per_epoch", TRAINING, rule=zero_is_off),
-    later("eval_strategy", "eval_strategy (steps, epoch, no)", nearest="eval_steps, evals_per_epoch", issue=10),
-    later("evaluation_strategy", "eval_strategy (axolotl's older name)", nearest="eval_steps, evals_per_epoch", issue=10),
+    done("eval_strategy", TRAINING),
+    alias("evaluation_strategy", "eval_strategy", "axolotl's older name for eval_strategy"),
     done("save_steps", TRAINING, rule=whole_steps("save_steps", "saves_per_epoch")),
     done("saves_per_epoch", TRAINING, rule=zero_is_off),
-    later("save_strategy", "save_strategy (steps, epoch, best, no)", nearest="save_steps, saves_per_epoch", issue=10),
+    done("save_strategy", TRAINING, rule=save_strategies),
     done("save_total_limit", TRAINING),
     later("save_first_step", "a checkpoint after the first step", nearest="save_steps"),
-    later("save_only_model", "checkpoints without optimizer state", nearest="save_total_limit", issue=10),
+    done("save_only_model", TRAINING),
     later("dynamic_checkpoint", "checkpoints on a trigger file", nearest="save_steps (and SIGTERM saves one)"),
     done("resume_from_checkpoint", TRAINING),
     done("auto_resume_from_checkpoints", TRAINING),
@@ -847,8 +901,8 @@ KEYS: tuple[Key, ...] = (
     done("load_best_model_at_end", TRAINING),
     later("metric_for_best_model", "other metrics for the best checkpoint", nearest="load_best_model_at_end", rule=best_metric),
     later("greater_is_better", "higher-is-better metrics", nearest="load_best_model_at_end", rule=lower_is_better),
-    later("loss_watchdog_threshold", "stopping when the loss blows up", nearest="nan_policy", issue=10),
-    later("loss_watchdog_patience", "stopping when the loss blows up", issue=10, only_with="loss_watchdog_threshold"),
+    done("loss_watchdog_threshold", TRAINING),
+    done("loss_watchdog_patience", TRAINING),
     later("do_causal_lm_eval", "generation metrics during eval", nearest="eval_steps (eval loss and perplexity)"),
     later("eval_causal_lm_metrics", "generation metrics during eval", only_with="do_causal_lm_eval"),
     later("do_bench_eval", "benchmark evals during training"),
@@ -877,15 +931,14 @@ KEYS: tuple[Key, ...] = (
     done("wandb_name", LOGGERS),
     done("wandb_run_id", LOGGERS),
     done("wandb_mode", LOGGERS),
-    later("wandb_watch", "W&B gradient watching", nearest="wandb_project", rule=wandb_off),
-    later("wandb_log_model", "W&B model artifacts", nearest="wandb_project", rule=wandb_off),
+    done("wandb_watch", LOGGERS, rule=wandb_off),
+    done("wandb_log_model", TRAINING, rule=wandb_off),
     note("use_mlflow", "MLflow logging is on when mlflow_tracking_uri is set", rule=tracker_switch("mlflow_tracking_uri")),
     done("mlflow_tracking_uri", LOGGERS),
     done("mlflow_experiment_name", LOGGERS),
     done("mlflow_run_name", LOGGERS),
     later("hf_mlflow_log_artifacts", "MLflow checkpoint artifacts", nearest="mlflow_tracking_uri"),
-    later("use_tensorboard", "turning TensorBoard off", nearest="wandb_project, mlflow_tracking_uri", issue=10,
-          quiet=(None,), rule=tensorboard),
+    done("use_tensorboard", LOGGERS),
     later("use_comet", "Comet logging", nearest="wandb_project, mlflow_tracking_uri"),
     later("comet_*", "Comet logging", nearest="wandb_project, mlflow_tracking_uri"),
     later("use_trackio", "Trackio logging", nearest="wandb_project, mlflow_tracking_uri"),

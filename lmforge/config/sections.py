@@ -120,6 +120,23 @@ class ModelSection(Section):
     special_tokens: dict[str, str] = Field(
         default_factory=dict, description="bos_token/eos_token/pad_token/unk_token to set or add."
     )
+    base_model_config: str | None = Field(
+        None, description="Read the model config (config.json) from this folder or Hub id instead of base_model's."
+    )
+    model_type: str | None = Field(
+        None, description="transformers class to load the model with (e.g. LlamaForCausalLM; default AutoModelForCausalLM)."
+    )
+    tokenizer_type: str | None = Field(
+        None, description="transformers class to load the tokenizer with (e.g. PreTrainedTokenizerFast; default AutoTokenizer)."
+    )
+    tokens: list[str] | None = Field(None, description="Tokens to add to the vocabulary (the embeddings grow to match).")
+    resize_token_embeddings_to_32x: bool = Field(
+        False, description="Pad the embedding rows to a multiple of 32 (faster matmuls on GPUs); the extra rows are never used."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="Attention backend (default: transformers' choice, sdpa where supported). Without CUDA, "
+        "flash_attention_2 and flex_attention run as sdpa. Packed rows never attend across examples on any backend."
+    )
 
 
 def _jinja_choice(data: Any) -> Any:
@@ -158,6 +175,10 @@ class DataSection(Section):
     shuffle_merged_datasets: bool = Field(True, description="Shuffle the rows of all datasets together, by seed.")
     skip_bad_rows: bool = Field(False, description="Skip malformed rows and records (counted and reported) instead of failing.")
     sample_packing: bool = Field(False, description="Pack several examples per sequence (no attention across them).")
+    pad_to_sequence_len: bool = Field(False, description="Pad every batch to sequence_len tokens (fixed shapes; same loss).")
+    skip_prepare_dataset: bool = Field(
+        False, description="Tokenize in memory for this run only: the prepared-data cache is neither read nor written."
+    )
     eval_sample_packing: bool | None = Field(None, description="Pack eval batches too (default: as sample_packing).")
 
     @model_validator(mode="before")
@@ -194,6 +215,10 @@ class AdapterSection(Section):
     lora_target_linear: bool = Field(False, description="Adapt every linear layer except the output head.")
     lora_fan_in_fan_out: bool = Field(False, description="Set for Conv1D layers that store weights transposed (GPT-2).")
     lora_modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
+    lora_target_parameters: list[str] | None = Field(
+        None, description="Parameters (not modules) to adapt, by name suffix, e.g. [experts.gate_up_proj] for MoE experts "
+        "(peft's target_parameters)."
+    )
 
 
 class TrainingSection(Section):
@@ -261,6 +286,21 @@ class TrainingSection(Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (random batch order) to cut padding."
     )
+    save_strategy: Literal["steps", "epoch", "no"] | None = Field(
+        None, description="steps (save_steps / saves_per_epoch), epoch (one checkpoint per epoch) or no (no checkpoints, "
+        "except one on SIGTERM/SIGINT)."
+    )
+    eval_strategy: Literal["steps", "epoch", "no"] | None = Field(
+        None, description="steps (eval_steps / evals_per_epoch), epoch (one evaluation per epoch) or no (never evaluate)."
+    )
+    save_only_model: bool = Field(
+        False, description="Checkpoints hold the weights only (no optimizer, schedule or RNG state): smaller, but a run "
+        "cannot resume from them."
+    )
+    loss_watchdog_threshold: float | None = Field(
+        None, gt=0, description="Stop the run when the training loss stays above this for loss_watchdog_patience steps."
+    )
+    loss_watchdog_patience: int = Field(3, gt=0, description="Steps in a row above loss_watchdog_threshold before stopping.")
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -272,6 +312,10 @@ class TrainingSection(Section):
         for a, b in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch"), ("warmup_steps", "warmup_ratio")):
             if getattr(self, a) is not None and getattr(self, b) is not None:
                 raise ValueError(f"set either {a} or {b}, not both")
+        for strategy, keys in (("save_strategy", ("save_steps", "saves_per_epoch")), ("eval_strategy", ("eval_steps", "evals_per_epoch"))):
+            given = [k for k in keys if getattr(self, k) is not None]
+            if getattr(self, strategy) in ("epoch", "no") and given:
+                raise ValueError(f"{strategy}: {getattr(self, strategy)} contradicts {given[0]}; keep one")
         if self.cosine_min_lr_ratio is not None and self.lr_scheduler != "cosine":
             raise ValueError("cosine_min_lr_ratio needs lr_scheduler: cosine")
         if self.sgd_nesterov and not (self.optimizer == "sgd" and self.sgd_momentum > 0):
@@ -380,6 +424,13 @@ class LoggingSection(Section):
     )
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment (created if missing; default lmforge).")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
+    use_tensorboard: bool = Field(True, description="Write TensorBoard event files to output_dir (false: off).")
+    wandb_watch: Literal["gradients", "parameters", "all"] | None = Field(
+        None, description="W&B: log histograms of gradients, parameters or both (wandb.watch)."
+    )
+    wandb_log_model: Literal["checkpoint", "end"] | None = Field(
+        None, description="W&B: upload each checkpoint (checkpoint) or the final output (end) as a model artifact."
+    )
 
 
 class InferenceSection(Section):
@@ -403,6 +454,37 @@ class InferenceSection(Section):
     gradio_temperature: float | None = Field(None, ge=0, description="--gradio: initial temperature in the UI.")
 
 
+class SpeedSection(Section):
+    """How the model runs: precision extras, compile, activation memory, fused-kernel plugins (GPU)."""
+
+    fp16: bool = Field(False, description="float16 mixed precision with a gradient scaler (CUDA only).")
+    tf32: bool | None = Field(None, description="CUDA: TF32 matmuls and convolutions (true/false; default: torch's).")
+    torch_compile: Switch = Field(False, description="Compile each decoder layer with torch.compile (auto: on CUDA only).")
+    torch_compile_backend: str | None = Field(None, description="torch.compile backend (default inductor).")
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = Field(
+        None, description="torch.compile mode.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Arguments of gradient checkpointing (torch.utils.checkpoint), e.g. {use_reentrant: false}."
+    )
+    activation_offloading: bool = Field(
+        False, description="CUDA: keep saved activations in pinned CPU memory until backward (torch save_on_cpu)."
+    )
+    liger_rope: bool = Field(False, description="Liger's fused RoPE (liger-kernel, CUDA).")
+    liger_rms_norm: bool = Field(False, description="Liger's fused RMSNorm (liger-kernel, CUDA).")
+    liger_layer_norm: bool = Field(False, description="Liger's fused LayerNorm (liger-kernel, CUDA).")
+    liger_glu_activation: bool = Field(False, description="Liger's fused SwiGLU/GeGLU MLP (liger-kernel, CUDA).")
+    liger_fused_linear_cross_entropy: bool = Field(
+        False, description="Liger's fused output head + loss (liger-kernel, CUDA): no vocab-sized logits in memory.")
+    cut_cross_entropy: bool = Field(
+        False, description="Cut Cross-Entropy's fused output head + loss (cut-cross-entropy, CUDA).")
+
+    @model_validator(mode="after")
+    def _one_fused_loss(self) -> "SpeedSection":
+        if self.liger_fused_linear_cross_entropy and self.cut_cross_entropy:
+            raise ValueError("set either liger_fused_linear_cross_entropy or cut_cross_entropy, not both")
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -412,6 +494,7 @@ SECTIONS: dict[str, type[Section]] = {
     "logging": LoggingSection,
     "pretrain": PretrainSection,
     "inference": InferenceSection,
+    "speed": SpeedSection,
 }
 
 

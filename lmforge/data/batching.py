@@ -36,6 +36,22 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def pad_batch(batch: Batch, width: int, pad_token_id: int) -> Batch:
+    """Right-pad a batch to `width` tokens (pad_to_sequence_len: every batch the same shape); the loss is unchanged:
+    padding gets attention 0 and label -100 (packed batches: position ids of a block of its own)."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    out = {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+    if "position_ids" in batch:
+        tail = torch.arange(extra).expand(batch["input_ids"].shape[0], extra)
+        last = batch["position_ids"][:, -1:] + 1
+        padded_tail = batch["attention_mask"][:, -1:].eq(0)  # the row already ends in padding: continue that block
+        out["position_ids"][:, -extra:] = torch.where(padded_tail, last + tail, tail)
+    return out
+
+
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
     """Indices of each batch for one epoch.
 

@@ -340,6 +340,10 @@ def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = No
     """
     from lmforge.data import cache
 
+    if data.skip_prepare_dataset:  # this run's rows only, in memory: no cache read or written
+        prepared = build(data, tokenizer, seed)
+        prepared.stats.note = "prepared in memory (skip_prepare_dataset: the prepared-data cache is not used)"
+        return prepared
     root = data.dataset_prepared_path or cache.DEFAULT_PREPARED_PATH
     key = cache.cache_key(data, tokenizer, seed)
     found = cache.load(root, key)

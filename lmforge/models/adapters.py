@@ -86,6 +86,7 @@ def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
         target_modules=lora_targets(settings),
         fan_in_fan_out=settings.lora_fan_in_fan_out,
         modules_to_save=settings.lora_modules_to_save,
+        target_parameters=settings.lora_target_parameters,
         use_dora=settings.peft_use_dora,
         use_rslora=settings.peft_use_rslora,
         # A trained copy of a tied embedding must stay tied to the output head (peft unties it otherwise).

@@ -122,14 +122,29 @@ def _hub_error(base_model: str, exc: Exception) -> LmforgeError:
     )
 
 
-def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False) -> Any:
-    """The one tokenizer loader: ``tokenizer_path`` or ``base_model`` (an HF folder, a .gguf or pkg:// file,
-    or a Hub id), made able to pad. Every command reaches tokenizers through here or :func:`tokenizer_for`."""
-    from transformers import AutoTokenizer
+def transformers_class(name: str | None, default: str, kind: str, key: str) -> Any:
+    """A transformers class named by a config key (model_type, tokenizer_type), checked to be of the right kind."""
+    import transformers
 
+    chosen = getattr(transformers, name or default, None)
+    base = transformers.PreTrainedModel if kind == "model" else transformers.PreTrainedTokenizerBase
+    auto = name in (None, default)
+    if chosen is None or not (auto or (isinstance(chosen, type) and issubclass(chosen, base))):
+        raise LmforgeError(f"{key}: {name} is not a transformers {kind} class", where=key,
+                           fix=f"leave {key} out ({default}), or name a class such as "
+                           + ("LlamaForCausalLM" if kind == "model" else "PreTrainedTokenizerFast"))
+    return chosen
+
+
+def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                   tokenizer_type: str | None = None) -> Any:
+    """The one tokenizer loader: ``tokenizer_path`` or ``base_model`` (an HF folder, a .gguf or pkg:// file,
+    or a Hub id), made able to pad, loaded with the class ``tokenizer_type`` names (default AutoTokenizer).
+    Every command reaches tokenizers through here or :func:`tokenizer_for`."""
+    tokenizer_class = transformers_class(tokenizer_type, "AutoTokenizer", "tokenizer", "tokenizer_type")
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer_class.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         if os.path.isdir(source):
             raise LmforgeError(f"could not load the tokenizer: {str(exc).splitlines()[0]}", where=source,
@@ -150,23 +165,32 @@ def tokenizer_for(cfg: Any, source: str | None = None) -> Any:
         raise LmforgeError("no tokenizer: model_config builds a new model, so the tokenizer must come from somewhere",
                            where="model_config",
                            fix="set tokenizer_train: {files: [...], vocab_size: N} to train one, or tokenizer_config: FOLDER_OR_HUB_ID")
-    tokenizer = load_tokenizer(source or model.base_model, None if source else model.tokenizer_config, model.trust_remote_code)
+    tokenizer = load_tokenizer(source or model.base_model, None if source else model.tokenizer_config, model.trust_remote_code,
+                               model.tokenizer_type)
     if model.special_tokens:
         tokenizer.add_special_tokens(dict(model.special_tokens))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    if model.tokens:
+        tokenizer.add_tokens(list(model.tokens))
     return tokenizer
 
 
 def load_model(
     base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, masked_lm: bool = False,
-    **kwargs: Any,
+    model_type: str | None = None, config_source: str | None = None, **kwargs: Any,
 ) -> Any:
-    """Load a causal LM (or, with `masked_lm`, a masked LM) in ``dtype``; raises LmforgeError with a fix for every user mistake."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    """Load a causal LM (or, with `masked_lm`, a masked LM) in ``dtype``; raises LmforgeError with a fix for every user mistake.
 
-    auto_class = AutoModelForMaskedLM if masked_lm else AutoModelForCausalLM
+    `model_type` names the transformers class to load with (default the Auto class); `config_source`
+    (base_model_config) is where the model config is read from instead of base_model."""
+    default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForCausalLM"
+    auto_class = transformers_class(model_type, default, "model", "model_type")
     source = local_model_dir(base_model)
+    if config_source is not None:
+        from transformers import AutoConfig
+
+        kwargs["config"] = AutoConfig.from_pretrained(local_model_dir(config_source), trust_remote_code=trust_remote_code)
     try:
         return auto_class.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
@@ -189,7 +213,9 @@ def load_model(
         raise
 
 
-def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any) -> None:
-    """Grow the input (and tied output) embeddings when the tokenizer gained tokens."""
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any, multiple_of: int | None = None) -> None:
+    """Grow the input (and tied output) embeddings when the tokenizer gained tokens (to a multiple of
+    `multiple_of` rows: resize_token_embeddings_to_32x)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows or (multiple_of and rows % multiple_of):
+        model.resize_token_embeddings(max(len(tokenizer), rows), pad_to_multiple_of=multiple_of)

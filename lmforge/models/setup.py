@@ -9,6 +9,7 @@ import torch
 from lmforge.config import LmforgeConfig
 from lmforge.models.adapters import apply_lora, cover_new_token_rows
 from lmforge.models.fast_dropout import use_fast_dropout
+from lmforge.models.kernels import apply_liger, attention_backend, compile_layers
 from lmforge.models.load import fit_embeddings_to_tokenizer, load_model
 from lmforge.models.params import freeze_except, set_dropout
 
@@ -56,25 +57,36 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
     # Frozen base weights need no fp32 master copy: holding them in bf16 halves their memory
     # and skips autocast's per-step casts. Trainable weights stay fp32.
     dtype = torch.bfloat16 if (bf16 and cfg.adapter.adapter) else torch.float32
+    say = say or (lambda line: None)
+    attention = attention_backend(cfg.model.attn_implementation, device, say)
     if new_model is not None:
         model = new_model
+        if attention is not None:
+            model.set_attn_implementation(attention)
     else:
         extra = {"quantization_config": quantization} if quantization is not None else {}
+        if attention is not None:
+            extra["attn_implementation"] = attention
         model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                           masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining, **extra)
+                           masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
+                           model_type=cfg.model.model_type, config_source=cfg.model.base_model_config, **extra)
     rows = model.get_input_embeddings().num_embeddings
-    fit_embeddings_to_tokenizer(model, tokenizer)
+    fit_embeddings_to_tokenizer(model, tokenizer, 32 if cfg.model.resize_token_embeddings_to_32x else None)
     new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]
     if cfg.training.dropout is not None:
         set_dropout(model, cfg.training.dropout)
     if cfg.training.unfrozen_parameters:
         freeze_except(model, cfg.training.unfrozen_parameters)
+    # torch.utils.checkpoint's arguments; lmforge's default is the non-reentrant form torch recommends.
+    checkpointing = {"use_reentrant": False, **(cfg.speed.gradient_checkpointing_kwargs or {})}
     if quantization is not None:
         from lmforge.models.quantize import prepare_kbit_model
 
-        model = prepare_kbit_model(model, gradient_checkpointing=cfg.training.gradient_checkpointing)
+        model = prepare_kbit_model(model, gradient_checkpointing=cfg.training.gradient_checkpointing,
+                                   gradient_checkpointing_kwargs=checkpointing)
     elif cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    apply_liger(model, cfg.speed, device, say)
     if cfg.adapter.adapter:
         model = apply_lora(model, cover_new_token_rows(cfg.adapter, model, new_tokens, say))
         if quantization is not None:
@@ -85,4 +97,6 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             keep_lora_inputs_in_compute_dtype(model)
         if device.type == "cpu" and cfg.training.fast_dropout:
             use_fast_dropout(model)
-    return model if quantization is not None else model.to(device)
+    model = model if quantization is not None else model.to(device)
+    compile_layers(model, cfg.speed, device, say)
+    return model

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from lmforge.config import LmforgeConfig
-from lmforge.data.batching import eval_batches, packing_efficiency
+from lmforge.data.batching import eval_batches, packing_efficiency, pad_batch
 from lmforge.data.prepare import prepare
 from lmforge.recipes.console import say
 from lmforge.recipes.training import TrainingRun
@@ -43,13 +43,15 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         model = run.model(tokenizer)
         release_free_memory()
         pad_id = tokenizer.pad_token_id
+        pad_to = d.sequence_len if d.pad_to_sequence_len else None
         stream = EpochStream(data.train, t.micro_batch_size, pad_id, t.seed, t.group_by_length,
-                             sequence_len=d.sequence_len if d.sample_packing else None)
+                             sequence_len=d.sequence_len if d.sample_packing else None, pad_to=pad_to)
         eval_packing = d.sample_packing if d.eval_sample_packing is None else d.eval_sample_packing
         eval_size, eval_len = t.eval_batch_size or t.micro_batch_size, d.sequence_len if eval_packing else None
 
         def eval_fn() -> float:
-            return run.evaluate(model, eval_batches(data.eval, eval_size, pad_id, eval_len), causal_lm_loss)
+            batches = eval_batches(data.eval, eval_size, pad_id, eval_len)
+            return run.evaluate(model, (pad_batch(b, pad_to, pad_id) for b in batches) if pad_to else batches, causal_lm_loss)
 
         loss_fn = partial(causal_lm_loss, label_smoothing=t.label_smoothing_factor) if t.label_smoothing_factor else causal_lm_loss
         flat = cfg.flat()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from lmforge.config.sections import TrainingSection
 from lmforge.data.batching import Batch
 from lmforge.errors import LmforgeError
 from lmforge.models.adapters import parameter_counts
+from lmforge.models.kernels import fused_loss
 from lmforge.plan.runcheck import PeakCheck, start_peak_check
 from lmforge.recipes.console import say
 from lmforge.train.checkpoint import (
@@ -60,6 +62,7 @@ from lmforge.train.checkpoint import (
     trainable_state,
 )
 from lmforge.train.loggers import build_loggers
+from lmforge.train.loss import causal_lm_loss
 from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonFiniteError, evaluate, train_loop
 from lmforge.train.optimizers import build_optimizer
 from lmforge.train.report import plot_losses, summary_markdown
@@ -67,7 +70,7 @@ from lmforge.train.runlock import RunLock
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
 from lmforge.train.signals import sigterm_as_interrupt, stop_on_signals
 from lmforge.train.stream import ResumableStream
-from lmforge.train.telemetry import peak_memory_mb, pick_device, resolve_bf16
+from lmforge.train.telemetry import peak_memory_mb, pick_device, resolve_bf16, set_tf32
 
 
 @dataclass
@@ -83,12 +86,15 @@ class StepPlan:
 
 def plan_steps(t: TrainingSection, rows: int) -> StepPlan:
     """Optimizer steps per epoch and in all for `rows` training rows (examples, packed rows or
-    token windows), warm-up, and eval/save intervals from the *_per_epoch keys."""
+    token windows), warm-up, and eval/save intervals from the *_per_epoch keys and the
+    save_strategy / eval_strategy (epoch: once per epoch; no: never)."""
     micro_batches = math.ceil(rows / t.micro_batch_size)
     per_epoch = max(1, math.ceil(micro_batches / t.gradient_accumulation_steps))
     total = t.max_steps or max(1, math.ceil(per_epoch * t.num_epochs))
     eval_every = t.eval_steps or (max(1, per_epoch // t.evals_per_epoch) if t.evals_per_epoch else None)
     save_every = t.save_steps or (max(1, per_epoch // t.saves_per_epoch) if t.saves_per_epoch else None)
+    eval_every = {"epoch": per_epoch, "no": None}.get(t.eval_strategy or "steps", eval_every)
+    save_every = {"epoch": per_epoch, "no": None}.get(t.save_strategy or "steps", save_every)
     return StepPlan(per_epoch, total, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), eval_every, save_every)
 
 
@@ -153,13 +159,22 @@ class TrainingRun:
         self.t = cfg.training
         self.command = command
         self.device = pick_device()
-        self.bf16 = resolve_bf16(self.t.bf16, self.device)
-        self.autocast_dtype = torch.bfloat16 if self.bf16 else None
+        self.speed = cfg.speed
+        # fp16 (CUDA; the config refuses it on a machine without a GPU) takes the place of bf16: auto.
+        self.bf16 = resolve_bf16(self.t.bf16, self.device) and not (self.speed.fp16 and self.t.bf16 == "auto")
+        self.fp16 = self.speed.fp16
+        if self.fp16 and self.device.type != "cuda":
+            raise LmforgeError(f"fp16 training needs CUDA (with a gradient scaler) and the device is {self.device.type}",
+                               where="fp16", fix="use bf16: true, or bf16: false for fp32")
+        self.autocast_dtype = torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
+        if self.speed.tf32 is not None and self.device.type == "cuda":
+            set_tf32(self.speed.tf32)
         self.output_dir = Path(self.t.output_dir)
         self.resolved = cfg.flat()  # saved beside every checkpoint and output
         self.lock = RunLock(self.output_dir, command, say)
         self.resume_from: Path | None = None
         self.peak_check: PeakCheck | None = None
+        self._loggers: list = []
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -186,6 +201,9 @@ class TrainingRun:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Loggers live as long as the run, so the published output can still be logged (wandb_log_model: end).
+        for logger in self._loggers:
+            logger.close()
         self.lock.release()
         self._sigterm.__exit__(None, None, None)
 
@@ -225,6 +243,11 @@ class TrainingRun:
     def loop_settings(self, plan: StepPlan, has_eval: bool = False) -> LoopSettings:
         t = self.t
         return LoopSettings(
+            grad_scaler=torch.amp.GradScaler(self.device.type) if self.fp16 else None,
+            # On CPU the saved activations are in CPU memory already (validate said so): nothing to move.
+            offload_activations=self.speed.activation_offloading and self.device.type == "cuda",
+            loss_watchdog_threshold=t.loss_watchdog_threshold,
+            loss_watchdog_patience=t.loss_watchdog_patience,
             total_steps=plan.total_steps,
             grad_accum=t.gradient_accumulation_steps,
             max_grad_norm=t.max_grad_norm,
@@ -263,6 +286,14 @@ class TrainingRun:
         saved under others. On SIGTERM/SIGINT: a checkpoint, then KeyboardInterrupt (exit 130).
         """
         t, output_dir = self.t, self.output_dir
+        if t.eval_strategy == "no":
+            eval_fn = None
+        if (fused := fused_loss(self.speed, self.device, say)) is not None:
+            if getattr(loss_fn, "func", loss_fn) is not causal_lm_loss:
+                raise LmforgeError("fused output-head losses compute causal-LM cross-entropy; this run trains another objective",
+                                   where="liger_fused_linear_cross_entropy" if fused == "liger" else "cut_cross_entropy",
+                                   fix="remove the key for this run")
+            loss_fn = partial(loss_fn, fused=fused)
         optimizer, scheduler = self.optimizer(model, plan)
         settings = self.loop_settings(plan, has_eval=eval_fn is not None)
         result, eval_start, best = LoopResult(), None, None
@@ -282,20 +313,28 @@ class TrainingRun:
         def save(step: int) -> None:
             folder = output_dir / f"checkpoint-{step}"
             assert_finite(model, step)
-            save_checkpoint(folder, model=model, tokenizer=tokenizer, config=self.resolved, optimizer=optimizer,
-                            scheduler=scheduler,
+            save_checkpoint(folder, model=model, tokenizer=tokenizer, config=self.resolved,
+                            optimizer=None if t.save_only_model else optimizer, scheduler=scheduler,
                             state={"loop": result.to_dict(), "data_position": stream.position(),
                                    "eval_loss_start": eval_start, "settings": invariants},
                             best=best if result.best_step != step else None)  # else the saved weights are the best
             removed = prune_checkpoints(output_dir, t.save_total_limit) if t.save_total_limit else []
             say(f"saved checkpoint-{step}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+            if self.cfg.logging.wandb_log_model == "checkpoint":
+                upload(folder, f"checkpoint-{step}")
 
         def remember_best(step: int, eval_loss: float) -> None:
             nonlocal best
             if t.load_best_model_at_end:
                 best = trainable_state(model)
 
-        loggers = build_loggers(self.cfg.logging, str(output_dir), self.resolved)
+        loggers = build_loggers(self.cfg.logging, str(output_dir), self.resolved, model=model)
+        self._loggers = loggers
+
+        def upload(folder: Path, name: str) -> None:
+            for logger in loggers:
+                logger.log_model(folder, name)
+
         callbacks = _RunCallbacks(loggers, save, remember_best)
         started = time.perf_counter()
         try:
@@ -312,7 +351,8 @@ class TrainingRun:
                     raise KeyboardInterrupt
                 # The final state is a checkpoint too: a finished run can be extended (a larger max_steps
                 # and --resume_from_checkpoint=auto) without repeating a step.
-                if result.steps != resumed_at:  # resumed at the end: that checkpoint is this state already
+                # save_strategy: no asks for no checkpoints (a signal still saves one above).
+                if result.steps != resumed_at and t.save_strategy != "no":  # resumed at the end: that checkpoint is this state
                     save(result.steps)
         except NonFiniteError as exc:
             good = next(iter(list_checkpoints(output_dir)), None)
@@ -321,9 +361,6 @@ class TrainingRun:
                 fix=(f"last good checkpoint: {good}; " if good else "no checkpoint was saved; ")
                 + "lower learning_rate, set max_grad_norm, or set nan_policy: skip",
             ) from exc
-        finally:
-            for logger in loggers:
-                logger.close()
         wall = time.perf_counter() - started
 
         eval_end = result.eval_history[-1][1] if result.eval_history else None
@@ -342,6 +379,9 @@ class TrainingRun:
         """The trained weights (or adapter), tokenizer and resolved config into output_dir, each file renamed into place."""
         assert_finite(model, outcome.result.steps)
         publish_into(self.output_dir, lambda tmp: save_model_files(model, tokenizer, self.resolved, tmp))
+        if self.cfg.logging.wandb_log_model == "end":
+            for logger in self._loggers:
+                logger.log_model(self.output_dir, "model")
 
     def summary(self, outcome: TrainOutcome, model: Any) -> dict[str, Any]:
         """The summary fields every training recipe reports."""

@@ -86,18 +86,23 @@ def save_checkpoint(
     model: Any,
     tokenizer: Any,
     config: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     state: dict[str, Any],
     best: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write one complete checkpoint atomically (temporary folder, manifest last, then rename)."""
+    """Write one complete checkpoint atomically (temporary folder, manifest last, then rename).
+
+    Without an optimizer (save_only_model) it holds the weights only and says so in its state."""
 
     def write(tmp: Path) -> None:
         save_model_files(model, tokenizer, config, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        if optimizer is None:
+            state["model_only"] = True
+        else:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
         if best is not None:
             from safetensors.torch import save_file
 
@@ -212,6 +217,10 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
     """Restore weights, optimizer, scheduler and RNG states; returns trainer_state.json."""
     folder = Path(folder)
     state = _read(folder, STATE, lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if state.get("model_only"):
+        raise LmforgeError(f"{folder.name} was saved with save_only_model: it holds no optimizer, schedule or RNG state, "
+                           "so a run cannot resume from it", where=str(folder),
+                           fix="start a new run (its weights are in the folder), or set save_only_model: false for resumable checkpoints")
     _load_weights(model, folder)
     optimizer.load_state_dict(_read(folder, "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)))
     scheduler.load_state_dict(_read(folder, "scheduler.pt", lambda p: torch.load(p, weights_only=True)))

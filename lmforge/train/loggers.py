@@ -1,4 +1,4 @@
-"""Metric loggers: TensorBoard always (event files in output_dir); Weights & Biases and MLflow when configured.
+"""Metric loggers: TensorBoard by default (event files in output_dir; use_tensorboard: false turns it off); Weights & Biases and MLflow when configured.
 
 Every logger receives the same metrics: loss, lr, grad_norm, tokens_per_s, tokens_seen,
 peak_memory_mb (every logging_steps) and eval_loss, eval_perplexity (every evaluation).
@@ -14,6 +14,9 @@ from lmforge.errors import LmforgeError
 
 class MetricLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def log_model(self, folder: Any, name: str) -> None:
+        """Upload a checkpoint or the final output (only trackers that store files do)."""
 
     def close(self) -> None: ...
 
@@ -48,6 +51,16 @@ class WandbLogger(MetricLogger):
             dir=output_dir,
             resume="allow" if settings.wandb_run_id else None,
         )
+        self.wandb = wandb
+
+    def watch(self, model: Any, log: str) -> None:
+        """Histograms of gradients / parameters (wandb_watch), every logging step of W&B's own."""
+        self.run.watch(model, log=log)
+
+    def log_model(self, folder: Any, name: str) -> None:
+        artifact = self.wandb.Artifact(f"{self.run.id}-{name}", type="model")
+        artifact.add_dir(str(folder))
+        self.run.log_artifact(artifact)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -90,10 +103,14 @@ class MlflowLogger(MetricLogger):
         self.client.set_terminated(self.run_id)
 
 
-def build_loggers(settings: LoggingSection, output_dir: str, config: dict[str, Any]) -> list[MetricLogger]:
-    loggers: list[MetricLogger] = [TensorBoardLogger(output_dir)]
+def build_loggers(settings: LoggingSection, output_dir: str, config: dict[str, Any], model: Any = None) -> list[MetricLogger]:
+    """TensorBoard (unless use_tensorboard: false), W&B and MLflow as configured; W&B watches `model` with wandb_watch."""
+    loggers: list[MetricLogger] = [TensorBoardLogger(output_dir)] if settings.use_tensorboard else []
     if settings.wandb_project and settings.wandb_mode != "disabled":
-        loggers.append(WandbLogger(settings, config, output_dir))
+        wandb_logger = WandbLogger(settings, config, output_dir)
+        if settings.wandb_watch and model is not None:
+            wandb_logger.watch(model, settings.wandb_watch)
+        loggers.append(wandb_logger)
     if settings.mlflow_tracking_uri:
         loggers.append(MlflowLogger(settings, config))
     return loggers

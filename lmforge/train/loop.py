@@ -42,6 +42,10 @@ class LoopSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_dtype: torch.dtype | None = None
     timing_warmup_steps: int = 2  # first steps pay one-off costs (allocations, kernel choice); kept out of tokens/s
+    grad_scaler: Any = None  # fp16: a torch.amp.GradScaler (loss scaled up, gradients unscaled before clipping)
+    offload_activations: bool = False  # keep tensors saved for backward in (pinned) CPU memory: torch's save_on_cpu
+    loss_watchdog_threshold: float | None = None  # stop once the loss stays above this ...
+    loss_watchdog_patience: int = 3  # ... for this many steps in a row
 
 
 @dataclass
@@ -58,7 +62,7 @@ class LoopResult:
     best_step: int | None = None
     evals_without_improvement: int = 0
     skipped_steps: list[int] = field(default_factory=list)
-    stop_reason: str | None = None  # None (ran to total_steps), "early_stopping", "interrupted", "data_exhausted"
+    stop_reason: str | None = None  # None (ran to total_steps), "early_stopping", "interrupted", "data_exhausted", "loss_watchdog"
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,6 +107,12 @@ def _autocast(settings: LoopSettings) -> contextlib.AbstractContextManager:
     if settings.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=settings.device.type, dtype=settings.autocast_dtype)
+
+
+def _offload(settings: LoopSettings) -> contextlib.AbstractContextManager:
+    if not settings.offload_activations:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=settings.device.type == "cuda")
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -157,6 +167,8 @@ def train_loop(
     model.train()
     bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     window_tokens, window_start = 0, time.perf_counter()
+    scaler = settings.grad_scaler
+    steps_over_threshold = 0
     for step in range(start_step, settings.total_steps):
         step_start = time.perf_counter()
         step_batches = [b for _, b in zip(range(settings.grad_accum), micro_batches)]
@@ -169,16 +181,23 @@ def train_loop(
         step_loss = 0.0
         for batch in step_batches:
             batch = _to_device(batch, settings.device)
-            with _autocast(settings):
+            with _autocast(settings), _offload(settings):
                 loss_sum, _ = loss_fn(model, batch)
-            (loss_sum / max(label_count, 1)).backward()
+            scaled = loss_sum / max(label_count, 1)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
             step_loss += float(loss_sum.detach())
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip and report the true gradient norm
         if settings.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
         else:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         loss = step_loss / max(label_count, 1)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if scaler is not None and math.isfinite(loss):
+            # fp16: an overflowed gradient is the scaler's business: it skips this update and lowers the scale.
+            scaler.step(optimizer)
+            scaler.update()
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
             optimizer.step()
         else:  # the weights stay those of the last good step
             optimizer.zero_grad(set_to_none=True)
@@ -227,6 +246,13 @@ def train_loop(
                 break
         if callbacks.stop_requested and not last:
             result.stop_reason = "interrupted"
+            break
+        threshold = settings.loss_watchdog_threshold
+        steps_over_threshold = steps_over_threshold + 1 if threshold is not None and not loss <= threshold else 0
+        if threshold is not None and steps_over_threshold >= settings.loss_watchdog_patience and not last:
+            result.stop_reason = "loss_watchdog"
+            bar.write(f"step {step + 1}: the loss stayed above loss_watchdog_threshold {threshold} for "
+                      f"{steps_over_threshold} steps; stopping")
             break
         if settings.save_every and (step + 1) % settings.save_every == 0 and not last:
             callbacks.on_save(step + 1)

@@ -28,10 +28,28 @@ def uses_fast_path(model: Any) -> bool:
     return getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS and hasattr(base, "base_model_prefix")
 
 
-def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+def _fused_head_loss(fused: str, head: Any, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The output head and the summed cross-entropy in one GPU kernel, never holding the logits:
+    Liger's fused linear cross-entropy or Cut Cross-Entropy (models.kernels.fused_loss chose which)."""
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("fused head losses need an output head without bias")
+    if fused == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)(head.weight, hidden, targets)
+    from cut_cross_entropy import linear_cross_entropy
+
+    if label_smoothing:
+        raise ValueError("cut_cross_entropy does not smooth labels; use liger_fused_linear_cross_entropy")
+    return linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
+
+
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                   fused: str | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
     `label_smoothing` (0..1) mixes the one-hot target with a uniform one, as in torch's cross_entropy.
+    `fused` ('liger', 'cce'; CUDA only) computes head and loss in one kernel on the fast path.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     attention_mask = batch.get("attention_mask")
@@ -50,6 +68,9 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         base = _unwrap(model)
         backbone = getattr(base, base.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
+        if fused:
+            return _fused_head_loss(fused, base.get_output_embeddings(), hidden[:, :-1][selected], targets[selected],
+                                    label_smoothing), count
         logits = base.get_output_embeddings()(hidden[:, :-1][selected])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[:, :-1][selected]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from lmforge.data.batching import Batch, iterate_batches
+from lmforge.data.batching import Batch, iterate_batches, pad_batch
 
 
 class ResumableStream(Protocol):
@@ -29,12 +29,13 @@ class EpochStream:
 
     def __init__(
         self, examples: Sequence[Any], batch_size: int, pad_token_id: int, seed: int, group_by_length: bool,
-        epoch: int = 0, consumed: int = 0, sequence_len: int | None = None,
+        epoch: int = 0, consumed: int = 0, sequence_len: int | None = None, pad_to: int | None = None,
     ) -> None:
         self.examples, self.batch_size, self.pad_token_id = examples, batch_size, pad_token_id
         self.seed, self.group_by_length = seed, group_by_length
         self.epoch, self.consumed = epoch, consumed
         self.sequence_len = sequence_len  # set: sample packing into rows of this many tokens
+        self.pad_to = pad_to  # set: every batch padded to this many tokens (pad_to_sequence_len)
 
     def __iter__(self) -> Iterator[Batch]:
         while self.examples:
@@ -44,7 +45,7 @@ class EpochStream:
             )
             for batch in epoch_batches:
                 self.consumed += 1  # counted when handed out: at a step boundary this is exact
-                yield batch
+                yield pad_batch(batch, self.pad_to, self.pad_token_id) if self.pad_to else batch
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def position(self) -> dict[str, int]:

@@ -37,6 +37,12 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
+def set_tf32(enabled: bool) -> None:
+    """CUDA matmuls and cuDNN convolutions in TF32 (tf32: true) or full fp32 (tf32: false)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def release_free_memory() -> None:
     """Hand memory freed after loading (fp32 weights cast to bf16, tokenizer buffers) back to the OS.
 
