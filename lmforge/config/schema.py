@@ -15,6 +15,7 @@ from lmforge.config.sections import (
     AdapterSection,
     DatasetSpec,
     DataSection,
+    DistributedSection,
     InferenceSection,
     LoggingSection,
     ModelConfigSpec,
@@ -45,6 +46,7 @@ class LmforgeConfig(BaseModel):
     logging: LoggingSection = LoggingSection()
     pretrain: PretrainSection = PretrainSection()
     inference: InferenceSection = InferenceSection()
+    distributed: DistributedSection = DistributedSection()
     notices: list[Notice] = []  # axolotl keys accepted because they change nothing here (`lmforge validate` prints them)
     warnings: list[str] = []  # cross-key settings that run but likely not as meant ('file:line: what'); see config.checks
 
