@@ -42,6 +42,8 @@ class LoopSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_dtype: torch.dtype | None = None
     timing_warmup_steps: int = 2  # first steps pay one-off costs (allocations, kernel choice); kept out of tokens/s
+    sync: Any = None  # several ranks: lmforge.train.distributed.StepSync (sums over ranks, gradient-sync control)
+    show_progress: bool = True  # the progress bar and step lines (rank 0 only under several ranks)
 
 
 @dataclass
@@ -110,18 +112,36 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss) -> float:
-    """Mean per-token loss over the eval batches."""
+def evaluate_sums(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss,
+                  call: Callable[[Any, LossFn, Batch], tuple[torch.Tensor, int]] | None = None) -> tuple[float, int]:
+    """Summed loss and labelled-token count over the eval batches (`call` runs loss_fn where a sharded model can)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with _autocast(settings):
         for batch in batches:
-            loss_sum, n = loss_fn(model, _to_device(batch, settings.device))
+            batch = _to_device(batch, settings.device)
+            loss_sum, n = call(model, loss_fn, batch) if call else loss_fn(model, batch)
             total += float(loss_sum)
             count += n
     model.train(was_training)
+    return total, count
+
+
+def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss) -> float:
+    """Mean per-token loss over the eval batches."""
+    total, count = evaluate_sums(model, batches, settings, loss_fn)
     return total / max(count, 1)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The gradient norm over all ranks (FSDP's sharded gradients included), clipped to `max_norm` when set."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # sharded gradients (DTensor): the norm of the whole
+        norm = norm.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def _record_eval(result: LoopResult, step: int, eval_loss: float, callbacks: Callbacks) -> None:
@@ -155,7 +175,10 @@ def train_loop(
     result.stop_reason = None  # whatever stopped the run before (a signal, early stopping) ends with this call
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    sync = settings.sync
+    bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not settings.show_progress)
+    say = bar.write if settings.show_progress else (lambda text: None)
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start_step, settings.total_steps):
         step_start = time.perf_counter()
@@ -166,17 +189,22 @@ def train_loop(
         # Counted on the host copies: no device sync.
         label_count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
         step_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
+        if sync:  # every rank divides by the labelled tokens of the whole step, over all ranks
+            label_count, step_tokens = sync.sum_counts(label_count, step_tokens)
         step_loss = 0.0
-        for batch in step_batches:
+        for i, batch in enumerate(step_batches):
             batch = _to_device(batch, settings.device)
-            with _autocast(settings):
-                loss_sum, _ = loss_fn(model, batch)
-            (loss_sum / max(label_count, 1)).backward()
+            with sync.accumulating(model, i + 1 < len(step_batches)) if sync else contextlib.nullcontext():
+                with _autocast(settings):
+                    loss_sum, _ = loss_fn(model, batch)
+                # DDP and FSDP average gradients over ranks: times the rank count, that is the global per-token mean.
+                scaled = loss_sum / (max(label_count, 1) / (sync.world_size if sync else 1))
+                sync.backward(scaled) if sync else scaled.backward()
             step_loss += float(loss_sum.detach())
-        if settings.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        stop = callbacks.stop_requested
+        if sync:  # one host sum: the step's loss, and a stop request every rank acts on at the same step
+            step_loss, stop = sync.sum_loss(step_loss, stop)
+        grad_norm = sync.clip(params, settings.max_grad_norm) if sync else _clip(params, settings.max_grad_norm)
         loss = step_loss / max(label_count, 1)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             optimizer.step()
@@ -187,7 +215,7 @@ def train_loop(
                 bar.close()
                 raise NonFiniteError(step + 1, what)
             result.skipped_steps.append(step + 1)
-            bar.write(f"step {step + 1}: {what} is not finite; step skipped (nan_policy: skip)")
+            say(f"step {step + 1}: {what} is not finite; step skipped (nan_policy: skip)")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -218,14 +246,14 @@ def train_loop(
         if eval_fn and ((settings.eval_every and (step + 1) % settings.eval_every == 0) or last):
             eval_loss = eval_fn()
             _record_eval(result, step + 1, eval_loss, callbacks)
-            bar.write(f"step {step + 1}: eval loss {eval_loss:.4f}")
+            say(f"step {step + 1}: eval loss {eval_loss:.4f}")
             callbacks.on_log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
             patience = settings.early_stopping_patience
             if patience and result.evals_without_improvement >= patience and not last:
                 result.stop_reason = "early_stopping"
-                bar.write(f"step {step + 1}: no eval improvement in {patience} evaluations; stopping early")
+                say(f"step {step + 1}: no eval improvement in {patience} evaluations; stopping early")
                 break
-        if callbacks.stop_requested and not last:
+        if (stop if sync else callbacks.stop_requested) and not last:
             result.stop_reason = "interrupted"
             break
         if settings.save_every and (step + 1) % settings.save_every == 0 and not last:
