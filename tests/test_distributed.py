@@ -1,9 +1,10 @@
 """Training on several ranks (torchrun, gloo on CPU): DDP and FSDP2 against one process, SIGKILL and resume,
 an FSDP2 checkpoint of 2 ranks resumed on 1, two torchrun agents as two nodes over loopback.
 
-The reference is always one plain process with the same global batch (gradient_accumulation_steps × 2):
+The reference is always one process with the same global batch (gradient_accumulation_steps × 2):
 N ranks must train exactly as it does, step by step. Runs are fp32 on a tiny Llama; one torchrun launch
-trains all four DDP/FSDP configs (tests/distributed_runs.py) to keep the start-up cost to one.
+trains all the DDP/FSDP configs (tests/distributed_runs.py) to keep the start-up cost to one. The SIGKILL
+and two-node tests start torchrun themselves and are marked slow (CI runs them; `-m "not slow"` skips them).
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ FSDP_CONFIG = {  # axolotl's spellings, the older fsdp_-prefixed ones included
     "fsdp_version": 2, "fsdp_offload_params": False, "fsdp_state_dict_type": "SHARDED_STATE_DICT",
     "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "reshard_after_forward": True,
 }
-KINDS = ["ddp-lora", "ddp-full", "fsdp-lora", "fsdp-full"]
+KINDS = ["ddp-lora", "ddp-full", "fsdp-lora", "fsdp-full", "fsdp-qlora"]
+# The one-process reference of each adapter kind; QLoRA's is FSDP in one process too, so both store
+# the 4-bit weights alike (bf16, the FSDP-QLoRA recipe) and quantize them the same.
+REFERENCE_ENGINE = {"lora": "one", "full": "one", "qlora": "fsdp"}
 
 
 def _config(model_dir: Path, data: Path, out: Path, kind: str, accumulation: int, **extra: object) -> dict:
     engine, adapter = kind.split("-")
     settings: dict = dict(
-        adapter="lora" if adapter == "lora" else None, micro_batch_size=2, gradient_accumulation_steps=accumulation,
+        adapter=None if adapter == "full" else adapter, micro_batch_size=2, gradient_accumulation_steps=accumulation,
         max_steps=STEPS, learning_rate=0.01 if adapter == "lora" else 0.002, lr_scheduler="cosine", warmup_steps=1,
         logging_steps=1, save_steps=2, val_set_size=4, eval_steps=4, eval_batch_size=2, seed=7,
     )
@@ -45,6 +49,8 @@ def _config(model_dir: Path, data: Path, out: Path, kind: str, accumulation: int
         settings["fsdp_config"] = FSDP_CONFIG
     if adapter == "full":
         settings.update(lora_r=None, lora_alpha=None, lora_target_linear=None)
+    if adapter == "qlora":
+        settings["load_in_4bit"] = True
     return {k: v for k, v in tiny_config(model_dir, data, out, **{**settings, **extra}).items() if v is not None}
 
 
@@ -88,13 +94,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Output folders: one process per adapter kind (`ref-lora`, `ref-full`), and the four 2-rank runs."""
+    """Output folders: one process per adapter kind (`ref-lora`, `ref-full`, `ref-qlora`), and the 2-rank runs."""
     root = tmp_path_factory.mktemp("distributed")
     data = write_jsonl(root / "arith.jsonl", ARITHMETIC)
     folders = {}
-    for adapter in ("lora", "full"):
+    for adapter, engine in REFERENCE_ENGINE.items():
         out = root / f"ref-{adapter}"
-        run_train(load_config(str(write_config(root / f"ref-{adapter}.yml", _config(tiny_model_dir, data, out, f"one-{adapter}", 4)))))
+        config = _config(tiny_model_dir, data, out, f"{engine}-{adapter}", 4)
+        run_train(load_config(str(write_config(root / f"ref-{adapter}.yml", config))))
         folders[f"ref-{adapter}"] = out
     configs = []
     for kind in KINDS:
@@ -137,6 +144,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # two more torchrun launches (~1 min on 2 cores); runs in CI's full suite
 def test_sigkill_under_two_ranks_then_resume_auto_ends_as_uninterrupted(tiny_model_dir: Path, runs: dict[str, Path],
                                                                         tmp_path: Path) -> None:
     out = tmp_path / "killed"
@@ -162,6 +170,7 @@ def test_sigkill_under_two_ranks_then_resume_auto_ends_as_uninterrupted(tiny_mod
     assert _history(out) == _history(runs["fsdp-full"])
 
 
+@pytest.mark.slow  # two torchrun agents (~40 s on 2 cores); runs in CI's full suite
 def test_two_torchrun_agents_over_loopback_train_as_two_nodes(tiny_model_dir: Path, runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "nodes"
     config = write_config(tmp_path / "nodes.yml", _config(tiny_model_dir, runs["data"], out, "ddp-lora", 2))
