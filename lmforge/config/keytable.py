@@ -382,9 +382,12 @@ def fsdp_version(value: Any, facts: Facts) -> Verdict | None:
 
 
 def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
-    """refused on a machine without a GPU (DeepSpeed's engine runs on CUDA here)"""
-    if not facts.gpu:
-        return Verdict(Kind.NOT_YET, f"DeepSpeed ZeRO runs on CUDA GPUs and {NO_GPU}",
+    """refused on a machine without a GPU unless deepspeed is installed (its CPU accelerator runs with gloo)"""
+    import importlib.util
+
+    if not facts.gpu and importlib.util.find_spec("deepspeed") is None:
+        return Verdict(Kind.NOT_YET, f"DeepSpeed ZeRO runs on CUDA GPUs and {NO_GPU} (with `pip install deepspeed` "
+                       "its CPU accelerator runs here too)",
                        nearest="fsdp_config: {reshard_after_forward: true} (FSDP2, the same sharding as ZeRO-3, runs on CPUs too)")
     return None
 

@@ -485,7 +485,7 @@ class DistributedSection(Section):
         None, description="axolotl's older spelling of fsdp_config.final_state_dict_type."
     )
     deepspeed: str | dict[str, Any] | None = Field(
-        None, description="DeepSpeed config: a JSON file (e.g. deepspeed_configs/zero2.json) or the mapping itself; CUDA GPUs only."
+        None, description="DeepSpeed config: a JSON file (e.g. deepspeed_configs/zero2.json) or the mapping itself; CUDA GPUs, or CPUs where deepspeed is installed."
     )
     ddp_timeout: int | None = Field(None, gt=0, description="Seconds a collective may wait for the other ranks (default 1800).")
     ddp_bucket_cap_mb: int | None = Field(None, gt=0, description="DDP gradient bucket size in MB (default 25).")

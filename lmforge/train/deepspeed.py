@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO (stages 1, 2, 3, with CPU offload) through DeepSpeed's own engine, on CUDA GPUs.
+"""DeepSpeed ZeRO (stages 1, 2, 3, with CPU offload) through DeepSpeed's own engine, on CUDA GPUs
+(or, where deepspeed is installed and there is no CUDA, on its CPU accelerator with gloo: the tests).
 
 ``deepspeed: deepspeed_configs/zero2.json`` (axolotl's key and files) hands the step to
 ``deepspeed.initialize``: the engine partitions optimizer state (ZeRO-1), gradients (ZeRO-2) and
@@ -33,13 +34,21 @@ DS_TAG = "state"
 
 
 def require_deepspeed() -> Any:
+    """The deepspeed module; on a machine without CUDA, with its CPU accelerator (gloo between ranks)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("deepspeed") is None:
+        if not torch.cuda.is_available():
+            raise LmforgeError("DeepSpeed ZeRO runs on CUDA GPUs and this machine has none", where="deepspeed",
+                               fix="use fsdp_config (FSDP2 shards the same way and runs on CPUs too), or pip install deepspeed "
+                                   "for its CPU accelerator")
+        raise LmforgeError("deepspeed is not installed", where="deepspeed", fix="pip install 'lmforge[deepspeed]' (or pip install deepspeed)")
     if not torch.cuda.is_available():
-        raise LmforgeError("DeepSpeed ZeRO runs on CUDA GPUs and this machine has none", where="deepspeed",
-                           fix="use fsdp_config (FSDP2 shards the same way and runs on CPUs too), or run on a GPU machine")
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise LmforgeError("deepspeed is not installed", where="deepspeed", fix="pip install 'lmforge[deepspeed]' (or pip install deepspeed)") from exc
+        # Its CPU accelerator (gloo without oneCCL); it builds a small C++ shared-memory op on first use.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
     return deepspeed
 
 
@@ -125,6 +134,10 @@ class DeepSpeedEngine(TorchEngine):
 
     def describe(self) -> str:
         return super().describe() + f"; ZeRO stage {self.stage}"
+
+    @property
+    def needs_lockstep(self) -> bool:  # type: ignore[override]
+        return self.stage == 3  # ZeRO-3 gathers each layer's weights in every forward: a collective
 
     @property
     def sync(self) -> StepSync:
