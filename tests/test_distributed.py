@@ -25,9 +25,11 @@ from safetensors.torch import load_file
 
 from conftest import ARITHMETIC, REPO, tiny_config, write_config, write_jsonl
 from lmforge.config import load_config
+from lmforge.recipes.pretrain import run_pretrain
 from lmforge.recipes.train import run_train
 
 STEPS = 8
+SHAKESPEARE = "input.txt"
 FSDP_CONFIG = {  # axolotl's spellings, the older fsdp_-prefixed ones included
     "fsdp_version": 2, "fsdp_offload_params": False, "fsdp_state_dict_type": "SHARDED_STATE_DICT",
     "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "reshard_after_forward": True,
@@ -52,6 +54,17 @@ def _config(model_dir: Path, data: Path, out: Path, kind: str, accumulation: int
     if adapter == "qlora":
         settings["load_in_4bit"] = True
     return {k: v for k, v in tiny_config(model_dir, data, out, **{**settings, **extra}).items() if v is not None}
+
+
+def _pretrain_config(corpus: Path, shared: Path, out: Path, accumulation: int) -> dict:
+    return {
+        "model_config": {"architecture": "llama", "preset": "tiny"},
+        "tokenizer_train": {"files": [str(corpus)], "vocab_size": 300, "output_dir": str(shared / "tokenizer")},
+        "pretraining_dataset": [str(corpus)], "shards_dir": str(shared / "shards"), "sequence_len": 32, "val_set_size": 0.1,
+        "micro_batch_size": 4, "gradient_accumulation_steps": accumulation, "max_steps": STEPS, "learning_rate": 0.005,
+        "lr_scheduler": "cosine", "warmup_steps": 1, "save_steps": 4, "eval_steps": 4, "bf16": False, "logging_steps": 1,
+        "seed": 3, "output_dir": str(out),
+    }
 
 
 def _env() -> dict[str, str]:
@@ -108,6 +121,16 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     for kind in KINDS:
         folders[kind] = root / kind
         configs.append(str(write_config(root / f"{kind}.yml", _config(tiny_model_dir, data, root / kind, kind, 2))))
+    # Pretraining from scratch: the reference trains the tokenizer and writes the shards, the 2 ranks reuse them.
+    corpus = root / "corpus.txt"
+    corpus.write_text((REPO / "data" / "tinyshakespeare" / SHAKESPEARE).read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    for name, accumulation in (("ref-pretrain", 4), ("pretrain", 2)):
+        folders[name] = root / name
+        config = _pretrain_config(corpus, root / "shared", root / name, accumulation)
+        if name == "ref-pretrain":
+            run_pretrain(load_config(str(write_config(root / f"{name}.yml", config))))
+        else:
+            configs.append(str(write_config(root / f"{name}.yml", config)))
     done = subprocess.run(_torchrun("--standalone", "--nproc_per_node=2", str(REPO / "tests" / "distributed_runs.py"), *configs),
                           cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -124,6 +147,12 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(kind: str, ru
     if kind.startswith("fsdp"):  # checkpoints hold DCP shards of both ranks, the output plain safetensors
         assert sorted(p.name for p in (out / "checkpoint-2" / "dcp").iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
         assert not (out / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_pretraining_on_two_ranks_trains_as_one_process(runs: dict[str, Path]) -> None:
+    """DDP pretraining from scratch: token windows dealt to the ranks, the same per-step loss and weights."""
+    _assert_close_runs(runs["pretrain"], runs["ref-pretrain"])
+    assert json.loads((runs["pretrain"] / "summary.json").read_text())["ranks"] == 2
 
 
 def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(tiny_model_dir: Path, runs: dict[str, Path], tmp_path: Path) -> None:
