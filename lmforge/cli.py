@@ -160,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("train", cmd_train, "fine-tune as the config says (pretrains when it sets model_config or pretraining_dataset)")
-    add("pretrain", cmd_pretrain, "pretrain a model from scratch (model_config) or continue pretraining (base_model) on raw text")
+    for p in (add("train", cmd_train, "fine-tune as the config says (pretrains when it sets model_config or pretraining_dataset)"),
+              add("pretrain", cmd_pretrain, "pretrain a model from scratch (model_config) or continue pretraining (base_model) on raw text")):
+        p.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train on N ranks of this machine (starts torchrun --standalone --nproc_per_node N): "
+                            "DDP, or FSDP2 / DeepSpeed as the config says")
     help_text = "`tokenizer train [CONFIG] [--files ...]`: train a BPE/unigram tokenizer (config's tokenizer_train, flags on top)"
     p = sub.add_parser("tokenizer", help=help_text, description=help_text)
     p.add_argument("action", choices=["train"])
@@ -255,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unexpected arguments: {' '.join(bad)} (overrides are written --key=value)")
     debug = getattr(args, "debug", False)
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None:
+        from lmforge.train.distributed import relaunch
+
+        try:
+            relaunch(nproc, argv)  # becomes torchrun, which starts N ranks of this command (unless it is one already)
+        except LmforgeError as exc:
+            print(f"error: {exc.format()}", file=sys.stderr)
+            return 2
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

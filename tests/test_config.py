@@ -75,7 +75,11 @@ def test_sequence_len_must_be_positive(tmp_path: Path, value: int) -> None:
         load_config(write(tmp_path, BASE.replace("sequence_len: 128", f"sequence_len: {value}")))
 
 
-def test_unsupported_axolotl_key_refused_by_name_unless_off(tmp_path: Path) -> None:
+def test_unsupported_axolotl_key_refused_by_name_unless_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # deepspeed is refused on CPU only where it is not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
     with pytest.raises(LmforgeError, match="'deepspeed' is not supported yet"):
         load_config(write(tmp_path, BASE + "deepspeed: ds.json\n"))
     cfg = load_config(write(tmp_path, BASE + "xformers_attention: false\nstrict: false\n"))

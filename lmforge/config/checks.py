@@ -63,6 +63,7 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _schedule(c)
     _pretraining(c)
     _speed(c)
+    _distributed(c)
     return c.warnings
 
 
@@ -154,3 +155,43 @@ def _speed(c: _Checker) -> None:
         c.warn("gradient_checkpointing_kwargs", "gradient_checkpointing_kwargs has no effect without gradient_checkpointing: true")
     if cfg.training.loss_watchdog_threshold is None and c.given("loss_watchdog_patience"):
         c.warn("loss_watchdog_patience", "loss_watchdog_patience has no effect without loss_watchdog_threshold")
+def deepspeed_json(value: "str | dict") -> dict:
+    """The DeepSpeed config a `deepspeed:` value names (a JSON file, or the mapping itself)."""
+    import json
+    from pathlib import Path
+
+    if isinstance(value, dict):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise LmforgeError(f"deepspeed config file does not exist: {value}", where="deepspeed",
+                           fix="give a JSON file, e.g. deepspeed_configs/zero2.json from the lmforge repository")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise LmforgeError(f"deepspeed config {value} is not valid JSON ({exc})", where=str(path), fix="fix the JSON") from exc
+
+
+def _distributed(c: _Checker) -> None:
+    cfg = c.cfg
+    d = cfg.distributed
+    if (d.fsdp or d.fsdp_config) and cfg.training.load_best_model_at_end:
+        raise c.error("load_best_model_at_end", "load_best_model_at_end is not supported yet with fsdp (the best weights "
+                      "would be kept as shards)", "remove load_best_model_at_end; the best checkpoint is named in summary.json")
+    if d.deepspeed:
+        try:
+            ds = deepspeed_json(d.deepspeed)
+        except LmforgeError as exc:
+            raise LmforgeError(exc.message, where=c.where("deepspeed"), fix=exc.fix) from exc
+        stage = int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
+        quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
+        if stage == 3 and quantized:
+            raise c.error("deepspeed", "DeepSpeed ZeRO-3 partitions every weight, which a bitsandbytes 4/8-bit base cannot be "
+                          "(its packed weights and quantization state would be split apart)",
+                          "use ZeRO-2 (deepspeed_configs/zero2.json) or fsdp with QLoRA, or drop load_in_4bit")
+        if cfg.training.nan_policy == "skip":
+            raise c.error("nan_policy", "nan_policy: skip cannot skip a step under deepspeed (its engine steps before the "
+                          "gradient norm is known)", "use nan_policy: stop")
+        if cfg.training.load_best_model_at_end:
+            raise c.error("load_best_model_at_end", "load_best_model_at_end is not supported yet with deepspeed",
+                          "remove it; the best checkpoint is named in summary.json")

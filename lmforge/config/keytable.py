@@ -403,12 +403,52 @@ def streaming(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def fsdp1_switches(value: Any, facts: Facts) -> Verdict | None:
+    """notices for FSDP1-only entries (sync_module_states, use_orig_params, limit_all_gathers, *_prefetch),
+    cpu_ram_efficient_loading (every rank reads the weights once) and a SHARDED_STATE_DICT final_state_dict_type"""
+    if not isinstance(value, Mapping):
+        return None
+    given = {str(k).removeprefix("fsdp_"): v for k, v in value.items()}
+    fsdp1 = ("sync_module_states", "use_orig_params", "limit_all_gathers", "backward_prefetch", "forward_prefetch")
+    lines = []
+    named = sorted(set(given) & set(fsdp1))
+    if named:
+        lines.append(f"{', '.join(named)} {'is an FSDP1 switch' if len(named) == 1 else 'are FSDP1 switches'}; lmforge "
+                     "shards with FSDP2 (fully_shard), which prefetches and keeps parameters its own way: the training is the same")
+    if given.get("cpu_ram_efficient_loading") in (True, "true"):
+        lines.append("cpu_ram_efficient_loading: every rank reads the weights once into CPU memory and keeps only its "
+                     "shards after sharding (loading on rank 0 alone is not implemented yet)")
+    if str(given.get("final_state_dict_type", "")).upper() == "SHARDED_STATE_DICT":
+        lines.append("final_state_dict_type SHARDED_STATE_DICT: the final shards are in the run's last checkpoint (dcp/), "
+                     "and output_dir also gets the consolidated safetensors")
+    return Verdict(Kind.NOTICE, "; ".join(lines)) if lines else None
+
+
+def fsdp_version(value: Any, facts: Facts) -> Verdict | None:
+    """notice for 1: lmforge shards with FSDP2"""
+    if value in (1, "1"):
+        return Verdict(Kind.NOTICE, "lmforge shards with FSDP2 (torch's fully_shard) whatever the version; the training is the "
+                       "same, and FSDP1's flat parameters are not used")
+    return None
+
+
+def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
+    """refused on a machine without a GPU unless deepspeed is installed (its CPU accelerator runs with gloo)"""
+    import importlib.util
+
+    if not facts.gpu and importlib.util.find_spec("deepspeed") is None:
+        return Verdict(Kind.NOT_YET, f"DeepSpeed ZeRO runs on CUDA GPUs and {NO_GPU} (with `pip install deepspeed` "
+                       "its CPU accelerator runs here too)",
+                       nearest="fsdp_config: {reshard_after_forward: true} (FSDP2, the same sharding as ZeRO-3, runs on CPUs too)")
+    return None
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
 
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
 MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it trains text models"
 MOE_KERNELS = "MoE expert kernels and expert quantization are out of lmforge's scope"
-PARALLEL = "tensor, context, sequence and expert parallelism are out of lmforge's scope (DDP and FSDP2 come with issue 11)"
+PARALLEL = "tensor, context, sequence and expert parallelism are out of lmforge's scope (lmforge scales out with DDP, FSDP2 and DeepSpeed ZeRO)"
 INTERNAL = "axolotl fills this in at run time; it is not a setting"
 REMOVED = "axolotl removed this key (its current schema ignores or refuses it)"
 GPU_KERNEL = "a Triton/CUDA kernel"
@@ -426,6 +466,7 @@ CHAT = "lmforge/data/formats/chat.py"
 USER_DEFINED = "lmforge/data/formats/user_defined.py"
 INFERENCE = "lmforge/recipes/inference.py"
 KERNELS = "lmforge/models/kernels.py"  # attention backend, compile, fused-kernel plugins
+DIST = "lmforge/train/distributed.py"
 
 KEYS: tuple[Key, ...] = (
     # --- model and tokenizer -----------------------------------------------------------------------------------
@@ -475,10 +516,10 @@ KEYS: tuple[Key, ...] = (
     note("is_mistral_derived_model", "lmforge reads the architecture from the model config"),
     note("is_falcon_derived_model", "lmforge reads the architecture from the model config"),
     note("is_qwen_derived_model", "lmforge reads the architecture from the model config"),
-    later("device_map", "placing the model across devices", nearest="fsdp", issue=11),
+    later("device_map", "placing the model across devices", nearest="fsdp"),
     note("low_cpu_mem_usage", "memory use while loading only; transformers loads lean by default"),
-    later("max_memory", "per-device memory caps for placing the model", nearest="fsdp", issue=11),
-    later("gpu_memory_limit", "per-device memory caps for placing the model", nearest="fsdp", issue=11),
+    later("max_memory", "per-device memory caps for placing the model", nearest="fsdp"),
+    later("gpu_memory_limit", "per-device memory caps for placing the model", nearest="fsdp"),
 
     # --- output and Hub ----------------------------------------------------------------------------------------
     done("output_dir", TRAIN, PRETRAIN),
@@ -516,7 +557,7 @@ KEYS: tuple[Key, ...] = (
     later("peft_ensure_weight_tying", "tying adapter weights of tied embeddings", nearest="lora_modules_to_save"),
     later("peft_autocast_adapter_dtype", "adapter weights in the compute dtype", quiet=(None,),
           same={True: "lmforge keeps adapter weights in fp32, as PEFT does by default"}),
-    later("qlora_sharded_model_loading", "FSDP-QLoRA sharded loading", nearest="fsdp", issue=11),
+    later("qlora_sharded_model_loading", "FSDP-QLoRA sharded loading", nearest="fsdp"),
     later("lora_on_cpu", "loading LoRA on the CPU first", cpu=f"{NO_GPU}: LoRA is loaded on the CPU anyway"),
     later("gptq", "training GPTQ-quantized models", nearest="load_in_4bit"),
     alias("bnb_config_kwargs", SPREAD, "its bnb_4bit_* entries are the flat bnb_4bit_* keys", rule=bnb_kwargs),
@@ -604,7 +645,7 @@ KEYS: tuple[Key, ...] = (
     done("gradient_checkpointing_kwargs", MODEL, rule=checkpointing_kwargs),
     later("selective_checkpointing", "saving chosen ops under checkpointing", nearest="gradient_checkpointing"),
     done("activation_offloading", TRAINING, rule=offloading),
-    later("layer_offloading", "offloading layer weights to CPU memory", nearest="fsdp", issue=11),
+    later("layer_offloading", "offloading layer weights to CPU memory", nearest="fsdp"),
     note("gc_steps", "memory housekeeping (garbage collection); the result is the same"),
     note("gc_collect_steps", "memory housekeeping (garbage collection); the result is the same"),
     note("torch_empty_cache_steps", "memory housekeeping (CUDA cache); the result is the same"),
@@ -690,21 +731,21 @@ KEYS: tuple[Key, ...] = (
     out("nvfp4_merge_aware_start_step", MOE_KERNELS, only_with="nvfp4_merge_aware"),
 
     # --- scale-out ------------------------------------------------------------------------------------------------
-    later("fsdp", "FSDP", issue=11),
-    later("fsdp_config", "FSDP", issue=11),
-    later("fsdp_version", "FSDP", issue=11),
-    later("fsdp_final_state_dict_type", "FSDP", issue=11),
-    later("fp32_norms", "FSDP2 fp32 norms", issue=11),
-    later("fp32_norm_classes", "FSDP2 fp32 norms", issue=11, only_with="fp32_norms"),
-    later("deepspeed", "DeepSpeed ZeRO", issue=11),
-    later("deepcompile", "DeepSpeed compile", issue=11, only_with="deepspeed"),
-    later("ddp", "DDP", issue=11),
-    later("ddp_timeout", "DDP", issue=11),
-    later("ddp_bucket_cap_mb", "DDP", issue=11),
-    later("ddp_broadcast_buffers", "DDP", issue=11),
-    later("ddp_find_unused_parameters", "DDP", issue=10),
-    later("dp_shard_size", "FSDP/HSDP mesh sizes", issue=11, quiet=(None, 1)),
-    later("dp_replicate_size", "FSDP/HSDP mesh sizes", issue=11, quiet=(None, 1)),
+    done("fsdp", DIST),
+    done("fsdp_config", DIST, rule=fsdp1_switches),
+    done("fsdp_version", DIST, rule=fsdp_version),
+    done("fsdp_final_state_dict_type", DIST),
+    later("fp32_norms", "FSDP2 fp32 norms", nearest="bf16: false"),
+    later("fp32_norm_classes", "FSDP2 fp32 norms", only_with="fp32_norms"),
+    done("deepspeed", DIST, rule=deepspeed_on_gpus),
+    later("deepcompile", "DeepSpeed compile", nearest="deepspeed", only_with="deepspeed"),
+    note("ddp", "lmforge trains with DDP whenever torchrun starts several ranks and neither fsdp nor deepspeed is set"),
+    done("ddp_timeout", DIST),
+    done("ddp_bucket_cap_mb", DIST),
+    done("ddp_broadcast_buffers", DIST),
+    done("ddp_find_unused_parameters", DIST),
+    later("dp_shard_size", "FSDP/HSDP mesh sizes", nearest="fsdp_config (shards over every rank)", quiet=(None, 1)),
+    later("dp_replicate_size", "FSDP/HSDP mesh sizes", nearest="fsdp_config (shards over every rank)", quiet=(None, 1)),
     later("accelerator_config", "accelerate's settings", nearest="gradient_accumulation_steps"),
     out("tensor_parallel_size", PARALLEL, quiet=(None, 0, 1)),
     out("context_parallel_size", PARALLEL, quiet=(None, 0, 1)),
@@ -713,7 +754,7 @@ KEYS: tuple[Key, ...] = (
     out("ring_attn_func", PARALLEL),
     out("expert_parallel_size", PARALLEL, quiet=(None, 0, 1)),
     out("expert_parallel_*", PARALLEL),
-    out("use_ray", "launching through Ray is out of lmforge's scope; it scales out with torchrun (issue 11)"),
+    out("use_ray", "launching through Ray is out of lmforge's scope; it scales out with torchrun"),
     out("ray_run_name", "launching through Ray is out of lmforge's scope", only_with="use_ray"),
     out("ray_num_workers", "launching through Ray is out of lmforge's scope", only_with="use_ray"),
     out("resources_per_worker", "launching through Ray is out of lmforge's scope", only_with="use_ray"),

@@ -15,6 +15,7 @@ from lmforge.config.sections import (
     AdapterSection,
     DatasetSpec,
     DataSection,
+    DistributedSection,
     InferenceSection,
     LoggingSection,
     ModelConfigSpec,
@@ -47,6 +48,7 @@ class LmforgeConfig(BaseModel):
     pretrain: PretrainSection = PretrainSection()
     inference: InferenceSection = InferenceSection()
     speed: SpeedSection = SpeedSection()
+    distributed: DistributedSection = DistributedSection()
     notices: list[Notice] = []  # axolotl keys accepted because they change nothing here (`lmforge validate` prints them)
     warnings: list[str] = []  # cross-key settings that run but likely not as meant ('file:line: what'); see config.checks
 

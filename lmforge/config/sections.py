@@ -5,6 +5,7 @@ Every section forbids unknown keys, so a typo can never be silently ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -485,6 +486,185 @@ class SpeedSection(Section):
         return self
 
 
+# --- scale-out (read by lmforge/train/distributed.py) -------------------------------------------------------------
+
+# fsdp_config keys, as axolotl writes them (its older `fsdp_`-prefixed spellings are read as these).
+FSDP_CONFIG_KEYS = (
+    "fsdp_version", "offload_params", "cpu_ram_efficient_loading", "transformer_layer_cls_to_wrap", "state_dict_type",
+    "final_state_dict_type", "reshard_after_forward", "activation_checkpointing", "auto_wrap_policy", "min_num_params",
+    "sharding_strategy", "mixed_precision_policy", "cpu_offload_pin_memory",
+    # FSDP1 switches with no FSDP2 counterpart: accepted, and named by a notice (config.keytable).
+    "sync_module_states", "use_orig_params", "limit_all_gathers", "backward_prefetch", "forward_prefetch",
+)
+FSDP1_ONLY_KEYS = ("sync_module_states", "use_orig_params", "limit_all_gathers", "backward_prefetch", "forward_prefetch")
+STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+# transformers' `fsdp` list options (axolotl's older form): what each asks of FSDP2.
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """FSDP as lmforge runs it (always FSDP2, ``fully_shard``), resolved from fsdp, fsdp_config and fsdp_version."""
+
+    reshard_after_forward: bool = True  # full_shard (ZeRO-3); false: shard_grad_op (ZeRO-2)
+    offload_params: bool = False  # parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)
+    cpu_offload_pin_memory: bool = True
+    cpu_ram_efficient_loading: bool = False  # rank 0 reads the weights, the others receive their shards
+    layer_classes: tuple[str, ...] = ()  # classes sharded one per group (default: the model's decoder layers)
+    wrap: str = "TRANSFORMER_BASED_WRAP"  # or SIZE_BASED_WRAP (min_num_params) or NO_WRAP (one group)
+    min_num_params: int | None = None
+    state_dict_type: str = "SHARDED_STATE_DICT"  # checkpoints: DCP shards; FULL_STATE_DICT: also consolidated weights
+    final_state_dict_type: str = "FULL_STATE_DICT"
+    activation_checkpointing: bool = False
+    mixed_precision: str | None = None  # bf16 / fp16 / fp32 for the all-gathered weights (default: from bf16)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"fsdp_config.{key} must be true or false, got {value!r}")
+
+
+def normalize_fsdp_config(values: dict[str, Any]) -> dict[str, Any]:
+    """axolotl's fsdp_config with the `fsdp_` prefixes removed and `version` read as fsdp_version; unknown keys refused."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key)
+        if name.startswith("fsdp_") and name != "fsdp_version":
+            name = name[len("fsdp_"):]
+        if name == "version":
+            name = "fsdp_version"
+        if name not in FSDP_CONFIG_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(name, FSDP_CONFIG_KEYS, n=1, cutoff=0.6)
+            raise ValueError(f"unknown fsdp_config key '{key}'" + (f" (did you mean {close[0]}?)" if close else
+                                                                   f"; known: {', '.join(FSDP_CONFIG_KEYS[:13])}"))
+        if name in out and out[name] != value:
+            raise ValueError(f"fsdp_config sets {name} twice (with and without the fsdp_ prefix) to different values")
+        out[name] = value
+    return out
+
+
+class DistributedSection(Section):
+    """Training on several devices or machines: start it with `torchrun` (or `lmforge train --nproc N`).
+
+    Without fsdp or deepspeed, several ranks train with DDP; fsdp/fsdp_config shard with FSDP2
+    (``fully_shard``); deepspeed hands the step to DeepSpeed's ZeRO engine (GPUs).
+    """
+
+    fsdp: list[str] | None = Field(
+        None, description="transformers' list form: [full_shard | shard_grad_op, auto_wrap, offload] (FSDP2 underneath)."
+    )
+    fsdp_config: dict[str, Any] | None = Field(
+        None, description="FSDP2 settings: offload_params, cpu_ram_efficient_loading, transformer_layer_cls_to_wrap, "
+        "state_dict_type, reshard_after_forward, activation_checkpointing, auto_wrap_policy, ... (fsdp_ prefixes accepted)."
+    )
+    fsdp_version: int | None = Field(None, ge=1, le=2, description="1 or 2; lmforge always shards with FSDP2 (fully_shard).")
+    fsdp_final_state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] | None = Field(
+        None, description="axolotl's older spelling of fsdp_config.final_state_dict_type."
+    )
+    deepspeed: str | dict[str, Any] | None = Field(
+        None, description="DeepSpeed config: a JSON file (e.g. deepspeed_configs/zero2.json) or the mapping itself; CUDA GPUs, or CPUs where deepspeed is installed."
+    )
+    ddp_timeout: int | None = Field(None, gt=0, description="Seconds a collective may wait for the other ranks (default 1800).")
+    ddp_bucket_cap_mb: int | None = Field(None, gt=0, description="DDP gradient bucket size in MB (default 25).")
+    ddp_broadcast_buffers: bool | None = Field(None, description="DDP: broadcast module buffers from rank 0 every forward (default false).")
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="DDP: allow parameters that get no gradient in a step (slower; default false)."
+    )
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_words(cls, value: Any) -> Any:
+        if isinstance(value, str):  # transformers' string form: "full_shard auto_wrap"
+            value = value.split()
+        if isinstance(value, list):
+            for option in value:
+                if option in ("no_shard",):
+                    raise ValueError("fsdp: no_shard shards nothing: leave fsdp out and several ranks train with DDP")
+                if option in ("hybrid_shard", "hybrid_shard_zero2"):
+                    raise ValueError(f"fsdp: {option} (HSDP, sharded within a node and replicated across nodes) is not "
+                                     "supported yet; use full_shard")
+                if option not in FSDP_OPTIONS:
+                    raise ValueError(f"fsdp: unknown option {option!r} (known: {', '.join(FSDP_OPTIONS)})")
+        return value
+
+    @field_validator("fsdp_config", mode="before")
+    @classmethod
+    def _fsdp_config_keys(cls, value: Any) -> Any:
+        return normalize_fsdp_config(value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> "DistributedSection":
+        if self.deepspeed and (self.fsdp or self.fsdp_config):
+            raise ValueError("set either deepspeed or fsdp / fsdp_config, not both")
+        # every fsdp_config value checked here, before any run (lmforge.train.distributed acts on them)
+        resolve_fsdp(self.fsdp, self.fsdp_config, self.fsdp_version, self.fsdp_final_state_dict_type)
+        return self
+
+
+def resolve_fsdp(fsdp: list[str] | None, fsdp_config: dict[str, Any] | None, fsdp_version: int | None,
+                 final_state_dict_type: str | None) -> FsdpSettings | None:
+    """The FSDP settings the keys ask for, or None when they ask for no FSDP; ValueError for a value lmforge cannot run."""
+    if not fsdp and not fsdp_config:
+        return None
+    c = dict(fsdp_config or {})
+    options = set(fsdp or [])
+    reshard = "shard_grad_op" not in options
+    strategy = str(c.get("sharding_strategy", "")).upper()
+    if strategy in ("NO_SHARD", "2"):
+        raise ValueError("fsdp_config.sharding_strategy NO_SHARD shards nothing: leave fsdp out and several ranks train with DDP")
+    if strategy.startswith("HYBRID"):
+        raise ValueError(f"fsdp_config.sharding_strategy {strategy} (HSDP) is not supported yet; use FULL_SHARD")
+    if strategy in ("SHARD_GRAD_OP", "3"):
+        reshard = False
+    elif strategy and strategy not in ("FULL_SHARD", "1"):
+        raise ValueError(f"fsdp_config.sharding_strategy: unknown value {strategy!r} (FULL_SHARD or SHARD_GRAD_OP)")
+    if "reshard_after_forward" in c:
+        reshard = _bool(c["reshard_after_forward"], "reshard_after_forward")
+    layers = c.get("transformer_layer_cls_to_wrap")
+    if isinstance(layers, str):
+        layers = [name.strip() for name in layers.split(",") if name.strip()]
+    wrap = str(c.get("auto_wrap_policy") or "TRANSFORMER_BASED_WRAP").upper()
+    if wrap not in ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"):
+        raise ValueError(f"fsdp_config.auto_wrap_policy: unknown value {wrap!r} (TRANSFORMER_BASED_WRAP, SIZE_BASED_WRAP, NO_WRAP)")
+    if wrap == "SIZE_BASED_WRAP" and not c.get("min_num_params"):
+        raise ValueError("fsdp_config.auto_wrap_policy SIZE_BASED_WRAP needs min_num_params")
+    state = {}
+    for key in ("state_dict_type", "final_state_dict_type"):
+        value = str(c.get(key) or ("SHARDED_STATE_DICT" if key == "state_dict_type" else "FULL_STATE_DICT")).upper()
+        if value == "LOCAL_STATE_DICT":
+            raise ValueError(f"fsdp_config.{key}: LOCAL_STATE_DICT (FSDP1's per-rank flat tensors) is not supported; "
+                             "SHARDED_STATE_DICT saves per-rank shards that any number of ranks can resume from")
+        if value not in STATE_DICT_TYPES:
+            raise ValueError(f"fsdp_config.{key}: unknown value {value!r} ({', '.join(STATE_DICT_TYPES)})")
+        state[key] = value
+    if final_state_dict_type:
+        state["final_state_dict_type"] = final_state_dict_type
+    precision = c.get("mixed_precision_policy")
+    if precision is not None and str(precision).lower() not in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+        raise ValueError(f"fsdp_config.mixed_precision_policy: unknown value {precision!r} (bf16, fp16 or fp32)")
+    version = c.get("fsdp_version", fsdp_version)
+    if version is not None and int(version) not in (1, 2):
+        raise ValueError(f"fsdp_version must be 1 or 2, got {version!r}")
+    return FsdpSettings(
+        reshard_after_forward=reshard,
+        offload_params="offload" in options or _bool(c.get("offload_params", False), "offload_params"),
+        cpu_offload_pin_memory=_bool(c.get("cpu_offload_pin_memory", True), "cpu_offload_pin_memory"),
+        cpu_ram_efficient_loading=_bool(c.get("cpu_ram_efficient_loading", False), "cpu_ram_efficient_loading"),
+        layer_classes=tuple(layers or ()),
+        wrap=wrap,
+        min_num_params=c.get("min_num_params"),
+        state_dict_type=state["state_dict_type"],
+        final_state_dict_type=state["final_state_dict_type"],
+        activation_checkpointing=_bool(c.get("activation_checkpointing", False), "activation_checkpointing"),
+        mixed_precision=str(precision).lower() if precision is not None else None,
+    )
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -495,6 +675,7 @@ SECTIONS: dict[str, type[Section]] = {
     "pretrain": PretrainSection,
     "inference": InferenceSection,
     "speed": SpeedSection,
+    "distributed": DistributedSection,
 }
 
 

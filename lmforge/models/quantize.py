@@ -80,6 +80,7 @@ def bnb_config(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: str | torch.dtype = "bfloat16",
+    quant_storage: str | torch.dtype | None = None,
 ) -> Any:
     """A ``BitsAndBytesConfig`` for 4-bit (QLoRA) or 8-bit loading.
 
@@ -109,6 +110,8 @@ def bnb_config(
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
+        # FSDP shards the packed 4-bit weights as tensors of this dtype (the FSDP-QLoRA recipe: bf16, like the rest)
+        **({"bnb_4bit_quant_storage": parse_dtype(quant_storage)} if quant_storage is not None else {}),
     )
 
 

@@ -27,6 +27,8 @@ def _quantization_config(cfg: LmforgeConfig) -> Any:
         quant_type=q.bnb_4bit_quant_type,
         double_quant=q.bnb_4bit_use_double_quant,
         compute_dtype=q.bnb_4bit_compute_dtype,
+        # FSDP2 all-gathers each group in one dtype: the packed 4-bit weights are stored as bf16 (issue 11)
+        quant_storage="bfloat16" if cfg.distributed.fsdp or cfg.distributed.fsdp_config else None,
     )
 
 

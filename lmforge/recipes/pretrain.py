@@ -31,7 +31,6 @@ from lmforge.models.build import build_config, build_model, count_parameters, fl
 from lmforge.models.load import local_model_dir
 from lmforge.recipes.console import say
 from lmforge.recipes.training import TrainingRun
-from lmforge.train.loop import LoopSettings, evaluate
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.objectives import PretrainCollator, masked_token_counts, perplexity
 from lmforge.train.stream import WindowStream
@@ -351,11 +350,12 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
         shards_dir = Path(p.shards_dir or (Path(cfg.data.dataset_prepared_path) / "shards" if cfg.data.dataset_prepared_path
                                            else output_dir / "shards"))
         say(f"pretraining ({p.objective}) on {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {output_dir}")
-        tokenizer, tokenizer_dir = _tokenizer(cfg, run)
-        if p.objective == "mlm" and tokenizer.mask_token_id is None:
-            raise LmforgeError("objective mlm needs a tokenizer with a mask token", where="objective",
-                               fix="train one with tokenizer_train (it adds <mask>), or use objective: clm")
-        shards = make_shards(cfg, tokenizer, tokenizer_dir, shards_dir)
+        with run.main_first():  # under several ranks rank 0 trains the tokenizer and writes the shards; the others reuse them
+            tokenizer, tokenizer_dir = _tokenizer(cfg, run)
+            if p.objective == "mlm" and tokenizer.mask_token_id is None:
+                raise LmforgeError("objective mlm needs a tokenizer with a mask token", where="objective",
+                                   fix="train one with tokenizer_train (it adds <mask>), or use objective: clm")
+            shards = make_shards(cfg, tokenizer, tokenizer_dir, shards_dir)
 
         # The windows before the weights: a sequence_len longer than the data fails before any model loads.
         seq_len = cfg.data.sequence_len
@@ -378,7 +378,7 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
             f"{flops * total * tokens_per_step:.2e} FLOPs)")
 
         loss_fn = causal_lm_loss if p.objective == "clm" else mlm_loss
-        stream = WindowStream(train, t.micro_batch_size, _Collate(cfg, tokenizer, t.seed))
+        stream = WindowStream(train, t.micro_batch_size, _Collate(cfg, tokenizer, t.seed), **run.data_shard)
         flat = cfg.flat()
         invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, "shard_tokens": shards["tokens"]}
         outcome = run.train(model, tokenizer, stream, plan, loss_fn=loss_fn,
@@ -389,9 +389,8 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
         summary: dict[str, Any] = {**run.summary(outcome, model), "objective": p.objective, "parameters": params,
                                    "non_embedding_parameters": non_embedding, "flops_per_token": flops,
                                    "tokens_seen": result.total_tokens, "shards": shards}
-        fp32 = LoopSettings(total_steps=0, device=run.device)
         if p.objective == "clm":
-            eval_loss = evaluate(model, iter(eval_batches), fp32, causal_lm_loss)
+            eval_loss = run.evaluate(model, eval_batches, causal_lm_loss, fp32=True)
             targets = np.concatenate([b["input_ids"][:, 1:].reshape(-1).numpy() for b in eval_batches])
             baseline = unigram_entropy(targets)
             summary.update(eval_loss=eval_loss, eval_perplexity=perplexity(eval_loss), unigram_entropy=baseline,
@@ -399,11 +398,11 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
             say(f"held-out loss {eval_loss:.4f} nats/token (perplexity {perplexity(eval_loss):.1f}) vs unigram baseline "
                 f"{baseline:.4f} (perplexity {perplexity(baseline):.1f}) on {len(targets):,} tokens; was {eval_start:.4f} at step 0")
             prompt = _default_sample(cfg, tokenizer, val)
-            summary["sample"] = clm_sample(model, tokenizer, prompt, run.device)
+            summary["sample"] = run.call(model, clm_sample, tokenizer, prompt, run.device)
             say(f"sample (greedy) from {prompt!r}:\n{summary['sample']}")
         else:
             majority_id = _most_frequent_token(shards_dir, tokenizer.all_special_ids)
-            metrics = mlm_metrics(model, eval_batches, run.device, majority_id)
+            metrics = run.call(model, mlm_metrics, eval_batches, run.device, majority_id)
             summary.update(eval_loss=metrics["loss"], masked_accuracy=metrics["accuracy"],
                            majority_accuracy=metrics["majority_accuracy"], majority_token=tokenizer.decode([majority_id]),
                            eval_masked_tokens=metrics["masked_tokens"])
@@ -411,7 +410,7 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
                 f"{metrics['majority_accuracy']:.2%} (always {summary['majority_token']!r}) on {metrics['masked_tokens']:,} "
                 f"masked held-out tokens; loss {metrics['loss']:.4f} (was {eval_start:.4f} at step 0)")
             text = _default_sample(cfg, tokenizer, val)
-            fills = fill_mask_sample(model, tokenizer, text, run.device)
+            fills = run.call(model, fill_mask_sample, tokenizer, text, run.device)
             summary["sample"] = {"text": text, "top": fills}
             say(f"fill-mask sample {text!r}: " + ", ".join(f"{w!r} {q:.0%}" for w, q in fills))
 

@@ -30,7 +30,8 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     with TrainingRun(cfg, "train") as run:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
         tokenizer = run.tokenizer()
-        data = prepare(d, tokenizer, t.seed)
+        with run.main_first():  # under several ranks rank 0 prepares and caches the data; the others read the cache
+            data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None)
         say(f"data: {data.stats.summary()}; {len(data.train)} train / {len(data.eval)} eval examples")
         run.predict_peak(data)
         rows = len(data.train)
@@ -45,7 +46,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         pad_id = tokenizer.pad_token_id
         pad_to = d.sequence_len if d.pad_to_sequence_len else None
         stream = EpochStream(data.train, t.micro_batch_size, pad_id, t.seed, t.group_by_length,
-                             sequence_len=d.sequence_len if d.sample_packing else None, pad_to=pad_to)
+                             sequence_len=d.sequence_len if d.sample_packing else None, pad_to=pad_to, **run.data_shard)
         eval_packing = d.sample_packing if d.eval_sample_packing is None else d.eval_sample_packing
         eval_size, eval_len = t.eval_batch_size or t.micro_batch_size, d.sequence_len if eval_packing else None
 

@@ -50,7 +50,6 @@ from lmforge.models.kernels import fused_loss
 from lmforge.plan.runcheck import PeakCheck, start_peak_check
 from lmforge.recipes.console import say
 from lmforge.train.checkpoint import (
-    assert_finite,
     list_checkpoints,
     load_best,
     load_checkpoint,
@@ -58,9 +57,8 @@ from lmforge.train.checkpoint import (
     remove_partial_writes,
     resolve_resume,
     save_checkpoint,
-    save_model_files,
-    trainable_state,
 )
+from lmforge.train.distributed import TorchEngine, engine_for
 from lmforge.train.loggers import build_loggers
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonFiniteError, evaluate, train_loop
@@ -84,12 +82,13 @@ class StepPlan:
     save_every: int | None
 
 
-def plan_steps(t: TrainingSection, rows: int) -> StepPlan:
+def plan_steps(t: TrainingSection, rows: int, world_size: int = 1) -> StepPlan:
     """Optimizer steps per epoch and in all for `rows` training rows (examples, packed rows or
     token windows), warm-up, and eval/save intervals from the *_per_epoch keys and the
-    save_strategy / eval_strategy (epoch: once per epoch; no: never)."""
+    save_strategy / eval_strategy (epoch: once per epoch; no: never). Under several
+    ranks each step takes gradient_accumulation_steps micro-batches on every rank."""
     micro_batches = math.ceil(rows / t.micro_batch_size)
-    per_epoch = max(1, math.ceil(micro_batches / t.gradient_accumulation_steps))
+    per_epoch = max(1, math.ceil(micro_batches / (t.gradient_accumulation_steps * world_size)))
     total = t.max_steps or max(1, math.ceil(per_epoch * t.num_epochs))
     eval_every = t.eval_steps or (max(1, per_epoch // t.evals_per_epoch) if t.evals_per_epoch else None)
     save_every = t.save_steps or (max(1, per_epoch // t.saves_per_epoch) if t.saves_per_epoch else None)
@@ -158,7 +157,9 @@ class TrainingRun:
         self.cfg = cfg
         self.t = cfg.training
         self.command = command
-        self.device = pick_device()
+        # One process, or one rank of several (torchrun): DDP, FSDP2 or DeepSpeed (lmforge.train.distributed).
+        self.engine = engine_for(cfg, pick_device())
+        self.device = self.engine.device
         self.speed = cfg.speed
         # fp16 (CUDA; the config refuses it on a machine without a GPU) takes the place of bf16: auto.
         self.bf16 = resolve_bf16(self.t.bf16, self.device) and not (self.speed.fp16 and self.t.bf16 == "auto")
@@ -185,14 +186,21 @@ class TrainingRun:
         self._sigterm = sigterm_as_interrupt()
         self._sigterm.__enter__()
         try:
-            self.lock.acquire()
-            t = self.t
-            setting = "auto" if t.auto_resume_from_checkpoints and not t.resume_from_checkpoint else t.resume_from_checkpoint
-            self.resume_from = resolve_resume(setting, self.output_dir, say)
-            earlier = list_checkpoints(self.output_dir)
-            if earlier and not self.resume_from:
-                say(f"note: {self.output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[:3])}); "
-                    "this run starts at step 0 and replaces those it reaches (to continue instead: --resume_from_checkpoint=auto)")
+            if self.engine.distributed:
+                say(f"{self.engine.describe()}; global batch {self.t.micro_batch_size} × "
+                    f"{self.t.gradient_accumulation_steps} × {self.engine.world_size} ranks")
+            resume = None
+            if self.engine.is_main:  # rank 0 holds the lock and picks the checkpoint; the others follow
+                self.lock.acquire()
+                t = self.t
+                setting = "auto" if t.auto_resume_from_checkpoints and not t.resume_from_checkpoint else t.resume_from_checkpoint
+                resume = resolve_resume(setting, self.output_dir, say)
+                earlier = list_checkpoints(self.output_dir)
+                if earlier and not resume:
+                    say(f"note: {self.output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[:3])}); "
+                        "this run starts at step 0 and replaces those it reaches (to continue instead: --resume_from_checkpoint=auto)")
+            resume = self.engine.broadcast(str(resume) if resume else None)
+            self.resume_from = Path(resume) if resume else None
             # Every run checks the planner: the memory baseline is taken here, before any tokenizer, data or weights.
             self.peak_check = start_peak_check(self.cfg)
         except BaseException:
@@ -204,8 +212,10 @@ class TrainingRun:
         # Loggers live as long as the run, so the published output can still be logged (wandb_log_model: end).
         for logger in self._loggers:
             logger.close()
-        self.lock.release()
+        if self.engine.is_main:
+            self.lock.release()
         self._sigterm.__exit__(None, None, None)
+        self.engine.close()
 
     def tokenizer(self, source: str | None = None) -> Any:
         """The config's tokenizer (`source`: a folder holding a trained one), chat-template tokens added."""
@@ -217,8 +227,18 @@ class TrainingRun:
         if self.peak_check is not None:
             self.peak_check.predict(self.cfg, prepared, say)
 
+    def main_first(self) -> Any:
+        """A block rank 0 runs first (preparing data, training a tokenizer, writing shards and caches),
+        then the other ranks, which find its results; in one process, just the block."""
+        return self.engine.main_first()
+
+    @property
+    def data_shard(self) -> dict[str, int]:
+        """This rank's share of the micro-batches (keyword arguments of the streams in lmforge.train.stream)."""
+        return {"rank": self.engine.rank, "world_size": self.engine.world_size}
+
     def plan(self, rows: int) -> StepPlan:
-        plan = plan_steps(self.t, rows)
+        plan = plan_steps(self.t, rows, self.engine.world_size)
         # With max_steps set, the config checks already warned (validate says it too).
         if self.t.max_steps is None and (line := warmup_warning(self.t, plan.warmup_steps, plan.total_steps)):
             say(f"warning: {line}")
@@ -229,16 +249,26 @@ class TrainingRun:
         quantization, adapter, dropout, frozen weights and gradient checkpointing as configured."""
         from lmforge.models.setup import training_model
 
-        model = training_model(self.cfg, tokenizer, self.device, self.bf16, new_model=new_model, say=say)
+        model = training_model(self.cfg, tokenizer, self.engine.load_device, self.bf16, new_model=new_model, say=say)
+        model = self.engine.prepare(model, self.cfg, self.bf16, say)  # FSDP shards it here
         trainable, total = parameter_counts(model)
         source = f"new {model.config.model_type}" if new_model is not None else self.cfg.model.base_model
         say(f"model {source}: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})"
             + (f"; dropout {self.t.dropout}" if self.t.dropout is not None else ""))
         return model
 
-    def evaluate(self, model: Any, batches: Iterable[Batch], loss_fn: LossFn) -> float:
-        """Mean per-token loss, with the run's device and precision."""
-        return evaluate(model, iter(batches), self.loop_settings(StepPlan(1, 0, 0, None, None)), loss_fn)
+    def evaluate(self, model: Any, batches: Iterable[Batch], loss_fn: LossFn, fp32: bool = False) -> float:
+        """Mean per-token loss, with the run's device and precision (fp32: without autocast), over all ranks."""
+        settings = self.loop_settings(StepPlan(1, 0, 0, None, None))
+        if fp32:
+            settings.autocast_dtype = None
+        if isinstance(self.engine, TorchEngine):  # several ranks, or a sharded model: every rank takes part
+            return self.engine.evaluate(model, list(batches), settings, loss_fn)
+        return evaluate(model, iter(batches), settings, loss_fn)
+
+    def call(self, model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(model, *args)`` for any other use of the trained model (generation, metrics); every rank calls it."""
+        return self.engine.call(model, fn, *args, **kwargs)
 
     def loop_settings(self, plan: StepPlan, has_eval: bool = False) -> LoopSettings:
         t = self.t
@@ -258,6 +288,8 @@ class TrainingRun:
             nan_policy=t.nan_policy,
             device=self.device,
             autocast_dtype=self.autocast_dtype,
+            sync=self.engine.sync,
+            show_progress=self.engine.is_main,
         )
 
     def optimizer(self, model: Any, plan: StepPlan) -> tuple[torch.optim.Optimizer, Any]:
@@ -285,7 +317,7 @@ class TrainingRun:
         `invariants` are the settings the data position depends on; a resume refuses a checkpoint
         saved under others. On SIGTERM/SIGINT: a checkpoint, then KeyboardInterrupt (exit 130).
         """
-        t, output_dir = self.t, self.output_dir
+        t, output_dir, engine = self.t, self.output_dir, self.engine
         if t.eval_strategy == "no":
             eval_fn = None
         if (fused := fused_loss(self.speed, self.device, say)) is not None:
@@ -295,40 +327,53 @@ class TrainingRun:
                                    fix="remove the key for this run")
             loss_fn = partial(loss_fn, fused=fused)
         optimizer, scheduler = self.optimizer(model, plan)
+        step_model, step_loss, step_optimizer = engine.for_training(model, loss_fn, optimizer)
+        if "gradient_accumulation_steps" in invariants:  # the data position depends on the global batch, not its split
+            invariants = {k: v for k, v in invariants.items() if k != "gradient_accumulation_steps"}
+            invariants["micro_batches_per_step"] = t.gradient_accumulation_steps * engine.world_size
         settings = self.loop_settings(plan, has_eval=eval_fn is not None)
         result, eval_start, best = LoopResult(), None, None
         resumed_at = None
         if self.resume_from:
-            state = load_checkpoint(self.resume_from, model, optimizer, scheduler)
+            state = load_checkpoint(self.resume_from, model, optimizer, scheduler, weights=engine.load_weights(model, optimizer),
+                                    rank=engine.rank, world_size=engine.world_size)
             check_resumable(state, invariants, self.resume_from)
             result, eval_start = LoopResult.from_dict(state["loop"]), state.get("eval_loss_start")
             stream.restore(state["data_position"])
             if t.load_best_model_at_end:
-                best = load_best(self.resume_from) or (trainable_state(model) if result.best_step == result.steps else None)
+                best = load_best(self.resume_from) or (engine.trainable_state(model) if result.best_step == result.steps else None)
             resumed_at = result.steps
             position = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in state["data_position"].items())
             say(f"resumed from {self.resume_from} at step {result.steps} ({position})")
-        remove_partial_writes(output_dir)
+        if engine.is_main:
+            remove_partial_writes(output_dir)
+        engine.barrier()
 
         def save(step: int) -> None:
             folder = output_dir / f"checkpoint-{step}"
-            assert_finite(model, step)
-            save_checkpoint(folder, model=model, tokenizer=tokenizer, config=self.resolved,
-                            optimizer=None if t.save_only_model else optimizer, scheduler=scheduler,
-                            state={"loop": result.to_dict(), "data_position": stream.position(),
-                                   "eval_loss_start": eval_start, "settings": invariants},
-                            best=best if result.best_step != step else None)  # else the saved weights are the best
-            removed = prune_checkpoints(output_dir, t.save_total_limit) if t.save_total_limit else []
-            say(f"saved checkpoint-{step}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
-            if self.cfg.logging.wandb_log_model == "checkpoint":
-                upload(folder, f"checkpoint-{step}")
+            engine.assert_finite(model, step)
+            weights, rng_ranks = engine.checkpoint_weights(model, optimizer), engine.rng_states()
+            if engine.is_main:
+                save_checkpoint(folder, model=model, tokenizer=tokenizer, config=self.resolved,
+                                optimizer=None if t.save_only_model else optimizer, scheduler=scheduler,
+                                state={"loop": result.to_dict(), "data_position": stream.position(),
+                                       "eval_loss_start": eval_start, "settings": invariants},
+                                best=best if result.best_step != step else None,  # else the saved weights are the best
+                                weights=weights, rng_ranks=rng_ranks)
+                removed = prune_checkpoints(output_dir, t.save_total_limit) if t.save_total_limit else []
+                say(f"saved checkpoint-{step}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+                if self.cfg.logging.wandb_log_model == "checkpoint":
+                    upload(folder, f"checkpoint-{step}")
+            elif weights is not None:
+                weights(None)  # this rank's shards, into the folder rank 0 named
+            engine.barrier()
 
         def remember_best(step: int, eval_loss: float) -> None:
             nonlocal best
             if t.load_best_model_at_end:
-                best = trainable_state(model)
+                best = engine.trainable_state(model)
 
-        loggers = build_loggers(self.cfg.logging, str(output_dir), self.resolved, model=model)
+        loggers = build_loggers(self.cfg.logging, str(output_dir), self.resolved, model=model) if engine.is_main else []
         self._loggers = loggers
 
         def upload(folder: Path, name: str) -> None:
@@ -343,7 +388,7 @@ class TrainingRun:
                     eval_start = eval_fn()
                     say(f"eval loss at step 0: {eval_start:.4f}")
                     callbacks.on_log(0, {"eval_loss": eval_start, "eval_perplexity": math.exp(min(eval_start, 50))})
-                result = train_loop(model, optimizer, scheduler, iter(stream), settings, eval_fn, callbacks, loss_fn,
+                result = train_loop(step_model, step_optimizer, scheduler, iter(stream), settings, eval_fn, callbacks, step_loss,
                                     result=result)
                 if result.stop_reason == "interrupted":
                     save(result.steps)
@@ -376,9 +421,15 @@ class TrainingRun:
     # -- save ----------------------------------------------------------------------------------------
 
     def publish(self, model: Any, tokenizer: Any, outcome: TrainOutcome) -> None:
-        """The trained weights (or adapter), tokenizer and resolved config into output_dir, each file renamed into place."""
-        assert_finite(model, outcome.result.steps)
-        publish_into(self.output_dir, lambda tmp: save_model_files(model, tokenizer, self.resolved, tmp))
+        """The trained weights (or adapter), tokenizer and resolved config into output_dir, each file renamed into place
+        (consolidated from every rank's shards under FSDP; rank 0 writes)."""
+        engine = self.engine
+        engine.assert_finite(model, outcome.result.steps)
+        if engine.is_main:
+            publish_into(self.output_dir, lambda tmp: engine.save_model_files(model, tokenizer, self.resolved, tmp))
+        else:
+            engine.save_model_files(model, tokenizer, self.resolved, None)  # takes part in gathering the weights
+        engine.barrier()
         if self.cfg.logging.wandb_log_model == "end":
             for logger in self._loggers:
                 logger.log_model(self.output_dir, "model")
@@ -412,10 +463,14 @@ class TrainingRun:
             "total_parameters": total,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             **(self.peak_check.finish() if self.peak_check else {}),  # predicted vs measured peak (lmforge.plan)
+            "ranks": self.engine.world_size,
+            "engine": self.engine.name,
         }
 
     def write_summary(self, summary: dict[str, Any], outcome: TrainOutcome) -> None:
-        """summary.json, summary.md and loss_curves.png in output_dir."""
+        """summary.json, summary.md and loss_curves.png in output_dir (rank 0)."""
+        if not self.engine.is_main:
+            return
         output_dir, start = self.output_dir, outcome.eval_start
         write_json(output_dir / "summary.json", summary)
         plot_losses(output_dir / "loss_curves.png", outcome.result.train_history,

@@ -30,6 +30,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 BEST = "best.safetensors"  # trainable weights of the best eval so far (load_best_model_at_end)
+RNG_RANKS = "rng_ranks.pt"  # every rank's RNG states, when several ranks trained
 
 
 def save_model_files(model: Any, tokenizer: Any, config: dict[str, Any], folder: Path) -> None:
@@ -90,19 +91,32 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     best: dict[str, torch.Tensor] | None = None,
+    weights: Callable[[Path], None] | None = None,
+    rng_ranks: list[Any] | None = None,
 ) -> Path:
     """Write one complete checkpoint atomically (temporary folder, manifest last, then rename).
 
-    Without an optimizer (save_only_model) it holds the weights only and says so in its state."""
+    Without an optimizer (save_only_model) it holds the weights only and says so in its state.
+    Under sharding (lmforge.train.distributed) `weights` writes the weights and optimizer state
+    instead (every rank takes part), and `rng_ranks` holds every rank's RNG states.
+    """
 
     def write(tmp: Path) -> None:
-        save_model_files(model, tokenizer, config, tmp)
+        if weights is None:
+            save_model_files(model, tokenizer, config, tmp)
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        else:
+            weights(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_text(tmp / "config.yml", yaml.safe_dump(config, sort_keys=False))
         if optimizer is None:
             state["model_only"] = True
         else:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng.pt")
+            if rng_ranks is not None:
+                torch.save(rng_ranks, tmp / RNG_RANKS)
         if best is not None:
             from safetensors.torch import save_file
 
@@ -213,18 +227,30 @@ def _load_weights(model: Any, folder: Path) -> None:
         raise _corrupt(folder, shards[0].name, f"does not match the model (missing {untied[:3]}, unexpected {unexpected[:3]})")
 
 
-def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states; returns trainer_state.json."""
+def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    weights: Callable[[Path], None] | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG states; returns trainer_state.json.
+
+    `weights` reads sharded weights and optimizer state instead (see save_checkpoint); under several
+    ranks each takes its own RNG states when the checkpoint was saved by as many ranks.
+    """
     folder = Path(folder)
     state = _read(folder, STATE, lambda p: json.loads(p.read_text(encoding="utf-8")))
     if state.get("model_only"):
         raise LmforgeError(f"{folder.name} was saved with save_only_model: it holds no optimizer, schedule or RNG state, "
                            "so a run cannot resume from it", where=str(folder),
                            fix="start a new run (its weights are in the folder), or set save_only_model: false for resumable checkpoints")
-    _load_weights(model, folder)
-    optimizer.load_state_dict(_read(folder, "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)))
+    if weights is None:
+        _load_weights(model, folder)
+        optimizer.load_state_dict(_read(folder, "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)))
+    else:
+        weights(folder)
     scheduler.load_state_dict(_read(folder, "scheduler.pt", lambda p: torch.load(p, weights_only=True)))
-    set_rng_state(_read(folder, "rng.pt", lambda p: torch.load(p, weights_only=True)))
+    ranks = _read(folder, RNG_RANKS, lambda p: torch.load(p, weights_only=True)) if (folder / RNG_RANKS).is_file() else None
+    if ranks is not None and len(ranks) == world_size:
+        set_rng_state(ranks[rank])
+    else:
+        set_rng_state(_read(folder, "rng.pt", lambda p: torch.load(p, weights_only=True)))
     return state
 
 

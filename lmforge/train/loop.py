@@ -46,6 +46,8 @@ class LoopSettings:
     offload_activations: bool = False  # keep tensors saved for backward in (pinned) CPU memory: torch's save_on_cpu
     loss_watchdog_threshold: float | None = None  # stop once the loss stays above this ...
     loss_watchdog_patience: int = 3  # ... for this many steps in a row
+    sync: Any = None  # several ranks: lmforge.train.distributed.StepSync (sums over ranks, gradient-sync control)
+    show_progress: bool = True  # the progress bar and step lines (rank 0 only under several ranks)
 
 
 @dataclass
@@ -120,18 +122,36 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss) -> float:
-    """Mean per-token loss over the eval batches."""
+def evaluate_sums(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss,
+                  call: Callable[[Any, LossFn, Batch], tuple[torch.Tensor, int]] | None = None) -> tuple[float, int]:
+    """Summed loss and labelled-token count over the eval batches (`call` runs loss_fn where a sharded model can)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with _autocast(settings):
         for batch in batches:
-            loss_sum, n = loss_fn(model, _to_device(batch, settings.device))
+            batch = _to_device(batch, settings.device)
+            loss_sum, n = call(model, loss_fn, batch) if call else loss_fn(model, batch)
             total += float(loss_sum)
             count += n
     model.train(was_training)
+    return total, count
+
+
+def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss) -> float:
+    """Mean per-token loss over the eval batches."""
+    total, count = evaluate_sums(model, batches, settings, loss_fn)
     return total / max(count, 1)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The gradient norm over all ranks (FSDP's sharded gradients included), clipped to `max_norm` when set."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # sharded gradients (DTensor): the norm of the whole
+        norm = norm.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def _record_eval(result: LoopResult, step: int, eval_loss: float, callbacks: Callbacks) -> None:
@@ -165,7 +185,10 @@ def train_loop(
     result.stop_reason = None  # whatever stopped the run before (a signal, early stopping) ends with this call
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    sync = settings.sync
+    bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not settings.show_progress)
+    say = bar.write if settings.show_progress else (lambda text: None)
     window_tokens, window_start = 0, time.perf_counter()
     scaler = settings.grad_scaler
     steps_over_threshold = 0
@@ -178,20 +201,26 @@ def train_loop(
         # Counted on the host copies: no device sync.
         label_count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
         step_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
+        if sync:  # every rank divides by the labelled tokens of the whole step, over all ranks
+            label_count, step_tokens = sync.sum_counts(label_count, step_tokens)
         step_loss = 0.0
-        for batch in step_batches:
+        for i, batch in enumerate(step_batches):
             batch = _to_device(batch, settings.device)
-            with _autocast(settings), _offload(settings):
-                loss_sum, _ = loss_fn(model, batch)
-            scaled = loss_sum / max(label_count, 1)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with sync.accumulating(model, i + 1 < len(step_batches)) if sync else contextlib.nullcontext():
+                with _autocast(settings), _offload(settings):
+                    loss_sum, _ = loss_fn(model, batch)
+                # DDP and FSDP average gradients over ranks: times the rank count, that is the global per-token mean.
+                scaled = loss_sum / (max(label_count, 1) / (sync.world_size if sync else 1))
+                if scaler is not None:
+                    scaled = scaler.scale(scaled)
+                sync.backward(scaled) if sync else scaled.backward()
             step_loss += float(loss_sum.detach())
+        stop = callbacks.stop_requested
+        if sync:  # one host sum: the step's loss, and a stop request every rank acts on at the same step
+            step_loss, stop = sync.sum_loss(step_loss, stop)
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip and report the true gradient norm
-        if settings.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        grad_norm = sync.clip(params, settings.max_grad_norm) if sync else _clip(params, settings.max_grad_norm)
         loss = step_loss / max(label_count, 1)
         if scaler is not None and math.isfinite(loss):
             # fp16: an overflowed gradient is the scaler's business: it skips this update and lowers the scale.
@@ -206,7 +235,7 @@ def train_loop(
                 bar.close()
                 raise NonFiniteError(step + 1, what)
             result.skipped_steps.append(step + 1)
-            bar.write(f"step {step + 1}: {what} is not finite; step skipped (nan_policy: skip)")
+            say(f"step {step + 1}: {what} is not finite; step skipped (nan_policy: skip)")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -237,14 +266,14 @@ def train_loop(
         if eval_fn and ((settings.eval_every and (step + 1) % settings.eval_every == 0) or last):
             eval_loss = eval_fn()
             _record_eval(result, step + 1, eval_loss, callbacks)
-            bar.write(f"step {step + 1}: eval loss {eval_loss:.4f}")
+            say(f"step {step + 1}: eval loss {eval_loss:.4f}")
             callbacks.on_log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
             patience = settings.early_stopping_patience
             if patience and result.evals_without_improvement >= patience and not last:
                 result.stop_reason = "early_stopping"
-                bar.write(f"step {step + 1}: no eval improvement in {patience} evaluations; stopping early")
+                say(f"step {step + 1}: no eval improvement in {patience} evaluations; stopping early")
                 break
-        if callbacks.stop_requested and not last:
+        if (stop if sync else callbacks.stop_requested) and not last:
             result.stop_reason = "interrupted"
             break
         threshold = settings.loss_watchdog_threshold

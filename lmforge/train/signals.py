@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ def stop_on_signals(callbacks: Any) -> Iterator[None]:
         if callbacks.stop_requested:
             raise KeyboardInterrupt
         callbacks.stop_requested = True
-        print(f"\n[lmforge] {signal.Signals(signum).name}: saving a checkpoint after this step "
-              "(send it again to stop without saving)", flush=True)
+        if os.environ.get("RANK", "0") == "0":  # torchrun passes the signal to every rank; one line is enough
+            print(f"\n[lmforge] {signal.Signals(signum).name}: saving a checkpoint after this step "
+                  "(send it again to stop without saving)", flush=True)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -1,0 +1,216 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3, with CPU offload) through DeepSpeed's own engine, on CUDA GPUs
+(or, where deepspeed is installed and there is no CUDA, on its CPU accelerator with gloo: the tests).
+
+``deepspeed: deepspeed_configs/zero2.json`` (axolotl's key and files) hands the step to
+``deepspeed.initialize``: the engine partitions optimizer state (ZeRO-1), gradients (ZeRO-2) and
+weights (ZeRO-3) over the ranks. lmforge fills the JSON's "auto" values from the config
+(micro_batch_size, gradient_accumulation_steps, max_grad_norm, bf16), keeps its own optimizer,
+schedule, data order and token-weighted loss, and calls the engine once per micro-batch
+(``engine.backward`` and ``engine.step``, which steps the optimizer at the end of each step).
+
+Traps guarded here: under ZeRO-3 every weight is partitioned, so a plain ``save_pretrained``
+writes empty tensors (an adapter of zero-size LoRA matrices, the classic ZeRO-3 + LoRA bug):
+lmforge gathers the weights first and refuses to publish an empty tensor. ZeRO-3 with a 4/8-bit
+base is refused by the config checks before anything loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import LmforgeConfig
+from lmforge.config.checks import deepspeed_json
+from lmforge.errors import LmforgeError
+from lmforge.train.distributed import StepSync, TorchEngine, _call_root, _Forward
+
+DS_FOLDER = "deepspeed"  # inside a checkpoint: DeepSpeed's own per-rank state
+DS_TAG = "state"
+
+
+def require_deepspeed() -> Any:
+    """The deepspeed module; on a machine without CUDA, with its CPU accelerator (gloo between ranks)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("deepspeed") is None:
+        if not torch.cuda.is_available():
+            raise LmforgeError("DeepSpeed ZeRO runs on CUDA GPUs and this machine has none", where="deepspeed",
+                               fix="use fsdp_config (FSDP2 shards the same way and runs on CPUs too), or pip install deepspeed "
+                                   "for its CPU accelerator")
+        raise LmforgeError("deepspeed is not installed", where="deepspeed", fix="pip install 'lmforge[deepspeed]' (or pip install deepspeed)")
+    if not torch.cuda.is_available():
+        # Its CPU accelerator (gloo without oneCCL); it builds a small C++ shared-memory op on first use.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def resolve_auto(ds: dict[str, Any], cfg: LmforgeConfig, world_size: int, bf16: bool, hidden_size: int | None) -> dict[str, Any]:
+    """The DeepSpeed config with axolotl's "auto" values filled in from the lmforge config."""
+    t = cfg.training
+    ds = copy.deepcopy(ds)
+    fixed = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+    }
+    for key, value in fixed.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise LmforgeError(f"the deepspeed config sets {key}: {ds[key]}, but the lmforge config means {value}",
+                               where="deepspeed", fix=f"set {key}: auto in the JSON (lmforge fills it in)")
+        ds[key] = value
+    for name, on in (("bf16", bf16), ("fp16", False)):
+        section = ds.setdefault(name, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = on
+    zero = ds.setdefault("zero_optimization", {})
+    if hidden_size:
+        autos = {"reduce_bucket_size": hidden_size * hidden_size, "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "stage3_param_persistence_threshold": 10 * hidden_size}
+        for key, value in autos.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
+    ds.setdefault("steps_per_print", 10**9)  # lmforge logs the steps itself
+    return ds
+
+
+class _DeepSpeedSync(StepSync):
+    """The loop's view of the DeepSpeed engine: it owns backward, clipping and the optimizer step."""
+
+    def __init__(self, engine: "DeepSpeedEngine") -> None:
+        super().__init__(engine, engine.world_size)
+        self.ds = engine
+
+    def accumulating(self, model: Any, more_to_come: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine knows the accumulation boundary itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # lmforge's scaling already weighs every token of the step over all ranks: no 1/accumulation on top.
+        self.ds.ds_engine.backward(loss, scale_wrt_gas=False)
+        self.ds.ds_engine.step()  # a micro-step; at the step's last micro-batch: clip, optimizer step, zero grads
+
+    def clip(self, params: list[torch.Tensor], max_norm: float | None) -> float:
+        norm = self.ds.ds_engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+
+class _SteppedByEngine:
+    """Stands in for the optimizer in the loop: the DeepSpeed engine has stepped it already."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+
+class DeepSpeedEngine(TorchEngine):
+    name = "DeepSpeed"
+
+    def __init__(self, cfg: LmforgeConfig) -> None:
+        self.deepspeed = require_deepspeed()
+        super().__init__(cfg)
+        self.cfg = cfg
+        self.config = deepspeed_json(cfg.distributed.deepspeed)
+        self.stage = int((self.config.get("zero_optimization") or {}).get("stage", 0) or 0)
+        self.ds_engine: Any = None
+        self.peft = False
+        self._sync = _DeepSpeedSync(self)
+
+    def describe(self) -> str:
+        return super().describe() + f"; ZeRO stage {self.stage}"
+
+    @property
+    def needs_lockstep(self) -> bool:  # type: ignore[override]
+        return self.stage == 3  # ZeRO-3 gathers each layer's weights in every forward: a collective
+
+    @property
+    def sync(self) -> StepSync:
+        return self._sync  # the engine's step goes through it even on one rank
+
+    @property
+    def load_device(self) -> torch.device:
+        return torch.device("cpu") if self.stage == 3 else self.device
+
+    def prepare(self, model: Any, cfg: LmforgeConfig, bf16: bool, say: Callable[[str], None]) -> Any:
+        self.peft, self.bf16 = hasattr(model, "peft_config"), bf16
+        return model
+
+    def for_training(self, model: Any, loss_fn: Callable, optimizer: Any) -> tuple[Any, Callable, Any]:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        config = resolve_auto(self.config, self.cfg, self.world_size, self.bf16, hidden)
+        self.ds_engine, _, _, _ = self.deepspeed.initialize(model=_Forward(model), optimizer=optimizer, config=config)
+        return self.ds_engine, _call_root(self.ds_engine, loss_fn), _SteppedByEngine(optimizer)
+
+    def call(self, model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.stage == 3 and self.ds_engine is not None:
+            return self.ds_engine(fn, *args, **kwargs)  # ZeRO-3 gathers each layer's weights around its forward
+        return fn(model, *args, **kwargs)
+
+    # -- checkpoints: DeepSpeed's own per-rank files
+    def checkpoint_weights(self, model: Any, optimizer: Any) -> Callable[[Path | None], None]:
+        def write(tmp: Path | None) -> None:
+            folder = Path(self.broadcast(str(tmp) if tmp is not None else None))
+            self.ds_engine.save_checkpoint(str(folder / DS_FOLDER), tag=DS_TAG)
+            self.save_model_files(model, None, None, folder, with_tokenizer=False)
+
+        return write
+
+    def load_weights(self, model: Any, optimizer: Any) -> Callable[[Path], None]:
+        def read(folder: Path) -> None:
+            if not (folder / DS_FOLDER).is_dir():
+                raise LmforgeError(f"{folder.name} holds no DeepSpeed state: it was not saved by a deepspeed run",
+                                   where=str(folder), fix="resume it without deepspeed, or start a new run in a new output_dir")
+            self.ds_engine.load_checkpoint(str(folder / DS_FOLDER), tag=DS_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+
+        return read
+
+    def full_state(self, model: Any) -> dict[str, torch.Tensor]:
+        """Every weight (trainable only, for an adapter) whole, on CPU: gathered from the partitions under ZeRO-3."""
+        chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not self.peft]
+        gather = (self.deepspeed.zero.GatheredParameters([p for _, p in chosen], modifier_rank=None) if self.stage == 3
+                  else contextlib.nullcontext())
+        with gather:
+            state = {n: p.detach().to("cpu", copy=True) for n, p in chosen}
+        empty = [n for n, t in state.items() if t.numel() == 0]
+        if empty:
+            raise LmforgeError(f"{len(empty)} weight(s) came out empty ({empty[0]}, ...): ZeRO-3 partitions were not gathered",
+                               where="deepspeed", fix="this is an lmforge bug; the last checkpoint holds the full DeepSpeed state")
+        return state
+
+    def save_model_files(self, model: Any, tokenizer: Any, config: dict[str, Any] | None, folder: Path | None,
+                         with_tokenizer: bool = True) -> None:
+        import yaml
+
+        from lmforge.atomic import write_text
+
+        weights = self.full_state(model)
+        if not self.is_main or folder is None:
+            return
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        if with_tokenizer and tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if config is not None:
+            write_text(folder / "config.yml", yaml.safe_dump(config, sort_keys=False))
+
+    def assert_finite(self, model: Any, step: int) -> None:
+        pass  # ZeRO holds the weights in its partitions; a NaN step already stopped the loop (nan_policy: stop)
+
+    def trainable_state(self, model: Any) -> dict[str, torch.Tensor]:
+        return self.full_state(model)
