@@ -14,6 +14,7 @@ from typing import Any
 from lmforge.config.sections import DataSection, DatasetSpec, PretrainingSource
 from lmforge.data.formats import SkipRow, get_format
 from lmforge.data.formats.hook import looks_like_hook
+from lmforge.data.compressed import compression, data_suffix, guard, open_binary
 from lmforge.data.sources import local_files, read_local, read_rows
 from lmforge.errors import LmforgeError
 
@@ -73,7 +74,11 @@ def check_text_source(source: PretrainingSource, where: str) -> str:
         return f"{where}: {source.path} is a Hub dataset, streamed when training"
     rows = 0
     for path in files:
-        if path.suffix.lower() in TEXT_SUFFIXES:
+        if data_suffix(path) in TEXT_SUFFIXES:
+            if compression(path):  # read through: a damaged or cut-off file is named now, not mid-run
+                with guard(path), open_binary(path) as handle:
+                    while handle.read(1 << 20):
+                        pass
             continue
         for row in read_local(path):
             values = row.check()
