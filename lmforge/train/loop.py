@@ -155,7 +155,8 @@ def train_loop(
     result.stop_reason = None  # whatever stopped the run before (a signal, early stopping) ends with this call
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    # disable=False: lmforge's own bar stays when the CLI hides the libraries' bars (TQDM_DISABLE)
+    bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=False)
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start_step, settings.total_steps):
         step_start = time.perf_counter()
