@@ -60,6 +60,7 @@ from lmforge.train.checkpoint import (
 from lmforge.train.loggers import build_loggers
 from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonFiniteError, evaluate, train_loop
 from lmforge.train.optimizers import build_optimizer
+from lmforge.redact import redact
 from lmforge.train.report import plot_losses, summary_markdown
 from lmforge.train.runlock import RunLock
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
@@ -154,7 +155,7 @@ class TrainingRun:
         self.bf16 = resolve_bf16(self.t.bf16, self.device)
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
         self.output_dir = Path(self.t.output_dir)
-        self.resolved = cfg.flat()  # saved beside every checkpoint and output
+        self.resolved = redact(cfg.flat())  # saved beside every checkpoint and output (and sent to trackers): no secrets
         self.lock = RunLock(self.output_dir, command, say)
         self.resume_from: Path | None = None
 
