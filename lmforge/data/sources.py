@@ -319,7 +319,7 @@ def local_files(path: str, ds_type: str | None = None, data_files: Any = None) -
                 raise LmforgeError("data file does not exist", where=str(file), fix="fix data_files")
         return files
     if path.startswith("pkg://"):
-        raise LmforgeError("file is not in the package", where=path)
+        raise LmforgeError("file is not in the package", where=path, fix="check the package is installed and the file name after pkg://NAME/")
     return None
 
 
