@@ -77,11 +77,12 @@ def _lone_surrogate(value: Any) -> str | None:
     return next((problem for item in items if (problem := _lone_surrogate(item))), None)
 
 
-def _json_row(value: Any, where: str, line: str) -> Row:
-    """A decoded JSON value as a row: objects only, and only real text (no lone surrogates)."""
+def _json_row(value: Any, where: str, escaped: bool) -> Row:
+    """A decoded JSON value as a row: objects only, and only real text (no lone surrogates, which only a
+    ``\\u`` escape can make: `escaped` says whether the row's source text holds one)."""
     if not isinstance(value, dict):
         return Row(None, where, "each line must be a JSON object")
-    if "\\u" in line and (problem := _lone_surrogate(value)):
+    if escaped and (problem := _lone_surrogate(value)):
         return Row(None, where, f"a string {problem}")
     return Row(value, where)
 
@@ -104,20 +105,21 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             except RecursionError:
                 yield Row(None, f"{path}:{number}", "JSON nested too deeply to read")
                 continue
-            yield _json_row(value, f"{path}:{number}", line)
+            yield _json_row(value, f"{path}:{number}", "\\u" in line)
 
 
 def _records(path: Path, value: Any, text: str) -> Iterator[Row]:
+    escaped = "\\u" in text  # once for the file: per record it would be quadratic
     if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()) and len(value) > 1:
         # An object of records keyed by id (e.g. chit-chat's dataset.json): one row per record.
         for key, record in value.items():
-            yield _json_row({"id": key, **record}, f"{path}:record {key}", text)
+            yield _json_row({"id": key, **record}, f"{path}:record {key}", escaped)
         return
     for index, record in enumerate(value if isinstance(value, list) else [value]):
         if not isinstance(record, dict):
             yield Row(None, f"{path}:record {index}", f"record {index} is not a JSON object")
         else:
-            yield _json_row(record, f"{path}:record {index}", text)
+            yield _json_row(record, f"{path}:record {index}", escaped)
 
 
 def _stream_array(path: Path, text: str) -> Iterator[Row]:
@@ -158,7 +160,7 @@ def _stream_array(path: Path, text: str) -> Iterator[Row]:
         if not isinstance(record, dict):
             yield Row(None, f"{path}:record {index}", f"record {index} is not a JSON object")
         else:
-            yield _json_row(record, f"{path}:record {index}", text[pos:end])
+            yield _json_row(record, f"{path}:record {index}", "\\u" in text[pos:end])
         index += 1
         pos = end
 
