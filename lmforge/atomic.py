@@ -7,12 +7,39 @@ under a temporary sibling name, then rename, which POSIX makes atomic on one fil
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lmforge.errors import LmforgeError
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether `exc` (raised while writing into `folder`) means the disk is full. Libraries wrap the
+    OS error their own way (torch.save: "file write failed", safetensors: "StorageFull"), so the
+    folder's free space decides when the message is not plain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text or "os error 28" in text:
+        return True
+    try:
+        return "write" in text.lower() and shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _full_disk_error(target: Path, exc: BaseException) -> LmforgeError:
+    return LmforgeError(f"the disk is full: could not write {target.name} ({type(exc).__name__})", where=str(target.parent),
+                        fix="free space there or set output_dir elsewhere, then rerun (what was saved before is "
+                            "untouched: resume_from_checkpoint: auto continues from the last checkpoint)")
 
 
 def write_text(path: Path, text: str, *, durable: bool = False) -> None:
@@ -22,11 +49,18 @@ def write_text(path: Path, text: str, *, durable: bool = False) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError as exc:
+        full = _disk_full(exc, path.parent)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise _full_disk_error(path, exc) from exc
+        raise
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
@@ -58,8 +92,11 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(exc, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _full_disk_error(target, exc) from exc
         raise
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
@@ -91,5 +128,10 @@ def publish_into(target: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         for item in tmp.iterdir():
             os.replace(item, target / item.name)
+    except Exception as exc:
+        if _disk_full(exc, tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _full_disk_error(target, exc) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmforge",
         description="Train language models from one YAML file. Any config key can be overridden as --key=value.",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks (and what --verbose shows)")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own progress bars, warnings and notices")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable, help_text: str, config: bool = True) -> argparse.ArgumentParser:
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         if config:
             p.add_argument("config", help="YAML config: a path or an http(s) URL")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show the libraries' progress bars and warnings")
         p.set_defaults(func=func)
         return p
 
@@ -175,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["sentencepiece", "hf"], default=None)
     p.add_argument("--output_dir", "--output-dir", default=None, help="where to save it (default: OUTPUT_DIR/tokenizer or ./tokenizer)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show the libraries' progress bars and warnings")
     p.set_defaults(func=cmd_tokenizer)
     add("preprocess", cmd_preprocess, "read, format and tokenize the datasets and report what they hold")
     help_text = "`data report CONFIG`: rows, tokens, lengths, duplicates, overlap, label share → output_dir (Markdown + PNG)"
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["report"])
     p.add_argument("config", help="YAML config: a path or an http(s) URL")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show the libraries' progress bars and warnings")
     p.set_defaults(func=cmd_data)
     def add_model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--lora_model_dir", "--lora-model-dir", default=None,
@@ -250,6 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Hide the libraries' own progress bars, advice and deprecation notices (``--verbose`` shows them).
+
+    The one place lmforge sets them, each through the library's own switch, before the library is
+    imported: environment variables the libraries read (and pass on to worker processes), the
+    warning filter of this process, and bitsandbytes' logger. lmforge's own lines and its training
+    progress bar (which asks for itself with ``disable=False``) stay.
+    """
+    quiet = {
+        "TRANSFORMERS_VERBOSITY": "error",        # transformers' logger: errors only
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",      # huggingface_hub's bars, and transformers' ("Loading weights")
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' ("Generating train split", "Map")
+        "TQDM_DISABLE": "1",                      # bars made with plain tqdm (GGUF de-quantization), unless asked for
+        "HF_HUB_VERBOSITY": "error",
+    }
+    for name, value in quiet.items():
+        os.environ.setdefault(name, value)
+    # Libraries' deprecation notices are for lmforge's developers, not its users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # bitsandbytes (imported by peft) logs a failed optional-kernel fetch at import on CPUs.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters (which a key or a row may hold) escaped,
+    so that an error stays one line on the terminal and in logs."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -267,20 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         except LmforgeError as exc:
             print(f"error: {exc.format()}", file=sys.stderr)
             return 2
-    if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        # Libraries' deprecation notices are for lmforge's developers, not its users.
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        # bitsandbytes (imported by peft) logs a failed optional-kernel fetch at import on CPUs.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if not (debug or getattr(args, "verbose", False)):
+        quiet_libraries()
     try:
         args.func(args, rest)
     except LmforgeError as exc:
         if debug:
             raise
-        print(f"error: {exc.format()}", file=sys.stderr)
+        print(f"error: {one_line(exc.format())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -54,6 +54,10 @@ def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== Before fine-tuning ==" in proc.stdout and "== After fine-tuning ==" in proc.stdout
     assert "held-out eval loss:" in proc.stdout
+    # Quiet by default (issue 15.8): no GGUF de-quantization or "Loading weights" bars, no library warnings.
+    noise = [n for n in ("Loading weights", "Converting and de-quantizing", "FutureWarning", "DeprecationWarning")
+             if n in proc.stdout + proc.stderr]
+    assert not noise, (noise, proc.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["eval_loss_end"] < summary["eval_loss_start"]
     assert (out / "adapter_model.safetensors").is_file()

@@ -64,7 +64,15 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _pretraining(c)
     _speed(c)
     _distributed(c)
+    _remote_code(c)
     return c.warnings
+
+
+def _remote_code(c: _Checker) -> None:
+    """trust_remote_code runs Python from the model's repository: allowed when asked, never silently."""
+    if c.cfg.model.trust_remote_code:
+        c.warn("trust_remote_code", "trust_remote_code: true runs Python code that comes with the model (and its tokenizer); "
+                                    "use it only for a repository you trust")
 
 
 def _model_and_adapter(c: _Checker) -> None:

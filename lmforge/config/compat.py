@@ -104,7 +104,10 @@ def decide(row: Key, value: Any, facts: Facts) -> Verdict | None:
         if row.only_with and is_off(facts.here.get(row.only_with)):
             return Verdict(Kind.NOTICE, f"only used together with {row.only_with}, which is not set: nothing changes")
     if row.rule is not None:
-        verdict = row.rule(value, facts)
+        try:
+            verdict = row.rule(value, facts)
+        except TypeError:  # a rule reads values of the key's type; another type is named by the schema's check
+            verdict = None
         if verdict is not None:
             return verdict
     if row.kind is Kind.IMPLEMENTED:
@@ -158,7 +161,8 @@ class _Screen:
         out: dict[str, Any] = {}
         for key, value in values.items():
             if not isinstance(key, str):
-                raise LmforgeError(f"config keys must be names, got {key!r}", where=self.where(path + (str(key),)))
+                raise LmforgeError(f"config keys must be names, got {key!r}", where=self.where(path + (str(key),)),
+                                   fix="quote the key or rename it")
             here = path + (key,)
             row = find(scope, key)
             is_field = key in self.fields[scope]

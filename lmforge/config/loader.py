@@ -54,17 +54,38 @@ def _collect_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) 
             _collect_lines(item, path, lines)
 
 
+URL_TIMEOUT_S = 30
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a bigger answer is not one
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise LmforgeError(f"config is not valid UTF-8 (byte 0x{data[exc.start]:02x})", where=f"{where}:{line}",
+                           fix="save the config as UTF-8") from None
+
+
 def _read_text(location: str) -> str:
+    """The config's text: a local file, or an http(s) URL (only those schemes, with a timeout and a size limit)."""
     if location.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(location, timeout=30) as response:  # noqa: S310 (scheme checked)
-                return response.read().decode("utf-8")
-        except (urllib.error.URLError, TimeoutError, UnicodeDecodeError) as exc:
+            with urllib.request.urlopen(location, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
+                data = response.read(MAX_CONFIG_BYTES + 1)
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
             raise LmforgeError(f"could not fetch config: {exc}", where=location, fix="check the URL and network") from exc
+        if len(data) > MAX_CONFIG_BYTES:
+            raise LmforgeError(f"the answer is over {MAX_CONFIG_BYTES >> 20} MiB, too big for a config", where=location,
+                               fix="check the URL points at the YAML file itself (e.g. GitHub's raw link)")
+        return _decode(data, location)
+    if "://" in location:
+        raise LmforgeError(f"configs are read from files or http(s) URLs, not {location.split('://')[0]}://", where=location,
+                           fix="download the config and give its path")
     path = Path(location)
     if not path.is_file():
         raise LmforgeError("config file does not exist", where=location, fix="check the path")
-    return path.read_text(encoding="utf-8")
+    return _decode(path.read_bytes(), location)
 
 
 def parse_yaml(text: str, source: str, base_dir: Path) -> RawConfig:
@@ -75,11 +96,15 @@ def parse_yaml(text: str, source: str, base_dir: Path) -> RawConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise LmforgeError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from exc
+        column = f" (column {mark.column + 1})" if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
+        raise LmforgeError(f"invalid YAML: {problem}{column}", where=where,
+                           fix="check the indentation, colons and quotes on that line") from exc
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise LmforgeError("a config must be a mapping of keys to values", where=source)
+        raise LmforgeError("a config must be a mapping of keys to values", where=source,
+                           fix="write one `key: value` per line at the top level")
     lines: dict[KeyPath, int] = {}
     if node is not None:
         _collect_lines(node, (), lines)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmforge.config.compat import Notice, screen
 from lmforge.config.checks import check_cross_keys
+from lmforge.config.hooks import is_hook, resolve_hook
 from lmforge.config.loader import KeyPath, RawConfig, apply_overrides, read_config
 from lmforge.config.sections import (
     AdapterSection,
@@ -129,8 +130,19 @@ def build_config(raw: RawConfig, *, gpu: bool | None = None) -> LmforgeConfig:
             raise _explain(raw, best, name) from exc
     cfg = LmforgeConfig(**sections, notices=notices)
     _check_model_and_data(cfg, raw)
+    _resolve_hooks(cfg, raw)
     cfg.warnings = check_cross_keys(cfg, raw)
     return cfg
+
+
+def _resolve_hooks(cfg: LmforgeConfig, raw: RawConfig) -> None:
+    """Each dataset hook (`type: module.function`) checked to come from the config's folder or an installed
+    package (config.hooks), and pinned to the file it runs."""
+    config_dir = None if raw.source.startswith(("http://", "https://")) else raw.base_dir
+    for key in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(cfg.data, key) or []):
+            if is_hook(spec.type):
+                spec.type = resolve_hook(spec.type, config_dir, raw.where((key, index, "type")))
 
 
 def _check_model_and_data(cfg: LmforgeConfig, raw: RawConfig) -> None:

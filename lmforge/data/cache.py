@@ -96,20 +96,53 @@ def _read_split(folder: Path, name: str) -> list[Example]:
     return [Example(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+SPLIT_FILES = tuple(f"{split}_{part}.npy" for split in ("train", "eval") for part in ("input_ids", "labels", "offsets"))
+
+
+class DamagedEntry(Exception):
+    """A cache entry that cannot be trusted (cut off, altered, or written by an older lmforge)."""
+
+
 def save(root: str | os.PathLike, key: str, prepared: PreparedData) -> Path:
-    """Write an entry atomically (a temporary folder renamed into place)."""
+    """Write an entry atomically (a temporary folder renamed into place), with each file's size and SHA-256."""
 
     def write(tmp: Path) -> None:
         _write_split(tmp, "train", prepared.train)
         _write_split(tmp, "eval", prepared.eval)
-        (tmp / "stats.json").write_text(json.dumps({"key": key, "stats": prepared.stats.to_json()}, indent=1), encoding="utf-8")
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in SPLIT_FILES}
+        (tmp / "stats.json").write_text(json.dumps({"key": key, "stats": prepared.stats.to_json(), "files": files}, indent=1),
+                                        encoding="utf-8")
 
     return atomic_dir(Path(root) / key, write)
 
 
+def _verified(folder: Path, key: str) -> dict[str, Any]:
+    """stats.json of an entry whose every file matches the size and checksum recorded when it was saved."""
+    try:
+        meta = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+        files = meta["files"]
+        stored_key = meta["key"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedEntry(f"stats.json is unreadable or from an older lmforge ({type(exc).__name__})") from exc
+    if stored_key != key:
+        raise DamagedEntry(f"stats.json belongs to entry {stored_key}")
+    for name in SPLIT_FILES:
+        path, expected = folder / name, files.get(name) if isinstance(files, dict) else None
+        if not isinstance(expected, dict) or not path.is_file():
+            raise DamagedEntry(f"{name} is missing")
+        if path.stat().st_size != expected.get("size") or file_sha256(path) != expected.get("sha256"):
+            raise DamagedEntry(f"{name} is damaged (size or checksum differs from stats.json)")
+    return meta
+
+
 def load(root: str | os.PathLike, key: str) -> PreparedData | None:
+    """The entry `key`, or None when there is none. An entry that does not verify raises DamagedEntry
+    (the caller rebuilds it): a prepared-data cache is never trusted blindly."""
     folder = Path(root) / key
-    if not (folder / "stats.json").is_file():
+    if not folder.is_dir():
         return None
-    meta = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
-    return PreparedData(_read_split(folder, "train"), _read_split(folder, "eval"), PrepareStats.from_json(meta["stats"]))
+    meta = _verified(folder, key)
+    try:
+        return PreparedData(_read_split(folder, "train"), _read_split(folder, "eval"), PrepareStats.from_json(meta["stats"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedEntry(f"cannot be read ({type(exc).__name__}: {exc})") from exc

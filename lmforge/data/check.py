@@ -14,23 +14,30 @@ from typing import Any
 from lmforge.config.sections import DataSection, DatasetSpec, PretrainingSource
 from lmforge.data.formats import SkipRow, get_format
 from lmforge.data.formats.hook import looks_like_hook
+from lmforge.data.compressed import compression, data_suffix, guard, open_binary
 from lmforge.data.sources import local_files, read_local, read_rows
 from lmforge.errors import LmforgeError
 
 TEXT_SUFFIXES = {"", ".txt", ".text", ".md"}
 
 
+class Unchecked(Exception):
+    """The entry's rows cannot be checked without the real tokenizer; the message says why."""
+
+
 def _row_checker(spec: DatasetSpec, where: str) -> Any:
     """A function row → None raising LmforgeError for a bad row, for the entry's `type`; None when the
-    format cannot be checked without a tokenizer (a hook may need the chat template to run)."""
+    format cannot be checked without a tokenizer (a hook may need the chat template to run). Raises
+    Unchecked when a chat format cannot even be built with a stand-in tokenizer (said, not hidden)."""
     kind = spec.type
     if isinstance(kind, str) and kind in ("chat_template", "sharegpt"):
         # The turns' structure needs no template; a stand-in tokenizer lets the format be built.
         stand_in = SimpleNamespace(bos_token="", eos_token="", chat_template="{{ messages }}", special_tokens_map={})
         try:
             fmt = get_format(kind, f"{where}.type", spec=spec, tokenizer=stand_in, chat_template=None)
-        except Exception:  # noqa: BLE001 (a template option only the real tokenizer can resolve: checked at prepare)
-            return None
+        except Exception as exc:  # noqa: BLE001 (a template option only the real tokenizer can resolve: checked at prepare)
+            reason = exc.format() if isinstance(exc, LmforgeError) else f"{type(exc).__name__}: {exc}"
+            raise Unchecked(f"its chat template needs the real tokenizer ({reason})") from exc
         return fmt.messages
     if isinstance(kind, str) and looks_like_hook(kind):
         get_format(kind, f"{where}.type", spec=spec)  # imports the function: a missing one is named now
@@ -42,7 +49,10 @@ def check_dataset(spec: DatasetSpec, where: str, data: DataSection) -> str:
     """Parse every row of one local dataset entry and check its fields; a line saying what was read."""
     if local_files(spec.path, spec.ds_type, spec.data_files) is None:
         return f"{where}: {spec.path} is a Hub dataset, read when training"
-    check = _row_checker(spec, where)
+    try:
+        check, unchecked = _row_checker(spec, where), ""
+    except Unchecked as exc:
+        check, unchecked = None, str(exc)
     rows = bad = 0
     first_bad = ""
     for row in read_rows(spec.path, spec.ds_type, spec.data_files, spec.split, spec.name):
@@ -55,6 +65,7 @@ def check_dataset(spec: DatasetSpec, where: str, data: DataSection) -> str:
             continue
         except LmforgeError as exc:
             if not data.skip_bad_rows:
+                exc.fix = exc.fix or "fix the row, or set skip_bad_rows: true to skip and count such rows"
                 raise
             bad += 1
             first_bad = first_bad or exc.format()
@@ -62,7 +73,8 @@ def check_dataset(spec: DatasetSpec, where: str, data: DataSection) -> str:
         raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
     if bad == rows:
         raise LmforgeError(f"all {rows} rows are bad (first: {first_bad})", where=spec.path, fix="check the data and its type")
-    checked = "fields checked" if check is not None else "rows parsed (the format is checked when training)"
+    checked = "fields checked" if check is not None else (
+        f"rows parsed; the format is checked when training: {unchecked}" if unchecked else "rows parsed (the format is checked when training)")
     return f"{where}: {spec.path}: {rows:,} rows, {checked}" + (f", {bad:,} bad rows will be skipped" if bad else "")
 
 
@@ -73,7 +85,11 @@ def check_text_source(source: PretrainingSource, where: str) -> str:
         return f"{where}: {source.path} is a Hub dataset, streamed when training"
     rows = 0
     for path in files:
-        if path.suffix.lower() in TEXT_SUFFIXES:
+        if data_suffix(path) in TEXT_SUFFIXES:
+            if compression(path):  # read through: a damaged or cut-off file is named now, not mid-run
+                with guard(path), open_binary(path) as handle:
+                    while handle.read(1 << 20):
+                        pass
             continue
         for row in read_local(path):
             values = row.check()

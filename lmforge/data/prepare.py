@@ -199,12 +199,15 @@ def tokenize_rows(
     return examples
 
 
+ROW_FIX = "fix the row, or set skip_bad_rows: true to skip and count such rows"
+
+
 def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | None]], skip_bad_rows: bool, stats: PrepareStats) -> list[list[Segment]]:
     out = []
     for values, where, error in rows:
         if error is not None:
             if not skip_bad_rows:
-                raise LmforgeError(error, where=where, fix="fix the file, or set skip_bad_rows: true to skip and count such rows")
+                raise LmforgeError(error, where=where, fix=ROW_FIX)
             stats.bad(where, error)
             continue
         try:
@@ -213,6 +216,7 @@ def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | No
             stats.hook_skipped += 1
         except LmforgeError as exc:
             if not skip_bad_rows:
+                exc.fix = exc.fix or ROW_FIX
                 raise
             stats.bad(where, exc.message)
     return out
@@ -346,12 +350,16 @@ def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = No
         return prepared
     root = data.dataset_prepared_path or cache.DEFAULT_PREPARED_PATH
     key = cache.cache_key(data, tokenizer, seed)
-    found = cache.load(root, key)
+    damage = None
+    try:
+        found = cache.load(root, key)
+    except cache.DamagedEntry as exc:  # rebuilt and rewritten below, never trusted
+        found, damage = None, f"prepared data {os.path.join(root, key)} was damaged ({exc}); rebuilt it"
     if found is not None:
         found.stats.note = f"reused prepared data {os.path.join(root, key)}"
         return found
     prepared = build(data, tokenizer, seed)
-    if save or (save is None and data.dataset_prepared_path):
+    if damage or save or (save is None and data.dataset_prepared_path):
         folder = cache.save(root, key, prepared)
-        prepared.stats.note = f"prepared data saved to {folder}"
+        prepared.stats.note = f"{damage}, saved to {folder}" if damage else f"prepared data saved to {folder}"
     return prepared

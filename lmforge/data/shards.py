@@ -15,7 +15,8 @@ Commit protocol (what makes a rerun resume exactly):
 2. ``index.json`` is then rewritten (temp file + fsync + rename, so it is always either the
    old or the new version) with the shard appended and the *input position* it ends at:
    file number + byte offset (+ whether a document is open) or, for iterables, the number of
-   items consumed.
+   items consumed. For a compressed file (``.gz``, ``.bz2``, ``.xz``, ``.zst``) the offset is
+   in the decompressed stream; resuming seeks there by decompressing and discarding, which is exact.
 3. Shards end only at batch boundaries, and batches are cut from the input deterministically,
    so a rerun that starts from the recorded position produces exactly the tokens an
    uninterrupted run would have put after the last committed shard. Files a killed run left
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmforge.atomic import write_json
+from lmforge.data.compressed import guard, open_binary
 from lmforge.data.sources import expand_paths
 from lmforge.hashing import file_sha256
 from lmforge.errors import LmforgeError
@@ -108,7 +110,7 @@ def _file_batches(
     batch: list[Piece] = []
     size = 0
     for fi in range(file_no, len(files)):
-        with open(files[fi], "rb") as f:
+        with guard(files[fi]), open_binary(files[fi]) as f:
             offset = state["offset"] if fi == file_no else 0
             doc_open = state["doc_open"] if fi == file_no else False
             f.seek(offset)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.compressed import COMPRESSIONS, compression, data_suffix, decompressed_copy, guarded, open_binary, read_bytes
 from lmforge.errors import LmforgeError
 
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -38,19 +39,62 @@ class Row:
 def _file_type(path: Path, ds_type: str | None) -> str:
     if ds_type:
         return ds_type
-    kind = FILE_TYPES.get(path.suffix.lower())
+    kind = FILE_TYPES.get(data_suffix(path))
     if kind is None:
         raise LmforgeError(
             f"cannot tell the file type of '{path.name}'",
             where=str(path),
-            fix=f"set ds_type to one of {', '.join(sorted(set(FILE_TYPES.values())))}",
+            fix=f"set ds_type to one of {', '.join(sorted(set(FILE_TYPES.values())))} "
+            f"(compressed files: {', '.join(COMPRESSIONS)} after the type, e.g. train.jsonl.gz)",
         )
     return kind
 
 
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})"
+
+
+MAGIC = {b"\x1f\x8b": ("gzip", ".gz"), b"BZh": ("bz2", ".bz2"), b"\xfd7zXZ\x00": ("xz", ".xz"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst")}
+
+
+def _undecodable(path: Path, head: bytes, where: str, problem: str) -> Row:
+    """A row that is not UTF-8; when the file starts like a compressed one, say so."""
+    for magic, (kind, suffix) in MAGIC.items():
+        if head.startswith(magic) and not compression(path):
+            return Row(None, where, f"the file is {kind}-compressed but its name does not say so; add {suffix} to its name")
+    return Row(None, where, problem)
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """A string in `value` holding a lone UTF-16 surrogate (JSON allows ``\\ud800``; no tokenizer encodes it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds a lone surrogate \\u{ord(value[exc.start]):04x}, which is not a character"
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((problem for item in items if (problem := _lone_surrogate(item))), None)
+
+
+def _json_row(value: Any, where: str, escaped: bool) -> Row:
+    """A decoded JSON value as a row: objects only, and only real text (no lone surrogates, which only a
+    ``\\u`` escape can make: `escaped` says whether the row's source text holds one)."""
+    if not isinstance(value, dict):
+        return Row(None, where, "each line must be a JSON object")
+    if escaped and (problem := _lone_surrogate(value)):
+        return Row(None, where, f"a string {problem}")
+    return Row(value, where)
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open_binary(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield _undecodable(path, raw if number == 1 else b"", f"{path}:{number}", f"line is {_not_utf8(exc)}")
+                continue
             if not line.strip():
                 continue
             try:
@@ -58,23 +102,24 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             except json.JSONDecodeError as exc:
                 yield Row(None, f"{path}:{number}", f"malformed JSON line: {exc.msg} at column {exc.colno}")
                 continue
-            if not isinstance(value, dict):
-                yield Row(None, f"{path}:{number}", "each line must be a JSON object")
+            except RecursionError:
+                yield Row(None, f"{path}:{number}", "JSON nested too deeply to read")
                 continue
-            yield Row(value, f"{path}:{number}")
+            yield _json_row(value, f"{path}:{number}", "\\u" in line)
 
 
-def _records(path: Path, value: Any) -> Iterator[Row]:
+def _records(path: Path, value: Any, text: str) -> Iterator[Row]:
+    escaped = "\\u" in text  # once for the file: per record it would be quadratic
     if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()) and len(value) > 1:
         # An object of records keyed by id (e.g. chit-chat's dataset.json): one row per record.
         for key, record in value.items():
-            yield Row({"id": key, **record}, f"{path}:record {key}")
+            yield _json_row({"id": key, **record}, f"{path}:record {key}", escaped)
         return
     for index, record in enumerate(value if isinstance(value, list) else [value]):
         if not isinstance(record, dict):
             yield Row(None, f"{path}:record {index}", f"record {index} is not a JSON object")
         else:
-            yield Row(record, f"{path}:record {index}")
+            yield _json_row(record, f"{path}:record {index}", escaped)
 
 
 def _stream_array(path: Path, text: str) -> Iterator[Row]:
@@ -88,6 +133,10 @@ def _stream_array(path: Path, text: str) -> Iterator[Row]:
         while pos < size and text[pos] in " \t\r\n":
             pos += 1
         if pos < size and text[pos] == "]":
+            trailing = text[pos + 1:].strip()
+            if trailing:
+                line = text.count("\n", 0, pos) + 1
+                yield Row(None, f"{path}:{line}", f"text after the closing ] of the JSON array ({trailing[:20]!r}...)")
             return
         if index and pos < size and text[pos] == ",":
             pos += 1
@@ -95,12 +144,13 @@ def _stream_array(path: Path, text: str) -> Iterator[Row]:
                 pos += 1
         try:
             record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             line = text.count("\n", 0, pos) + 1
-            start = len(text[:pos].encode("utf-8"))
-            total = start + len(text[pos:].encode("utf-8"))
+            start = len(text[:pos].encode("utf-8", "surrogatepass"))
+            total = start + len(text[pos:].encode("utf-8", "surrogatepass"))
             cut = not text.rstrip().endswith("]")
-            problem = "file is cut off inside" if cut else f"malformed JSON ({exc.msg}) in"
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            problem = "file is cut off inside" if cut else f"malformed JSON ({reason}) in"
             yield Row(
                 None, f"{path}:{line}",
                 f"{problem} record {index} (it starts at byte {start:,} of {total:,}, line {line}); "
@@ -110,13 +160,23 @@ def _stream_array(path: Path, text: str) -> Iterator[Row]:
         if not isinstance(record, dict):
             yield Row(None, f"{path}:record {index}", f"record {index} is not a JSON object")
         else:
-            yield Row(record, f"{path}:record {index}")
+            yield _json_row(record, f"{path}:record {index}", "\\u" in text[pos:end])
         index += 1
         pos = end
 
 
+def _decode_file(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        row = _undecodable(path, data[:8], f"{path}:{line}", f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column})")
+        raise LmforgeError(row.error, where=row.where, fix="save the file as UTF-8 (or name a compressed file by its compression)") from None
+
+
 def _read_json(path: Path) -> Iterator[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = _decode_file(path, read_bytes(path))
     head = text.lstrip()[:1]
     if head == "[":
         yield from _stream_array(path, text)
@@ -129,31 +189,64 @@ def _read_json(path: Path) -> Iterator[Row]:
             return
         yield Row(None, f"{path}:{exc.lineno}", f"malformed JSON: {exc.msg} at column {exc.colno}")
         return
-    yield from _records(path, value)
+    except RecursionError:
+        yield Row(None, str(path), "JSON nested too deeply to read")
+        return
+    yield from _records(path, value, text)
 
 
-def _read_with_datasets(kind: str, files: list[str]) -> Iterator[Row]:
+def _read_text(path: Path) -> Iterator[Row]:
+    with open_binary(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield _undecodable(path, raw if number == 1 else b"", f"{path}:{number}", f"line is {_not_utf8(exc)}")
+                continue
+            if line.strip():  # a blank line separates text; it is not a row
+                yield Row({"text": line.rstrip("\r\n")}, f"{path}:{number}")
+
+
+def _read_with_datasets(kind: str, path: Path) -> Iterator[Row]:
+    """CSV and Parquet through ``datasets`` (the column types it infers); a file it cannot parse is one
+    error naming the file. A compressed file is decompressed into a temporary folder first."""
+    import tempfile
+
     from datasets import load_dataset
 
-    loaded = load_dataset(kind, data_files=files, split="train")
-    for index, record in enumerate(loaded):
-        yield Row(dict(record), f"{files[0] if len(files) == 1 else files}:row {index + 1}")
+    with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
+        plain = decompressed_copy(path, tmp) if compression(path) else path
+        try:
+            # keep_default_na: an empty CSV cell stays "" rather than becoming None (pandas' default),
+            # so a row's fields read the same as in JSON.
+            kwargs = {"keep_default_na": False} if kind == "csv" else {}
+            loaded = load_dataset(kind, data_files=[str(plain)], split="train", cache_dir=os.path.join(tmp, "cache"), **kwargs)
+        except Exception as exc:  # noqa: BLE001 (pandas and pyarrow raise many types for a malformed file)
+            cause = exc
+            while cause.__cause__ is not None and "Failed to" in str(cause):  # datasets wraps the parser's error
+                cause = cause.__cause__
+            message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            raise LmforgeError(f"cannot read this {kind} file ({type(cause).__name__}: {message[:200]})", where=str(path),
+                               fix=f"check it is a valid {kind} file, or set ds_type") from None
+        for index, record in enumerate(loaded):
+            yield Row(dict(record), f"{path}:row {index + 1}")
 
 
 def read_local(path: Path, ds_type: str | None = None) -> Iterator[Row]:
-    """Rows of one local file."""
+    """Rows of one local file (decompressed when its name ends in .gz, .bz2, .xz or .zst)."""
     kind = _file_type(path, ds_type)
     if kind == "jsonl":
-        yield from _read_jsonl(path)
+        rows = _read_jsonl(path)
     elif kind == "json":
-        yield from _read_json(path)
+        rows = _read_json(path)
     elif kind == "text":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():  # a blank line separates text; it is not a row
-                    yield Row({"text": line.rstrip("\n")}, f"{path}:{number}")
+        rows = _read_text(path)
+    elif kind in ("csv", "parquet"):
+        rows = _read_with_datasets(kind, path)
     else:
-        yield from _read_with_datasets(kind, [str(path)])
+        raise LmforgeError(f"unknown ds_type '{kind}'", where=str(path),
+                           fix=f"use one of {', '.join(sorted(set(FILE_TYPES.values())))}")
+    yield from guarded(path, rows)
 
 
 def read_hub(path: str, name: str | None, split: str, data_files: Any) -> Iterator[Row]:
@@ -219,7 +312,7 @@ def local_files(path: str, ds_type: str | None = None, data_files: Any = None) -
     if local.is_dir():
         wanted = [data_files] if isinstance(data_files, str) else data_files
         files = [local / f for f in wanted] if wanted else sorted(
-            p for p in local.rglob("*") if p.suffix.lower() in FILE_TYPES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)
+            p for p in local.rglob("*") if data_suffix(p) in FILE_TYPES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)
         )
         if not files:
             raise LmforgeError("folder holds no data files", where=str(local), fix="set data_files or ds_type")
@@ -228,7 +321,7 @@ def local_files(path: str, ds_type: str | None = None, data_files: Any = None) -
                 raise LmforgeError("data file does not exist", where=str(file), fix="fix data_files")
         return files
     if path.startswith("pkg://"):
-        raise LmforgeError("file is not in the package", where=path)
+        raise LmforgeError("file is not in the package", where=path, fix="check the package is installed and the file name after pkg://NAME/")
     return None
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lmforge.data.compressed import guard, open_text
 from lmforge.data.sources import expand_paths
 from lmforge.errors import LmforgeError
 
@@ -81,7 +82,7 @@ def _iter_chunks(path: str) -> Iterator[str]:
     """Yield runs of whole lines of about CHUNK_BYTES characters from a text file."""
     buf: list[str] = []
     size = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with guard(path), open_text(path, errors="replace") as f:
         for line in f:
             buf.append(line)
             size += len(line)

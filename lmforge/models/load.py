@@ -211,11 +211,51 @@ def load_model(
                 fix="set trust_remote_code: true if you trust it",
             ) from exc
         raise
+    except Exception as exc:
+        damaged = _damaged_weights(source, exc)
+        if damaged is None:
+            raise
+        raise damaged from exc
+
+
+def _damaged_weights(source: str, exc: Exception) -> LmforgeError | None:
+    """The error for weights that cannot be read (a cut-off or altered safetensors file) or that do not
+    fit the model's config.json (a shape differs), naming the file; None for any other exception."""
+    from safetensors import SafetensorError
+
+    folder = Path(source)
+    if isinstance(exc, SafetensorError):
+        bad = None
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            except Exception:  # noqa: BLE001 (the one that fails is the one to name)
+                bad = path
+                break
+        return LmforgeError(f"the weights file is damaged or cut off ({str(exc).splitlines()[0]})",
+                            where=str(bad or folder), fix="download or copy the model again")
+    if isinstance(exc, RuntimeError) and ("size mismatch" in str(exc) or "mismatched_sizes" in str(exc)):
+        return LmforgeError("the weights' shapes do not fit config.json", where=str(folder / "config.json"),
+                            fix="the weights and config.json come from different models: copy the model folder again")
+    return None
 
 
 def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any, multiple_of: int | None = None) -> None:
-    """Grow the input (and tied output) embeddings when the tokenizer gained tokens (to a multiple of
-    `multiple_of` rows: resize_token_embeddings_to_32x)."""
+    """Grow the input (and tied output) embeddings when the tokenizer gained tokens (special tokens added
+    on top of its vocabulary; to a multiple of `multiple_of` rows: resize_token_embeddings_to_32x); refuse a
+    tokenizer whose own vocabulary the model has no rows for: it is another model's, and its ids would index
+    past the embeddings or mean other tokens."""
     rows = model.get_input_embeddings().num_embeddings
+    base = getattr(tokenizer, "vocab_size", None)
+    if isinstance(base, int) and base > rows:
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise LmforgeError(
+            f"the tokenizer's vocabulary has {base:,} tokens but the model has embeddings for {rows:,}: "
+            "they belong to different models", where=str(name),
+            fix="use the tokenizer saved with the model (remove tokenizer_config, or point it at the model's tokenizer)",
+        )
     if len(tokenizer) > rows or (multiple_of and rows % multiple_of):
         model.resize_token_embeddings(max(len(tokenizer), rows), pad_to_multiple_of=multiple_of)

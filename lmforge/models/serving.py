@@ -95,8 +95,14 @@ def _adapter_shapes(lora_dir: Path) -> dict[str, tuple[int, ...]]:
         if not (lora_dir / "adapter_model.bin").is_file():
             fix = "the training run did not finish saving; point at a complete adapter folder"
         raise LmforgeError(f"no {ADAPTER_WEIGHTS} in the adapter folder", where=str(lora_dir), fix=fix)
-    with safe_open(str(path), framework="pt") as f:
-        return {k.removeprefix(_PREFIX): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    from safetensors import SafetensorError
+
+    try:  # opening checks the header and that the file is as long as it says (a cut-off copy is named here)
+        with safe_open(str(path), framework="pt") as f:
+            return {k.removeprefix(_PREFIX): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as exc:
+        raise LmforgeError(f"the adapter weights are damaged or cut off ({exc})", where=str(path),
+                           fix="copy the adapter folder again, or use a checkpoint-N folder of the run") from exc
 
 
 def _module_path(key: str) -> str:

@@ -24,6 +24,7 @@ from lmforge.config.sections import PretrainingSource, TokenizerTrainSpec
 from lmforge.data.batching import Batch
 from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.data.shards import TokenWindows, iter_shard_tokens, write_shards
+from lmforge.data.compressed import data_suffix, guard, open_text
 from lmforge.data.sources import local_files, read_local
 from lmforge.data.tokenizer_train import TokenizerReport, train_tokenizer
 from lmforge.errors import LmforgeError
@@ -57,7 +58,7 @@ def _local_text_files(sources: list[PretrainingSource]) -> list[str]:
     files: list[str] = []
     for source in sources:
         found = local_files(source.path, None, source.data_files)
-        files += [str(f) for f in found or [] if f.suffix.lower() in TEXT_SUFFIXES]
+        files += [str(f) for f in found or [] if data_suffix(f) in TEXT_SUFFIXES]
     return files
 
 
@@ -128,8 +129,9 @@ def _documents(sources: list[PretrainingSource]) -> Iterator[str]:
 
 
 def _file_texts(path: Path, column: str) -> Iterator[str]:
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        yield path.read_text(encoding="utf-8", errors="replace")
+    if data_suffix(path) in TEXT_SUFFIXES:
+        with guard(path), open_text(path, errors="replace") as handle:
+            yield handle.read()
         return
     for row in read_local(path):
         values = row.check()
@@ -158,7 +160,7 @@ def make_shards(cfg: LmforgeConfig, tokenizer: Any, tokenizer_dir: str | None, s
         tokenizer.save_pretrained(tokenizer_dir)
     sources = _sources(cfg)
     all_text_files = all((files := local_files(s.path, None, s.data_files)) is not None
-                         and all(f.suffix.lower() in TEXT_SUFFIXES for f in files) and s.max_documents is None
+                         and all(data_suffix(f) in TEXT_SUFFIXES for f in files) and s.max_documents is None
                          for s in sources)
     # Text files resume by byte offset; other sources by the number of documents consumed.
     inputs: Any = [str(f) for s in sources for f in local_files(s.path, None, s.data_files) or []] if all_text_files else _documents(sources)

@@ -63,6 +63,7 @@ from lmforge.train.loggers import build_loggers
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonFiniteError, evaluate, train_loop
 from lmforge.train.optimizers import build_optimizer
+from lmforge.redact import redact
 from lmforge.train.report import plot_losses, summary_markdown
 from lmforge.train.runlock import RunLock
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
@@ -171,7 +172,7 @@ class TrainingRun:
         if self.speed.tf32 is not None and self.device.type == "cuda":
             set_tf32(self.speed.tf32)
         self.output_dir = Path(self.t.output_dir)
-        self.resolved = cfg.flat()  # saved beside every checkpoint and output
+        self.resolved = redact(cfg.flat())  # saved beside every checkpoint and output (and sent to trackers): no secrets
         self.lock = RunLock(self.output_dir, command, say)
         self.resume_from: Path | None = None
         self.peak_check: PeakCheck | None = None

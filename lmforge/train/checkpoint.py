@@ -156,6 +156,13 @@ def _corrupt(folder: Path, name: str, problem: str) -> LmforgeError:
                         fix=f"resume from another checkpoint, or delete {folder}")
 
 
+def _other_model(folder: Path, name: str, exc: Exception) -> LmforgeError:
+    first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
+    return LmforgeError(f"checkpoint file {name} was saved from another model or adapter ({first[:200]})",
+                        where=str(folder / name),
+                        fix="resume with the base_model and adapter settings it was trained with, or start a fresh output_dir")
+
+
 def verify_checkpoint(folder: Path) -> None:
     """Raise an LmforgeError naming the first missing or altered file."""
     folder = Path(folder)
@@ -211,7 +218,10 @@ def _load_weights(model: Any, folder: Path) -> None:
         from peft import set_peft_model_state_dict
 
         weights = _read(folder, "adapter_model.safetensors", lambda p: load_file(str(p)))
-        set_peft_model_state_dict(model, weights)
+        try:
+            set_peft_model_state_dict(model, weights)
+        except RuntimeError as exc:  # a shape differs: an adapter of another model or another lora_r
+            raise _other_model(folder, "adapter_model.safetensors", exc) from exc
         return
     shards = sorted(folder.glob("model*.safetensors"))
     if not shards:
@@ -219,7 +229,10 @@ def _load_weights(model: Any, folder: Path) -> None:
     weights: dict[str, torch.Tensor] = {}
     for shard in shards:
         weights.update(_read(folder, shard.name, lambda p: load_file(str(p))))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a shape differs: the checkpoint of another model
+        raise _other_model(folder, shards[0].name, exc) from exc
     # A tied weight (lm_head sharing the embedding) is saved once under the other name.
     saved_ptrs = {t.data_ptr() for n, t in model.state_dict().items() if n in weights}
     untied = [n for n in missing if model.state_dict()[n].data_ptr() not in saved_ptrs]

@@ -186,6 +186,7 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     sync = settings.sync
+    # lmforge's own bar stays when the CLI hides the libraries' bars (TQDM_DISABLE); under several ranks, rank 0's only
     bar = tqdm(total=settings.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not settings.show_progress)
     say = bar.write if settings.show_progress else (lambda text: None)

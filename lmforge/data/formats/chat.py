@@ -141,14 +141,15 @@ class ChatTemplateFormat:
         if isinstance(turns, str):  # stored as a JSON string
             try:
                 turns = json.loads(turns)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # not JSON (or nested past reading): named below
                 pass
         if not isinstance(turns, list):
             present = ", ".join(sorted(map(str, row))) or "none"
             problem = "is missing" if name not in row else "is not a list"
             raise LmforgeError(f"field '{name}' {problem} (columns present: {present})", where=where, fix="set field_messages to the column holding the turns")
         if not turns:
-            raise LmforgeError(f"field '{name}' holds no turns", where=where)
+            raise LmforgeError(f"field '{name}' holds no turns", where=where,
+                               fix="give each row at least one turn, or set skip_bad_rows: true to skip and count such rows")
         return self.normalize(turns, where)
 
     def normalize(self, turns: list[Any], where: str) -> list[dict[str, Any]]:

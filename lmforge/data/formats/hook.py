@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from lmforge.config.hooks import is_hook
 from lmforge.data.formats.base import Segment
 from lmforge.errors import LmforgeError
 
@@ -32,7 +33,7 @@ class SkipRow(Exception):
 
 
 def looks_like_hook(kind: str) -> bool:
-    return ".py:" in kind or ("." in kind and not kind.startswith(".") and " " not in kind)
+    return is_hook(kind)
 
 
 @lru_cache(maxsize=32)
@@ -48,18 +49,17 @@ def load_hook(kind: str, where: str) -> Callable[[dict[str, Any]], Any]:
         spec.loader.exec_module(module)
     else:
         module_name, _, name = kind.rpartition(".")
-        if "" not in sys.path and "." not in sys.path:
-            sys.path.append(".")
-        try:
+        try:  # an installed module: config.hooks resolved one in the config's folder to its file
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise LmforgeError(
                 f"cannot import '{module_name}' for type {kind} ({exc})", where=where,
-                fix="put the module on PYTHONPATH, or write type: path/to/file.py:function",
+                fix="put it beside the config, install it, or write type: path/to/file.py:function",
             ) from exc
     function = getattr(module, name, None)
     if not callable(function):
-        raise LmforgeError(f"'{name}' is not a function in {kind.rpartition(':' if '.py:' in kind else '.')[0]}", where=where)
+        raise LmforgeError(f"'{name}' is not a function in {kind.rpartition(':' if '.py:' in kind else '.')[0]}", where=where,
+                           fix="name a function defined there (type: module.function or file.py:function)")
     return function
 
 
