@@ -128,7 +128,9 @@ def main() -> int:
             init_kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16)
-        cfg = SFTConfig(**common, max_length=args.seq_len, packing=False, padding_free=args.padding_free,
+        # padding_free refuses max_length without packing; the harness's rows are already truncated to seq_len.
+        cfg = SFTConfig(**common, max_length=None if args.padding_free else args.seq_len, packing=False,
+                        padding_free=args.padding_free,
                         completion_only_loss=True, model_init_kwargs=init_kwargs)
         peft_config = None
         if args.tool == "trl-lora":
