@@ -203,8 +203,6 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
                "--model-dtype", opts["dtype"] if args.precision == "bf16" else "float32",
                "--precision", args.precision, "--threads", str(args.threads), "--output-dir", str(out / "trainer"),
                "--result", str(result)]
-        if workload == "pretrain":
-            cmd += ["--lr", "6e-4"]
         if opts.get("padding_free"):
             cmd.append("--padding-free")
         cmd += ["--attn", args.peer_attn] + (["--liger"] if args.peer_liger else [])
