@@ -78,7 +78,18 @@ def main() -> int:
                             timing_warmup_steps=args.warmup)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t_ready = time.perf_counter()
-    result = train_loop(model, optimizer, scheduler, iter(batches), settings, loss_fn=causal_lm_loss)
+    # Warm-up steps in one call, timed steps in another, so the timed window's CPU time can be read too
+    # (on a loaded machine CPU-seconds per token move far less than wall-clock seconds).
+    from lmforge.train.loop import LoopResult
+
+    stream = iter(batches)
+    settings.total_steps, settings.timing_warmup_steps = args.warmup, args.warmup
+    result = train_loop(model, optimizer, scheduler, stream, settings, loss_fn=causal_lm_loss,
+                        result=LoopResult())
+    settings.total_steps, settings.timing_warmup_steps = len(batches), 0
+    cpu0 = time.process_time()
+    result = train_loop(model, optimizer, scheduler, stream, settings, loss_fn=causal_lm_loss, result=result)
+    cpu_seconds = time.process_time() - cpu0
     losses = [loss for _, loss in result.train_history]
     out = {
         "tool": "lmforge",
@@ -86,6 +97,7 @@ def main() -> int:
         "warmup_steps_excluded": args.warmup,
         "counted_real_tokens": result.real_tokens,
         "train_seconds": result.train_seconds,
+        "train_cpu_seconds": cpu_seconds,
         "trainable_params": trainable,
         "setup_seconds": t_ready - t_start,
         "first_loss": losses[0] if losses else None,

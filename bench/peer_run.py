@@ -70,7 +70,7 @@ def main() -> int:
             self.marks: list[tuple[int, float, dict]] = []
 
         def on_step_end(self, args_, state, control, **kw):  # noqa: ANN001
-            self.marks.append((state.global_step, time.perf_counter(), dict(counter)))
+            self.marks.append((state.global_step, time.perf_counter(), dict(counter, cpu=time.process_time())))
 
     def count(inputs: dict) -> None:
         mask = inputs.get("attention_mask")
@@ -148,7 +148,7 @@ def main() -> int:
     marks = timer.marks
     if len(marks) < total_steps:
         raise SystemExit(f"only {len(marks)} steps ran, expected {total_steps}")
-    _, t0, c0 = marks[args.warmup - 1] if args.warmup else (0, t_ready, {k: 0 for k in counter})
+    _, t0, c0 = marks[args.warmup - 1] if args.warmup else (0, t_ready, dict({k: 0 for k in counter}, cpu=0.0))
     _, t1, c1 = marks[total_steps - 1]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out = {
@@ -161,6 +161,7 @@ def main() -> int:
         "counted_real_tokens": c1["real"] - c0["real"],
         "slots": c1["slots"] - c0["slots"],
         "train_seconds": t1 - t0,
+        "train_cpu_seconds": c1["cpu"] - c0["cpu"],
         "trainable_params": trainable,
         "setup_seconds": t_ready - t_start,
         "first_loss": losses[0] if losses else None,

@@ -229,6 +229,7 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
     sequences = sum(len(b) for b in timed)
     return {"name": name, "tool": LABELS[name], "real_tokens": real, "sequences": sequences,
             "train_seconds": r["train_seconds"], "tokens_per_s": real / r["train_seconds"],
+            "tokens_per_cpu_s": real / r["train_cpu_seconds"] if r.get("train_cpu_seconds") else None,
             "counted_real_tokens": r.get("counted_real_tokens"), "first_loss": r.get("first_loss"),
             "last_loss": r.get("last_loss"), "trainable_params": r.get("trainable_params"), "load": load,
             "load_after": os.getloadavg()[0], **m, "raw": r}
@@ -240,16 +241,16 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
 def render(workload: str, rows: list[dict], failures: dict, ceiling: dict, fm: dict, ctx: dict,
            args: argparse.Namespace) -> str:
     ceil = ceiling["gflops"]
-    lines = [f"| tool | real tokens/s | MFU ({ceiling['dtype']} ceiling) | peak RSS MB | loss first → last | timed s | load avg |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| tool | real tokens/s | MFU ({ceiling['dtype']} ceiling) | peak RSS MB | loss first → last | timed s | load avg "
+             "| real tokens per CPU-s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         r["gflops"] = model_flops_per_token(workload, fm, r["real_tokens"] / r["sequences"]) * r["tokens_per_s"] / 1e9
         r["mfu"] = r["gflops"] / ceil
         loss = f"{base.fmt(r['first_loss'], '.3f')} → {base.fmt(r['last_loss'], '.3f')}"
         lines.append(f"| {r['tool']} | {r['tokens_per_s']:.1f} | {r['mfu']:.1%} | {r['peak_rss_mb']:,.0f} | {loss} "
-                     f"| {r['train_seconds']:.1f} | {r['load']:.2f}→{r['load_after']:.2f} |")
+                     f"| {r['train_seconds']:.1f} | {r['load']:.2f}→{r['load_after']:.2f} | {base.fmt(r['tokens_per_cpu_s'], '.1f')} |")
     for name, why in failures.items():
-        lines.append(f"| {LABELS[name]} | not run: {' '.join(why.split())[:160]} | | | | | |")
+        lines.append(f"| {LABELS[name]} | not run: {' '.join(why.split())[:160]} | | | | | | |")
     ours = [r for r in rows if r["name"].startswith("lmforge")]
     if ours:
         best = max(ours, key=lambda r: r["tokens_per_s"])
@@ -262,7 +263,7 @@ def render(workload: str, rows: list[dict], failures: dict, ceiling: dict, fm: d
                 peers[family] = r
         for p in peers.values():
             lines.append(f"| **{best['name']} / best {p['name']}** | **{best['tokens_per_s'] / p['tokens_per_s']:.2f}×** "
-                         f"| | **{best['peak_rss_mb'] / p['peak_rss_mb']:.2f}×** | | | |")
+                         f"| | **{best['peak_rss_mb'] / p['peak_rss_mb']:.2f}×** | | | | |")
     timed = ctx["spec"]["batches"][args.warmup:]
     real = sum(len(e["input_ids"]) for b in timed for e in b)
     slots = sum(max(len(e["input_ids"]) for e in b) * len(b) for b in timed)
