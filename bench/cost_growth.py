@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 import lora_vs_trl as base  # noqa: E402
 import sft_vs_peers as peers  # noqa: E402
 
-TOOLS = {"lmforge": ("lmforge", {}), "trl-bf16": ("trl", {"dtype": "bfloat16"})}
+# TRL with bf16 weights, its fastest LoRA setting where bf16 runs (fp32 weights where it does not: precision below).
+TOOLS = {"lmforge": ("lmforge", {}), "trl": ("trl", {"dtype": "bfloat16"})}
 
 
 def windows_file(path: Path, model_dir: Path, seq: int, batch: int, steps: int, seed: int) -> dict:
@@ -54,7 +55,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", default="256,512,1024,2048,4096")
     ap.add_argument("--batches", default="1,2,4,8,16")
-    ap.add_argument("--tools", default="lmforge,trl-bf16")
+    ap.add_argument("--tools", default="lmforge,trl")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--rss-limit-gb", type=float, default=24.0)
     ap.add_argument("--threads", type=int, default=0)
@@ -72,8 +73,14 @@ def main() -> int:
     root = BENCH / "runs" / ("growth-" + stamp.strftime("%Y%m%d-%H%M%S"))
     root.mkdir(parents=True)
     model_dir = base.model_dir()
+    import torch
+
+    from lmforge.train.telemetry import cpu_supports_bf16
+
+    precision = "bf16" if (torch.cuda.is_available() or cpu_supports_bf16()) else "fp32"
     run_args = argparse.Namespace(warmup=1, threads=args.threads, timeout=args.timeout, lmforge_set=[],
-                                  rss_limit_mb=args.rss_limit_gb * 1024)
+                                  rss_limit_mb=args.rss_limit_gb * 1024, precision=precision, model_dir=None,
+                                  peer_attn="sdpa", peer_liger=False, peer_4bit=False)
     cells: dict[tuple[str, int, int], str] = {}
     for tool in tools:
         name, opts = TOOLS[tool]
@@ -108,7 +115,7 @@ def main() -> int:
             lines.append(f"| {seq} | {tool} | " + " | ".join(cells.get((tool, seq, b), "") for b in sizes) + " |")
     table = "\n".join(lines)
     report = (f"## {stamp.strftime('%Y-%m-%d %H:%M UTC')}: how cost grows, LoRA SmolLM2-135M (bench/cost_growth.py)\n\n"
-              f"`python bench/cost_growth.py {' '.join(sys.argv[1:])}`; memory limit {args.rss_limit_gb:g} GB "
+              f"`python bench/cost_growth.py {' '.join(sys.argv[1:])}`; precision {precision}; memory limit {args.rss_limit_gb:g} GB "
               f"(a run past it is killed: OOM); {args.steps} timed step(s) after 1 warm-up; real tokens/s and peak RSS.\n\n"
               f"{table}\n")
     print(report)

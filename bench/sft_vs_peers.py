@@ -325,9 +325,9 @@ def main() -> int:
 
     log(f"model folder and matmul ceiling (load {os.getloadavg()[0]:.2f})")
     model_dir = Path(args.model_dir).resolve() if args.model_dir else base.model_dir()
-    from lmforge.train.telemetry import cpu_supports_bf16
-
     import torch
+
+    from lmforge.train.telemetry import cpu_supports_bf16
 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and (torch.cuda.is_available() or cpu_supports_bf16()))
     args.precision = "bf16" if bf16 else "fp32"
