@@ -378,7 +378,8 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
             f"{flops * total * tokens_per_step:.2e} FLOPs)")
 
         chunks = cfg.training.chunked_cross_entropy_num_chunks if cfg.training.chunked_cross_entropy else 1
-        loss_fn = partial(causal_lm_loss, loss_chunks=chunks) if p.objective == "clm" else mlm_loss
+        clm_loss = partial(causal_lm_loss, loss_chunks=chunks) if chunks > 1 else causal_lm_loss
+        loss_fn = clm_loss if p.objective == "clm" else mlm_loss
         stream = WindowStream(train, t.micro_batch_size, _Collate(cfg, tokenizer, t.seed))
         flat = cfg.flat()
         invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, "shard_tokens": shards["tokens"]}

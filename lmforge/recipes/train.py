@@ -50,8 +50,10 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         def eval_fn() -> float:
             return run.evaluate(model, eval_batches(data.eval, eval_size, pad_id, eval_len), causal_lm_loss)
 
-        loss_fn = partial(causal_lm_loss, label_smoothing=t.label_smoothing_factor,
-                          loss_chunks=t.chunked_cross_entropy_num_chunks if t.chunked_cross_entropy else 1)
+        options = {"label_smoothing": t.label_smoothing_factor} if t.label_smoothing_factor else {}
+        if t.chunked_cross_entropy:
+            options["loss_chunks"] = t.chunked_cross_entropy_num_chunks
+        loss_fn = partial(causal_lm_loss, **options) if options else causal_lm_loss
         flat = cfg.flat()
         invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, "train_examples": len(data.train)}
         outcome = run.train(model, tokenizer, stream, plan, loss_fn=loss_fn, eval_fn=eval_fn if data.eval else None,
