@@ -106,8 +106,13 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout: float, cwd: Path = REPO) -> dict:
-    """Run cmd to completion; peak RSS from wait4 (exact) and from polling the process tree."""
+def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout: float, cwd: Path = REPO,
+                 rss_limit_mb: float | None = None) -> dict:
+    """Run cmd to completion; peak RSS from wait4 (exact) and from polling the process tree.
+
+    With `rss_limit_mb`, the process is killed once its tree's RSS passes that (an out-of-memory
+    stand-in on a machine that must not actually run out); the result says so (``rss_limited``).
+    """
     try:
         import psutil  # optional: sums RSS over child processes (e.g. dataset.map workers)
     except ImportError:
@@ -116,6 +121,7 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout: f
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         tree_peak = [0]
+        limited = [False]
         done = threading.Event()
 
         def poll() -> None:
@@ -134,6 +140,10 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout: f
                         except psutil.Error:
                             pass
                     tree_peak[0] = max(tree_peak[0], total)
+                    if rss_limit_mb and total > rss_limit_mb * 2**20:
+                        limited[0] = True
+                        proc.kill()
+                        return
                 except psutil.Error:
                     return
                 done.wait(0.25)
@@ -156,6 +166,7 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout: f
         "peak_rss_mb": usage.ru_maxrss / 1024.0,  # Linux: KiB
         "tree_peak_rss_mb": tree_peak[0] / 2**20 if psutil is not None else None,
         "timed_out": wall >= timeout,
+        "rss_limited": limited[0],
     }
 
 

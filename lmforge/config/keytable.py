@@ -652,8 +652,8 @@ KEYS: tuple[Key, ...] = (
     later("tiled_mlp", "tiled MLPs for long sequences", nearest="gradient_checkpointing"),
     later("tiled_mlp_num_shards", "tiled MLPs for long sequences", only_with="tiled_mlp"),
     later("tiled_mlp_use_original_mlp", "tiled MLPs for long sequences", only_with="tiled_mlp"),
-    later("chunked_cross_entropy", "chunking the loss to save memory (lmforge's loss already skips unlabelled positions)"),
-    later("chunked_cross_entropy_num_chunks", "chunking the loss to save memory", only_with="chunked_cross_entropy"),
+    done("chunked_cross_entropy", TRAIN, PRETRAIN),
+    done("chunked_cross_entropy_num_chunks", TRAIN, PRETRAIN),
 
     # --- attention and kernels -------------------------------------------------------------------------------------
     done("attn_implementation", MODEL, rule=attention),

@@ -261,6 +261,11 @@ class TrainingSection(Section):
         "hidden_dropout, resid_pdrop, ...) to this value."
     )
     label_smoothing_factor: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss (eval loss stays plain).")
+    chunked_cross_entropy: bool = Field(
+        False, description="Compute the output head and loss in slices of the labelled positions, each recomputed in "
+        "backward: the vocabulary-sized logits never exist whole (same loss, less peak memory, one more head pass)."
+    )
+    chunked_cross_entropy_num_chunks: int = Field(8, ge=2, description="chunked_cross_entropy: how many slices.")
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="On a NaN/inf loss or gradient: stop (naming the step and last good checkpoint) or skip the step."
     )

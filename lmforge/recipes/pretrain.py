@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -379,7 +380,9 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
             f"{total} steps of {tokens_per_step:,} tokens ({total * tokens_per_step / max(len(train) * seq_len, 1):.2f} epochs, "
             f"{flops * total * tokens_per_step:.2e} FLOPs)")
 
-        loss_fn = causal_lm_loss if p.objective == "clm" else mlm_loss
+        chunks = cfg.training.chunked_cross_entropy_num_chunks if cfg.training.chunked_cross_entropy else 1
+        clm_loss = partial(causal_lm_loss, loss_chunks=chunks) if chunks > 1 else causal_lm_loss
+        loss_fn = clm_loss if p.objective == "clm" else mlm_loss
         stream = WindowStream(train, t.micro_batch_size, _Collate(cfg, tokenizer, t.seed), **run.data_shard)
         flat = cfg.flat()
         invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, "shard_tokens": shards["tokens"]}

@@ -54,7 +54,10 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
             batches = eval_batches(data.eval, eval_size, pad_id, eval_len)
             return run.evaluate(model, (pad_batch(b, pad_to, pad_id) for b in batches) if pad_to else batches, causal_lm_loss)
 
-        loss_fn = partial(causal_lm_loss, label_smoothing=t.label_smoothing_factor) if t.label_smoothing_factor else causal_lm_loss
+        options = {"label_smoothing": t.label_smoothing_factor} if t.label_smoothing_factor else {}
+        if t.chunked_cross_entropy:
+            options["loss_chunks"] = t.chunked_cross_entropy_num_chunks
+        loss_fn = partial(causal_lm_loss, **options) if options else causal_lm_loss
         flat = cfg.flat()
         invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, "train_examples": len(data.train)}
         outcome = run.train(model, tokenizer, stream, plan, loss_fn=loss_fn, eval_fn=eval_fn if data.eval else None,

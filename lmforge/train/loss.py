@@ -44,12 +44,32 @@ def _fused_head_loss(fused: str, head: Any, hidden: torch.Tensor, targets: torch
     return linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
 
 
+def _chunked_head_loss(head: Any, hidden: torch.Tensor, targets: torch.Tensor, chunks: int,
+                       label_smoothing: float) -> torch.Tensor:
+    """Head + summed cross-entropy in `chunks` slices of the labelled positions, each recomputed in backward.
+
+    The full-vocabulary logits (fp32, and their gradient) never exist at once: only one slice's do,
+    in forward and again in backward. Costs one more head forward per labelled token.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="sum", label_smoothing=label_smoothing)
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.chunk(chunks), targets.chunk(chunks)):
+        total = total + checkpoint(piece, h, t, use_reentrant=False)
+    return total
+
+
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                   fused: str | None = None) -> tuple[torch.Tensor, int]:
+                   fused: str | None = None, loss_chunks: int = 1) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
     `label_smoothing` (0..1) mixes the one-hot target with a uniform one, as in torch's cross_entropy.
     `fused` ('liger', 'cce'; CUDA only) computes head and loss in one kernel on the fast path.
+    `loss_chunks` > 1 (config `chunked_cross_entropy`) computes head and loss in that many slices of the
+    labelled positions, so the vocabulary-sized logits never exist whole (same loss, less memory).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     attention_mask = batch.get("attention_mask")
@@ -71,6 +91,10 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         if fused:
             return _fused_head_loss(fused, base.get_output_embeddings(), hidden[:, :-1][selected], targets[selected],
                                     label_smoothing), count
+        if loss_chunks > 1 and torch.is_grad_enabled():
+            head_loss = _chunked_head_loss(base.get_output_embeddings(), hidden[:, :-1][selected], targets[selected],
+                                           loss_chunks, label_smoothing)
+            return head_loss, count
         logits = base.get_output_embeddings()(hidden[:, :-1][selected])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[:, :-1][selected]
