@@ -230,6 +230,22 @@ def test_fp16_is_refused_on_a_cpu_run_and_tf32_sets_the_cuda_flags(tiny_model_di
         set_tf32(was)
 
 
+def test_bf16_true_on_a_cpu_without_native_bf16_is_warned_and_auto_is_not(
+        tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import lmforge.recipes.training as training
+    import lmforge.train.telemetry as telemetry
+
+    for module in (training, telemetry):
+        monkeypatch.setattr(module, "cpu_supports_bf16", lambda: False)
+    for setting, warned in ((True, True), ("auto", False)):
+        cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, bf16=setting)
+        with TrainingRun(cfg) as run:
+            assert run.bf16 is warned  # auto: fp32 on such a CPU
+        err = capsys.readouterr()
+        assert ("torch emulates bf16 matmuls" in err.out + err.err) is warned
+
+
 def test_activation_offloading_moves_nothing_on_cpu(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, activation_offloading=True)
     assert cfg.speed.activation_offloading and "in CPU memory already" in cfg.notices[0].text
