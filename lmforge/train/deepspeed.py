@@ -27,7 +27,7 @@ import torch
 from lmforge.config import LmforgeConfig
 from lmforge.config.checks import deepspeed_json
 from lmforge.errors import LmforgeError
-from lmforge.train.distributed import StepSync, TorchEngine, _call_root, _Forward
+from lmforge.train.distributed import ShardedEngine, StepSync, _call_root, _Forward
 
 DS_FOLDER = "deepspeed"  # inside a checkpoint: DeepSpeed's own per-rank state
 DS_TAG = "state"
@@ -119,7 +119,7 @@ class _SteppedByEngine:
         return self.optimizer.state_dict()
 
 
-class DeepSpeedEngine(TorchEngine):
+class DeepSpeedEngine(ShardedEngine):
     name = "DeepSpeed"
 
     def __init__(self, cfg: LmforgeConfig) -> None:
@@ -193,21 +193,6 @@ class DeepSpeedEngine(TorchEngine):
             raise LmforgeError(f"{len(empty)} weight(s) came out empty ({empty[0]}, ...): ZeRO-3 partitions were not gathered",
                                where="deepspeed", fix="this is an lmforge bug; the last checkpoint holds the full DeepSpeed state")
         return state
-
-    def save_model_files(self, model: Any, tokenizer: Any, config: dict[str, Any] | None, folder: Path | None,
-                         with_tokenizer: bool = True) -> None:
-        import yaml
-
-        from lmforge.atomic import write_text
-
-        weights = self.full_state(model)
-        if not self.is_main or folder is None:
-            return
-        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-        if with_tokenizer and tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        if config is not None:
-            write_text(folder / "config.yml", yaml.safe_dump(config, sort_keys=False))
 
     def assert_finite(self, model: Any, step: int) -> None:
         pass  # ZeRO holds the weights in its partitions; a NaN step already stopped the loop (nan_policy: stop)

@@ -351,7 +351,30 @@ class DDPEngine(TorchEngine):
         return wrapped, _call_root(wrapped, loss_fn), optimizer
 
 
-class FSDPEngine(TorchEngine):
+class ShardedEngine(TorchEngine):
+    """An engine whose weights live in shards (FSDP2, DeepSpeed ZeRO): saving gathers them on rank 0 first."""
+
+    def full_state(self, model: Any) -> dict[str, torch.Tensor]:
+        """The consolidated weights (trainable only for an adapter) on rank 0's CPU; every rank must call."""
+        raise NotImplementedError
+
+    def save_model_files(self, model: Any, tokenizer: Any, config: dict[str, Any] | None, folder: Path | None,
+                         with_tokenizer: bool = True) -> None:
+        import yaml
+
+        from lmforge.atomic import write_text
+
+        weights = self.full_state(model)
+        if not self.is_main or folder is None:
+            return
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        if with_tokenizer and tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if config is not None:
+            write_text(folder / "config.yml", yaml.safe_dump(config, sort_keys=False))
+
+
+class FSDPEngine(ShardedEngine):
     """torch FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the ranks."""
 
     name = "FSDP2"
@@ -452,21 +475,6 @@ class FSDPEngine(TorchEngine):
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.peft)
         return get_model_state_dict(model, options=options)
-
-    def save_model_files(self, model: Any, tokenizer: Any, config: dict[str, Any] | None, folder: Path | None,
-                         with_tokenizer: bool = True) -> None:
-        import yaml
-
-        from lmforge.atomic import write_text
-
-        weights = self.full_state(model)
-        if not self.is_main or folder is None:
-            return
-        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-        if with_tokenizer and tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        if config is not None:
-            write_text(folder / "config.yml", yaml.safe_dump(config, sort_keys=False))
 
 
 def _shard_groups(model: Any, s: FsdpSettings) -> list[torch.nn.Module]:
