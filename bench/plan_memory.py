@@ -94,7 +94,10 @@ def child_env() -> dict[str, str]:
 
 
 def run_measured(cmd: list[str], log_path: Path, cwd: Path, nice: int = 0, timeout: float = 3600) -> tuple[int, int]:
-    """Run `cmd` to completion; (exit code, peak RSS in bytes from wait4)."""
+    """Run `cmd` to completion; (exit code, peak RSS in bytes from wait4).
+
+    Linux counts the parent's own peak into a child's ru_maxrss (the memory it was forked from), so
+    run this from a small process (this script, as the test does), never from a large one."""
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=cwd,
                                 preexec_fn=(lambda: os.nice(nice)) if nice else None)
@@ -229,6 +232,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--runs-dir", type=Path, default=BENCH / "runs", help="where the run folder goes (default bench/runs)")
     parser.add_argument("--reuse", nargs="+", type=Path, default=None, metavar="RUN_DIR",
                         help="re-predict the measurements of earlier runs (bench/runs/plan-memory-*) instead of training")
     args = parser.parse_args()
@@ -248,7 +252,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    folder = BENCH / "runs" / f"plan-memory-{stamp}"
+    folder = args.runs_dir / f"plan-memory-{stamp}"
     folder.mkdir(parents=True)
     write_long_rows(folder)
     from lmforge.models.load import local_model_dir
