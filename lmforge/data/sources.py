@@ -87,25 +87,33 @@ def _json_row(value: Any, where: str, escaped: bool) -> Row:
     return Row(value, where)
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
+def _decoded_lines(path: Path) -> Iterator[tuple[str, str | Row]]:
+    """Each line of a (possibly compressed) text file with its file:line; an undecodable line as its error row."""
     with open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                yield where, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield _undecodable(path, raw if number == 1 else b"", f"{path}:{number}", f"line is {_not_utf8(exc)}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Row(None, f"{path}:{number}", f"malformed JSON line: {exc.msg} at column {exc.colno}")
-                continue
-            except RecursionError:
-                yield Row(None, f"{path}:{number}", "JSON nested too deeply to read")
-                continue
-            yield _json_row(value, f"{path}:{number}", "\\u" in line)
+                yield where, _undecodable(path, raw if number == 1 else b"", where, f"line is {_not_utf8(exc)}")
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    for where, line in _decoded_lines(path):
+        if isinstance(line, Row):
+            yield line
+            continue
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Row(None, where, f"malformed JSON line: {exc.msg} at column {exc.colno}")
+            continue
+        except RecursionError:
+            yield Row(None, where, "JSON nested too deeply to read")
+            continue
+        yield _json_row(value, where, "\\u" in line)
 
 
 def _records(path: Path, value: Any, text: str) -> Iterator[Row]:
@@ -196,15 +204,11 @@ def _read_json(path: Path) -> Iterator[Row]:
 
 
 def _read_text(path: Path) -> Iterator[Row]:
-    with open_binary(path) as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield _undecodable(path, raw if number == 1 else b"", f"{path}:{number}", f"line is {_not_utf8(exc)}")
-                continue
-            if line.strip():  # a blank line separates text; it is not a row
-                yield Row({"text": line.rstrip("\r\n")}, f"{path}:{number}")
+    for where, line in _decoded_lines(path):
+        if isinstance(line, Row):
+            yield line
+        elif line.strip():  # a blank line separates text; it is not a row
+            yield Row({"text": line.rstrip("\r\n")}, where)
 
 
 def _read_with_datasets(kind: str, path: Path) -> Iterator[Row]:
