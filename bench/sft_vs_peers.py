@@ -47,7 +47,7 @@ import lora_vs_trl as base  # noqa: E402  (venv handling, ceiling, RSS measureme
 
 CONFIG = BENCH / "lora_gsm8k_bench.yml"
 RESULTS = BENCH / "RESULTS.md"
-AXOLOTL_VENV = BENCH / ".venv-axolotl"
+AXOLOTL_VENV = Path(os.environ.get("AXOLOTL_VENV") or BENCH / ".venv-axolotl")  # bench/setup_axolotl_venv.sh makes it
 MICRO_BATCH = 4
 WORKLOADS = ("lora", "full", "pretrain")
 
@@ -210,7 +210,7 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
     elif tool == "axolotl":
         py = AXOLOTL_VENV / "bin" / "python"
         if not py.exists():
-            raise base.BenchError(f"no axolotl venv at {AXOLOTL_VENV} (see bench/README.md: axolotl)")
+            raise base.BenchError(f"no axolotl venv at {AXOLOTL_VENV} (set AXOLOTL_VENV; see bench/README.md: axolotl)")
         cmd = [str(py), str(BENCH / "axolotl_run.py"), "--workload", workload, "--model", str(ctx["model_dir"]),
                "--batches", batches, "--warmup", str(args.warmup), "--threads", str(args.threads),
                "--output-dir", str(out / "axolotl"), "--result", str(result)]
