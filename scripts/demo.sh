@@ -8,6 +8,7 @@ bash scripts/setup.sh
 
 CONFIG=examples/smollm2-135m/lora-gsm8k.yml
 OUT=${OUT:-outputs/smollm2-lora-gsm8k}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-160}  # the answer length shown before and after
 question=$(python -c 'import json; print(json.loads(open("data/gsm8k/test.jsonl").readline())["question"])')
 reference=$(python -c 'import json; print(json.loads(open("data/gsm8k/test.jsonl").readline())["answer"])')
 
@@ -15,13 +16,13 @@ echo "== Held-out question (GSM8K test set) =="
 echo "$question"
 echo
 echo "== Before fine-tuning =="
-lmforge inference "$CONFIG" --prompt "$question" --max_new_tokens 160
+lmforge inference "$CONFIG" --prompt "$question" --max_new_tokens "$MAX_NEW_TOKENS"
 echo
 echo "== Fine-tuning (LoRA) =="
 lmforge train "$CONFIG" --output_dir="$OUT" "$@"
 echo
 echo "== After fine-tuning =="
-lmforge inference "$CONFIG" --lora_model_dir "$OUT" --prompt "$question" --max_new_tokens 160
+lmforge inference "$CONFIG" --lora_model_dir "$OUT" --prompt "$question" --max_new_tokens "$MAX_NEW_TOKENS"
 echo
 echo "== Reference answer =="
 echo "$reference"
