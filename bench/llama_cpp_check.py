@@ -5,7 +5,9 @@ loads the file in llama.cpp (``llama-cpp-python``, built from PyPI into its own 
 compares llama.cpp's greedy tokens with lmforge's inference (transformers on the merged model,
 fp32) for 3 chat prompts. It prints one Markdown table: per quantization, whether llama.cpp
 tokenizes the prompts exactly as transformers does, how many generated tokens match before
-the first difference, and whether the three answers are identical.
+the first difference, and whether the three answers are identical. For f32, f16 and q8_0 it also
+converts the same merged model with llama.cpp's own ``convert_hf_to_gguf.py`` (from the same
+llama-cpp-python sdist) and compares the files tensor by tensor and llama.cpp's answers on both.
 
     nice python bench/llama_cpp_check.py                          # trains a short adapter first
     nice python bench/llama_cpp_check.py --lora_model_dir outputs/smollm2-lora-gsm8k
@@ -92,6 +94,59 @@ for prompt in job["prompts"]:
     results.append({"prompt_ids": tokens, "generated": generated})
 print(json.dumps({"meta": meta, "results": results}))
 """
+
+
+REFERENCE_QUANTS = ("f32", "f16", "q8_0")  # what llama.cpp's own convert_hf_to_gguf.py writes of these
+
+
+def reference_converter() -> Path:
+    """llama.cpp's own ``convert_hf_to_gguf.py`` (with its ``gguf-py``), from the same llama-cpp-python sdist
+    the bench builds, so lmforge's files can be compared with the reference converter's, tensor by tensor."""
+    import tarfile
+
+    root = RUNS / "reference"
+    script = root / "llama.cpp" / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    sdist = RUNS / "sdist"
+    done = run([venv_python(), "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:",
+                "-d", sdist, LLAMA_CPP_PYTHON])
+    if done.returncode != 0:
+        sys.exit(f"downloading the {LLAMA_CPP_PYTHON} sdist failed:\n{done.stderr[-2000:]}")
+    archive = next(sdist.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        wanted = []
+        for member in tar.getmembers():
+            inner = member.name.split("/vendor/llama.cpp/", 1)
+            if len(inner) == 2 and (inner[1] == "convert_hf_to_gguf.py" or inner[1].startswith(("conversion/", "gguf-py/"))):
+                member.name = "llama.cpp/" + inner[1]
+                wanted.append(member)
+        tar.extractall(root, members=wanted, filter="data")
+    return script
+
+
+def reference_file(merged_dir: Path, quant: str) -> Path | str:
+    """The merged model converted by llama.cpp's converter (or why not)."""
+    script = reference_converter()
+    target = RUNS / f"reference-{quant}.gguf"
+    env = dict(os.environ, PYTHONPATH=f"{script.parent / 'gguf-py'}:{script.parent}")
+    done = run([sys.executable, script, merged_dir, "--outtype", quant, "--outfile", target], env=env)
+    return target if done.returncode == 0 else f"converter failed: {done.stderr.strip().splitlines()[-1:]}"
+
+
+def same_tensors(ours: Path, reference: Path) -> str:
+    """How many tensors of the two files hold the same type, shape and bytes."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(reference).tensors}
+    same = sum(
+        a[n].tensor_type == b[n].tensor_type and list(a[n].shape) == list(b[n].shape)
+        and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))
+        for n in set(a) & set(b)
+    )
+    return f"{same}/{len(set(a) | set(b))}"
 
 
 def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -194,6 +249,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the comparison with llama.cpp's own converter (f32, f16, q8_0)")
     args = parser.parse_args()
     build_llama_cpp(args.jobs)
     if args.build_only:
@@ -209,6 +266,12 @@ def main() -> None:
     questions = [json.loads(line)["question"] for line in TEST_SET.read_text().splitlines()[:3]]
     prompts, stop_ids, merged = lmforge_greedy(adapter, questions, args.max_new_tokens)
     pad_id = merged.tokenizer.pad_token_id
+
+    merged_dir = None
+    if not args.no_reference:
+        merged_dir = RUNS / "merged"
+        merged.model.save_pretrained(merged_dir)
+        merged.tokenizer.save_pretrained(merged_dir)
 
     rows = []
     for quant in args.quants.split(","):
@@ -234,17 +297,26 @@ def main() -> None:
                     k = common_prefix(r["generated"], p["generated"])
                     margin = top2_margin(merged.model, p["ids"] + p["generated"][:k]) if k < len(p["generated"]) else None
                     row["margins"].append(margin)
+                if merged_dir is not None and quant in REFERENCE_QUANTS:
+                    reference = reference_file(merged_dir, quant)
+                    if isinstance(reference, str):
+                        row["reference"] = reference
+                    else:
+                        ref_got = llama_cpp_greedy(reference, prompts, stop_ids, args.max_new_tokens, args.threads)
+                        same = sum(r["generated"] == q["generated"] for r, q in zip(got["results"], ref_got.get("results", [])))
+                        row["reference"] = (f"{same_tensors(target, reference)} tensors byte-identical;"
+                                            f" llama.cpp's answers on its file: {same}/{len(prompts)} the same as on ours")
         rows.append(row)
 
     table = ["| quant | MiB | export's fidelity check | llama.cpp loads | prompt tokens as lmforge's"
              " | greedy tokens matching lmforge's | identical answers | lmforge's top-2 margin at the first difference"
-             " | llama.cpp vs the file's weights in transformers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             " | llama.cpp vs the file's weights in transformers | vs llama.cpp's own converter |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         got = row.get("llama_cpp") or {}
         if row["export"] != "ok" or "error" in got:
             reason = row["fidelity"] if row["export"] != "ok" else got["error"]
-            table.append(f"| {row['quant']} | | {reason} | no | | | | | |")
+            table.append(f"| {row['quant']} | | {reason} | no | | | | | | |")
             continue
         fid = row["fidelity"]
         short = fid[fid.find("mean KL"):fid.find(" (limits")] if "mean KL" in fid else fid
@@ -260,15 +332,18 @@ def main() -> None:
                      f" | {same_prompt}/{len(prompts)} | {matching}/{total} = {matching / max(total, 1):.0%} ({per_prompt})"
                      f" | {'yes' if identical == len(prompts) else 'no'} ({identical}/{len(prompts)})"
                      f" | {', '.join('-' if m is None else f'{m:.2f}' for m in row['margins'])}"
-                     f" | {same_as_file}/{total_file} = {same_as_file / max(total_file, 1):.0%} |")
+                     f" | {same_as_file}/{total_file} = {same_as_file / max(total_file, 1):.0%}"
+                     f" | {row.get('reference', '-')} |")
     load_after = os.getloadavg()[0]
     notes = [
         f"- llama.cpp: {LLAMA_CPP_PYTHON} (CPU build, {args.threads} threads); lmforge: transformers greedy on the"
         " merged fp32 model. Same prompt ids on both sides; generation stops at"
         f" {stop_ids} or after {args.max_new_tokens} tokens. 'Matching' counts tokens before the first difference."
         " The margin is the gap between lmforge's two likeliest tokens (logits) where llama.cpp first differs"
-        " (a near tie that rounding can flip when small); the last column runs transformers' greedy decoding on"
-        " the file's de-quantized weights, so it separates what the quantization changes from what llama.cpp does.",
+        " (a near tie that rounding can flip when small); the next column runs transformers' greedy decoding on"
+        " the file's de-quantized weights, so it separates what the quantization changes from what llama.cpp does."
+        " The last column converts the same merged model with llama.cpp's own convert_hf_to_gguf.py (from the"
+        f" {LLAMA_CPP_PYTHON} sdist) where it writes that type, and compares the tensors and llama.cpp's answers.",
         f"- Adapter: {shown(adapter)}; prompts: the first 3 questions of {TEST_SET.relative_to(REPO)} in the config's format.",
         f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average {load_before:.1f}"
         f" before, {load_after:.1f} after.",
