@@ -246,6 +246,25 @@ def test_bf16_true_on_a_cpu_without_native_bf16_is_warned_and_auto_is_not(
         assert ("torch emulates bf16 matmuls" in err.out + err.err) is warned
 
 
+def test_4bit_compute_dtype_auto_follows_the_run_precision_and_bf16_on_a_slow_cpu_is_warned(
+        tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import lmforge.recipes.training as training
+    from lmforge.models.setup import _quantization_config
+
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: False)
+    for setting, bf16, expected, warned in (("auto", False, torch.float32, False), ("auto", True, torch.bfloat16, False),
+                                            ("bfloat16", False, torch.bfloat16, True)):
+        cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter="qlora", load_in_4bit=True,
+                   bnb_4bit_compute_dtype=setting, bf16=False)
+        assert _quantization_config(cfg, bf16).bnb_4bit_compute_dtype == expected
+        with TrainingRun(cfg):
+            pass
+        err = capsys.readouterr()
+        assert ("4-bit matmuls run in emulated bf16" in err.out + err.err) is warned
+
+
 def test_activation_offloading_moves_nothing_on_cpu(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, activation_offloading=True)
     assert cfg.speed.activation_offloading and "in CPU memory already" in cfg.notices[0].text

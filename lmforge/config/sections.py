@@ -193,8 +193,9 @@ class QuantizationSection(Section):
     load_in_8bit: bool = Field(False, description="Load the base model in 8 bit through bitsandbytes.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too.")
-    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the 4-bit matmuls compute in."
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the 4-bit matmuls compute in; auto: bfloat16 where the run trains in bf16, "
+        "else float32 (a CPU without native bf16 emulates bf16 matmuls, over 10x slower)."
     )
 
     @model_validator(mode="after")
