@@ -36,7 +36,7 @@ def test_inputs_come_from_the_validated_config(tiny_model_dir: Path, alpaca_file
     assert (inputs.micro_batch_size, inputs.gradient_accumulation_steps, inputs.sequence_len) == (3, 5, 64)
     four = PlanInputs.from_config(cfg, num_devices=4)
     assert four.sharding == "ddp"  # several devices: torchrun's DDP by default
-    assert any("--strategy/--num-gpus" in n and "issue 11" in n for n in four.notes)  # says where the scale-out came from
+    assert any("--strategy/--num-gpus" in n and "--nproc" in n for n in four.notes)  # says where the scale-out came from
     assert PlanInputs.from_config(cfg).notes == ()
 
 

@@ -233,7 +233,7 @@ def test_65b_full_finetune_needs_about_16_a100_80gb_and_qlora_one() -> None:
 
 
 def test_scale_out_read_from_deepspeed_and_fsdp_keys(tmp_path: Path) -> None:
-    """axolotl's scale-out keys (lmforge's own come with issue 11) set the planner's sharding and offload."""
+    """axolotl's scale-out keys set the planner's sharding and offload."""
     from lmforge.plan.inputs import scale_out_from_keys
 
     zero3 = tmp_path / "zero3.json"

@@ -58,7 +58,7 @@ def candidate_changes(inputs: PlanInputs) -> list[tuple[str, str, PlanInputs]]:
         out.append(("optimizer: adamw_bnb_8bit", "8-bit AdamW states (bitsandbytes)", inputs.with_(optimizer="adamw_bnb_8bit")))
     if inputs.offload == "none":
         out.append(("offload the optimizer to CPU (deepspeed: ZeRO with offload_optimizer: {device: cpu})",
-                    "optimizer states (and fp32 master weights) in host RAM; lmforge runs DeepSpeed once issue 11 lands",
+                    "optimizer states (and fp32 master weights) in host RAM; DeepSpeed's engine, on CUDA GPUs",
                     inputs.with_(offload="optimizer")))
     if inputs.sequence_len > 256:
         seq = inputs.sequence_len // 2
@@ -108,7 +108,7 @@ def rank_changes(inputs: PlanInputs, device: Device, estimator: Estimator) -> li
         if found:
             n, est = found
             changes.append(Change(f"FSDP2 / ZeRO-3 over {n} x {device.name} (fsdp_config or deepspeed zero3, torchrun)",
-                                  "shard weights, gradients and optimizer states; lmforge runs it once issue 11 lands",
+                                  "shard weights, gradients and optimizer states; run with `lmforge train CONFIG --nproc N` or torchrun",
                                   inputs.with_(sharding="fsdp", num_devices=n), est, base - est.peak_bytes, True, n))
     return changes
 

@@ -124,8 +124,8 @@ class PlanInputs:
                 else "plan's --strategy/--num-gpus/--offload"
             notes.append(f"scale-out modelled from {source}: DDP keeps a full replica per device plus gradient buckets; "
                          "ZeRO-1/2/3 shard optimizer states / + gradients / + weights; FSDP2 (fully_shard) as ZeRO-3 "
-                         "with one layer gathered and the next prefetched; lmforge runs them once its scale-out "
-                         "(issue 11: torchrun, fsdp/fsdp_config, deepspeed keys) is in")
+                         "with one layer gathered and the next prefetched; lmforge runs them under torchrun "
+                         "(`lmforge train CONFIG --nproc N`)")
         return cls(**values, notes=tuple(notes))
 
 
