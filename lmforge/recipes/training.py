@@ -183,13 +183,13 @@ class TrainingRun:
     def __enter__(self) -> "TrainingRun":
         for warning in self.cfg.warnings:
             say(f"warning: {warning}")
-        if self.bf16 and self.device.type == "cpu" and not cpu_supports_bf16():
-            # Measured on an AVX2-only EPYC: 1 GFLOP/s in bf16 against 140 in fp32 (torch emulates bf16 there).
+        # Measured on an AVX2-only EPYC: 1 GFLOP/s in bf16 against 140 in fp32 (torch emulates bf16 there).
+        emulated_bf16 = self.device.type == "cpu" and not cpu_supports_bf16()
+        if self.bf16 and emulated_bf16:
             say("warning: bf16: true on a CPU without native bf16 (AVX512-BF16 or AMX): torch emulates bf16 matmuls, "
                 "often 10-100x slower than fp32 (bf16: auto picks fp32 on this CPU and bf16 where it is fast)")
         q = self.cfg.quantization
-        if (q.load_in_4bit and q.bnb_4bit_compute_dtype == "bfloat16" and self.device.type == "cpu"
-                and not cpu_supports_bf16()):
+        if q.load_in_4bit and q.bnb_4bit_compute_dtype == "bfloat16" and emulated_bf16:
             say("warning: bnb_4bit_compute_dtype: bfloat16 on a CPU without native bf16 (AVX512-BF16 or AMX): the 4-bit "
                 "matmuls run in emulated bf16, often 10-100x slower (bnb_4bit_compute_dtype: auto picks float32 here)")
         torch.manual_seed(self.t.seed)
