@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import build_tiny_llama, build_tiny_tokenizer, tiny_config, write_config, write_jsonl
+from conftest import LORA_LEARNABLE_INIT, build_tiny_llama, build_tiny_tokenizer, tiny_config, write_config, write_jsonl
 
 
+@pytest.mark.learning
 def test_model_learns_to_stop_at_end_of_turn(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,6 +79,7 @@ def generate_answer(config: Path, out: Path, question: str) -> tuple[list[int], 
     return output[0, len(prompt):].tolist(), end
 
 
+@pytest.mark.learning
 def test_lora_with_a_generation_block_template_learns_to_stop(tmp_path: Path) -> None:
     from lmforge.cli import main
 
@@ -86,12 +88,11 @@ def test_lora_with_a_generation_block_template_learns_to_stop(tmp_path: Path) ->
     tok.add_tokens(["user", "assistant"])
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.save_pretrained(folder)
-    build_tiny_llama(folder, len(tok))
+    # LoRA alone, on a model whose frozen head has a real model's range (LORA_LEARNABLE_INIT, see conftest):
+    # over 4 seeds, on AMX and under ATEN_CPU_CAPABILITY=avx2, every run answers "2 plus 3 equals 5" and stops.
+    build_tiny_llama(folder, len(tok), **LORA_LEARNABLE_INIT)
     data = write_jsonl(tmp_path / "chat.jsonl", ARITHMETIC_CHATS)
-    # LoRA alone adapts a random 32-wide model too slowly to learn a format in a short run (see test_train),
-    # so the output head trains too, as lora_modules_to_save.
-    config = tiny_config(folder, data, tmp_path / "out", max_steps=60, learning_rate=0.02, sample_packing=True, sequence_len=64,
-                         lora_modules_to_save=["lm_head"])
+    config = tiny_config(folder, data, tmp_path / "out", max_steps=60, learning_rate=0.02, sample_packing=True, sequence_len=64)
     config["datasets"] = [{"path": str(data), "type": "chat_template"}]
     config["chat_template"] = "jinja"
     config["chat_template_jinja"] = CHATML_GENERATION
@@ -104,6 +105,7 @@ def test_lora_with_a_generation_block_template_learns_to_stop(tmp_path: Path) ->
     assert len(words) == 5 and words[1::2] == ["plus", "equals"]
 
 
+@pytest.mark.learning
 def test_named_template_adds_its_tokens_and_lora_trains_their_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from lmforge.cli import main
     from lmforge.data.formats import NAMED_TEMPLATES

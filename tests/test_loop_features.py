@@ -42,6 +42,7 @@ def _run(model, optimizer, steps: int, **settings):  # noqa: ANN001, ANN202
                       eval_fn, callbacks, loss_fn)
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "sgd", "adafactor", "lion_8bit", "lion_32bit"])
 def test_every_optimizer_lowers_the_loss(tiny_model_dir: Path, name: str) -> None:
     model = _model(tiny_model_dir)

@@ -48,6 +48,7 @@ def run(tmp_path: Path, config: dict) -> dict:
     return run_pretrain(load_config(str(write_config(tmp_path / "c.yml", config))))
 
 
+@pytest.mark.learning
 def test_clm_from_scratch_learns_saves_and_reloads(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,6 +71,7 @@ def test_clm_from_scratch_learns_saves_and_reloads(corpus: Path, tmp_path: Path,
     assert "tokenizer: reusing" in again and "shards: reusing" in again
 
 
+@pytest.mark.learning
 def test_mlm_from_scratch_learns_and_reloads(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transformers import AutoModelForMaskedLM
 
@@ -84,6 +86,7 @@ def test_mlm_from_scratch_learns_and_reloads(corpus: Path, tmp_path: Path, capsy
     assert type(model).__name__ == "BertForMaskedLM" and model.config.vocab_size == 300
 
 
+@pytest.mark.learning
 def test_continued_pretraining_from_base_model(corpus: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
     """base_model + completion datasets: the pretrained weights and tokenizer, the same recipe."""
     from transformers import AutoModelForCausalLM

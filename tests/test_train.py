@@ -17,19 +17,21 @@ from lmforge.recipes.train import run_train
 from lmforge.train.loss import causal_lm_loss, uses_fast_path
 
 
-def test_lora_training_lowers_loss_and_saves_peft_format(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+@pytest.mark.learning
+def test_lora_training_lowers_loss_and_saves_peft_format(tiny_lora_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cfg_path = write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, out, val_set_size=4))
-    summary = run_train(load_config(str(cfg_path)))
+    cfg = tiny_config(tiny_lora_model_dir, alpaca_file, out, val_set_size=4, learning_rate=0.02)
+    summary = run_train(load_config(str(write_config(tmp_path / "c.yml", cfg))))
     assert summary["steps"] == 30
-    # LoRA on a random 32-wide model has weak features to adapt: it falls, but slowly.
-    assert summary["eval_loss_end"] < 0.95 * summary["eval_loss_start"]
+    # Held-out loss ends at 0.31-0.37x its start over 4 seeds, on AMX and under ATEN_CPU_CAPABILITY=avx2 alike.
+    assert summary["eval_loss_end"] < 0.6 * summary["eval_loss_start"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yml", "summary.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard event file missing"
 
 
+@pytest.mark.learning
 def test_full_finetune_lowers_loss_fast(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", val_set_size=4, adapter=None, learning_rate=0.003)
     summary = run_train(load_config(str(write_config(tmp_path / "c.yml", cfg))))
@@ -117,6 +119,7 @@ def test_gradient_accumulation_weights_tokens_not_batches(tiny_model_dir: Path) 
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.learning
 def test_qlora_trains_through_the_recipe(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "out"
@@ -126,6 +129,7 @@ def test_qlora_trains_through_the_recipe(tiny_model_dir: Path, alpaca_file: Path
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.learning
 def test_gpt2_conv1d_lora_with_fan_in_fan_out(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -144,6 +148,7 @@ def test_gpt2_conv1d_lora_with_fan_in_fan_out(tiny_model_dir: Path, alpaca_file:
     assert adapter["fan_in_fan_out"] is True and set(adapter["target_modules"]) == {"c_attn", "c_proj"}
 
 
+@pytest.mark.learning
 def test_training_continues_from_an_existing_adapter(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     first = run_train(load_config(str(write_config(tmp_path / "a.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "a", val_set_size=4, max_steps=10)))))
     cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "b", val_set_size=4, max_steps=5, lora_model_dir=str(tmp_path / "a"))

@@ -125,6 +125,7 @@ def word_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
 def test_continued_pretraining_trains_only_the_adapter(adapter: str, word_corpus: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
