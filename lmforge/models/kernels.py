@@ -7,8 +7,10 @@ same, only slower.
 
 Packed rows (sample_packing) carry ``position_ids`` that restart per example and no 2D
 attention mask; transformers turns them into a block-diagonal causal mask for eager, sdpa and
-flex attention, and into variable-length segments for flash_attention_2, so no backend lets
-one example attend to another.
+flex attention. For flash_attention_2 it finds the segments in ``position_ids`` only when a batch
+holds one row, so lmforge's loss passes the collator's segment boundaries (``cu_seq_lens``) and
+flash-attention's variable-length kernel runs per example for any micro_batch_size
+(``train.loss.flash_segments``); no backend lets one example attend to another.
 """
 
 from __future__ import annotations
