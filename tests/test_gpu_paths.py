@@ -113,3 +113,139 @@ def test_padded_batches_under_flash_attention_equal_per_example_loss(tiny_model_
         batched = sum(float(causal_lm_loss(model, collate(examples[i:i + 4], 0))[0]) for i in range(0, 8, 4))
     assert cpu_flash_attention["varlen"] > 0 and cpu_flash_attention["dense"] > 0
     assert batched == pytest.approx(alone, rel=1e-5)
+
+
+# --- a mocked CUDA ------------------------------------------------------------------------------------------------------
+
+CARDS = {  # compute capability -> (name, memory GiB): one card per generation that matters for bf16
+    (7, 0): ("Tesla V100-SXM2-16GB", 16), (7, 5): ("Tesla T4", 15), (8, 0): ("NVIDIA A100-SXM4-80GB", 80),
+    (9, 0): ("NVIDIA H100 80GB HBM3", 80),
+}
+
+
+@pytest.fixture
+def mock_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`mock_cuda((8, 0))`: this process sees one CUDA GPU of that compute capability.
+
+    torch.cuda.is_bf16_supported() answers as torch does on such a card: True everywhere by default
+    (bf16 is emulated below sm 8.0), True from sm 8.0 only with including_emulation=False.
+    """
+
+    import bitsandbytes  # noqa: F401  (imported before the mock: at import it would load its CUDA backend)
+    import peft  # noqa: F401
+
+    def install(capability: tuple[int, int]) -> SimpleNamespace:
+        name, memory = CARDS[capability]
+        props = SimpleNamespace(name=name, major=capability[0], minor=capability[1], total_memory=memory * 2**30,
+                                multi_processor_count=108)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: including_emulation or capability >= (8, 0))
+        return props
+
+    return install
+
+
+@pytest.mark.parametrize("capability, native_bf16", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_auto_is_on_only_where_the_card_has_bf16_tensor_cores(mock_cuda: Any, tiny_model_dir: Path, alpaca_file: Path,
+                                                                   tmp_path: Path, capability: tuple[int, int],
+                                                                   native_bf16: bool) -> None:
+    """Item 3: V100 (7.0) and T4 (7.5) emulate bf16; `bf16: auto` must train them in fp32, and the planner must say so."""
+    from lmforge.plan.predict import current_device
+    from lmforge.recipes.training import TrainingRun
+    from lmforge.train.telemetry import pick_device, resolve_bf16
+
+    mock_cuda(capability)
+    assert pick_device() == torch.device("cuda")
+    assert resolve_bf16("auto", pick_device()) is native_bf16
+    assert resolve_bf16(True, pick_device()) is True  # asked for explicitly: the user's choice stands
+    run = TrainingRun(_config(tiny_model_dir, alpaca_file, tmp_path, bf16="auto"))  # the path `lmforge train` takes
+    assert run.device.type == "cuda" and run.bf16 is native_bf16
+    assert run.autocast_dtype == (torch.bfloat16 if native_bf16 else None)
+    row = current_device("cuda")  # the planner's row for this machine's GPU
+    assert row.name == CARDS[capability][0] and row.bf16 is native_bf16 and row.memory_gib == pytest.approx(CARDS[capability][1])
+
+
+def _config(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, **keys: Any) -> Any:
+    from conftest import tiny_config, write_config
+    from lmforge.config import load_config
+
+    path = write_config(tmp_path / "config.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", **keys))
+    return load_config(str(path), gpu=True)
+
+
+@pytest.mark.parametrize("engine_name", ["fsdp2", "zero3"])
+def test_kernels_are_chosen_for_the_gpu_that_trains_not_the_cpu_that_loads(
+        mock_cuda: Any, tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        engine_name: str) -> None:
+    """Item 2: FSDP2 and ZeRO-3 load the weights on the CPU; flash attention, Liger and torch_compile: auto must still
+    see the GPU the model trains on (they silently turned off, each saying a false "needs CUDA")."""
+    import lmforge.models.setup as setup
+    from lmforge.models.load import load_tokenizer
+    from lmforge.recipes.training import TrainingRun
+    from lmforge.train.deepspeed import DeepSpeedEngine
+    from lmforge.train.distributed import FSDPEngine
+
+    mock_cuda((9, 0))
+    monkeypatch.setattr("lmforge.config.checks._installed", lambda module: True, raising=False)  # flash-attn installed
+    cfg = _config(tiny_model_dir, alpaca_file, tmp_path, attn_implementation="flash_attention_2", liger_rms_norm=True,
+                  torch_compile="auto", torch_compile_backend="eager")
+    engine: Any = object.__new__(FSDPEngine if engine_name == "fsdp2" else DeepSpeedEngine)  # no process group here
+    engine.device, engine.stage = torch.device("cuda", 0), 3
+    engine.prepare = lambda model, cfg, bf16, say: model
+    assert engine.load_device == torch.device("cpu")  # these engines do load on the CPU
+    monkeypatch.setattr("lmforge.recipes.training.engine_for", lambda cfg, device: engine)
+    seen: dict[str, torch.device] = {}
+
+    def attention(requested: str, device: torch.device, say: Any) -> str:
+        seen["attention"] = device
+        return "sdpa"  # the CPU cannot load flash kernels; which device decided is what counts
+
+    def liger(model: Any, speed: Any, device: torch.device, say: Any) -> list[str]:
+        seen["liger"] = device
+        return []
+
+    monkeypatch.setattr(setup, "attention_backend", attention)
+    monkeypatch.setattr(setup, "apply_liger", liger)
+    said: list[str] = []
+    monkeypatch.setattr("lmforge.recipes.training.say", said.append)
+    run = TrainingRun(cfg)
+    model = run.model(load_tokenizer(str(tiny_model_dir)))
+    assert seen == {"attention": torch.device("cuda", 0), "liger": torch.device("cuda", 0)}
+    assert next(model.parameters()).device.type == "cpu"  # loaded where the engine asked
+    assert all(layer._compiled_call_impl is not None for layer in model.get_base_model().model.layers)  # torch_compile: auto saw CUDA
+    assert not [line for line in said if "needs CUDA" in line], said
+
+
+@pytest.mark.parametrize("key, value", [("flash_attention", True), ("attn_implementation", "flash_attention_2")])
+def test_flash_attention_without_flash_attn_is_refused_before_the_model_loads(tiny_model_dir: Path, alpaca_file: Path,
+                                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                              key: str, value: Any) -> None:
+    """Item 12: with a GPU but no flash-attn, validate says so in one line naming the key and the fix (transformers
+    failed only while loading the model)."""
+    import sys
+
+    from lmforge.errors import LmforgeError
+    from lmforge.models import kernels
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, even where CI has it
+    with pytest.raises(LmforgeError) as refused:
+        _config(tiny_model_dir, alpaca_file, tmp_path, **{key: value})
+    line = refused.value.format()
+    assert "\n" not in line and f"config.yml:{_line_of(tmp_path / 'config.yml', key)}" in line
+    assert f"{key} asks for flash_attention_2, which needs the flash-attn package" in line
+    assert "pip install flash-attn" in line and "attn_implementation: sdpa" in line
+    with pytest.raises(LmforgeError, match="needs the flash-attn package"):  # a config validated elsewhere
+        kernels.attention_backend("flash_attention_2", torch.device("cuda"), print)
+    assert kernels.attention_backend("flash_attention_2", torch.device("cpu"), lambda line: None) == "sdpa"
+    monkeypatch.setitem(sys.modules, "flash_attn", SimpleNamespace(__spec__=SimpleNamespace()))  # installed
+    assert _config(tiny_model_dir, alpaca_file, tmp_path, **{key: value}).model.attn_implementation == "flash_attention_2"
+    assert kernels.attention_backend("flash_attention_2", torch.device("cuda"), print) == "flash_attention_2"
+
+
+def _line_of(path: Path, key: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(f"{key}:"))
