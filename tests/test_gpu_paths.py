@@ -249,3 +249,50 @@ def test_flash_attention_without_flash_attn_is_refused_before_the_model_loads(ti
 
 def _line_of(path: Path, key: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(f"{key}:"))
+
+
+# --- activation offloading ------------------------------------------------------------------------------------------
+
+
+def _same_as_a_weight(tensor: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Independent of lmforge's test: the tensor holds a parameter's values (as is, transposed, or cast)."""
+    for p in params:
+        for weight in (p, p.t()) if p.dim() == 2 else (p,):
+            if tensor.shape == weight.shape and torch.equal(tensor.float(), weight.detach().to(tensor.dtype).float()):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("frozen, autocast", [(False, None), (False, torch.bfloat16), (True, None)])
+def test_activation_offloading_moves_activations_and_leaves_the_weights(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         frozen: bool, autocast: torch.dtype | None) -> None:
+    """Also noticed: save_on_cpu copied every saved weight (linear saves weight.t()) to the host and back each micro-batch."""
+    from lmforge.models.load import load_model
+    from lmforge.train.loop import LoopSettings, train_loop
+
+    moved: list[torch.Tensor] = []
+    real_init = torch.autograd.graph.saved_tensors_hooks.__init__
+
+    def spying_init(self: Any, pack: Any, unpack: Any) -> None:  # sees whatever hooks the loop installs
+        def spy(tensor: torch.Tensor) -> Any:
+            packed = pack(tensor)
+            if not isinstance(packed, torch.Tensor):  # went to the host (kept tensors come back as themselves)
+                moved.append(tensor)
+            return packed
+
+        real_init(self, spy, unpack)
+
+    model = load_model(str(tiny_model_dir))
+    if frozen:  # the decoder layers' weights frozen, as a LoRA base's (gradients still flow through them)
+        for name, p in model.named_parameters():
+            p.requires_grad_(".layers." not in name)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    examples = _random_examples(4, model.config.vocab_size)
+    monkeypatch.setattr(torch.autograd.graph.saved_tensors_hooks, "__init__", spying_init)
+    train_loop(model, optimizer, scheduler, iter([collate(examples, 0)]),
+               LoopSettings(total_steps=1, timing_warmup_steps=0, offload_activations=True, autocast_dtype=autocast))
+    assert len(moved) > 10  # the activations went
+    weights = [t for t in moved if _same_as_a_weight(t, params)]
+    assert not weights, [tuple(t.shape) for t in weights]

@@ -166,16 +166,18 @@ def test_gpu_kernels_without_their_package_are_refused_by_key(tiny_model_dir: Pa
 
 # --- loop keys ------------------------------------------------------------------------------------------------------
 
-def test_activation_offloading_saves_activations_through_save_on_cpu_with_the_same_gradients(
+def test_activation_offloading_saves_activations_on_the_host_with_the_same_gradients(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.train import loop
+
     entered = []
-    real = torch.autograd.graph.save_on_cpu
 
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        entered.append(kwargs)
-        return real(*args, **kwargs)
+    class Counting(loop.OffloadActivations):
+        def __init__(self, **kwargs: bool) -> None:
+            entered.append(kwargs)
+            super().__init__(**kwargs)
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    monkeypatch.setattr(loop, "OffloadActivations", Counting)
     plain, offloaded = _model(tiny_model_dir), _model(tiny_model_dir)
     _run_loop(plain, 2)
     assert entered == []
