@@ -357,6 +357,8 @@ class TrainingRun:
             resumed_at = result.steps
             position = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in state["data_position"].items())
             say(f"resumed from {self.resume_from} at step {result.steps} ({position})")
+            if state.get("rng_note") and engine.is_main:
+                say(f"note: {state['rng_note']}")
         if engine.is_main:
             remove_partial_writes(output_dir)
         engine.barrier()
