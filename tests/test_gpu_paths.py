@@ -296,3 +296,59 @@ def test_activation_offloading_moves_activations_and_leaves_the_weights(tiny_mod
     assert len(moved) > 10  # the activations went
     weights = [t for t in moved if _same_as_a_weight(t, params)]
     assert not weights, [tuple(t.shape) for t in weights]
+
+
+# --- plan --measure ---------------------------------------------------------------------------------------------------
+
+
+def test_measure_on_a_gpu_divides_by_that_gpus_matmul_ceiling(mock_cuda: Any, tiny_model_dir: Path, alpaca_file: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also noticed: `plan --measure` divided GPU tokens/s by a CPU matmul ceiling (MFU over 100%)."""
+    from lmforge.recipes import plan
+
+    mock_cuda((9, 0))
+    asked: list[dict[str, Any]] = []
+
+    def ceiling(dtypes: tuple[str, ...], *args: Any, **kwargs: Any) -> dict[str, float]:
+        asked.append({"dtypes": dtypes, **kwargs})
+        return {dtype: 700_000.0 for dtype in dtypes}
+
+    monkeypatch.setattr(plan, "matmul_ceiling", ceiling)
+    monkeypatch.setattr("lmforge.recipes.train.run_train", lambda cfg: {"steps": 5, "tokens_per_s": 1e5})
+    measured, cpu_ceiling = plan.measure_here(_config(tiny_model_dir, alpaca_file, tmp_path, bf16="auto"))
+    assert [torch.device(a.get("device", "cpu")).type for a in asked] == ["cuda"] and asked[0]["dtypes"] == ("bf16",)
+    assert measured.device == "NVIDIA H100 80GB HBM3" and measured.ceiling_gflops == 700_000.0
+    assert cpu_ceiling is None  # the report's CPU row must not take the GPU's ceiling for its own
+
+
+def test_matmul_ceiling_runs_its_gemms_on_the_device_it_is_given() -> None:
+    from lmforge.plan.measure import matmul_ceiling
+
+    rates = matmul_ceiling(("fp32",), seconds=0.03, device=torch.device("cpu"))
+    assert rates["fp32"] > 0
+
+
+# --- CUDA RNG states on resume --------------------------------------------------------------------------------------
+
+
+def test_resume_restores_the_cuda_rng_states_of_the_gpus_present(mock_cuda: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also noticed: a checkpoint saved on 8 GPUs failed to resume where fewer are visible (set_rng_state_all)."""
+    import torch.cuda.random as cuda_random
+
+    from lmforge.train.checkpoint import rng_state, set_rng_state
+
+    saved = {**rng_state(), "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
+    mock_cuda((8, 0))  # one GPU visible now
+    restored: list[int] = []
+
+    def set_state(state: torch.Tensor, device: Any = "cuda") -> None:
+        index = torch.device(device).index if not isinstance(device, int) else device
+        if (index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"invalid device ordinal {index}")  # what CUDA says
+        restored.append(int(state[0]))
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(cuda_random, "set_rng_state", set_state)
+    note = set_rng_state(saved)
+    assert restored == [0]
+    assert note and "8 GPUs" in note and "1 visible" in note
