@@ -352,3 +352,10 @@ def test_resume_restores_the_cuda_rng_states_of_the_gpus_present(mock_cuda: Any,
     note = set_rng_state(saved)
     assert restored == [0]
     assert note and "8 GPUs" in note and "1 visible" in note
+
+
+def test_cpu_ram_efficient_loading_is_named_as_not_acted_on(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """Also noticed: the key is accepted; validate must say that every rank still reads the weights."""
+    cfg = _config(tiny_model_dir, alpaca_file, tmp_path, fsdp_config={"cpu_ram_efficient_loading": True})
+    notes = [n.text for n in cfg.notices if n.key == "fsdp_config"]
+    assert len(notes) == 1 and "every rank reads the weights" in notes[0] and "not implemented yet" in notes[0]

@@ -515,7 +515,8 @@ class FsdpSettings:
     reshard_after_forward: bool = True  # full_shard (ZeRO-3); false: shard_grad_op (ZeRO-2)
     offload_params: bool = False  # parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)
     cpu_offload_pin_memory: bool = True
-    cpu_ram_efficient_loading: bool = False  # rank 0 reads the weights, the others receive their shards
+    # Not acted on yet: every rank reads the weights (validate says so, config/keytable.py fsdp1_switches)
+    cpu_ram_efficient_loading: bool = False
     layer_classes: tuple[str, ...] = ()  # classes sharded one per group (default: the model's decoder layers)
     wrap: str = "TRANSFORMER_BASED_WRAP"  # or SIZE_BASED_WRAP (min_num_params) or NO_WRAP (one group)
     min_num_params: int | None = None
