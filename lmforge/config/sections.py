@@ -474,7 +474,7 @@ class SpeedSection(Section):
         None, description="Arguments of gradient checkpointing (torch.utils.checkpoint), e.g. {use_reentrant: false}."
     )
     activation_offloading: bool = Field(
-        False, description="CUDA: keep saved activations in pinned CPU memory until backward (torch save_on_cpu)."
+        False, description="CUDA: keep saved activations (not the weights) in pinned CPU memory until backward."
     )
     liger_rope: bool = Field(False, description="Liger's fused RoPE (liger-kernel, CUDA).")
     liger_rms_norm: bool = Field(False, description="Liger's fused RMSNorm (liger-kernel, CUDA).")
