@@ -173,6 +173,8 @@ def _speed(c: _Checker) -> None:
         c.warn("gradient_checkpointing_kwargs", "gradient_checkpointing_kwargs has no effect without gradient_checkpointing: true")
     if cfg.training.loss_watchdog_threshold is None and c.given("loss_watchdog_patience"):
         c.warn("loss_watchdog_patience", "loss_watchdog_patience has no effect without loss_watchdog_threshold")
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
