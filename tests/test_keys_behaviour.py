@@ -57,7 +57,8 @@ def _run_loop(model, steps: int, loss_fn=causal_lm_loss, **settings):  # noqa: A
 @pytest.mark.parametrize("requested, runs", [("eager", "eager"), ("sdpa", "sdpa"), ("flash_attention_2", "sdpa"),
                                              ("flex_attention", "sdpa")])
 def test_attn_implementation_is_the_backend_the_model_runs(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
-                                                           requested: str, runs: str) -> None:
+                                                           requested: str, runs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lmforge.config.checks._installed", lambda module: True)  # the GPU machine has flash-attn
     validated_here = _cfg(tiny_model_dir, alpaca_file, tmp_path, attn_implementation=requested)
     assert validated_here.model.attn_implementation == runs  # validate on this machine already says and records it
     assert [n.key for n in validated_here.notices] == ([] if requested == runs else ["attn_implementation"])
@@ -165,16 +166,18 @@ def test_gpu_kernels_without_their_package_are_refused_by_key(tiny_model_dir: Pa
 
 # --- loop keys ------------------------------------------------------------------------------------------------------
 
-def test_activation_offloading_saves_activations_through_save_on_cpu_with_the_same_gradients(
+def test_activation_offloading_saves_activations_on_the_host_with_the_same_gradients(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.train import loop
+
     entered = []
-    real = torch.autograd.graph.save_on_cpu
 
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        entered.append(kwargs)
-        return real(*args, **kwargs)
+    class Counting(loop.OffloadActivations):
+        def __init__(self, **kwargs: bool) -> None:
+            entered.append(kwargs)
+            super().__init__(**kwargs)
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    monkeypatch.setattr(loop, "OffloadActivations", Counting)
     plain, offloaded = _model(tiny_model_dir), _model(tiny_model_dir)
     _run_loop(plain, 2)
     assert entered == []

@@ -223,7 +223,9 @@ def test_unknown_top_level_key_still_suggests(write) -> None:  # noqa: ANN001
     ("cut_cross_entropy: true", lambda cfg: cfg.speed.cut_cross_entropy),
     ("tf32: true", lambda cfg: cfg.speed.tf32),
 ])
-def test_gpu_only_keys_change_nothing_without_a_gpu_and_are_read_with_one(write, key: str, on_gpu) -> None:  # noqa: ANN001
+def test_gpu_only_keys_change_nothing_without_a_gpu_and_are_read_with_one(write, key: str, on_gpu,  # noqa: ANN001
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lmforge.config.checks._installed", lambda module: True)  # a GPU machine with flash-attn
     path = write(key + "\n")
     cfg = load_config(path, gpu=False)
     assert len(cfg.notices) == 1 and "GPU" in cfg.notices[0].text

@@ -155,14 +155,32 @@ def _pretraining(c: _Checker) -> None:
         c.warn("sample_packing", "sample_packing has no effect in pretraining: every window is already full")
 
 
+FLASH_ATTN_FIX = ("pip install flash-attn (a build for this torch and CUDA), or attn_implementation: sdpa "
+                  "(sdp_attention: true; the same math, a little slower)")
+
+
 def _speed(c: _Checker) -> None:
     cfg = c.cfg
+    # On a machine without a GPU the key table already replaced flash_attention_2 with sdpa; here it would load
+    # flash-attn's kernels, and transformers would fail only once the model is loading.
+    if cfg.model.attn_implementation == "flash_attention_2" and not _installed("flash_attn"):
+        key = next((k for k in ("flash_attention", "attn_implementation") if c.given(k)), "attn_implementation")
+        raise c.error(key, f"{key} asks for flash_attention_2, which needs the flash-attn package, and it is not installed",
+                      FLASH_ATTN_FIX)
     if cfg.speed.fp16 and cfg.training.bf16 is True:
         raise c.error("fp16", "fp16 and bf16 are both on; a run computes in one of them", "keep one (bf16 where the GPU supports it)")
     if cfg.speed.gradient_checkpointing_kwargs and not cfg.training.gradient_checkpointing:
         c.warn("gradient_checkpointing_kwargs", "gradient_checkpointing_kwargs has no effect without gradient_checkpointing: true")
     if cfg.training.loss_watchdog_threshold is None and c.given("loss_watchdog_patience"):
         c.warn("loss_watchdog_patience", "loss_watchdog_patience has no effect without loss_watchdog_threshold")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def deepspeed_json(value: "str | dict") -> dict:
     """The DeepSpeed config a `deepspeed:` value names (a JSON file, or the mapping itself)."""
     import json

@@ -233,7 +233,7 @@ def offloading(value: Any, facts: Facts) -> Verdict | None:
         return Verdict(Kind.NOTICE, f"activations are offloaded from GPU to CPU memory and {NO_GPU}: they are in CPU memory "
                        "already, nothing moves", value=True, replaces=True)
     if value == "legacy":
-        return Verdict(Kind.NOTICE, "legacy offloading is torch's save_on_cpu, what activation_offloading: true runs",
+        return Verdict(Kind.NOTICE, "legacy offloading (torch's save_on_cpu) is what activation_offloading: true runs, with the weights left in place",
                        value=True, replaces=True)
     return None
 

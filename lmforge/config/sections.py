@@ -474,7 +474,7 @@ class SpeedSection(Section):
         None, description="Arguments of gradient checkpointing (torch.utils.checkpoint), e.g. {use_reentrant: false}."
     )
     activation_offloading: bool = Field(
-        False, description="CUDA: keep saved activations in pinned CPU memory until backward (torch save_on_cpu)."
+        False, description="CUDA: keep saved activations (not the weights) in pinned CPU memory until backward."
     )
     liger_rope: bool = Field(False, description="Liger's fused RoPE (liger-kernel, CUDA).")
     liger_rms_norm: bool = Field(False, description="Liger's fused RMSNorm (liger-kernel, CUDA).")
@@ -515,7 +515,8 @@ class FsdpSettings:
     reshard_after_forward: bool = True  # full_shard (ZeRO-3); false: shard_grad_op (ZeRO-2)
     offload_params: bool = False  # parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)
     cpu_offload_pin_memory: bool = True
-    cpu_ram_efficient_loading: bool = False  # rank 0 reads the weights, the others receive their shards
+    # Not acted on yet: every rank reads the weights (validate says so, config/keytable.py fsdp1_switches)
+    cpu_ram_efficient_loading: bool = False
     layer_classes: tuple[str, ...] = ()  # classes sharded one per group (default: the model's decoder layers)
     wrap: str = "TRANSFORMER_BASED_WRAP"  # or SIZE_BASED_WRAP (min_num_params) or NO_WRAP (one group)
     min_num_params: int | None = None

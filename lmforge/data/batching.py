@@ -8,6 +8,12 @@ row of at most ``sequence_len`` tokens. Each packed batch carries ``position_ids
 at 0 for every example; with ``attention_mask`` left out of the forward, transformers builds a
 block-diagonal causal mask from them (no attention across examples, for sdpa and eager). The
 first label of each example is ignored: it would be predicted from the previous example.
+
+Packed batches also carry ``cu_seq_lens``: where each segment (an example, or a row's padding)
+starts in the micro-batch flattened to one row of B × width tokens, and the total. Flash-attention's
+variable-length kernel takes exactly these; transformers infers them from ``position_ids`` only when a
+batch holds a single row, so with ``micro_batch_size`` > 1 lmforge's loss passes them (built here, on
+the host: no device sync).
 """
 
 from __future__ import annotations
@@ -36,6 +42,14 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def segment_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """``cu_seq_lens`` of a packed batch: the start of every segment (each position 0) in the batch flattened
+    to one row, then the total token count (int32, as flash_attn_varlen_func wants)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1)
+    return torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+
+
 def pad_batch(batch: Batch, width: int, pad_token_id: int) -> Batch:
     """Right-pad a batch to `width` tokens (pad_to_sequence_len: every batch the same shape); the loss is unchanged:
     padding gets attention 0 and label -100 (packed batches: position ids of a block of its own)."""
@@ -43,12 +57,14 @@ def pad_batch(batch: Batch, width: int, pad_token_id: int) -> Batch:
     if extra <= 0:
         return batch
     fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}
-    out = {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+    out = {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()
+           if key != "cu_seq_lens"}
     if "position_ids" in batch:
         tail = torch.arange(extra).expand(batch["input_ids"].shape[0], extra)
         last = batch["position_ids"][:, -1:] + 1
         padded_tail = batch["attention_mask"][:, -1:].eq(0)  # the row already ends in padding: continue that block
         out["position_ids"][:, -extra:] = torch.where(padded_tail, last + tail, tail)
+        out["cu_seq_lens"] = segment_boundaries(out["position_ids"])
     return out
 
 
@@ -119,7 +135,8 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_token_id: int) -> Batc
             at += n
         attention_mask[r, :at] = 1
         position_ids[r, at:] = torch.arange(width - at)  # padding: a block of its own
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids,
+            "cu_seq_lens": segment_boundaries(position_ids)}
 
 
 def packed_batch_order(lengths: Sequence[int], batch_size: int, sequence_len: int, seed: int, epoch: int) -> list[list[list[int]]]:

@@ -7,12 +7,15 @@ same, only slower.
 
 Packed rows (sample_packing) carry ``position_ids`` that restart per example and no 2D
 attention mask; transformers turns them into a block-diagonal causal mask for eager, sdpa and
-flex attention, and into variable-length segments for flash_attention_2, so no backend lets
-one example attend to another.
+flex attention. For flash_attention_2 it finds the segments in ``position_ids`` only when a batch
+holds one row, so lmforge's loss passes the collator's segment boundaries (``cu_seq_lens``) and
+flash-attention's variable-length kernel runs per example for any micro_batch_size
+(``train.loss.flash_segments``); no backend lets one example attend to another.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +36,12 @@ def attention_backend(requested: str | None, device: torch.device, say: Callable
         say(f"attn_implementation: {requested} needs CUDA and the device is {device.type}: attention runs as sdpa "
             "(the same math; packed rows stay apart)")
         return "sdpa"
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        from lmforge.config.checks import FLASH_ATTN_FIX
+
+        # validate refuses it too; this catches a config validated on another machine, before any weights load
+        raise LmforgeError("attn_implementation: flash_attention_2 needs the flash-attn package, and it is not installed",
+                           where="attn_implementation", fix=FLASH_ATTN_FIX)
     return requested
 
 
@@ -94,8 +103,6 @@ def fused_loss(speed: SpeedSection, device: torch.device, say: Callable[[str], N
             "only on labelled positions instead (the same loss)")
         return None
     package, module = ("liger-kernel", "liger_kernel") if key.startswith("liger") else ("cut-cross-entropy", "cut_cross_entropy")
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         raise LmforgeError(f"{key} needs the {package} package", where=key, fix=f"pip install {package}, or remove {key}")
     return "liger" if key.startswith("liger") else "cce"

@@ -55,20 +55,25 @@ def keep_lora_inputs_in_compute_dtype(model: Any) -> None:
 
 
 def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf16: bool, new_model: Any = None,
-                   say: Callable[[str], None] | None = None) -> Any:
+                   say: Callable[[str], None] | None = None, train_device: torch.device | None = None) -> Any:
     """The model a recipe trains: `new_model` (built from scratch) or the base model in the cheapest
     dtype that trains correctly, then the same steps for both: embeddings grown to the tokenizer,
     dropout, frozen weights, gradient checkpointing, k-bit preparation, adapter, device.
 
     Cross-key mistakes (an adapter with unfrozen_parameters, a 4-bit base without an adapter, ...)
     were refused by the config checks before anything loaded.
+
+    `device` is where the weights load; `train_device` (default: the same) is where they train. They
+    differ under FSDP2 and ZeRO-3, which load on the CPU and move each rank's shards to its GPU: the
+    kernel choices (attention backend, Liger, torch_compile: auto) follow the device that trains.
     """
     quantization = _quantization_config(cfg, bf16)
     # Frozen base weights need no fp32 master copy: holding them in bf16 halves their memory
     # and skips autocast's per-step casts. Trainable weights stay fp32.
     dtype = torch.bfloat16 if (bf16 and cfg.adapter.adapter) else torch.float32
     say = say or (lambda line: None)
-    attention = attention_backend(cfg.model.attn_implementation, device, say)
+    runs_on = train_device or device
+    attention = attention_backend(cfg.model.attn_implementation, runs_on, say)
     if new_model is not None:
         model = new_model
         if attention is not None:
@@ -96,7 +101,7 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
                                    gradient_checkpointing_kwargs=checkpointing)
     elif cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    apply_liger(model, cfg.speed, device, say)
+    apply_liger(model, cfg.speed, runs_on, say)
     if cfg.adapter.adapter:
         model = apply_lora(model, cover_new_token_rows(cfg.adapter, model, new_tokens, say))
         if quantization is not None:
@@ -105,8 +110,8 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             disable_cpu_weight_packing(model)  # peft may wrap new Linear4bit modules
         elif dtype == torch.bfloat16:
             keep_lora_inputs_in_compute_dtype(model)
-        if device.type == "cpu" and cfg.training.fast_dropout:
+        if runs_on.type == "cpu" and cfg.training.fast_dropout:
             use_fast_dropout(model)
     model = model if quantization is not None else model.to(device)
-    compile_layers(model, cfg.speed, device, say)
+    compile_layers(model, cfg.speed, runs_on, say)
     return model

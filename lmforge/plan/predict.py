@@ -68,8 +68,10 @@ def current_device(device_type: str) -> Device:
     if device_type == "cuda":
         import torch
 
+        from lmforge.train.telemetry import cuda_supports_bf16
+
         props = torch.cuda.get_device_properties(0)
-        return Device(props.name, props.total_memory / 2**30, torch.cuda.is_bf16_supported(), 0.0, 0.0, kind="cuda")
+        return Device(props.name, props.total_memory / 2**30, cuda_supports_bf16(0), 0.0, 0.0, kind="cuda")
     return cpu_device()
 
 

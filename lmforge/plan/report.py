@@ -210,7 +210,8 @@ def render_text(r: dict[str, Any]) -> str:
     lines.append(cpu_line)
     if r["measurement"]:
         m = r["measurement"]
-        lines.append(f"measured   {m['steps']} steps here: {m['real_tokens_per_s']:.0f} real tokens/s, MFU {m['mfu']:.1%} of "
+        lines.append(f"measured   {m['steps']} steps here ({m.get('device', 'this CPU')}): {m['real_tokens_per_s']:.0f} real tokens/s, "
+                     f"MFU {m['mfu']:.1%} of "
                      f"{m['peak_gflops']:.0f} GFLOP/s ({m['peak_dtype']} matmul ceiling); peak memory predicted "
                      f"{m['predicted_peak_mb'] or 0:,.0f} MiB, measured {m['measured_peak_mb'] or 0:,.0f} MiB")
     if "advice" in r:

@@ -16,14 +16,18 @@ from lmforge.plan.report import PlanOptions, build_report, render_text
 MEASURE_STEPS = 5  # the loop keeps its first 2 steps out of tokens/s, so 3 are timed
 
 
-def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measurement, dict[str, float]]:
-    """Run a few real training steps of this config on this machine (lmforge train's own code) and read the MFU."""
+def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measurement, dict[str, float] | None]:
+    """Run a few real training steps of this config on this machine (lmforge train's own code) and read the MFU
+    against the matmul ceiling of the device the steps ran on; the second value is the CPU's ceiling (None on a GPU)."""
     from lmforge.config.sections import LoggingSection
     from lmforge.recipes.train import run_train
     from lmforge.train.telemetry import pick_device, resolve_bf16
 
-    dtype = "bf16" if resolve_bf16(cfg.training.bf16, pick_device()) else "fp32"
-    ceiling = matmul_ceiling((dtype,))
+    device = pick_device()  # the device run_train trains on
+    # the precision TrainingRun picks: fp16 (CUDA only) takes the place of bf16: auto
+    bf16 = resolve_bf16(cfg.training.bf16, device) and not (cfg.speed.fp16 and cfg.training.bf16 == "auto")
+    dtype = "bf16" if bf16 else "fp16" if cfg.speed.fp16 and device.type == "cuda" else "fp32"
+    ceiling = matmul_ceiling((dtype,), device=device)
     with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
         training = cfg.training.model_copy(update={
             "max_steps": steps, "output_dir": tmp, "eval_steps": None, "evals_per_epoch": None, "save_steps": None,
@@ -33,8 +37,14 @@ def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measur
         trial = cfg.model_copy(update={"training": training, "data": data, "logging": LoggingSection()})
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report (--json)
             summary = run_train(trial)
-    return Measurement(summary["steps"], summary["tokens_per_s"], ceiling[dtype], dtype,
-                       summary.get("predicted_peak_memory_mb"), summary.get("measured_peak_memory_mb")), ceiling
+    measured = Measurement(summary["steps"], summary["tokens_per_s"], ceiling[dtype], dtype,
+                           summary.get("predicted_peak_memory_mb"), summary.get("measured_peak_memory_mb"))
+    if device.type == "cuda":
+        import torch
+
+        measured.device = torch.cuda.get_device_properties(device).name
+        return measured, None  # the report's CPU row keeps no GPU ceiling
+    return measured, ceiling
 
 
 def run_plan(cfg: LmforgeConfig, options: PlanOptions, as_json: bool = False, measure: bool = False) -> dict[str, Any]:

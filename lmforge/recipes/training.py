@@ -259,7 +259,9 @@ class TrainingRun:
         quantization, adapter, dropout, frozen weights and gradient checkpointing as configured."""
         from lmforge.models.setup import training_model
 
-        model = training_model(self.cfg, tokenizer, self.engine.load_device, self.bf16, new_model=new_model, say=say)
+        # FSDP2 and ZeRO-3 load on the CPU (load_device) and train on the GPU: kernels are chosen for the latter.
+        model = training_model(self.cfg, tokenizer, self.engine.load_device, self.bf16, new_model=new_model, say=say,
+                               train_device=self.device)
         model = self.engine.prepare(model, self.cfg, self.bf16, say)  # FSDP shards it here
         trainable, total = parameter_counts(model)
         source = f"new {model.config.model_type}" if new_model is not None else self.cfg.model.base_model
@@ -355,6 +357,8 @@ class TrainingRun:
             resumed_at = result.steps
             position = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in state["data_position"].items())
             say(f"resumed from {self.resume_from} at step {result.steps} ({position})")
+            if state.get("rng_note") and engine.is_main:
+                say(f"note: {state['rng_note']}")
         if engine.is_main:
             remove_partial_writes(output_dir)
         engine.barrier()

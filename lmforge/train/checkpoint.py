@@ -53,13 +53,26 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> str | None:
+    """Restore the RNG states; returns a note when the checkpoint's GPUs and the visible ones differ in number.
+
+    Only the states of GPUs present are restored (torch.cuda.set_rng_state_all fails on a missing one):
+    a run resumed on fewer GPUs continues, and only the dropout masks of the GPUs gone cannot repeat.
+    """
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["cuda"]
+    if not (saved and torch.cuda.is_available()):
+        return None
+    visible = torch.cuda.device_count()
+    for index, device_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(device_state, index)
+    if len(saved) == visible:
+        return None
+    return (f"the checkpoint holds CUDA RNG states of {len(saved)} GPUs and {visible} visible now: restored those of "
+            f"the first {min(len(saved), visible)} (random draws on the others differ from an uninterrupted run)")
 
 
 def _write_manifest(folder: Path) -> None:
@@ -261,9 +274,11 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
     scheduler.load_state_dict(_read(folder, "scheduler.pt", lambda p: torch.load(p, weights_only=True)))
     ranks = _read(folder, RNG_RANKS, lambda p: torch.load(p, weights_only=True)) if (folder / RNG_RANKS).is_file() else None
     if ranks is not None and len(ranks) == world_size:
-        set_rng_state(ranks[rank])
+        note = set_rng_state(ranks[rank])
     else:
-        set_rng_state(_read(folder, "rng.pt", lambda p: torch.load(p, weights_only=True)))
+        note = set_rng_state(_read(folder, "rng.pt", lambda p: torch.load(p, weights_only=True)))
+    if note:
+        state["rng_note"] = note
     return state
 
 

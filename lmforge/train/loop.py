@@ -43,7 +43,7 @@ class LoopSettings:
     autocast_dtype: torch.dtype | None = None
     timing_warmup_steps: int = 2  # first steps pay one-off costs (allocations, kernel choice); kept out of tokens/s
     grad_scaler: Any = None  # fp16: a torch.amp.GradScaler (loss scaled up, gradients unscaled before clipping)
-    offload_activations: bool = False  # keep tensors saved for backward in (pinned) CPU memory: torch's save_on_cpu
+    offload_activations: bool = False  # keep tensors saved for backward (not the weights) in (pinned) CPU memory
     loss_watchdog_threshold: float | None = None  # stop once the loss stays above this ...
     loss_watchdog_patience: int = 3  # ... for this many steps in a row
     sync: Any = None  # several ranks: lmforge.train.distributed.StepSync (sums over ranks, gradient-sync control)
@@ -111,10 +111,54 @@ def _autocast(settings: LoopSettings) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=settings.device.type, dtype=settings.autocast_dtype)
 
 
+# Autograd nodes that only view or cast: a saved tensor reached through them from a parameter's AccumulateGrad is a weight.
+_VIEW_OR_CAST = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                           "ExpandBackward0", "ToCopyBackward0"})
+
+
+def is_weight(tensor: torch.Tensor) -> bool:
+    """Whether a tensor saved for backward is a weight: a parameter, a view of one (linear saves ``weight.t()``),
+    or autocast's cast of a trainable one. (A frozen fp32 weight cast by autocast carries no trace of its origin.)"""
+    if isinstance(tensor._base if tensor._base is not None else tensor, torch.nn.Parameter):
+        return True
+    node = tensor.grad_fn
+    while node is not None and type(node).__name__ in _VIEW_OR_CAST and node.next_functions:
+        node = node.next_functions[0][0]
+    return node is not None and type(node).__name__ == "AccumulateGrad"
+
+
+class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
+    """activation_offloading: tensors saved for backward wait in (pinned) CPU memory, as in torch's save_on_cpu,
+    except weights, which stay where they are.
+
+    Every linear layer saves its weight for backward. The weights are in device memory for the whole step
+    anyway, so save_on_cpu's copy of them (to the host in forward, back in backward, every micro-batch: a
+    LoRA base's frozen weights included) moved the whole model over PCIe twice per micro-batch and freed nothing.
+    """
+
+    def __init__(self, pin_memory: bool) -> None:
+        def pack(tensor: torch.Tensor) -> Any:
+            if is_weight(tensor):
+                return tensor
+            if not pin_memory:
+                return tensor.device, tensor.cpu()
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=not tensor.is_sparse)
+            host.copy_(tensor, non_blocking=not tensor.is_sparse)
+            return tensor.device, host
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host = packed
+            return host.to(device, non_blocking=pin_memory)
+
+        super().__init__(pack, unpack)
+
+
 def _offload(settings: LoopSettings) -> contextlib.AbstractContextManager:
     if not settings.offload_activations:
         return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=settings.device.type == "cuda")
+    return OffloadActivations(pin_memory=settings.device.type == "cuda")
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:

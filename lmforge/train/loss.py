@@ -28,6 +28,23 @@ def uses_fast_path(model: Any) -> bool:
     return getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS and hasattr(base, "base_model_prefix")
 
 
+def flash_segments(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Flash-attention's variable-length arguments for a packed batch under a flash backend, else nothing.
+
+    transformers splits packed rows into examples for flash-attention only when the batch holds one
+    row (``_is_packed_sequence``); with several rows it runs plain causal attention over each row,
+    and a packed example would attend to the examples before it. Given ``cu_seq_lens`` (the
+    collator's segment starts over the batch flattened to one row), it runs flash_attn_varlen_func
+    over exactly those segments for any number of rows. The row width bounds the longest segment,
+    which is all the kernel needs from max_length (and reading the true maximum would sync the device).
+    """
+    boundaries = batch.get("cu_seq_lens")
+    if boundaries is None or not str(getattr(_unwrap(model).config, "_attn_implementation", "")).startswith("flash"):
+        return {}
+    width = batch["input_ids"].shape[1]
+    return {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries, "max_length_q": width, "max_length_k": width}
+
+
 def _fused_head_loss(fused: str, head: Any, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """The output head and the summed cross-entropy in one GPU kernel, never holding the logits:
     Liger's fused linear cross-entropy or Cut Cross-Entropy (models.kernels.fused_loss chose which)."""
@@ -80,7 +97,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         attention_mask = None
     elif attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: lets SDPA take its plain causal kernel
-    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    extra = {"position_ids": position_ids, **flash_segments(model, batch)} if position_ids is not None else {}
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     count = int(selected.sum())

@@ -24,6 +24,18 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_supports_bf16(device: torch.device | int | None = None) -> bool:
+    """True where the GPU has bf16 tensor cores: compute capability 8.0 or newer (A100, RTX 30xx, H100, ...).
+
+    torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (V100 is 7.0, T4 7.5):
+    there it runs far slower than fp32, so `bf16: auto` must not pick it. ROCm GPUs that run torch
+    support bf16 (torch says so for all of them).
+    """
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -32,7 +44,7 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     """`bf16: auto` → on where the hardware runs it fast."""
     if setting == "auto":
         if device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
+            return cuda_supports_bf16(device)
         return cpu_supports_bf16()
     return bool(setting)
 
