@@ -231,6 +231,10 @@ def train_loop(
             optimizer.step()
         else:  # the weights stay those of the last good step
             optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                # unscale_ ran this step: without update() the scaler's per-step state stays, and the next
+                # step's unscale_ raises "unscale_() has already been called". update() also lowers the scale.
+                scaler.update()
             what = "the loss" if not math.isfinite(loss) else "the gradient norm"
             if settings.nan_policy != "skip":
                 bar.close()
