@@ -99,7 +99,8 @@ def _install_wiring_spies() -> None:
     import lmforge.recipes.training as training
     from lmforge.train.deepspeed import _DeepSpeedSync
 
-    real_initialize, real_train_loop, real_skipped = deepspeed.initialize, training.train_loop, _DeepSpeedSync.loss_scaler_skipped
+    real_initialize, real_train_loop = deepspeed.initialize, training.train_loop
+    real_skipped = getattr(_DeepSpeedSync, "loss_scaler_skipped", None)
 
     def initialize(*args: Any, config: dict[str, Any], **kwargs: Any) -> Any:
         RECORD["ds_fp16"] = bool(config.get("fp16", {}).get("enabled"))
@@ -116,7 +117,8 @@ def _install_wiring_spies() -> None:
         return skipped
 
     deepspeed.initialize, training.train_loop = initialize, train_loop
-    _DeepSpeedSync.loss_scaler_skipped = loss_scaler_skipped
+    if real_skipped is not None:  # absent before DeepSpeed's own fp16 loss scaling was wired in
+        _DeepSpeedSync.loss_scaler_skipped = loss_scaler_skipped
 
 
 def main(results_path: Path, configs: list[str]) -> None:
