@@ -110,6 +110,12 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             disable_cpu_weight_packing(model)  # peft may wrap new Linear4bit modules
         elif dtype == torch.bfloat16:
             keep_lora_inputs_in_compute_dtype(model)
+            # peft upcasts the LoRA weights to fp32, but a modules_to_save copy (an embedding, the head) keeps
+            # the base's bf16: its updates would be rounded away like any bf16 master weight. Every trainable
+            # weight is an fp32 master weight under autocast; the frozen ones stay bf16.
+            from peft import cast_mixed_precision_params
+
+            cast_mixed_precision_params(model, torch.bfloat16)
         if runs_on.type == "cpu" and cfg.training.fast_dropout:
             use_fast_dropout(model)
     model = model if quantization is not None else model.to(device)

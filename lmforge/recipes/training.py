@@ -72,6 +72,11 @@ from lmforge.train.stream import ResumableStream
 from lmforge.train.telemetry import cpu_supports_bf16, peak_memory_mb, pick_device, resolve_bf16, set_tf32
 
 
+# fp16 trains with a loss scaler on CUDA. torch's CPU GradScaler works too, but fp16 on a CPU is emulated or slow, so
+# lmforge refuses it there (the tests widen this to run the fp16 paths on CPU).
+FP16_DEVICE_TYPES = ("cuda",)
+
+
 @dataclass
 class StepPlan:
     """How long the run is and how often it evaluates and saves, in optimizer steps."""
@@ -165,7 +170,7 @@ class TrainingRun:
         # fp16 (CUDA; the config refuses it on a machine without a GPU) takes the place of bf16: auto.
         self.bf16 = resolve_bf16(self.t.bf16, self.device) and not (self.speed.fp16 and self.t.bf16 == "auto")
         self.fp16 = self.speed.fp16
-        if self.fp16 and self.device.type != "cuda":
+        if self.fp16 and self.device.type not in FP16_DEVICE_TYPES:
             raise LmforgeError(f"fp16 training needs CUDA (with a gradient scaler) and the device is {self.device.type}",
                                where="fp16", fix="use bf16: true, or bf16: false for fp32")
         self.autocast_dtype = torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
@@ -285,7 +290,9 @@ class TrainingRun:
     def loop_settings(self, plan: StepPlan, has_eval: bool = False) -> LoopSettings:
         t = self.t
         return LoopSettings(
-            grad_scaler=torch.amp.GradScaler(self.device.type) if self.fp16 else None,
+            # fp16: torch's GradScaler, except under DeepSpeed, whose engine scales the loss itself (a second
+            # scaler beside it finds no gradients to unscale: "No inf checks were recorded").
+            grad_scaler=torch.amp.GradScaler(self.device.type) if self.fp16 and not self.engine.owns_loss_scaling else None,
             # On CPU the saved activations are in CPU memory already (validate said so): nothing to move.
             offload_activations=self.speed.activation_offloading and self.device.type == "cuda",
             loss_watchdog_threshold=t.loss_watchdog_threshold,

@@ -124,6 +124,8 @@ class Engine:
         pass
 
     # -- model
+    owns_loss_scaling = False  # DeepSpeed: fp16 loss scaling is its engine's (its fp16 config section), not a GradScaler
+
     @property
     def load_device(self) -> torch.device:
         """Where the model is built before `prepare` places it."""
@@ -215,6 +217,10 @@ class StepSync:
         from lmforge.train.loop import _clip
 
         return _clip(params, max_norm)
+
+    def loss_scaler_skipped(self) -> bool:
+        """Whether the engine's own fp16 loss scaler skipped this step's update on an overflow (DeepSpeed)."""
+        return False
 
 
 class TorchEngine(Engine):

@@ -267,14 +267,21 @@ def train_loop(
             scaler.unscale_(optimizer)  # clip and report the true gradient norm
         grad_norm = sync.clip(params, settings.max_grad_norm) if sync else _clip(params, settings.max_grad_norm)
         loss = step_loss / max(label_count, 1)
+        scaler_skipped = sync.loss_scaler_skipped() if sync else False
         if scaler is not None and math.isfinite(loss):
             # fp16: an overflowed gradient is the scaler's business: it skips this update and lowers the scale.
             scaler.step(optimizer)
             scaler.update()
+        elif scaler_skipped and math.isfinite(loss):
+            pass  # fp16 under DeepSpeed: its own loss scaler found the overflow, skipped the update and lowered the scale
         elif math.isfinite(loss) and math.isfinite(grad_norm):
             optimizer.step()
         else:  # the weights stay those of the last good step
             optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                # unscale_ ran this step: without update() the scaler's per-step state stays, and the next
+                # step's unscale_ raises "unscale_() has already been called". update() also lowers the scale.
+                scaler.update()
             what = "the loss" if not math.isfinite(loss) else "the gradient norm"
             if settings.nan_policy != "skip":
                 bar.close()
