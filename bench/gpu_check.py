@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -254,7 +255,10 @@ class Row:
     what: str
     overrides: dict[str, Any] = field(default_factory=dict)
     reference: str | None = "base"  # which CPU reference its step-1 loss must equal (None: not comparable)
-    tolerance: float = 0.01  # relative; bf16/fp16 against fp32
+    # Relative, against the fp32 CPU step. Measured on this model (CPU, 4 GSM8K rows): bf16 weights + autocast move
+    # the loss by 3.5e-6, and one packed example attending to the one before it moves its loss by 2.5e-3, so 0.1%
+    # passes rounding and catches a packed row whose examples see each other.
+    tolerance: float = 0.001
     ranks: int = 1
     gloo_on_one_gpu: bool = False  # two ranks on cuda:0 through gloo (bench/gpu_check_rank.py)
     needs: tuple[str, ...] = ()  # modules that must import ("bitsandbytes", "liger_kernel", "trl")
@@ -342,9 +346,13 @@ def child_env(cpu: bool) -> dict[str, str]:
 def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str]:
     """(exit code or None on timeout, the most telling line of the output)."""
     with log.open("w", encoding="utf-8") as handle:
+        # Its own process group, so a timeout also ends torchrun's ranks (they would hold the GPU for the next rows).
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             return None, f"timed out after {timeout:.0f} s"
     text = log.read_text(encoding="utf-8", errors="replace").splitlines()
     errors = [line for line in text if re.search(r"^error:|Error|error\b", line)]
@@ -587,7 +595,7 @@ def table_line(row: Row, r: dict[str, Any]) -> str:
     diff = abs(loss - ref) / abs(ref) if loss is not None and ref else None
     verdict = "-"
     if diff is not None:
-        verdict = f"{diff:.2%} " + ("=" if diff <= row.tolerance else f"≠ (> {row.tolerance:.0%}: CHECK)")
+        verdict = f"{diff:.3%} " + ("=" if diff <= row.tolerance else f"≠ (> {row.tolerance:.1%}: CHECK)")
     pred, meas = r.get("predicted_mib"), r.get("measured_mib")
     planner = f"{pred:,.0f} ({pred / meas:.2f})" if pred and meas else fmt(pred, ",.0f")
     note = "; ".join(x for x in (r.get("detail"), r.get("ref_detail")) if x)
@@ -726,7 +734,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], notes: 
              "", *[f"- {n}" for n in notes], "", HEADER, RULE]
     lines += [table_line(row, results[row.name]) for row in args.selected if row.name in results]
     lines += ["", "step-1 loss: the loop's first step (before any update), against the same config's fp32 step on this "
-              "machine's CPU (rows marked = are within their tolerance: 1% for bf16/fp16, 5% for the 4-bit base). MFU: model "
+              "machine's CPU (rows marked = are within their tolerance: 0.1% for bf16/fp16, 5% for the 4-bit base). MFU: model "
               "FLOPs per token (6N full, 4N+6N_lora adapters, 12·L·d·s̄ attention) × tokens/s over the GEMM ceiling. planner: "
               "the predicted live peak (lmforge plan) and its ratio to torch.cuda.max_memory_allocated."]
     text = "\n".join(lines)
