@@ -454,6 +454,21 @@ def gemm_ceiling(device: str, dtype_name: str, quick: bool) -> float:
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
+def sdpa_flash_backend() -> str:
+    """Whether torch's own flash-attention kernel runs here (what sdpa picks for bf16 causal attention on Hopper)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(4, 9, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch.cuda.synchronize()
+        return "sdpa's flash-attention backend: runs"
+    except RuntimeError as exc:
+        return f"sdpa's flash-attention backend: fails ({str(exc).splitlines()[0][:100]})"
+
+
 def matmul_params(shape: dict[str, int]) -> int:
     """Weights that take part in a matmul per token: the layers' projections and the (tied) output head."""
     d, layers, ff, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
@@ -658,8 +673,11 @@ def main(argv: list[str] | None = None) -> int:
             results[row.name] = {"status": "skipped", "detail": "dry run" + (f" (needs {', '.join(row.needs)})" if row.needs else "")}
         return report(args, results, ["dry run: no device used"], {}, fits)
 
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        print(f"error: {sys.executable} has no torch; the check runs on the machine's own torch (--dry-run needs none)")
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device; use --device cpu (or --dry-run) on this machine")
         return 2
@@ -674,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = {"bfloat16": gemm_ceiling(args.device, "bfloat16", False),
                 "float16" if args.device == "cuda" else "float32": gemm_ceiling(args.device, "float16" if args.device == "cuda" else "float32", False)}
     print("== GEMM ceiling: " + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceilings.items()), flush=True)
+    if args.device == "cuda":
+        env_lines.append(sdpa_flash_backend())
+        print(f"== {env_lines[-1]}", flush=True)
     tokenizer = load_tokenizer(args.carry)
     shape = build_model(work / "model", args.model, tokenizer)
     data, mean_len = write_data(work, args.data_rows, tokenizer)

@@ -27,7 +27,10 @@ export PYTHONPATH="$PWD:$PYTHONPATH"
 # A wheel that brought its own torch would shadow the image's CUDA build: refuse before any row runs.
 "$PY" - "$SITE" <<'PY' || exit 2
 import sys
-import torch
+try:
+    import torch
+except ImportError:
+    sys.exit(print("note: this python has no torch (only --dry-run can work here)"))
 if torch.__file__.startswith(sys.argv[1]):
     sys.exit(f"error: torch {torch.__version__} comes from {torch.__file__}: a carried wheel shadows the machine's torch")
 print(f"torch {torch.__version__} from {torch.__file__.rsplit('/', 2)[0]}, CUDA available: {torch.cuda.is_available()}")
