@@ -5,6 +5,8 @@
 # with DDP, FSDP2 (LoRA, QLoRA, full fine-tuning) and DeepSpeed ZeRO-2 / ZeRO-3 (LoRA and full),
 # and prints one table row per run: engine, ranks, final loss, tokens/s, peak memory (rank 0).
 # Usage on the device: bash bench/gpu_distributed.sh [STEPS]   (writes $OUT/gpu_distributed.txt when OUT is set)
+# Needs a GPU machine WITH network access: it pip-installs torch, lmforge's stack and more. On an offline GPU
+# machine (the device tool's) run bench/gpu_check.sh instead, which carries its wheels (bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-20}

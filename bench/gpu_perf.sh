@@ -5,6 +5,8 @@
 # lmforge against TRL+PEFT (sdpa, then flash_attention_2 and Liger where they install),
 # MFU against the bf16 matmul ceiling measured on this GPU, peak memory.
 # Usage on the device: bash bench/gpu_perf.sh   (writes $OUT/gpu_perf.txt and $OUT/report-*.md when OUT is set)
+# Needs a GPU machine WITH network access: it pip-installs torch, lmforge's stack and more. On an offline GPU
+# machine (the device tool's) run bench/gpu_check.sh instead, which carries its wheels (bench/README.md).
 # Budget: ~2 min install, ~1 min per row at 20 timed steps; STEPS=5 for a quick pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
