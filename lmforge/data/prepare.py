@@ -25,7 +25,7 @@ import numpy as np
 
 from lmforge.config.sections import DataSection, DatasetSpec
 from lmforge.data.formats import Segment, SkipRow, get_format
-from lmforge.data.sources import read_rows
+from lmforge.data.sources import no_rows, read_rows
 from lmforge.errors import LmforgeError
 
 IGNORE_INDEX = -100
@@ -256,7 +256,7 @@ def prepare_specs(
         fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, data=data)
         rows = _read(spec)
         if not rows:
-            raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+            raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
         spec_stats = PrepareStats()
         spec_stats.rows[spec.path] += len(rows)
         if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS:
@@ -285,7 +285,7 @@ def rows_to_segments(spec: DatasetSpec, index: int, stats: PrepareStats, tokeniz
     fmt = get_format(spec.type, where=f"datasets[{index}].type", spec=spec, tokenizer=tokenizer, chat_template=chat_template)
     rows = _read(spec)
     if not rows:
-        raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+        raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
     stats.rows[spec.path] += len(rows)
     return _format_rows(fmt, rows, skip_bad_rows, stats)
 
