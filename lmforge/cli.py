@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.validate import run_validate
 
-    run_validate(_config(args, overrides), args.config)
+    run_validate(_config(args, overrides), args.config, print_config=args.print_config)
 
 
 def cmd_config_schema(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", default=None, help="price file (default ~/.config/lmforge/prices.yml, else the shipped example)")
     p.add_argument("--mfu", type=float, default=None, help="MFU to assume on GPUs (default 0.35)")
     p.add_argument("--no-data", "--no_data", dest="no_data", action="store_true", help="do not read the data: assume full rows")
-    add("validate", cmd_validate, "check a config (keys, cross-key rules, data files) without loading a model; print it resolved")
+    p = add("validate", cmd_validate, "check a config (keys, cross-key rules, data files and their tokens) without loading a model")
+    p.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                   help="also print the config resolved (every key with its value, YAML on stdout)")
     p = add("config-schema", cmd_config_schema, "print the JSON schema of the config, or the table of every axolotl key", config=False)
     p.add_argument("--table", action="store_true", help="every axolotl key and what lmforge does with it, as text")
     p.add_argument("--markdown", action="store_true", help="the same table as Markdown (docs/CONFIG_KEYS.md)")
