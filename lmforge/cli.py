@@ -279,6 +279,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # bitsandbytes (imported by peft) logs a failed optional-kernel fetch at import on CPUs.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # DeepSpeed, once installed, is imported by transformers and peft along the way, and says "Setting
+    # accelerator to CPU" (on stdout) on every machine without a GPU. It sets its logger's level itself
+    # when imported, so a level set here would be undone; a filter on that logger stays: errors only.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 def one_line(text: str) -> str:
@@ -296,15 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unexpected arguments: {' '.join(bad)} (overrides are written --key=value)")
     debug = getattr(args, "debug", False)
     nproc = getattr(args, "nproc", None)
+    quiet = not (debug or getattr(args, "verbose", False))
     if nproc is not None:
         from lmforge.train.distributed import relaunch
 
         try:
-            relaunch(nproc, argv)  # becomes torchrun, which starts N ranks of this command (unless it is one already)
+            relaunch(nproc, argv, quiet=quiet)  # becomes torchrun, which starts N ranks of this command (unless it is one already)
         except LmforgeError as exc:
             print(f"error: {exc.format()}", file=sys.stderr)
             return 2
-    if not (debug or getattr(args, "verbose", False)):
+    if quiet:
         quiet_libraries()
     try:
         args.func(args, rest)
