@@ -335,12 +335,13 @@ def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     return PreparedData(train, held_out, stats)
 
 
-def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = None) -> PreparedData:
+def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = None,
+            default_root: str | os.PathLike | None = None) -> PreparedData:
     """Prepared data for a config: from the prepared-data cache when one matches, else built.
 
-    The cache (``dataset_prepared_path``, default ``last_run_prepared``) is read whenever an entry
-    with the same key exists; it is written when ``save`` is true, or (``save=None``) when
-    ``dataset_prepared_path`` is set in the config. ``stats.note`` says which happened.
+    The cache (``dataset_prepared_path``, else `default_root`, else ``last_run_prepared``) is read
+    whenever an entry with the same key exists; it is written when ``save`` is true, or (``save=None``)
+    when ``dataset_prepared_path`` is set in the config. ``stats.note`` says which happened.
     """
     from lmforge.data import cache
 
@@ -348,7 +349,7 @@ def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = No
         prepared = build(data, tokenizer, seed)
         prepared.stats.note = "prepared in memory (skip_prepare_dataset: the prepared-data cache is not used)"
         return prepared
-    root = data.dataset_prepared_path or cache.DEFAULT_PREPARED_PATH
+    root = str(data.dataset_prepared_path or default_root or cache.DEFAULT_PREPARED_PATH)
     key = cache.cache_key(data, tokenizer, seed)
     damage = None
     try:
