@@ -198,6 +198,12 @@ def test_validate_refuses_a_sequence_len_that_leaves_no_response_token(base: dic
     assert "tokens: 20 train / 0 eval examples at sequence_len 64" in capsys.readouterr().err
 
 
+def test_validate_leaves_a_hub_dataset_to_training(base: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_config(tmp_path / "c.yml", {**base, "datasets": [{"path": "someone/a-hub-dataset", "type": "alpaca"}]})
+    assert main(["validate", str(path)]) == 0  # nothing is downloaded to check its tokens
+    assert "tokens: checked when training (a Hub dataset is read then, not here)" in capsys.readouterr().err
+
+
 def test_sequence_len_too_short_for_every_example_fails_before_weights(base: dict, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from lmforge.recipes.train import run_train

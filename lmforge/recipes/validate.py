@@ -8,6 +8,7 @@ import yaml
 
 from lmforge.config import LmforgeConfig
 from lmforge.data.check import check_data_files
+from lmforge.data.sources import local_files
 from lmforge.errors import LmforgeError
 from lmforge.redact import redact
 
@@ -18,6 +19,9 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
     Nothing is written; a prepared-data cache entry that matches is reused."""
     if cfg.is_pretraining or cfg.data.datasets is None or cfg.model.base_model is None:
         return "tokens: pretraining windows are checked when pretraining starts"
+    specs = [*cfg.data.datasets, *(cfg.data.test_datasets or [])]
+    if any(local_files(spec.path, spec.ds_type, spec.data_files) is None for spec in specs):
+        return "tokens: checked when training (a Hub dataset is read then, not here)"
     from lmforge.data.prepare import prepare
     from lmforge.recipes.training import data_tokenizer
 
