@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
-
-from dataclasses import replace
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Generator, GenerationStream, Sampling
