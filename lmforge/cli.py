@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.validate import run_validate
 
-    run_validate(_config(args, overrides), args.config)
+    run_validate(_config(args, overrides), args.config, print_config=args.print_config)
 
 
 def cmd_config_schema(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", default=None, help="price file (default ~/.config/lmforge/prices.yml, else the shipped example)")
     p.add_argument("--mfu", type=float, default=None, help="MFU to assume on GPUs (default 0.35)")
     p.add_argument("--no-data", "--no_data", dest="no_data", action="store_true", help="do not read the data: assume full rows")
-    add("validate", cmd_validate, "check a config (keys, cross-key rules, data files) without loading a model; print it resolved")
+    p = add("validate", cmd_validate, "check a config (keys, cross-key rules, data files and their tokens) without loading a model")
+    p.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                   help="also print the config resolved (every key with its value, YAML on stdout)")
     p = add("config-schema", cmd_config_schema, "print the JSON schema of the config, or the table of every axolotl key", config=False)
     p.add_argument("--table", action="store_true", help="every axolotl key and what lmforge does with it, as text")
     p.add_argument("--markdown", action="store_true", help="the same table as Markdown (docs/CONFIG_KEYS.md)")
@@ -277,6 +279,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # bitsandbytes (imported by peft) logs a failed optional-kernel fetch at import on CPUs.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # DeepSpeed, once installed, is imported by transformers and peft along the way, and says "Setting
+    # accelerator to CPU" (on stdout) on every machine without a GPU. It sets its logger's level itself
+    # when imported, so a level set here would be undone; a filter on that logger stays: errors only.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 def one_line(text: str) -> str:
@@ -294,15 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unexpected arguments: {' '.join(bad)} (overrides are written --key=value)")
     debug = getattr(args, "debug", False)
     nproc = getattr(args, "nproc", None)
+    quiet = not (debug or getattr(args, "verbose", False))
     if nproc is not None:
         from lmforge.train.distributed import relaunch
 
         try:
-            relaunch(nproc, argv)  # becomes torchrun, which starts N ranks of this command (unless it is one already)
+            relaunch(nproc, argv, quiet=quiet)  # becomes torchrun, which starts N ranks of this command (unless it is one already)
         except LmforgeError as exc:
             print(f"error: {exc.format()}", file=sys.stderr)
             return 2
-    if not (debug or getattr(args, "verbose", False)):
+    if quiet:
         quiet_libraries()
     try:
         args.func(args, rest)

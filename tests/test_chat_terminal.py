@@ -84,7 +84,8 @@ def test_terminal_chat_two_turns_undo_save_and_train_on_it(tiny_model_dir: Path,
         second = _answer(term.read_until("you> "))
         assert first and second
         term.type("/retry")
-        assert _answer(term.read_until("you> ")) == second  # greedy: the same answer again
+        retried = term.read_until("you> ")
+        assert "/retry samples at temperature 0.7" in retried and _answer(retried)  # greedy would repeat itself
         term.type("/undo")
         assert "removed the last exchange (1 left)" in term.read_until("you> ")
         term.type("/save")
@@ -165,3 +166,31 @@ def test_ctrl_c_stops_the_answer_and_keeps_what_was_said(tiny_model_dir: Path, t
     assert "(stopped; /retry answers again)" in out.getvalue()
     assert session.messages[-1]["role"] == "assistant" and session.messages[-1]["content"]
     assert len(session.messages[-1]["content"].split()) <= 2
+
+
+def test_retry_under_greedy_decoding_samples_and_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Greedy decoding gives one answer, so a /retry that decodes greedily again changes nothing: it samples."""
+    import io
+
+    from lmforge.config import load_config
+    from lmforge.infer.chat import RETRY_TEMPERATURE, run_chat
+    from lmforge.recipes.inference import SamplingFlags, build_generator
+
+    gen = build_generator(load_config(str(tiny_infer_config(tmp_path, tiny_model_dir)), [], check_paths=False),
+                          flags=SamplingFlags(max_new_tokens=8, seed=3))
+    assert gen.sampling.temperature == 0  # the chat itself is greedy
+    used = []
+    real_stream = gen.stream
+
+    def recording(prompt, sampling=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        used.append(sampling or gen.sampling)
+        return real_stream(prompt, sampling, *args, **kwargs)
+
+    gen.stream = recording  # type: ignore[method-assign]
+    lines = iter(["what is two plus two ?", "/retry", "/retry", "/exit"])
+    out = io.StringIO()
+    run_chat(gen, save_path=str(tmp_path / "c.jsonl"), read=lambda _: next(lines), out=out)
+    assert [s.temperature for s in used] == [0, RETRY_TEMPERATURE, RETRY_TEMPERATURE]
+    assert len({s.seed for s in used}) == 3  # one seed would sample one answer every time
+    notes = [line for line in out.getvalue().splitlines() if "greedy decoding repeats itself" in line]
+    assert len(notes) == 2 and "temperature 0.7" in notes[0] and "--temperature" in notes[0]

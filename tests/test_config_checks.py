@@ -102,6 +102,19 @@ def test_validate_prints_warnings_and_reads_the_data(base: dict, tmp_path: Path,
     err = capsys.readouterr().err
     assert f"warning: {line_of(path, 'warmup_steps')}: warm-up (warmup_steps: 10)" in err
     assert "20 rows, fields checked" in err and "valid" in err
+    assert "base_model:" not in capsys.readouterr().out  # the resolved config only with --print-config
+
+
+def test_validate_prints_the_resolved_config_only_when_asked(base: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_config(tmp_path / "c.yml", base)
+    assert main(["validate", str(path)]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and len(quiet.err.splitlines()) <= 4, quiet  # the checks and a one-line verdict
+    assert quiet.err.splitlines()[-1] == f"# {path}: valid (--print-config shows it resolved)"
+    assert main(["validate", str(path), "--print-config"]) == 0
+    shown = capsys.readouterr()
+    assert shown.out.startswith(f"base_model: {base['base_model']}\n") and "lora_r: 4" in shown.out
+    assert len(shown.out.splitlines()) > 100 and shown.err.splitlines()[-1] == f"# {path}: valid"
 
 
 def test_warmup_over_the_computed_run_is_warned_at_train_time(base: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -151,6 +164,44 @@ def test_bad_data_fails_in_validate_and_before_weights_in_train(name: str, write
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert all(needle in err for needle in needles) and "weights were loaded" not in err, err
+
+
+@pytest.mark.parametrize("content", ["instruction,input,output\n", ""], ids=["header-only", "zero-bytes"])
+def test_a_csv_with_no_rows_is_one_line_in_validate_preprocess_and_train(content: str, base: dict, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "train.csv"
+    data.write_text(content)
+    path = write_config(tmp_path / "c.yml", {**base, "datasets": [{"path": str(data), "type": "alpaca"}]})
+    _no_weights(monkeypatch)
+    for command in ("validate", "preprocess", "train"):
+        assert main([command, str(path)]) == 2, command
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: {data}: the file has no rows (add rows to it below its header line, or remove it from the config)"], \
+            (command, captured.err)
+        assert "Traceback" not in captured.err
+
+
+def test_validate_refuses_a_sequence_len_that_leaves_no_response_token(base: dict, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """`validate` runs train's own check (prepare's), so both refuse sequence_len 4 with the same line."""
+    from lmforge.recipes.train import run_train
+
+    path = write_config(tmp_path / "c.yml", {**base, "sequence_len": 4})
+    assert main(["validate", str(path)]) == 2
+    refused = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    with pytest.raises(LmforgeError) as err:
+        run_train(load_config(str(path)))
+    assert refused == [f"error: {err.value.format()}"] and "raise sequence_len above 4" in refused[0]
+    assert main(["validate", str(write_config(tmp_path / "ok.yml", base))]) == 0
+    assert "tokens: 20 train / 0 eval examples at sequence_len 64" in capsys.readouterr().err
+
+
+def test_validate_leaves_a_hub_dataset_to_training(base: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_config(tmp_path / "c.yml", {**base, "datasets": [{"path": "someone/a-hub-dataset", "type": "alpaca"}]})
+    assert main(["validate", str(path)]) == 0  # nothing is downloaded to check its tokens
+    assert "tokens: checked when training (a Hub dataset is read then, not here)" in capsys.readouterr().err
 
 
 def test_sequence_len_too_short_for_every_example_fails_before_weights(base: dict, tmp_path: Path,

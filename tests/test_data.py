@@ -80,7 +80,7 @@ def test_malformed_json_line_named(tmp_path: Path, tok) -> None:  # noqa: ANN001
 def test_empty_dataset_is_an_error(tmp_path: Path, tok) -> None:  # noqa: ANN001
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
-    with pytest.raises(LmforgeError, match="dataset has no rows"):
+    with pytest.raises(LmforgeError, match=f"{path}: the file has no rows"):
         prepare(DataSection(datasets=[{"path": str(path)}]), tok, seed=0)
 
 

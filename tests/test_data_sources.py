@@ -105,3 +105,42 @@ def test_hub_dataset_offline_is_one_clear_error(monkeypatch: pytest.MonkeyPatch)
 def test_pkg_path_reads_a_file_inside_a_package() -> None:
     with pytest.raises(LmforgeError, match="package 'no_such_pkg_xyz' is not installed"):
         list(read_rows("pkg://no_such_pkg_xyz/data.json"))
+
+
+def _empty_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"instruction": pa.array([], pa.string()), "output": pa.array([], pa.string())}), path)
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+NO_ROWS = [
+    ("header.csv", lambda p: p.write_text("instruction,input,output\n")),
+    ("zero.csv", lambda p: p.write_bytes(b"")),
+    ("header.csv.gz", lambda p: p.write_bytes(_gzip(b"instruction,input,output\r\n\r\n"))),
+    ("zero.jsonl", lambda p: p.write_bytes(b"")),
+    ("blank.jsonl.gz", lambda p: p.write_bytes(_gzip(b"\n\n"))),
+    ("zero.json", lambda p: p.write_bytes(b"")),
+    ("empty-array.json", lambda p: p.write_text("[ ]\n")),
+    ("blank.txt", lambda p: p.write_text("\n  \n")),
+    ("zero.parquet", lambda p: p.write_bytes(b"")),
+    ("no-rows.parquet", _empty_parquet),
+]
+
+
+@pytest.mark.parametrize("name, write", NO_ROWS, ids=[n for n, _ in NO_ROWS])
+def test_a_file_with_no_rows_says_so_whatever_its_reader(name: str, write, tmp_path: Path) -> None:  # noqa: ANN001
+    """Every reader (csv, jsonl, json, parquet, txt, compressed) ends in the same line for a file with no rows,
+    not the reader's own error (a header-only CSV gave 'Instruction "train" corresponds to no data!')."""
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(LmforgeError) as err:
+        list(read_rows(str(path)))
+    assert err.value.where == str(path) and err.value.message == "the file has no rows", err.value.format()
+    assert err.value.fix.startswith("add rows to it") and ("below its header line" in err.value.fix) == (".csv" in name)

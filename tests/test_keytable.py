@@ -111,7 +111,7 @@ def test_each_key_has_one_row_in_one_class() -> None:
         if row.kind in (Kind.NOT_YET, Kind.OUT_OF_SCOPE, Kind.NOTICE):
             assert row.text, f"{row.name} needs a reason"
         if row.issue is not None:
-            assert row.kind is Kind.NOT_YET and row.issue in (10, 11, 16)
+            assert row.kind is Kind.NOT_YET and row.issue in (10, 11, 16, 24)
 
 
 def test_every_axolotl_schema_key_is_classified() -> None:
@@ -193,6 +193,15 @@ def test_planned_key_refused_naming_its_issue_and_line(write) -> None:  # noqa: 
     if row is not None:  # and through a config file, for whichever key is still planned
         text = refused(write(f"{row.name}: true\n"))
         assert f"config.yml:6: '{row.name}' is not supported yet ({row.text}; planned in issue {row.issue})" in text
+
+
+def test_lm_eval_keys_name_the_issue_and_command_that_bring_evaluation(write) -> None:  # noqa: ANN001
+    # As the README promises for "not yet" keys: the refusal says what brings it (`lmforge eval`, issue 24).
+    text = refused(write("lm_eval_tasks:\n  - hellaswag\n"))
+    assert "config.yml:6: 'lm_eval_tasks' is not supported yet" in text, text
+    assert "`lmforge eval`" in text and "planned in issue 24" in text and "nearest supported: val_set_size" in text
+    text = refused(write("plugins:\n  - axolotl.integrations.lm_eval.LMEvalPlugin\n"))
+    assert "planned in issue 24" in text and "`lmforge eval`" in text, text
 
 
 def test_not_yet_key_names_the_nearest_supported_key(write) -> None:  # noqa: ANN001

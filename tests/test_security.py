@@ -227,7 +227,7 @@ def test_secrets_stay_out_of_saved_configs_and_validate_output(config_dir: tuple
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     path = write_config(folder / "c.yml", {**config, "mlflow_tracking_uri": f"https://user:{SECRET}@mlflow.example/?token={SECRET}"})
-    result = run_cli(["validate", str(path)])
+    result = run_cli(["validate", str(path), "--print-config"])
     assert result.code == 0, result.err
     assert SECRET not in result.out + result.err
     assert "https://user:***@mlflow.example" in result.out

@@ -134,6 +134,8 @@ def out(name: str, text: str, scope: str = TOP, quiet: tuple[Any, ...] | None = 
 # --- value rules ------------------------------------------------------------------------------------------------
 
 NO_GPU = "this machine has no GPU"
+LM_EVAL = "lm-eval-harness benchmarks after training: the `lmforge eval` command brings them"
+LM_EVAL_NEAREST = "val_set_size or test_datasets (eval loss and perplexity while training)"
 SDPA = "attention runs as torch sdpa (the same math; packed rows stay apart through a block-diagonal mask)"
 # Backends that compute exact attention, only faster: on a machine without a GPU none of them can run.
 EXACT_GPU_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "xformers")
@@ -694,7 +696,7 @@ KEYS: tuple[Key, ...] = (
     later("swanlab", "SwanLab logging", nearest="wandb_project, mlflow_tracking_uri", scope=PLUGIN),
     later("spectrum", "Spectrum layer selection", nearest="unfrozen_parameters", scope=PLUGIN),
     later("grokfast", "the Grokfast gradient filter", nearest="optimizer", scope=PLUGIN),
-    later("lm_eval", "lm-eval-harness benchmarks after training", scope=PLUGIN),
+    later("lm_eval", LM_EVAL, nearest=LM_EVAL_NEAREST, issue=24, scope=PLUGIN),
     later("mora", "MoRA adapters", nearest="adapter: lora", scope=PLUGIN),
     done("liger_rope", KERNELS, rule=cpu_kernel("Liger's fused RoPE")),
     done("liger_rms_norm", KERNELS, rule=cpu_kernel("Liger's fused RMSNorm")),
@@ -963,7 +965,7 @@ KEYS: tuple[Key, ...] = (
     later("profiler_steps_start", "the PyTorch profiler", only_with="profiler_steps"),
     note("include_tokens_per_second", "lmforge always reports tokens/s (summary.json and the logs)"),
     note("include_tkps", "lmforge always reports tokens/s (summary.json and the logs)", quiet=(None,)),
-    later("lm_eval_*", "lm-eval-harness benchmarks after training"),
+    later("lm_eval_*", LM_EVAL, nearest=LM_EVAL_NEAREST, issue=24),
 
     # --- logging --------------------------------------------------------------------------------------------------------
     note("use_wandb", "W&B logging is on when wandb_project is set", rule=tracker_switch("wandb_project")),

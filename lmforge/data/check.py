@@ -15,7 +15,7 @@ from lmforge.config.sections import DataSection, DatasetSpec, PretrainingSource
 from lmforge.data.formats import SkipRow, get_format
 from lmforge.data.formats.hook import looks_like_hook
 from lmforge.data.compressed import compression, data_suffix, guard, open_binary
-from lmforge.data.sources import local_files, read_local, read_rows
+from lmforge.data.sources import local_files, no_rows, read_local, read_rows
 from lmforge.errors import LmforgeError
 
 TEXT_SUFFIXES = {"", ".txt", ".text", ".md"}
@@ -70,7 +70,7 @@ def check_dataset(spec: DatasetSpec, where: str, data: DataSection) -> str:
             bad += 1
             first_bad = first_bad or exc.format()
     if not rows:
-        raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+        raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
     if bad == rows:
         raise LmforgeError(f"all {rows} rows are bad (first: {first_bad})", where=spec.path, fix="check the data and its type")
     checked = "fields checked" if check is not None else (

@@ -25,7 +25,7 @@ import numpy as np
 
 from lmforge.config.sections import DataSection, DatasetSpec
 from lmforge.data.formats import Segment, SkipRow, get_format
-from lmforge.data.sources import read_rows
+from lmforge.data.sources import no_rows, read_rows
 from lmforge.errors import LmforgeError
 
 IGNORE_INDEX = -100
@@ -256,7 +256,7 @@ def prepare_specs(
         fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, data=data)
         rows = _read(spec)
         if not rows:
-            raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+            raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
         spec_stats = PrepareStats()
         spec_stats.rows[spec.path] += len(rows)
         if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS:
@@ -285,7 +285,7 @@ def rows_to_segments(spec: DatasetSpec, index: int, stats: PrepareStats, tokeniz
     fmt = get_format(spec.type, where=f"datasets[{index}].type", spec=spec, tokenizer=tokenizer, chat_template=chat_template)
     rows = _read(spec)
     if not rows:
-        raise LmforgeError("dataset has no rows", where=spec.path, fix="check the file is not empty")
+        raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
     stats.rows[spec.path] += len(rows)
     return _format_rows(fmt, rows, skip_bad_rows, stats)
 
@@ -335,12 +335,13 @@ def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     return PreparedData(train, held_out, stats)
 
 
-def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = None) -> PreparedData:
+def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = None,
+            default_root: str | os.PathLike | None = None) -> PreparedData:
     """Prepared data for a config: from the prepared-data cache when one matches, else built.
 
-    The cache (``dataset_prepared_path``, default ``last_run_prepared``) is read whenever an entry
-    with the same key exists; it is written when ``save`` is true, or (``save=None``) when
-    ``dataset_prepared_path`` is set in the config. ``stats.note`` says which happened.
+    The cache (``dataset_prepared_path``, else `default_root`, else ``last_run_prepared``) is read
+    whenever an entry with the same key exists; it is written when ``save`` is true, or (``save=None``)
+    when ``dataset_prepared_path`` is set in the config. ``stats.note`` says which happened.
     """
     from lmforge.data import cache
 
@@ -348,7 +349,7 @@ def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = No
         prepared = build(data, tokenizer, seed)
         prepared.stats.note = "prepared in memory (skip_prepare_dataset: the prepared-data cache is not used)"
         return prepared
-    root = data.dataset_prepared_path or cache.DEFAULT_PREPARED_PATH
+    root = str(data.dataset_prepared_path or default_root or cache.DEFAULT_PREPARED_PATH)
     key = cache.cache_key(data, tokenizer, seed)
     damage = None
     try:

@@ -186,6 +186,8 @@ def _decode_file(path: Path, data: bytes) -> str:
 def _read_json(path: Path) -> Iterator[Row]:
     text = _decode_file(path, read_bytes(path))
     head = text.lstrip()[:1]
+    if not head:  # an empty file holds no records (read_local says so), not a JSON syntax error
+        return
     if head == "[":
         yield from _stream_array(path, text)
         return
@@ -211,6 +213,26 @@ def _read_text(path: Path) -> Iterator[Row]:
             yield Row({"text": line.rstrip("\r\n")}, where)
 
 
+def _holds_no_rows(kind: str, plain: Path) -> bool:
+    """Whether a plain CSV or Parquet file has no data rows: empty, a CSV header alone, or a Parquet
+    file of 0 rows. ``datasets`` fails on these with errors that do not say so (a header-only CSV:
+    'Instruction "train" corresponds to no data!'), so they are told apart before it reads them."""
+    if plain.stat().st_size == 0:
+        return True
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(plain).num_rows == 0
+        except Exception:  # noqa: BLE001 (not a Parquet file: load_dataset names the problem)
+            return False
+    import csv
+
+    with open(plain, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        records = (record for record in csv.reader(handle) if any(cell.strip() for cell in record))
+        return next(records, None) is None or next(records, None) is None  # nothing, or the header alone
+
+
 def _read_with_datasets(kind: str, path: Path) -> Iterator[Row]:
     """CSV and Parquet through ``datasets`` (the column types it infers); a file it cannot parse is one
     error naming the file. A compressed file is decompressed into a temporary folder first."""
@@ -220,6 +242,8 @@ def _read_with_datasets(kind: str, path: Path) -> Iterator[Row]:
 
     with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
         plain = decompressed_copy(path, tmp) if compression(path) else path
+        if _holds_no_rows(kind, plain):
+            return  # read_local names the file
         try:
             # keep_default_na: an empty CSV cell stays "" rather than becoming None (pandas' default),
             # so a row's fields read the same as in JSON.
@@ -250,7 +274,19 @@ def read_local(path: Path, ds_type: str | None = None) -> Iterator[Row]:
     else:
         raise LmforgeError(f"unknown ds_type '{kind}'", where=str(path),
                            fix=f"use one of {', '.join(sorted(set(FILE_TYPES.values())))}")
-    yield from guarded(path, rows)
+    count = 0
+    for row in guarded(path, rows):
+        count += 1
+        yield row
+    if not count:  # empty, blank lines only, `[]`, or a CSV header alone: every reader ends here
+        raise no_rows(path, kind)
+
+
+def no_rows(path: str | Path, kind: str | None = None) -> LmforgeError:
+    """The one error for a data file (or Hub split) that holds no rows."""
+    below = " below its header line" if kind == "csv" else ""
+    what = "dataset" if kind is None else "file"
+    return LmforgeError(f"the {what} has no rows", where=str(path), fix=f"add rows to it{below}, or remove it from the config")
 
 
 def read_hub(path: str, name: str | None, split: str, data_files: Any) -> Iterator[Row]:

@@ -1,6 +1,6 @@
 """`lmforge inference CONFIG --chat`: an interactive terminal chat that re-applies the training format each turn.
 
-Commands: ``/retry`` (answer the last message again), ``/undo`` (drop the last exchange),
+Commands: ``/retry`` (answer the last message again, sampled: see :data:`RETRY_TEMPERATURE`), ``/undo`` (drop the last exchange),
 ``/save [FILE]`` (append the conversation to a chat JSONL file, one ``{"messages": [...]}`` line,
 which trains as a ``type: chat_template`` dataset), ``/system TEXT``, ``/help`` and ``/exit``.
 Ctrl-C while the model answers stops the answer; at the prompt it (or Ctrl-D) leaves.
@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import Generator, GenerationStream
+from lmforge.infer.generate import Generator, GenerationStream, Sampling
+
+# Greedy decoding (temperature 0, the default) gives the same answer every time, so /retry samples at
+# this temperature instead; a session that samples already keeps its own. Each retry also takes the
+# next seed, since one seed repeats one answer.
+RETRY_TEMPERATURE = 0.7
 
 HELP = (
-    "/retry  answer the last message again\n"
+    "/retry  answer the last message again (sampled: at temperature 0.7 when the chat is greedy)\n"
     "/undo   remove the last exchange\n"
     "/save [FILE]  append this conversation to FILE (chat JSONL, default {save})\n"
     "/system TEXT  set the system message (chat templates only; empty clears it)\n"
@@ -37,6 +43,7 @@ class ChatSession:
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.current: GenerationStream | None = None
+        self.retries = 0
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -46,10 +53,10 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system and self.gen.prompts.multi_turn else []
         return head + self.messages
 
-    def answer(self) -> None:
+    def answer(self, sampling: Sampling | None = None) -> None:
         """Stream the assistant's answer to the conversation so far and append it."""
         try:
-            self.current = self.gen.stream(self.gen.prompts.conversation(self.conversation()), where="this message")
+            self.current = self.gen.stream(self.gen.prompts.conversation(self.conversation()), sampling, where="this message")
         except LmforgeError as exc:
             self.messages.pop()  # the user's message did not fit; leave the conversation as it was
             self.say(f"error: {exc.format()}" + (" (/undo earlier turns to make room)" if self.messages else ""))
@@ -95,7 +102,7 @@ class ChatSession:
             else:
                 if self.messages[-1]["role"] == "assistant":
                     self.messages.pop()
-                self.answer()
+                self.answer(self.retry_sampling())
         elif name == "/save":
             self.save(arg or self.save_path)
         elif name == "/system":
@@ -107,6 +114,17 @@ class ChatSession:
         else:
             self.say(f"unknown command {name} (/help lists them)")
         return True
+
+    def retry_sampling(self) -> Sampling:
+        """The settings /retry answers with: sampled (greedy would repeat the answer), on a seed of its own."""
+        self.retries += 1
+        sampling = self.gen.sampling
+        seed = None if sampling.seed is None else sampling.seed + self.retries
+        if sampling.temperature > 0:
+            return replace(sampling, seed=seed)
+        self.say(f"(greedy decoding repeats itself: /retry samples at temperature {RETRY_TEMPERATURE}; "
+                 "--temperature sets the chat's own)")
+        return replace(sampling, temperature=RETRY_TEMPERATURE, seed=seed)
 
     def save(self, path: str) -> None:
         if not self.messages:

@@ -122,3 +122,14 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def save_weights(model: Any, folder: Any, **kwargs: Any) -> None:
+    """``model.save_pretrained(folder, safe_serialization=True, **kwargs)``, without peft's two-line
+    "Setting `save_embedding_layers` to `True`" warning: lmforge said so itself, in one line, when it
+    added the tokens or put the embeddings in lora_modules_to_save; peft's "auto" still decides."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
+        model.save_pretrained(folder, safe_serialization=True, **kwargs)

@@ -31,7 +31,9 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
         tokenizer = run.tokenizer()
         with run.main_first():  # under several ranks rank 0 prepares and caches the data; the others read the cache
-            data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None)
+            # ... in the run's own output folder unless dataset_prepared_path names a place (not the current folder)
+            shared = run.output_dir / "prepared_data" if run.engine.distributed else None
+            data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None, default_root=shared)
         say(f"data: {data.stats.summary()}; {len(data.train)} train / {len(data.eval)} eval examples")
         run.predict_peak(data)
         rows = len(data.train)

@@ -1,4 +1,4 @@
-"""`lmforge validate`: the config resolved, its warnings, and its data files read, all without loading a model."""
+"""`lmforge validate`: the config's checks, its warnings and its data files read, all without loading a model."""
 
 from __future__ import annotations
 
@@ -8,15 +8,40 @@ import yaml
 
 from lmforge.config import LmforgeConfig
 from lmforge.data.check import check_data_files
+from lmforge.data.sources import local_files
+from lmforge.errors import LmforgeError
 from lmforge.redact import redact
 
 
-def run_validate(cfg: LmforgeConfig, location: str) -> None:
-    """Print the resolved config (YAML, stdout); warnings and what the data check read (stderr)."""
+def check_tokenized(cfg: LmforgeConfig) -> str:
+    """The data tokenized the way `train` prepares it, so what train refuses before its weights load (a
+    sequence_len that leaves no response token in any example, ...) fails here too, by the same check.
+    Nothing is written; a prepared-data cache entry that matches is reused."""
+    if cfg.is_pretraining or cfg.data.datasets is None or cfg.model.base_model is None:
+        return "tokens: pretraining windows are checked when pretraining starts"
+    specs = [*cfg.data.datasets, *(cfg.data.test_datasets or [])]
+    if any(local_files(spec.path, spec.ds_type, spec.data_files) is None for spec in specs):
+        return "tokens: checked when training (a Hub dataset is read then, not here)"
+    from lmforge.data.prepare import prepare
+    from lmforge.recipes.training import data_tokenizer
+
+    try:
+        tokenizer = data_tokenizer(cfg)
+    except LmforgeError as exc:  # e.g. a Hub tokenizer while offline: the rows were checked, the tokens cannot be
+        return f"tokens: not checked, the tokenizer does not load here ({exc.format()})"
+    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=False)
+    return f"tokens: {len(data.train):,} train / {len(data.eval):,} eval examples at sequence_len {cfg.data.sequence_len}"
+
+
+def run_validate(cfg: LmforgeConfig, location: str, print_config: bool = False) -> None:
+    """The checks and a one-line verdict (stderr); with `print_config`, the resolved config (YAML, stdout)."""
     data_lines = check_data_files(cfg)  # a bad row raises here, naming its file:line
-    print(yaml.safe_dump(redact(cfg.flat()), sort_keys=False), end="")  # passwords in URIs and *_api_key values masked
+    data_lines.append(check_tokenized(cfg))
+    if print_config:
+        print(yaml.safe_dump(redact(cfg.flat()), sort_keys=False), end="")  # passwords in URIs and *_api_key values masked
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for line in data_lines:
         print(f"# data: {line}", file=sys.stderr)
-    print(f"# {location}: valid", file=sys.stderr)
+    warned = f" with {len(cfg.warnings)} warning{'s' * (len(cfg.warnings) != 1)}" if cfg.warnings else ""
+    print(f"# {location}: valid{warned}" + ("" if print_config else " (--print-config shows it resolved)"), file=sys.stderr)

@@ -25,6 +25,7 @@ import yaml
 from lmforge.atomic import atomic_dir, restore_swapped, write_json, write_text
 from lmforge.hashing import file_sha256
 from lmforge.errors import LmforgeError
+from lmforge.models.adapters import save_weights
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -35,7 +36,7 @@ RNG_RANKS = "rng_ranks.pt"  # every rank's RNG states, when several ranks traine
 
 def save_model_files(model: Any, tokenizer: Any, config: dict[str, Any], folder: Path) -> None:
     """Weights (adapter or full model, safetensors), tokenizer and the resolved config."""
-    model.save_pretrained(folder, safe_serialization=True)
+    save_weights(model, folder)
     tokenizer.save_pretrained(folder)
     write_text(folder / "config.yml", yaml.safe_dump(config, sort_keys=False))
 

@@ -373,7 +373,9 @@ class ShardedEngine(TorchEngine):
         weights = self.full_state(model)
         if not self.is_main or folder is None:
             return
-        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        from lmforge.models.adapters import save_weights
+
+        save_weights(model, folder, state_dict=weights)
         if with_tokenizer and tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if config is not None:
@@ -549,15 +551,20 @@ def launch_command(nproc: int, argv: list[str]) -> list[str]:
             "-m", "lmforge", *without_nproc(argv)]
 
 
-def relaunch(nproc: int, argv: list[str]) -> None:
+def relaunch(nproc: int, argv: list[str], quiet: bool = False) -> None:
     """`lmforge train CONFIG --nproc N`: become torchrun with N ranks (signals reach it, and it passes them on).
 
     Returns (and the command runs in this process) under torchrun already, where the launcher decided
-    the ranks, and for N = 1.
+    the ranks, and for N = 1. `quiet` (no --verbose): torchrun's own banner is left out.
     """
     if nproc < 1:
         raise LmforgeError(f"--nproc {nproc}: the number of ranks must be at least 1", where="--nproc", fix="e.g. --nproc 2")
     if launched() or nproc == 1:
         return
     command = launch_command(nproc, argv)
-    os.execv(command[0], command)
+    env = dict(os.environ)
+    if quiet:
+        # torchrun gives each rank OMP_NUM_THREADS=1 when it is unset, under a four-line banner saying so;
+        # the same value set here, for torchrun and its ranks only, leaves the banner out.
+        env.setdefault("OMP_NUM_THREADS", "1")
+    os.execve(command[0], command, env)
