@@ -249,7 +249,10 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
         The body has been read, so the next ASGI message is the disconnect: wait for it beside the generation.
         """
         async def cancel_on_disconnect() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
+            try:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # noqa: BLE001 - a connection that cannot be read is one the answer cannot reach
                 pass
             stream.cancel()
 
