@@ -91,6 +91,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     run_serve(
         _config(args, overrides, check_paths=False), args.lora_model_dir, model=args.model, flags=_sampling_flags(args),
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"), model_name=args.model_name,
+        max_tokens=args.max_tokens, request_timeout=args.request_timeout,
     )
 
 
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", "--api-key", default=None, help="require this bearer token (or set LMFORGE_API_KEY)")
     p.add_argument("--model_name", "--model-name", default=None, help="the model id clients see (default: the adapter's or model's folder name)")
+    p.add_argument("--max_tokens", "--max-tokens", type=int, default=None,
+                   help="the most tokens one request may ask for; above it, HTTP 400 (default 1024, or --max_new_tokens if larger)")
+    p.add_argument("--request_timeout", "--request-timeout", type=float, default=None,
+                   help='seconds one generation may run once started; then its answer ends, finish_reason "length" (default 300; 0: no limit)')
     p = add("plan", cmd_plan, "before training: peak memory per device, the GPUs that fit, time and cost, what to change")
     p.add_argument("--gpu", default=None, help="the GPU to plan for (t4, a10, l4, 3090, 4090, a6000, a100-40gb, a100, h100, h200, mi300x)")
     p.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=None, help="devices to train on (default 1)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,7 +36,8 @@ class Sampling:
         """A copy with every value that is not None replaced."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
-    def check(self, where: str = "sampling") -> "Sampling":
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong) for each out-of-range value; the server names the request field instead."""
         problems = []
         if self.max_new_tokens < 1:
             problems.append(("max_new_tokens", "must be at least 1"))
@@ -47,6 +49,10 @@ class Sampling:
             problems.append(("top_k", "must be 0 (off) or more"))
         if self.repetition_penalty <= 0:
             problems.append(("repetition_penalty", "must be above 0 (1 is off)"))
+        return problems
+
+    def check(self, where: str = "sampling") -> "Sampling":
+        problems = self.problems()
         if problems:
             key, why = problems[0]
             raise LmforgeError(f"{key} {why}, got {getattr(self, key)}", where=where, fix=f"change {key}")
@@ -102,12 +108,17 @@ class _IdStreamer:
 
 
 class _Cancel:
-    """Stopping criterion: stop every row as soon as the event is set."""
+    """Stopping criterion: stop every row as soon as the event is set, or once ``deadline`` (monotonic) passes."""
 
-    def __init__(self, event: threading.Event) -> None:
+    def __init__(self, event: threading.Event, deadline: float | None = None) -> None:
         self.event = event
+        self.deadline = deadline
+        self.expired = False
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.deadline is not None and not self.event.is_set() and time.monotonic() >= self.deadline:
+            self.expired = True
+            self.event.set()
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -115,10 +126,15 @@ class GenerationStream:
     """Text pieces of one answer as they are generated; afterwards ``text``, ``finish_reason`` and token counts.
 
     Iterate it once. ``cancel()`` (or leaving the loop early) stops the generation at the next token.
+    ``time_limit`` (seconds, counted from when the model is free for it, not while it queues) stops it the
+    same way; the answer then ends with finish_reason "length" and ``timed_out`` is set.
     """
 
-    def __init__(self, generator: "Generator", ids: list[int], sampling: Sampling, stop: list[str]) -> None:
+    def __init__(self, generator: "Generator", ids: list[int], sampling: Sampling, stop: list[str],
+                 time_limit: float | None = None) -> None:
         self._generator = generator
+        self._time_limit = time_limit
+        self.timed_out = False
         self._ids = ids
         self._sampling = sampling
         self._stop = [s for s in stop if s]
@@ -190,7 +206,12 @@ class GenerationStream:
             with gen.lock:
                 if self._cancel.is_set():
                     return
-                gen.generate_ids([self._ids], self._sampling, streamer=streamer, cancel=self._cancel)
+                deadline = None if self._time_limit is None else time.monotonic() + self._time_limit
+                cancel = _Cancel(self._cancel, deadline)
+                try:
+                    gen.generate_ids([self._ids], self._sampling, streamer=streamer, cancel=cancel)
+                finally:
+                    self.timed_out = cancel.expired
         except BaseException as exc:  # surfaced to the consumer after the stream ends
             self.error = exc
         finally:
@@ -238,7 +259,7 @@ class Generator:
     # -- generation ---------------------------------------------------------------------------------
 
     def generate_ids(self, rows: list[list[int]], sampling: Sampling, streamer: Any = None,
-                     cancel: threading.Event | None = None) -> torch.Tensor:
+                     cancel: threading.Event | _Cancel | None = None) -> torch.Tensor:
         """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held."""
         from transformers import StoppingCriteriaList
 
@@ -252,7 +273,7 @@ class Generator:
             torch.manual_seed(sampling.seed)
         kwargs = sampling.generate_kwargs()
         if cancel is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)])
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), streamer=streamer,
@@ -261,10 +282,10 @@ class Generator:
         return out[:, width:].cpu()
 
     def stream(self, prompt: str, sampling: Sampling | None = None, stop: list[str] | None = None,
-               where: str = "prompt") -> GenerationStream:
+               where: str = "prompt", time_limit: float | None = None) -> GenerationStream:
         """Start streaming the answer to ``prompt`` (already formatted); raises PromptTooLong before starting."""
         ids, fitted = self.encode(prompt, (sampling or self.sampling).check(), where)
-        return GenerationStream(self, ids, fitted, stop or [])
+        return GenerationStream(self, ids, fitted, stop or [], time_limit)
 
     def complete(self, prompt: str, sampling: Sampling | None = None, stop: list[str] | None = None,
                  where: str = "prompt") -> Completion:

@@ -6,15 +6,29 @@ OpenAI's API). Both stream with ``"stream": true``: server-sent events in OpenAI
 the first chunk carrying the role, then content deltas, a last chunk with ``finish_reason``, and
 ``data: [DONE]``. Requests run one at a time on the model (the generator's lock); others wait in
 arrival order. Unsupported request fields that would change the answer (``n`` > 1, penalties,
-``logprobs``, tools) are refused with HTTP 400 rather than ignored.
+``logprobs``, tools) are refused with HTTP 400 rather than ignored, and so is a field of the wrong type
+or range, in OpenAI's error shape with ``param`` naming the field the client sent.
+
+The server survives its clients: a request whose client disconnects is cancelled at the next token,
+streamed or not (a queued one never starts); ``max_tokens`` above the server's cap (``--max_tokens``)
+is refused with HTTP 400, as OpenAI refuses more than a model supports, rather than clamped
+silently; a generation that runs past ``--request_timeout`` seconds ends there with finish_reason
+"length", as if it had reached its token limit, keeping the text made so far; and Ctrl-C or
+SIGTERM cancels what is running and stops the server in a moment, with one line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
 import secrets
+import signal
+import sys
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +48,18 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_p
            "stream_options", "n", "user", "presence_penalty", "frequency_penalty"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens"}
 _TEXT = _COMMON | {"prompt", "echo"}
+# The type each field must have when given (null means: the server's default, as in OpenAI's API).
+_INTEGERS = ("max_tokens", "max_completion_tokens", "top_k", "seed", "n")
+_NUMBERS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_BOOLEANS = ("stream", "echo")
+_STRINGS = ("model", "user")
+
+# The most tokens one request may ask for unless `serve --max_tokens` says otherwise: four times the
+# default answer (max_new_tokens 256), and about a minute of a 1B model on a CPU, so one client cannot
+# hold the queue for the whole context window.
+DEFAULT_MAX_TOKENS = 1024
+# Seconds one generation may hold the model (counted once it starts, not while it queues).
+DEFAULT_REQUEST_TIMEOUT = 300.0
 
 
 class BadRequest(Exception):
@@ -46,25 +72,56 @@ def _error_body(message: str, kind: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _sampling(gen: Generator, body: dict[str, Any], allowed: set[str]) -> tuple[Sampling, list[str]]:
+def _check_types(body: dict[str, Any]) -> None:
+    """HTTP 400 naming the first field whose JSON type is wrong (before any comparison could fail on it)."""
+    for key in _INTEGERS:
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise BadRequest(f"{key} must be an integer, got {json.dumps(value)}", param=key, code="invalid_type")
+    for key in _NUMBERS:
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise BadRequest(f"{key} must be a number, got {json.dumps(value)}", param=key, code="invalid_type")
+    for key in _BOOLEANS:
+        value = body.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise BadRequest(f"{key} must be true or false, got {json.dumps(value)}", param=key, code="invalid_type")
+    for key in _STRINGS:
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{key} must be a string, got {json.dumps(value)}", param=key, code="invalid_type")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+        raise BadRequest('stream_options must be an object like {"include_usage": true}', param="stream_options",
+                         code="invalid_type")
+
+
+def _sampling(gen: Generator, body: dict[str, Any], allowed: set[str],
+              max_tokens_cap: int | None = None) -> tuple[Sampling, list[str]]:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BadRequest(f"unsupported field(s): {', '.join(unknown)}", param=unknown[0])
-    if body.get("n", 1) != 1:
+    _check_types(body)
+    if body.get("n") not in (None, 1):
         raise BadRequest("only n=1 is supported", param="n")
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key):
             raise BadRequest(f"{key} is not supported (use repetition_penalty)", param=key)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    try:
-        sampling = gen.sampling.with_overrides(
-            max_new_tokens=max_tokens, temperature=body.get("temperature"), top_p=body.get("top_p"),
-            top_k=body.get("top_k"), repetition_penalty=body.get("repetition_penalty"), seed=body.get("seed"),
-        ).check(where="request")
-    except LmforgeError as exc:
-        raise BadRequest(exc.message, param=exc.message.split()[0]) from exc
-    except TypeError as exc:
-        raise BadRequest(f"a sampling field has the wrong type: {exc}") from exc
+    # The field the client sent, so errors name it (the generator calls it max_new_tokens).
+    tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(tokens_key)
+    if max_tokens is not None and max_tokens_cap is not None and max_tokens > max_tokens_cap:
+        raise BadRequest(f"{tokens_key} is {max_tokens}, above this server's limit of {max_tokens_cap} "
+                         "(serve --max_tokens sets it)", param=tokens_key, code="invalid_value")
+    sampling = gen.sampling.with_overrides(
+        max_new_tokens=max_tokens, temperature=body.get("temperature"), top_p=body.get("top_p"),
+        top_k=body.get("top_k"), repetition_penalty=body.get("repetition_penalty"), seed=body.get("seed"),
+    )
+    problems = sampling.problems()
+    if problems:
+        field, why = problems[0]
+        key = tokens_key if field == "max_new_tokens" else field
+        raise BadRequest(f"{key} {why}, got {body.get(key)}", param=key, code="invalid_value")
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -106,12 +163,29 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def create_app(gen: Generator, model_id: str, api_key: str | None = None) -> Any:
-    """The FastAPI application serving ``gen`` as ``model_id``."""
+def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS,
+               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> Any:
+    """The FastAPI application serving ``gen`` as ``model_id``.
+
+    ``max_tokens`` caps what a request may ask for (None: no cap); ``request_timeout`` seconds end a
+    generation (None or 0: no limit). ``app.state.cancel_all()`` cancels every request in progress.
+    """
     if FastAPI is None:
         raise LmforgeError("the server needs fastapi and uvicorn", where="serve", fix="pip install 'lmforge[serve]' (scripts/setup.sh does)")
     app = FastAPI(title=f"lmforge: {model_id}", docs_url=None, redoc_url=None)
     created = int(time.time())
+    # Requests started and not yet answered, so a shutdown can cancel them (weak: a response never sent
+    # cannot keep its stream here).
+    live: weakref.WeakSet[GenerationStream] = weakref.WeakSet()
+    time_limit = request_timeout or None
+
+    def cancel_all() -> int:
+        streams = list(live)
+        for stream in streams:
+            stream.cancel()
+        return len(streams)
+
+    app.state.cancel_all = cancel_all
 
     @app.middleware("http")
     async def check_key(request: Request, call_next: Any) -> Any:
@@ -140,9 +214,18 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None) -> Any
 
     def start(prompt: str, sampling: Sampling, stop: list[str]) -> GenerationStream:
         try:
-            return gen.stream(prompt, sampling, stop, where="request")
+            stream = gen.stream(prompt, sampling, stop, where="request", time_limit=time_limit)
         except PromptTooLong as exc:
             raise BadRequest(exc.message + f" ({exc.fix})", param="messages", code="context_length_exceeded") from exc
+        live.add(stream)
+        return stream
+
+    def finished(stream: GenerationStream) -> None:
+        live.discard(stream)
+        if stream.timed_out:  # the operator's record of it; the client sees finish_reason "length"
+            print(f"[lmforge] a request reached --request_timeout {request_timeout:g} s after "
+                  f"{stream.completion_tokens} tokens; its answer ends there (finish_reason \"length\")",
+                  file=sys.stderr, flush=True)
 
     async def events(stream: GenerationStream, chunk: Any, include_usage: bool) -> AsyncIterator[bytes]:
         """SSE bytes for a stream; the generation is cancelled if the client goes away."""
@@ -158,11 +241,32 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None) -> Any
             yield _sse("[DONE]")
         finally:
             stream.cancel()
+            finished(stream)
+
+    async def answer(request: Request, stream: GenerationStream) -> None:
+        """Generate a non-streamed answer; a client that disconnects meanwhile cancels it at the next token.
+
+        The body has been read, so the next ASGI message is the disconnect: wait for it beside the generation.
+        """
+        async def cancel_on_disconnect() -> None:
+            try:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # noqa: BLE001 - a connection that cannot be read is one the answer cannot reach
+                pass
+            stream.cancel()
+
+        watcher = asyncio.ensure_future(cancel_on_disconnect())
+        try:
+            await run_in_threadpool(_drain, stream)
+        finally:
+            watcher.cancel()
+            finished(stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await read_body(request)
-        sampling, stop = _sampling(gen, body, _CHAT)
+        sampling, stop = _sampling(gen, body, _CHAT, max_tokens)
         try:
             prompt = gen.prompts.conversation(_messages(body))
         except ValueError as exc:
@@ -181,7 +285,7 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None) -> Any
 
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(events(stream, chunk, include_usage), media_type="text/event-stream")
-        await run_in_threadpool(_drain, stream)
+        await answer(request, stream)
         return {
             "id": ident, "object": "chat.completion", "created": now, "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.text},
@@ -192,7 +296,7 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None) -> Any
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await read_body(request)
-        sampling, stop = _sampling(gen, body, _TEXT)
+        sampling, stop = _sampling(gen, body, _TEXT, max_tokens)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -212,7 +316,7 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None) -> Any
 
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(events(stream, chunk, include_usage), media_type="text/event-stream")
-        await run_in_threadpool(_drain, stream)
+        await answer(request, stream)
         return {
             "id": ident, "object": "text_completion", "created": now, "model": model_id,
             "choices": [{"index": 0, "text": (prompt if echo else "") + stream.text, "logprobs": None,
@@ -229,8 +333,45 @@ def _drain(stream: GenerationStream) -> None:
 
 
 def serve(gen: Generator, model_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "warning") -> None:
-    """Run the server until Ctrl-C."""
+          log_level: str = "warning", max_tokens: int | None = DEFAULT_MAX_TOKENS,
+          request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> None:
+    """Run the server until Ctrl-C or SIGTERM, which stop it in a moment with one line."""
     import uvicorn
 
-    uvicorn.run(create_app(gen, model_id, api_key), host=host, port=port, log_level=log_level)
+    app = create_app(gen, model_id, api_key, max_tokens=max_tokens, request_timeout=request_timeout)
+
+    class Server(uvicorn.Server):
+        stop_signal: int | None = None
+        cut_short = 0  # requests in progress when the signal came
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's graceful shutdown waits for every response to finish: cancelling the generations
+            # (they stop at their next token, and end with finish_reason "length") makes that a moment.
+            # A second Ctrl-C still forces the stop, as in uvicorn.
+            if self.stop_signal is None:
+                self.stop_signal = sig
+                self.cut_short = app.state.cancel_all()
+                # Tasks that uvicorn may cancel from here on are expected, not errors to print.
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            if self.stop_signal is None:  # stopped by its owner, not by a signal: return as uvicorn does
+                await super().shutdown(sockets)
+                return
+            name = "Ctrl-C" if self.stop_signal == signal.SIGINT else signal.Signals(self.stop_signal).name
+            cut = self.cut_short
+            print(f"[lmforge] {name}: server stopped" + (f" ({cut} request(s) in progress ended early)" if cut else ""),
+                  file=sys.stderr, flush=True)
+            await super().shutdown(sockets)
+            # Every response is sent: the process ends here, as SIGTERM's default action would end it, without
+            # the interpreter's teardown of the model and some 3,000 modules (1 to 10 s of garbage collection
+            # on a busy 2-core machine), and without waiting for a generation that cannot stop between tokens
+            # (a long prompt's prefill).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=1)
+    Server(config).run()

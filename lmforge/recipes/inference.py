@@ -240,13 +240,35 @@ def run_inference(
 
 def run_serve(cfg: LmforgeConfig, lora_model_dir: str | None = None, *, model: str | None = None,
               flags: SamplingFlags | None = None, host: str = "127.0.0.1", port: int = 8000,
-              api_key: str | None = None, model_name: str | None = None) -> None:
-    """`lmforge serve`: the OpenAI-compatible server on host:port until Ctrl-C."""
-    from lmforge.infer.server import serve
+              api_key: str | None = None, model_name: str | None = None, max_tokens: int | None = None,
+              request_timeout: float | None = None) -> None:
+    """`lmforge serve`: the OpenAI-compatible server on host:port until Ctrl-C.
 
+    ``max_tokens`` caps what one request may ask for (default: 1024, or max_new_tokens if larger, so the
+    server's own default answer is always allowed); ``request_timeout`` seconds end one generation
+    (default 300; 0: no limit).
+    """
+    from lmforge.infer.server import DEFAULT_MAX_TOKENS, DEFAULT_REQUEST_TIMEOUT, serve
+
+    default_tokens = sampling_from(cfg, flags).max_new_tokens  # checked before seconds of loading
+    if max_tokens is None:
+        max_tokens = max(DEFAULT_MAX_TOKENS, default_tokens)
+    elif max_tokens < 1:
+        raise LmforgeError(f"--max_tokens must be at least 1, got {max_tokens}", where="--max_tokens",
+                           fix="pass the most tokens one request may ask for, e.g. --max_tokens 1024")
+    elif default_tokens > max_tokens:
+        raise LmforgeError(f"the default answer length (max_new_tokens {default_tokens}) is above --max_tokens {max_tokens}",
+                           where="--max_tokens", fix=f"raise --max_tokens to {default_tokens} or lower max_new_tokens")
+    if request_timeout is None:
+        request_timeout = DEFAULT_REQUEST_TIMEOUT
+    elif request_timeout < 0:
+        raise LmforgeError(f"--request_timeout must be 0 (no limit) or more seconds, got {request_timeout:g}",
+                           where="--request_timeout", fix="pass seconds, e.g. --request_timeout 300")
     gen = build_generator(cfg, lora_model_dir, model, flags)
     model_id = model_name or gen.name
     if host not in LOCAL_HOSTS:
         note(f"listening on {host}: other machines can reach this server" + ("" if api_key else " and it has no --api_key"))
     note(f"serving {model_id} at http://{host}:{port}/v1 (OpenAI API: /v1/models, /v1/chat/completions, /v1/completions)")
-    serve(gen, model_id, host=host, port=port, api_key=api_key)
+    limit = f"{request_timeout:g} s each" if request_timeout else "no time limit"
+    note(f"requests: max_tokens up to {max_tokens} (--max_tokens), {limit} (--request_timeout); Ctrl-C stops")
+    serve(gen, model_id, host=host, port=port, api_key=api_key, max_tokens=max_tokens, request_timeout=request_timeout)
