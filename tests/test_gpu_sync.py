@@ -174,3 +174,89 @@ def test_the_gathered_loss_equals_the_masked_loss_on_a_device_batch(tiny_model_d
     reference = F.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="sum")
     assert count == int(keep.sum())
     torch.testing.assert_close(loss_sum.detach(), reference, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- item 6: eval memory
+
+
+class AllocationSpy(TorchDispatchMode):
+    """The largest tensor any op creates, per phase: 'eval' inside evaluation, 'train' in the training loop,
+    'setup' before (loading weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "setup"
+        self.largest: dict[str, int] = {"setup": 0, "train": 0, "eval": 0}
+        self.where: dict[str, tuple] = {}  # phase -> (op, shape, who asked) of its largest tensor
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            # a new allocation: not a view (nor an in-place result) of an input
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                if t.numel() * t.element_size() > self.largest[self.phase]:
+                    self.largest[self.phase] = t.numel() * t.element_size()
+                    self.where[self.phase] = (str(func), tuple(t.shape), _asker())
+        return out
+
+    @contextlib.contextmanager
+    def during(self, phase: str) -> Iterator[None]:
+        before, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = before
+
+
+def test_the_step0_eval_needs_no_more_memory_than_a_training_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chunked_cross_entropy on, a 4096-token vocabulary (so the logits are by far the largest tensor): the
+    evaluations of `lmforge train` (step 0 and the last step) allocate no tensor larger than a training step's."""
+    import lmforge.recipes.training as training
+    from transformers import LlamaForCausalLM
+
+    model_dir = tmp_path / "model"
+    tokenizer = build_tiny_tokenizer(model_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(model_dir)
+    assert len(tokenizer) < 4096
+    spy = AllocationSpy()
+    evaluate, train_loop = training.evaluate, training.train_loop
+
+    def spied_evaluate(*args: Any, **kwargs: Any) -> float:
+        with spy.during("eval"):
+            return evaluate(*args, **kwargs)
+
+    def spied_train_loop(*args: Any, **kwargs: Any) -> Any:
+        with spy.during("train"):
+            return train_loop(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", spied_evaluate)
+    monkeypatch.setattr(training, "train_loop", spied_train_loop)
+    data = write_jsonl(tmp_path / "arith.jsonl", ARITHMETIC)
+    config = tiny_config(model_dir, data, tmp_path / "out", max_steps=2, val_set_size=0.2, chunked_cross_entropy=True,
+                         save_strategy="no")
+    from lmforge.recipes.train import run_train
+
+    cfg = load_config(str(write_config(tmp_path / "c.yml", config)))
+    with spy:
+        summary = run_train(cfg)
+    assert summary["eval_loss_start"] is not None and len(summary["eval_history"]) == 1
+    # Unchunked (today's main), one eval batch's fp32 logits are 24 labelled tokens x 4096 x 4 bytes = 384 KiB,
+    # eight times a training step's largest slice.
+    # Every ARITHMETIC answer has the same number of labelled tokens, so a full eval batch and a micro-batch
+    # have the same slice sizes.
+    assert spy.largest["eval"] <= spy.largest["train"], (spy.largest, spy.where)
+
+
+def test_chunked_loss_under_no_grad_equals_the_plain_loss(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = collate(EXAMPLES, 0)
+    with torch.no_grad():
+        plain, n = causal_lm_loss(model, batch)
+        chunked, m = causal_lm_loss(model, batch, loss_chunks=4)
+    assert n == m
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)

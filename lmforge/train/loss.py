@@ -50,7 +50,8 @@ def _chunked_head_loss(head: Any, hidden: torch.Tensor, targets: torch.Tensor, c
     """Head + summed cross-entropy in `chunks` slices of the labelled positions, each recomputed in backward.
 
     The full-vocabulary logits (fp32, and their gradient) never exist at once: only one slice's do,
-    in forward and again in backward. Costs one more head forward per labelled token.
+    in forward and again in backward. Costs one more head forward per labelled token. Under no_grad
+    (evaluation) each slice's logits are freed before the next slice's are computed.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -98,7 +99,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         if fused:
             return _fused_head_loss(fused, base.get_output_embeddings(), hidden[rows, columns], targets,
                                     label_smoothing), count
-        if loss_chunks > 1 and torch.is_grad_enabled():
+        if loss_chunks > 1:  # in evaluation too: there the full logits would be the run's largest tensor
             head_loss = _chunked_head_loss(base.get_output_embeddings(), hidden[rows, columns], targets,
                                            loss_chunks, label_smoothing)
             return head_loss, count
