@@ -126,7 +126,8 @@ def _offload(settings: LoopSettings) -> contextlib.AbstractContextManager:
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     """The batch on `device` (copies queued without waiting), carrying its CPU original for the loss to read
     counts and positions from without a device sync (lmforge.data.batching.HostCopy)."""
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    pin = device.type == "cuda"  # from pinned memory the copies are truly asynchronous (pageable memory may wait)
+    moved = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
     if device.type != "cpu":
         moved[HOST_COPY] = HostCopy(batch)  # type: ignore[assignment]
     return moved

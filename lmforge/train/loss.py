@@ -88,7 +88,10 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
     extra = {"position_ids": position_ids} if position_ids is not None else {}
     # (row, column) of every labelled position, as integer indices: gathering with them needs no
     # sync, where boolean-mask indexing of a device tensor waits for the device to count the mask.
-    positions = (host["labels"][:, 1:] != IGNORE_INDEX).nonzero().to(labels.device, non_blocking=True)
+    positions = (host["labels"][:, 1:] != IGNORE_INDEX).nonzero()
+    if labels.device.type == "cuda":
+        positions = positions.pin_memory()  # so the copy below is truly asynchronous (pageable memory may wait)
+    positions = positions.to(labels.device, non_blocking=True)
     count = positions.shape[0]
     rows, columns = positions.unbind(1)
     targets = labels[:, 1:][rows, columns]
