@@ -114,11 +114,19 @@ def _meta_llama() -> Any:
 # ----------------------------------------------------------------------------- item 7: host syncs
 
 
-@pytest.mark.parametrize("examples", [EXAMPLES, UNPADDED], ids=["padded", "unpadded"])
-def test_causal_lm_loss_reads_nothing_back_from_the_device(examples: list[Example]) -> None:
+def _packed() -> dict[str, torch.Tensor]:
+    """Two rows of two examples each, position ids restarting per example (as data.batching packs them)."""
+    batch = collate(UNPADDED, 0)
+    batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4]])
+    return batch
+
+
+@pytest.mark.parametrize("make", [lambda: collate(EXAMPLES, 0), lambda: collate(UNPADDED, 0), _packed],
+                         ids=["padded", "unpadded", "packed"])
+def test_causal_lm_loss_reads_nothing_back_from_the_device(make: Any) -> None:
     """Forward and backward of the loss on a device batch: lmforge itself reads no device value."""
     model = _meta_llama()
-    batch = collate(examples, 0)
+    batch = make()
     expected_count = int((batch["labels"][:, 1:] != -100).sum())
     spy = SyncSpy()
     with spy:
