@@ -27,6 +27,30 @@ from lmforge.data.prepare import IGNORE_INDEX, Example
 
 Batch = dict[str, torch.Tensor]
 
+HOST_COPY = "host_copy"  # the key under which a device batch carries its CPU original (see HostCopy)
+
+
+class HostCopy:
+    """The CPU original of a batch moved to an accelerator, carried in the device batch under HOST_COPY.
+
+    A loss reads data-dependent facts (how many labels, where they are, whether the mask pads
+    anything) from these host tensors: read from the device copy, each would be a host-device
+    sync that stalls the GPU queue. A plain object, not a dict or tensor, so DDP/FSDP's input
+    moving (torch.distributed.utils._recursive_to) passes it through untouched.
+    """
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+
+def host_batch(batch: dict) -> Batch:
+    """The CPU tensors of `batch`: its HostCopy when it carries one, else the batch itself (on the CPU already,
+    or a caller that moved it without one: reading it then syncs, but stays correct)."""
+    copy = batch.get(HOST_COPY)
+    return copy.batch if isinstance(copy, HostCopy) else batch
+
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
     """Right-pad to the longest example; padding gets attention 0 and label -100."""

@@ -390,12 +390,13 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
                             eval_fn=lambda: run.evaluate(model, eval_batches, loss_fn), invariants=invariants)
         result, eval_start = outcome.result, outcome.eval_start
 
-        # Final numbers in fp32, whatever the training compute was.
+        # Final numbers (and the sample) in the run's precision, like the step-0 eval they are compared with: a bf16
+        # base under an fp32 LoRA adapter cannot run outside the training autocast (a dtype error after the whole run).
         summary: dict[str, Any] = {**run.summary(outcome, model), "objective": p.objective, "parameters": params,
                                    "non_embedding_parameters": non_embedding, "flops_per_token": flops,
                                    "tokens_seen": result.total_tokens, "shards": shards}
         if p.objective == "clm":
-            eval_loss = run.evaluate(model, eval_batches, causal_lm_loss, fp32=True)
+            eval_loss = run.evaluate(model, eval_batches, causal_lm_loss)
             targets = np.concatenate([b["input_ids"][:, 1:].reshape(-1).numpy() for b in eval_batches])
             baseline = unigram_entropy(targets)
             summary.update(eval_loss=eval_loss, eval_perplexity=perplexity(eval_loss), unigram_entropy=baseline,

@@ -29,6 +29,7 @@ belongs in the part that it changes, and then works in every training recipe at 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from functools import partial
@@ -274,18 +275,32 @@ class TrainingRun:
             + (f"; dropout {self.t.dropout}" if self.t.dropout is not None else ""))
         return model
 
-    def evaluate(self, model: Any, batches: Iterable[Batch], loss_fn: LossFn, fp32: bool = False) -> float:
-        """Mean per-token loss, with the run's device and precision (fp32: without autocast), over all ranks."""
+    def evaluate(self, model: Any, batches: Iterable[Batch], loss_fn: LossFn) -> float:
+        """Mean per-token loss, with the run's device and precision, over all ranks."""
         settings = self.loop_settings(StepPlan(1, 0, 0, None, None))
-        if fp32:
-            settings.autocast_dtype = None
+        loss_fn = self._head_loss(loss_fn)
         if isinstance(self.engine, TorchEngine):  # several ranks, or a sharded model: every rank takes part
             return self.engine.evaluate(model, list(batches), settings, loss_fn)
         return evaluate(model, iter(batches), settings, loss_fn)
 
+    def _head_loss(self, loss_fn: LossFn) -> LossFn:
+        """The causal-LM loss with the run's output-head choice (the fused kernel, chunked_cross_entropy), so that
+        evaluation never builds the full logits a training step avoids: else the step-0 eval is the run's peak,
+        and a run that fits only thanks to that choice dies before its first step."""
+        if getattr(loss_fn, "func", loss_fn) is not causal_lm_loss:
+            return loss_fn
+        options = dict(getattr(loss_fn, "keywords", {}))
+        if self.t.chunked_cross_entropy:
+            options.setdefault("loss_chunks", self.t.chunked_cross_entropy_num_chunks)
+        if (fused := fused_loss(self.speed, self.device, lambda line: None)) is not None:  # train() said why, once
+            options.setdefault("fused", fused)
+        return partial(causal_lm_loss, **options) if options else loss_fn
+
     def call(self, model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(model, *args)`` for any other use of the trained model (generation, metrics); every rank calls it."""
-        return self.engine.call(model, fn, *args, **kwargs)
+        """``fn(model, *args)`` for any other use of the trained model (generation, metrics); every rank calls it.
+        Under the training autocast: a bf16 base with fp32 adapter weights runs only there."""
+        with torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext():
+            return self.engine.call(model, fn, *args, **kwargs)
 
     def loop_settings(self, plan: StepPlan, has_eval: bool = False) -> LoopSettings:
         t = self.t

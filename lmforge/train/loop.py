@@ -4,8 +4,14 @@ One optimizer step = `grad_accum` micro-batches; the loss is the sum over every 
 token of the step divided by their count, so short and long examples weigh the same
 whatever batch they land in.
 
-Per step the loop reads two numbers back from the device (the loss and the gradient norm);
-the NaN/inf check, early stopping and the stop-on-signal check reuse them and cost nothing more.
+Host-device syncs: one per step, none per micro-batch. In one process, after the step's backward
+passes and the clipping, the loop reads the step's summed loss and the gradient norm back together
+(one transfer); the NaN/inf check, logging, early stopping and the loss watchdog all reuse those two
+numbers. Everything data-dependent before that (labelled-token counts, where the labels are,
+whether a batch is padded) is read from the host copy of the batch, which the micro-batches are
+collated into before any device work: the step's token-weighted mean needs the label count of all
+of its micro-batches before the first backward. (Under several ranks the sums over ranks and
+DeepSpeed's own norm read back once more; fp16's GradScaler reads its inf flag in `scaler.step`.)
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmforge.data.batching import Batch
+from lmforge.data.batching import HOST_COPY, Batch, HostCopy
 from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.train.loss import causal_lm_loss
@@ -162,7 +168,13 @@ def _offload(settings: LoopSettings) -> contextlib.AbstractContextManager:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device` (copies queued without waiting), carrying its CPU original for the loss to read
+    counts and positions from without a device sync (lmforge.data.batching.HostCopy)."""
+    pin = device.type == "cuda"  # from pinned memory the copies are truly asynchronous (pageable memory may wait)
+    moved = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+    if device.type != "cpu":
+        moved[HOST_COPY] = HostCopy(batch)  # type: ignore[assignment]
+    return moved
 
 
 @torch.no_grad()
@@ -171,15 +183,16 @@ def evaluate_sums(model: Any, batches: Iterator[Batch], settings: LoopSettings, 
     """Summed loss and labelled-token count over the eval batches (`call` runs loss_fn where a sharded model can)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total: torch.Tensor | float = 0.0
+    count = 0
     with _autocast(settings):
         for batch in batches:
             batch = _to_device(batch, settings.device)
             loss_sum, n = call(model, loss_fn, batch) if call else loss_fn(model, batch)
-            total += float(loss_sum)
+            total = total + loss_sum.detach().float()  # summed on the device: read back once, below
             count += n
     model.train(was_training)
-    return total, count
+    return float(total), count
 
 
 def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss) -> float:
@@ -188,14 +201,29 @@ def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_
     return total / max(count, 1)
 
 
-def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
-    """The gradient norm over all ranks (FSDP's sharded gradients included), clipped to `max_norm` when set."""
+def _clip_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """The gradient norm over all ranks (FSDP's sharded gradients included), clipped to `max_norm` when set;
+    a device tensor, not read back."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if hasattr(norm, "full_tensor"):  # sharded gradients (DTensor): the norm of the whole
         norm = norm.full_tensor()
     if max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+    return norm
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    return float(_clip_norm(params, max_norm))
+
+
+def _read_back(*values: torch.Tensor | float) -> list[float]:
+    """Device scalars as floats, in one device-to-host transfer (one sync, not one per value)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    device = tensors[0].device
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values]).tolist()
+    return [float(v) for v in stacked]
 
 
 def _record_eval(result: LoopResult, step: int, eval_loss: float, callbacks: Callbacks) -> None:
@@ -248,7 +276,7 @@ def train_loop(
         step_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
         if sync:  # every rank divides by the labelled tokens of the whole step, over all ranks
             label_count, step_tokens = sync.sum_counts(label_count, step_tokens)
-        step_loss = 0.0
+        step_loss_sum: torch.Tensor | float = 0.0  # summed on the device: no sync per micro-batch
         for i, batch in enumerate(step_batches):
             batch = _to_device(batch, settings.device)
             with sync.accumulating(model, i + 1 < len(step_batches)) if sync else contextlib.nullcontext():
@@ -259,13 +287,17 @@ def train_loop(
                 if scaler is not None:
                     scaled = scaler.scale(scaled)
                 sync.backward(scaled) if sync else scaled.backward()
-            step_loss += float(loss_sum.detach())
+            step_loss_sum = step_loss_sum + loss_sum.detach().float()
         stop = callbacks.stop_requested
         if sync:  # one host sum: the step's loss, and a stop request every rank acts on at the same step
-            step_loss, stop = sync.sum_loss(step_loss, stop)
+            step_loss, stop = sync.sum_loss(float(step_loss_sum), stop)
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip and report the true gradient norm
-        grad_norm = sync.clip(params, settings.max_grad_norm) if sync else _clip(params, settings.max_grad_norm)
+        if sync:
+            grad_norm = sync.clip(params, settings.max_grad_norm)
+        else:  # the step's one read-back: its loss and gradient norm in one transfer
+            norm = _clip_norm(params, settings.max_grad_norm)
+            step_loss, grad_norm = _read_back(step_loss_sum, norm)
         loss = step_loss / max(label_count, 1)
         scaler_skipped = sync.loss_scaler_skipped() if sync else False
         if scaler is not None and math.isfinite(loss):

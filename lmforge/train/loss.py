@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.batching import host_batch
 from lmforge.data.prepare import IGNORE_INDEX
 
 # Architectures whose logits are exactly head(last_hidden_state): no softcapping or scaling
@@ -66,7 +67,8 @@ def _chunked_head_loss(head: Any, hidden: torch.Tensor, targets: torch.Tensor, c
     """Head + summed cross-entropy in `chunks` slices of the labelled positions, each recomputed in backward.
 
     The full-vocabulary logits (fp32, and their gradient) never exist at once: only one slice's do,
-    in forward and again in backward. Costs one more head forward per labelled token.
+    in forward and again in backward. Costs one more head forward per labelled token. Under no_grad
+    (evaluation) each slice's logits are freed before the next slice's are computed.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -89,31 +91,40 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
     labelled positions, so the vocabulary-sized logits never exist whole (same loss, less memory).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
+    # Data-dependent facts (is there padding, where are the labels) are read from the batch's CPU copy:
+    # read from device tensors, each would be a host-device sync that stalls the GPU's queue.
+    host = host_batch(batch)
     attention_mask = batch.get("attention_mask")
     position_ids = batch.get("position_ids")
     if position_ids is not None:
         # Packed rows: position ids restarting per example make transformers build a
         # block-diagonal causal mask, which a 2D attention_mask would override.
         attention_mask = None
-    elif attention_mask is not None and bool(attention_mask.all()):
+    elif attention_mask is not None and bool(host["attention_mask"].all()):
         attention_mask = None  # no padding: lets SDPA take its plain causal kernel
     extra = {"position_ids": position_ids, **flash_segments(model, batch)} if position_ids is not None else {}
-    targets = labels[:, 1:]
-    selected = targets != IGNORE_INDEX
-    count = int(selected.sum())
+    # (row, column) of every labelled position, as integer indices: gathering with them needs no
+    # sync, where boolean-mask indexing of a device tensor waits for the device to count the mask.
+    positions = (host["labels"][:, 1:] != IGNORE_INDEX).nonzero()
+    if labels.device.type == "cuda":
+        positions = positions.pin_memory()  # so the copy below is truly asynchronous (pageable memory may wait)
+    positions = positions.to(labels.device, non_blocking=True)
+    count = positions.shape[0]
+    rows, columns = positions.unbind(1)
+    targets = labels[:, 1:][rows, columns]
     if uses_fast_path(model):
         base = _unwrap(model)
         backbone = getattr(base, base.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
         if fused:
-            return _fused_head_loss(fused, base.get_output_embeddings(), hidden[:, :-1][selected], targets[selected],
+            return _fused_head_loss(fused, base.get_output_embeddings(), hidden[rows, columns], targets,
                                     label_smoothing), count
-        if loss_chunks > 1 and torch.is_grad_enabled():
-            head_loss = _chunked_head_loss(base.get_output_embeddings(), hidden[:, :-1][selected], targets[selected],
+        if loss_chunks > 1:  # in evaluation too: there the full logits would be the run's largest tensor
+            head_loss = _chunked_head_loss(base.get_output_embeddings(), hidden[rows, columns], targets,
                                            loss_chunks, label_smoothing)
             return head_loss, count
-        logits = base.get_output_embeddings()(hidden[:, :-1][selected])
+        logits = base.get_output_embeddings()(hidden[rows, columns])
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[:, :-1][selected]
-    loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum", label_smoothing=label_smoothing)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[rows, columns]
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
     return loss_sum, count
