@@ -29,7 +29,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-import lora_vs_trl as base  # noqa: E402
+import common  # noqa: E402
 import sft_vs_peers as peers  # noqa: E402
 
 # TRL with bf16 weights, its fastest LoRA setting where bf16 runs (fp32 weights where it does not: precision below).
@@ -72,7 +72,7 @@ def main() -> int:
     stamp = dt.datetime.now(dt.timezone.utc)
     root = BENCH / "runs" / ("growth-" + stamp.strftime("%Y%m%d-%H%M%S"))
     root.mkdir(parents=True)
-    model_dir = base.model_dir()
+    model_dir = common.model_dir()
     import torch
 
     from lmforge.train.telemetry import cpu_supports_bf16
@@ -102,7 +102,7 @@ def main() -> int:
                 try:
                     r = peers.run_variant(tool, name, opts, "lora", ctx, run_args)
                     cells[key] = f"{r['tokens_per_s']:.0f} tok/s, {r['peak_rss_mb'] / 1024:.1f} GB (load {r['load']:.1f})"
-                except base.BenchError as exc:
+                except common.BenchError as exc:
                     text = str(exc)
                     oom = text.startswith("out of memory") or "Killed" in text or "MemoryError" in text
                     cells[key] = "OOM" if oom else f"failed: {' '.join(text.split())[:80]}"

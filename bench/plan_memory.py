@@ -7,7 +7,7 @@ Run from the repository root with lmforge's venv:
     .venv/bin/python bench/plan_memory.py --only lora-s256-b2,full-s256-b2 --steps 2
 
 For each configuration it runs `lmforge train CONFIG --max_steps=STEPS` as a child process and
-reads its peak resident set from outside (``wait4`` ru_maxrss, as bench/lora_vs_trl.py does),
+reads its peak resident set from outside (``wait4`` ru_maxrss, as bench/common.py's run_measured does),
 then subtracts the baseline: the ru_maxrss of a child that imports the training stack
 (lmforge.plan.runcheck.import_training_stack: torch, transformers' model classes, peft,
 bitsandbytes, lmforge's training modules) and exits before reading any tokenizer, data or

@@ -5,7 +5,7 @@
     nice -n 10 .venv/bin/python bench/sft_vs_peers.py --workload lora --steps 6 --warmup 2
     nice -n 10 .venv/bin/python bench/sft_vs_peers.py --workload pretrain --only lmforge,hf-clm
 
-Fairness, the point of this script (bench/lora_vs_trl.py let each tool pick its own batches):
+Fairness, the point of this script (its deleted predecessor, lora_vs_trl.py, let each tool pick its own batches):
 - One batch file per workload, written once by this harness (``runs/<stamp>/<workload>/batches.json``):
   for each optimizer step, the examples of its micro-batch as token ids and labels (-100 = no loss).
   lora/full: GSM8K tokenized and truncated by lmforge's data pipeline from ``bench/lora_gsm8k_bench.yml``,
@@ -43,7 +43,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-import lora_vs_trl as base  # noqa: E402  (venv handling, ceiling, RSS measurement, FLOPs model)
+import common  # noqa: E402  (venv handling, ceiling shapes, RSS measurement, FLOPs model)
 
 CONFIG = BENCH / "lora_gsm8k_bench.yml"
 RESULTS = BENCH / "RESULTS.md"
@@ -139,7 +139,7 @@ def pretrain_batches(steps: int, seed: int, seq: int, model_dir: Path, init_dir:
 
 
 def measure_ceiling(dtype_name: str, seconds: float, threads: int) -> dict:
-    """Best GEMM GFLOP/s of one dtype over lora_vs_trl's shapes (bf16 on a CPU without native bf16 is ~1 GFLOP/s:
+    """Best GEMM GFLOP/s of one dtype over common.CEILING_SHAPES (bf16 on a CPU without native bf16 is ~1 GFLOP/s:
     measuring it there would take minutes, and nothing runs in it)."""
     import torch
 
@@ -147,7 +147,7 @@ def measure_ceiling(dtype_name: str, seconds: float, threads: int) -> dict:
         torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     best, shapes = 0.0, []
-    for m, k, n in base.CEILING_SHAPES:
+    for m, k, n in common.CEILING_SHAPES:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         c = torch.mm(a, b)
         rates = []
@@ -178,7 +178,7 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
     out.mkdir(exist_ok=True)
     result = out / "result.json"
     batches = str(ctx["batches"])
-    env = base.child_env(args.threads)
+    env = common.child_env(args.threads)
     if tool == "lmforge":
         cmd = [sys.executable, str(BENCH / "lmforge_fixed_run.py"), "--config", str(CONFIG), "--batches", batches,
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--result", str(result)]
@@ -195,10 +195,10 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
             cmd += ["--set", kv]
         env["PYTHONPATH"] = str(REPO)
     elif tool in ("trl", "hf"):
-        base.ensure_trl_venv()
+        common.ensure_trl_venv()
         peer = {"lora": "trl-lora", "full": "trl-full", "pretrain": "hf-clm"}[workload]
         model = ctx["init_dir"] if workload == "pretrain" else ctx["model_dir"]
-        cmd = [str(base.trl_python()), str(BENCH / "peer_run.py"), "--tool", peer, "--model", str(model),
+        cmd = [str(common.trl_python()), str(BENCH / "peer_run.py"), "--tool", peer, "--model", str(model),
                "--batches", batches, "--warmup", str(args.warmup), "--seq-len", str(ctx["seq"]),
                "--model-dtype", opts["dtype"] if args.precision == "bf16" else "float32",
                "--precision", args.precision, "--threads", str(args.threads), "--output-dir", str(out / "trainer"),
@@ -210,7 +210,7 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
     elif tool == "axolotl":
         py = AXOLOTL_VENV / "bin" / "python"
         if not py.exists():
-            raise base.BenchError(f"no axolotl venv at {AXOLOTL_VENV} (set AXOLOTL_VENV; see bench/README.md: axolotl)")
+            raise common.BenchError(f"no axolotl venv at {AXOLOTL_VENV} (set AXOLOTL_VENV; see bench/README.md: axolotl)")
         cmd = [str(py), str(BENCH / "axolotl_run.py"), "--workload", workload, "--model", str(ctx["model_dir"]),
                "--batches", batches, "--warmup", str(args.warmup), "--threads", str(args.threads),
                "--output-dir", str(out / "axolotl"), "--result", str(result)]
@@ -218,11 +218,11 @@ def run_variant(name: str, tool: str, opts: dict, workload: str, ctx: dict, args
         raise ValueError(tool)
     load = os.getloadavg()[0]
     log(f"{workload}/{name}: {' '.join(cmd[1:3])} ... (load {load:.2f})")
-    m = base.run_measured(cmd, out / "log.txt", env, args.timeout, rss_limit_mb=getattr(args, "rss_limit_mb", None))
+    m = common.run_measured(cmd, out / "log.txt", env, args.timeout, rss_limit_mb=getattr(args, "rss_limit_mb", None))
     if m.get("rss_limited"):
-        raise base.BenchError(f"out of memory: passed the {args.rss_limit_mb:,.0f} MB limit")
+        raise common.BenchError(f"out of memory: passed the {args.rss_limit_mb:,.0f} MB limit")
     if m["rc"] != 0 or not result.exists():
-        raise base.BenchError(f"rc {m['rc']}{' (timed out)' if m['timed_out'] else ''}: {base.tail(out / 'log.txt', 12)}")
+        raise common.BenchError(f"rc {m['rc']}{' (timed out)' if m['timed_out'] else ''}: {common.tail(out / 'log.txt', 12)}")
     r = json.loads(result.read_text())
     timed = ctx["spec"]["batches"][args.warmup:]
     real = sum(len(e["input_ids"]) for b in timed for e in b)
@@ -246,9 +246,9 @@ def render(workload: str, rows: list[dict], failures: dict, ceiling: dict, fm: d
     for r in rows:
         r["gflops"] = model_flops_per_token(workload, fm, r["real_tokens"] / r["sequences"]) * r["tokens_per_s"] / 1e9
         r["mfu"] = r["gflops"] / ceil
-        loss = f"{base.fmt(r['first_loss'], '.3f')} → {base.fmt(r['last_loss'], '.3f')}"
+        loss = f"{common.fmt(r['first_loss'], '.3f')} → {common.fmt(r['last_loss'], '.3f')}"
         lines.append(f"| {r['tool']} | {r['tokens_per_s']:.1f} | {r['mfu']:.1%} | {r['peak_rss_mb']:,.0f} | {loss} "
-                     f"| {r['train_seconds']:.1f} | {r['load']:.2f}→{r['load_after']:.2f} | {base.fmt(r['tokens_per_cpu_s'], '.1f')} |")
+                     f"| {r['train_seconds']:.1f} | {r['load']:.2f}→{r['load_after']:.2f} | {common.fmt(r['tokens_per_cpu_s'], '.1f')} |")
     for name, why in failures.items():
         lines.append(f"| {LABELS[name]} | not run: {' '.join(why.split())[:160]} | | | | | | |")
     ours = [r for r in rows if r["name"].startswith("lmforge")]
@@ -312,7 +312,11 @@ def main() -> int:
                     "--lmforge-set adapter=qlora --lmforge-set load_in_4bit=true)")
     ap.add_argument("--rss-limit-mb", type=float, default=None, help="kill a run whose RSS passes this (an OOM stand-in)")
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--install-trl-only", action="store_true", help="create the peers' venv (bench/.venv-trl) and exit")
     args = ap.parse_args()
+    if args.install_trl_only:
+        print(json.dumps(common.ensure_trl_venv()))
+        return 0
     if args.nice:
         os.nice(args.nice)
     os.chdir(REPO)
@@ -324,7 +328,7 @@ def main() -> int:
     run_root.mkdir(parents=True, exist_ok=True)
 
     log(f"model folder and matmul ceiling (load {os.getloadavg()[0]:.2f})")
-    model_dir = Path(args.model_dir).resolve() if args.model_dir else base.model_dir()
+    model_dir = Path(args.model_dir).resolve() if args.model_dir else common.model_dir()
     import torch
 
     from lmforge.train.telemetry import cpu_supports_bf16
@@ -337,9 +341,9 @@ def main() -> int:
     else:
         code = (f"import json, sys; sys.path.insert(0, {str(BENCH)!r}); import sft_vs_peers as s; "
                 f"print(json.dumps(s.measure_ceiling({'bfloat16' if bf16 else 'float32'!r}, {args.ceiling_seconds}, {args.threads})))")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=base.child_env(args.threads))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=common.child_env(args.threads))
         if r.returncode != 0:
-            raise base.BenchError(f"ceiling measurement failed:\n{r.stderr[-2000:]}")
+            raise common.BenchError(f"ceiling measurement failed:\n{r.stderr[-2000:]}")
         ceiling = json.loads(r.stdout.strip().splitlines()[-1])
     log(f"precision {args.precision}; ceiling {ceiling['dtype']} {ceiling['gflops']:.0f} GFLOP/s (load {os.getloadavg()[0]:.2f})")
 
@@ -361,7 +365,7 @@ def main() -> int:
             seq = spec["seq_len"]
         batches = wdir / "batches.json"
         batches.write_text(json.dumps(spec))
-        fm = base.flops_model(fm_cfg)
+        fm = common.flops_model(fm_cfg)
         ctx = {"dir": wdir, "batches": batches, "spec": spec, "model_dir": model_dir, "init_dir": init_dir, "seq": seq}
         rows, failures = [], {}
         for name, tool, sets, opts in VARIANTS:
@@ -372,7 +376,7 @@ def main() -> int:
             try:
                 rows.append(run_variant(name, tool, opts, workload, ctx, args))
                 log(f"{workload}/{name}: {rows[-1]['tokens_per_s']:.1f} real tokens/s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB")
-            except base.BenchError as exc:
+            except common.BenchError as exc:
                 failures[name] = str(exc)
                 log(f"{workload}/{name} failed: {exc}")
         table = render(workload, rows, failures, ceiling, fm, ctx, args)
@@ -384,7 +388,7 @@ def main() -> int:
         print(sections[-1], flush=True)
         (wdir / "results.json").write_text(json.dumps({"rows": rows, "failures": failures, "ceiling": ceiling},
                                                       indent=2, default=str))
-    m = base.machine_description()
+    m = common.machine_description()
     header = (f"## {stamp.strftime('%Y-%m-%d %H:%M UTC')}: lmforge vs peers on fixed batches (bench/sft_vs_peers.py)\n\n"
               f"`python bench/sft_vs_peers.py {' '.join(sys.argv[1:])}` on {m['cpu']}, {m['cpus']} CPUs, "
               f"{m.get('mem_gb')} GB; niced +{os.nice(0)}.\n")
@@ -400,6 +404,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except base.BenchError as exc:
+    except common.BenchError as exc:
         print(f"bench error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,7 @@
-"""TRL side of ``bench/lora_vs_trl.py``: one LoRA SFT run with TRL's SFTTrainer.
+"""The ``trl-peer`` row of ``bench/gpu_check.py``: one LoRA SFT run with TRL's SFTTrainer.
 
-Runs inside ``bench/.venv-trl`` (never imports lmforge). The harness starts it as a
-child process, measures its peak RSS from outside, and reads the JSON it writes.
+Never imports lmforge. The GPU check starts it as a child process (in its own environment, with
+the carried TRL wheel) and reads the JSON it writes.
 
 What it times: the wall-clock window from the end of the last warm-up step to the end
 of the last step (data loading, forward, backward, clipping, optimizer step: everything

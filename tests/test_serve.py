@@ -105,6 +105,10 @@ def test_text_completions(server, reference) -> None:  # noqa: ANN001
     assert client.completions.create(model="tiny", prompt=raw).choices[0].text == expected
     streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt=raw, stream=True) if c.choices)
     assert streamed == expected
+    # echo: the prompt comes first, as the streamed opening chunk or at the head of the answer
+    assert client.completions.create(model="tiny", prompt=raw, echo=True).choices[0].text == raw + expected
+    chunks = [c for c in client.completions.create(model="tiny", prompt=raw, echo=True, stream=True) if c.choices]
+    assert chunks[0].choices[0].text == raw and "".join(c.choices[0].text for c in chunks) == raw + expected
 
 
 def test_two_concurrent_requests_each_get_their_own_answer(server, reference) -> None:  # noqa: ANN001

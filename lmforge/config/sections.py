@@ -696,10 +696,6 @@ def key_owners() -> dict[str, str]:
     return {info.alias or key: section for section, model in SECTIONS.items() for key, info in model.model_fields.items()}
 
 
-def field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
 def describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

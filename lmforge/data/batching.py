@@ -168,13 +168,6 @@ def packed_batch_order(lengths: Sequence[int], batch_size: int, sequence_len: in
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def batches_per_epoch(examples: Sequence[Example], batch_size: int, sequence_len: int | None = None, seed: int = 0) -> int:
-    """Micro-batches in an epoch (epoch 0's count when packing)."""
-    if sequence_len is None:
-        return -(-len(examples) // batch_size)
-    return -(-len(pack_order([len(e) for e in examples], sequence_len, seed, 0)) // batch_size)
-
-
 def iterate_batches(
     examples: Sequence[Example], batch_size: int, pad_token_id: int, seed: int, epoch: int, group_by_length: bool = True, skip: int = 0,
     sequence_len: int | None = None,

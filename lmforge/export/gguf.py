@@ -333,45 +333,6 @@ def write_gguf(
     return out_file
 
 
-def export_gguf(
-    model_dir: str,
-    out_file: str | os.PathLike[str],
-    quant: str = "f16",
-    *,
-    tokenizer_dir: str | None = None,
-    tokenizer_pre: str | None = None,
-) -> Path:
-    """Write ``model_dir`` (a folder, ``.gguf`` or ``pkg://`` path) as one GGUF file.
-
-    ``quant`` as in :func:`write_gguf`. ``tokenizer_pre`` sets llama.cpp's pre-tokenizer
-    name; by default it is carried over from a ``.gguf`` source or identified by hash.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lmforge.models.load import local_model_dir
-
-    check_quant(quant)
-    source = local_model_dir(model_dir)
-    _check_config(AutoConfig.from_pretrained(source), model_dir)
-    try:
-        # a tokenizer-only folder has no config.json, so local_model_dir would refuse it
-        tok_source = source if tokenizer_dir is None else (
-            tokenizer_dir if os.path.isdir(tokenizer_dir) else local_model_dir(tokenizer_dir)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(tok_source)
-    except (OSError, ValueError) as exc:
-        raise LmforgeError(
-            f"could not load the tokenizer: {str(exc).splitlines()[0]}", where=tokenizer_dir or model_dir,
-            fix="save the tokenizer into the model folder or pass tokenizer_dir",
-        ) from exc
-    pre = pre_tokenizer_for(tokenizer, base_model=model_dir, override=tokenizer_pre)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-    name = Path(model_dir).stem if model_dir.endswith(".gguf") else (
-        str(getattr(model.config, "_name_or_path", "") or Path(source).name)
-    )
-    return write_gguf(model, tokenizer, out_file, quant, tokenizer_pre=pre, name=name, where=tokenizer_dir or model_dir)
-
-
 # Largest mean KL(unquantized || file) per token and smallest top-1 agreement that still
 # pass: they tell a file that is broken (wrong layout or tensor: KL of several nats, top-1
 # near chance) from one that is only as lossy as its type. Measured on SmolLM2-135M-Instruct,

@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from lmforge.errors import LmforgeError
@@ -227,17 +227,20 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
                   f"{stream.completion_tokens} tokens; its answer ends there (finish_reason \"length\")",
                   file=sys.stderr, flush=True)
 
-    async def events(stream: GenerationStream, chunk: Any, include_usage: bool) -> AsyncIterator[bytes]:
-        """SSE bytes for a stream; the generation is cancelled if the client goes away."""
+    async def events(stream: GenerationStream, head: dict[str, Any], choice: Callable[[str | None, str | None], Any],
+                     body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """SSE bytes for a stream: each chunk is `head` (id, object, created, model) around `choice(piece, finish)`;
+        `choice(None, None)` is the opening chunk (None: no opening chunk). The generation is cancelled if the
+        client goes away."""
         try:
-            first = chunk(None, None)
+            first = choice(None, None)
             if first is not None:
-                yield _sse(first)
+                yield _sse({**head, "choices": [first]})
             async for piece in iterate_in_threadpool(iter(stream)):
-                yield _sse(chunk(piece, None))
-            yield _sse(chunk(None, stream.finish_reason))
-            if include_usage:
-                yield _sse({**chunk(None, None, empty=True), "usage": _usage(stream)})
+                yield _sse({**head, "choices": [choice(piece, None)]})
+            yield _sse({**head, "choices": [choice(None, stream.finish_reason)]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield _sse({**head, "choices": [], "usage": _usage(stream)})
             yield _sse("[DONE]")
         finally:
             stream.cancel()
@@ -274,17 +277,13 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
         stream = start(prompt, sampling, stop)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
-            def chunk(piece: str | None, finish: str | None, empty: bool = False) -> dict[str, Any] | None:
-                base = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id}
-                if empty:
-                    return {**base, "choices": []}
+            def choice(piece: str | None, finish: str | None) -> dict[str, Any]:
                 if piece is None and finish is None:  # the first chunk: the role (OpenAI sends it with empty content)
-                    return {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-                delta = {"content": piece} if piece is not None else {}
-                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                return {"index": 0, "delta": {"content": piece} if piece is not None else {}, "finish_reason": finish}
 
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(events(stream, chunk, include_usage), media_type="text/event-stream")
+            head = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id}
+            return StreamingResponse(events(stream, head, choice, body), media_type="text/event-stream")
         await answer(request, stream)
         return {
             "id": ident, "object": "chat.completion", "created": now, "model": model_id,
@@ -306,16 +305,13 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
         stream = start(prompt, sampling, stop)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
-            def chunk(piece: str | None, finish: str | None, empty: bool = False) -> dict[str, Any] | None:
-                base = {"id": ident, "object": "text_completion", "created": now, "model": model_id}
-                if empty:
-                    return {**base, "choices": []}
-                if piece is None and finish is None:
-                    return {**base, "choices": [{"index": 0, "text": prompt, "logprobs": None, "finish_reason": None}]} if echo else None
-                return {**base, "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
+            def choice(piece: str | None, finish: str | None) -> dict[str, Any] | None:
+                if piece is None and finish is None:  # the first chunk: the prompt when echoed, else none
+                    return {"index": 0, "text": prompt, "logprobs": None, "finish_reason": None} if echo else None
+                return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
 
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(events(stream, chunk, include_usage), media_type="text/event-stream")
+            head = {"id": ident, "object": "text_completion", "created": now, "model": model_id}
+            return StreamingResponse(events(stream, head, choice, body), media_type="text/event-stream")
         await answer(request, stream)
         return {
             "id": ident, "object": "text_completion", "created": now, "model": model_id,

@@ -93,7 +93,3 @@ class HookFormat:
 
     def prompt(self, instruction: str) -> str:
         return self.chat.prompt(instruction) if self.chat is not None else instruction
-
-    @property
-    def returns_messages(self) -> bool:
-        return self.chat is not None
