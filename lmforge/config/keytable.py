@@ -460,6 +460,7 @@ TRAIN = "lmforge/recipes/train.py"
 TRAINING = "lmforge/recipes/training.py"  # the setup train and pretrain share
 LOAD = "lmforge/models/load.py"
 PRETRAIN = "lmforge/recipes/pretrain.py"
+OBJECTIVES = "lmforge/train/objectives.py"  # objective_from_config: the loss every training recipe trains
 PREPARE = "lmforge/data/prepare.py"
 LOGGERS = "lmforge/train/loggers.py"
 ADAPTERS = "lmforge/models/adapters.py"
@@ -616,7 +617,7 @@ KEYS: tuple[Key, ...] = (
     later("lr_div_factor", "one-cycle schedules", nearest="lr_scheduler"),
     done("warmup_steps", TRAINING),
     done("warmup_ratio", TRAINING),
-    done("label_smoothing_factor", TRAIN),
+    done("label_smoothing_factor", OBJECTIVES),
     done("dropout", MODEL),
     done("unfrozen_parameters", MODEL),
     later("spectrum_*", "Spectrum layer selection", nearest="unfrozen_parameters"),
@@ -654,8 +655,8 @@ KEYS: tuple[Key, ...] = (
     later("tiled_mlp", "tiled MLPs for long sequences", nearest="gradient_checkpointing"),
     later("tiled_mlp_num_shards", "tiled MLPs for long sequences", only_with="tiled_mlp"),
     later("tiled_mlp_use_original_mlp", "tiled MLPs for long sequences", only_with="tiled_mlp"),
-    done("chunked_cross_entropy", TRAIN, PRETRAIN),
-    done("chunked_cross_entropy_num_chunks", TRAIN, PRETRAIN),
+    done("chunked_cross_entropy", OBJECTIVES),
+    done("chunked_cross_entropy_num_chunks", OBJECTIVES),
 
     # --- attention and kernels -------------------------------------------------------------------------------------
     done("attn_implementation", MODEL, rule=attention),
