@@ -61,7 +61,7 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmforge.recipes.pretrain import run_tokenizer_train
+    from lmforge.recipes.tokenizer import run_tokenizer_train
 
     cfg = _config(args, overrides, check_paths=False) if args.config else None
     flags = {k: getattr(args, k) for k in ("files", "vocab_size", "model_type", "backend", "output_dir")}

@@ -139,6 +139,21 @@ def test_causal_lm_loss_reads_nothing_back_from_the_device(make: Any) -> None:
     assert len(spy.libraries()) <= 1, spy.libraries()
 
 
+def test_masked_lm_objective_reads_nothing_back_from_the_device() -> None:
+    """The MLM objective gathers its masked positions by integer indices found on the host copy (pretrain's
+    mlm_loss indexed with a boolean mask and counted it on the device: two syncs per micro-batch)."""
+    from lmforge.train.objectives import MaskedLM
+
+    model = _meta_llama()
+    batch = collate(UNPADDED, 0)
+    spy = SyncSpy()
+    with spy:
+        loss_sum, count, _ = MaskedLM()(model, _to_device(batch, META))
+        loss_sum.backward()
+    assert spy.ours() == []
+    assert count == MaskedLM().count_tokens(batch) == int((batch["labels"] != -100).sum())
+
+
 def test_a_training_step_syncs_once_not_per_micro_batch() -> None:
     """Two optimizer steps of three micro-batches on the meta device: one read-back per step (the loss and
     the gradient norm, together), none per micro-batch; nothing else of lmforge's reads a device value."""

@@ -106,8 +106,10 @@ def test_nan_gradient_is_skipped_with_skip_policy(tiny_model_dir: Path) -> None:
 
 def test_nan_in_a_run_names_the_last_good_checkpoint(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmforge.recipes.train as recipe
+    import lmforge.recipes.training as training
+    from lmforge.train.objectives import as_objective
 
-    monkeypatch.setattr(recipe, "causal_lm_loss", _nan_at(5))  # micro-batch 5 = step 5
+    monkeypatch.setattr(training, "objective_from_config", lambda cfg: as_objective(_nan_at(5)))  # micro-batch 5 = step 5
     out = tmp_path / "out"
     cfg = tiny_config(tiny_model_dir, alpaca_file, out, adapter=None, max_steps=8, save_steps=2, learning_rate=0.003)
     with pytest.raises(LmforgeError, match=r"not finite at step 5.*last good checkpoint: .*checkpoint-4"):

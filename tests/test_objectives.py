@@ -1,15 +1,24 @@
-"""Pretraining objectives: BERT masking statistics, the CLM label convention, metrics."""
+"""Objectives: BERT masking statistics, the CLM label convention, metrics, and the objective seam of the run."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from conftest import tiny_config, write_config
+from lmforge.config import load_config
 from lmforge.train.objectives import (
     IGNORE_INDEX,
+    CausalLM,
+    MaskedLM,
+    Objective,
     PretrainCollator,
+    objective_from_config,
     clm_labels,
     mask_tokens,
     masked_token_accuracy,
@@ -116,3 +125,155 @@ def test_collator() -> None:
         [torch.randint(5, VOCAB, (256,)) for _ in range(4)]
     )
     assert ((mlm["labels"] != IGNORE_INDEX).float().mean() - 0.5).abs() < 0.1
+
+
+# ----------------------------------------------------------------------------- the objective seam
+
+
+class _WeightedCausalLM(Objective):
+    """TEST-ONLY: next-token cross-entropy with an integer weight per target token id (0 = not learned).
+
+    It lives in this test file only, and trains through TrainingRun with no change to the loop or a recipe.
+    """
+
+    name = "weighted_clm"
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.weights = weights
+        self.seen: list[tuple[float, int]] = []  # (loss_sum, count) of every training micro-batch, in order
+
+    def _target_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        return self.weights[targets.clamp(min=0)] * (targets != IGNORE_INDEX)
+
+    def count_tokens(self, batch: dict) -> int:
+        return int(self._target_weights(batch["labels"]).sum())
+
+    def __call__(self, model, batch):  # noqa: ANN001, ANN204
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="none")
+        loss_sum = (per_token * self._target_weights(batch["labels"]).reshape(-1)).sum()
+        count = self.count_tokens(batch)
+        if model.training:
+            self.seen.append((float(loss_sum.detach()), count))
+        return loss_sum, count, {}
+
+
+def test_a_test_only_objective_trains_through_the_run(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """Answer digits weigh 2, other answer words 1, the rest 0: the loop divides each step by the objective's
+    count (not the labelled-token count it used to hard-code), and the weighted loss falls."""
+    from lmforge.data.prepare import prepare
+    from lmforge.recipes.training import TrainingRun
+    from lmforge.train.stream import EpochStream
+
+    config = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", adapter=None, max_steps=12,
+                         gradient_accumulation_steps=2, learning_rate=0.01, save_strategy="no")
+    cfg = load_config(str(write_config(tmp_path / "c.yml", config)))
+    with TrainingRun(cfg, "train") as run:
+        tokenizer = run.tokenizer()
+        data = prepare(cfg.data, tokenizer, cfg.training.seed)
+        weights = torch.ones(len(tokenizer), dtype=torch.long)
+        weights[[tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]] = 2
+        weights[tokenizer.all_special_ids] = 0
+        weights[tokenizer.convert_tokens_to_ids("plus")] = 0
+        objective = _WeightedCausalLM(weights)
+        model = run.model(tokenizer)
+        stream = EpochStream(data.train, cfg.training.micro_batch_size, tokenizer.pad_token_id, cfg.training.seed, False)
+        outcome = run.train(model, tokenizer, stream, run.plan(len(data.train)), objective=objective, invariants={})
+    history = [loss for _, loss in outcome.result.train_history]
+    assert len(history) == 12 and len(objective.seen) == 24
+    for step, loss in enumerate(history):  # each step: its two micro-batches' sums over their weights
+        (a, n), (b, m) = objective.seen[2 * step: 2 * step + 2]
+        assert loss == pytest.approx((a + b) / (n + m), rel=1e-5)
+    assert history[-1] < 0.75 * history[0]  # ~0.49 measured (AVX512 and AVX2)
+
+
+def test_label_smoothing_works_in_pretraining(tiny_lora_model_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """label_smoothing_factor smooths pretraining's training loss (it was accepted and silently ignored there):
+    step 1's loss is the smoothed cross-entropy of its two micro-batches under the starting weights."""
+    import random
+
+    import lmforge.recipes.training as training
+    from conftest import WORDS
+    from lmforge.recipes.pretrain import run_pretrain
+    from lmforge.train.loop import train_loop
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(0)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(" ".join(rng.choices(WORDS, k=12)) for _ in range(200)), encoding="utf-8")
+    seen: list[dict] = []
+
+    def recording_loop(model, optimizer, scheduler, micro_batches, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        def tee():  # noqa: ANN202
+            for batch in micro_batches:
+                seen.append(batch)
+                yield batch
+        return train_loop(model, optimizer, scheduler, tee(), *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_loop", recording_loop)
+    config = {"base_model": str(tiny_lora_model_dir), "datasets": [{"path": str(corpus), "type": "completion"}],
+              "sequence_len": 16, "val_set_size": 0.1, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+              "max_steps": 1, "label_smoothing_factor": 0.3, "bf16": False, "sample_prompt": "the cat",
+              "save_strategy": "no", "output_dir": str(tmp_path / "out")}
+    summary = run_pretrain(load_config(str(write_config(tmp_path / "c.yml", config))))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lora_model_dir, dtype=torch.float32)  # the weights step 1 ran with
+    with torch.no_grad():
+        def mean(smoothing: float) -> float:
+            total, count = 0.0, 0
+            for batch in seen:
+                logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+                total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                                               reduction="sum", label_smoothing=smoothing))
+                count += batch["labels"][:, 1:].numel()
+            return total / count
+
+        smoothed, plain = mean(0.3), mean(0.0)
+    assert len(seen) == 2 and abs(smoothed - plain) > 1e-3
+    assert summary["final_train_loss"] == pytest.approx(smoothed, rel=1e-5)  # the plain loss differs by ~0.016
+
+
+class _Bag(torch.nn.Module):
+    """A stand-in masked LM: logits straight from an embedding of the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.embed(input_ids))
+
+
+def test_masked_lm_objective_counts_every_masked_position_and_smooths() -> None:
+    """Every masked position is a target (position 0 too: the work-around for the loop's causal count is gone),
+    and label smoothing applies: checked against cross-entropy over a boolean mask."""
+    torch.manual_seed(0)
+    inputs, labels = mask_tokens(_batch(8, 64), MASK, VOCAB, SPECIAL, 0.3, torch.Generator().manual_seed(2))
+    labels[0, 0], inputs[0, 0] = 7, MASK  # a masked first position
+    batch = {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs)}
+    model, keep = _Bag(), labels != IGNORE_INDEX
+    objective = MaskedLM(label_smoothing=0.1)
+    loss_sum, count, _ = objective(model, batch)
+    assert count == objective.count_tokens(batch) == int(keep.sum())
+    reference = F.cross_entropy(model(inputs).logits[keep], labels[keep], reduction="sum", label_smoothing=0.1)
+    torch.testing.assert_close(loss_sum, reference)
+    plain, _, _ = objective.for_evaluation()(model, batch)
+    torch.testing.assert_close(plain, F.cross_entropy(model(inputs).logits[keep], labels[keep], reduction="sum"))
+
+
+def test_objective_from_config_carries_the_loss_keys(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", label_smoothing_factor=0.2, chunked_cross_entropy=True,
+                         chunked_cross_entropy_num_chunks=3)
+    objective = objective_from_config(load_config(str(write_config(tmp_path / "c.yml", config))))
+    assert objective == CausalLM(label_smoothing=0.2, loss_chunks=3)
+    assert objective.for_evaluation() == CausalLM(loss_chunks=3)  # the eval loss stays plain
+
+
+def test_pretrain_recipe_is_only_wiring() -> None:
+    """recipes/pretrain.py wires the tokenizer, shards, model, objective and loop; their code lives elsewhere."""
+    source = Path(__file__).resolve().parents[1] / "lmforge/recipes/pretrain.py"
+    assert len(source.read_text(encoding="utf-8").splitlines()) <= 200

@@ -460,6 +460,9 @@ TRAIN = "lmforge/recipes/train.py"
 TRAINING = "lmforge/recipes/training.py"  # the setup train and pretrain share
 LOAD = "lmforge/models/load.py"
 PRETRAIN = "lmforge/recipes/pretrain.py"
+TOKENIZER = "lmforge/recipes/tokenizer.py"  # tokenizer_train: `lmforge tokenizer train` and pretraining
+SOURCES = "lmforge/data/sources.py"
+OBJECTIVES = "lmforge/train/objectives.py"  # objective_from_config: the loss every training recipe trains
 PREPARE = "lmforge/data/prepare.py"
 LOGGERS = "lmforge/train/loggers.py"
 ADAPTERS = "lmforge/models/adapters.py"
@@ -581,7 +584,7 @@ KEYS: tuple[Key, ...] = (
 
     # --- batch, optimizer, schedule -----------------------------------------------------------------------------
     done("micro_batch_size", TRAIN, PRETRAIN),
-    done("gradient_accumulation_steps", TRAIN, PRETRAIN),
+    done("gradient_accumulation_steps", TRAINING, PRETRAIN),
     alias("batch_size", "gradient_accumulation_steps", "sets gradient_accumulation_steps = batch_size / micro_batch_size",
           rule=batch_size, convert=lambda value, facts: value // (facts.config.get("micro_batch_size") or 1)),
     done("eval_batch_size", TRAIN, PRETRAIN),
@@ -616,7 +619,7 @@ KEYS: tuple[Key, ...] = (
     later("lr_div_factor", "one-cycle schedules", nearest="lr_scheduler"),
     done("warmup_steps", TRAINING),
     done("warmup_ratio", TRAINING),
-    done("label_smoothing_factor", TRAIN),
+    done("label_smoothing_factor", OBJECTIVES),
     done("dropout", MODEL),
     done("unfrozen_parameters", MODEL),
     later("spectrum_*", "Spectrum layer selection", nearest="unfrozen_parameters"),
@@ -655,8 +658,8 @@ KEYS: tuple[Key, ...] = (
     later("tiled_mlp", "tiled MLPs for long sequences", nearest="gradient_checkpointing"),
     later("tiled_mlp_num_shards", "tiled MLPs for long sequences", only_with="tiled_mlp"),
     later("tiled_mlp_use_original_mlp", "tiled MLPs for long sequences", only_with="tiled_mlp"),
-    done("chunked_cross_entropy", TRAIN, PRETRAIN),
-    done("chunked_cross_entropy_num_chunks", TRAIN, PRETRAIN),
+    done("chunked_cross_entropy", OBJECTIVES),
+    done("chunked_cross_entropy_num_chunks", OBJECTIVES),
 
     # --- attention and kernels -------------------------------------------------------------------------------------
     done("attn_implementation", MODEL, rule=attention),
@@ -830,7 +833,7 @@ KEYS: tuple[Key, ...] = (
     done("model_config", PRETRAIN, rule=overrides_with_base_model),
     done("objective", PRETRAIN),
     done("mlm_probability", PRETRAIN),
-    done("tokenizer_train", PRETRAIN),
+    done("tokenizer_train", TOKENIZER),
     done("shards_dir", PRETRAIN),
     done("shard_doc_per", PRETRAIN),
     done("sample_prompt", PRETRAIN),
@@ -909,16 +912,16 @@ KEYS: tuple[Key, ...] = (
     done("path", PRETRAIN, scope=PRETRAINING),
     done("name", "lmforge/data/shards.py", scope=PRETRAINING),
     done("split", "lmforge/data/shards.py", scope=PRETRAINING),
-    done("text_column", PRETRAIN, scope=PRETRAINING),
+    done("text_column", SOURCES, scope=PRETRAINING),
     alias("field", "text_column", "the column with the text, as in a completion dataset", scope=PRETRAINING),
     done("data_files", PRETRAIN, scope=PRETRAINING),
     note("type", "pretraining text is read as is (pretrain and completion mean the same here)", scope=PRETRAINING),
-    done("max_documents", PRETRAIN, scope=PRETRAINING),
+    done("max_documents", SOURCES, scope=PRETRAINING),
     later("skip", "skipping the first rows of a stream", nearest="max_documents", scope=PRETRAINING),
     out("trust_remote_code", "lmforge never runs a dataset's loading script", scope=PRETRAINING),
 
     # --- lmforge's own blocks: a tokenizer to train, a model to build -----------------------------------------------
-    *(done(name, PRETRAIN, scope=TOKENIZER_TRAIN)
+    *(done(name, TOKENIZER, scope=TOKENIZER_TRAIN)
       for name in ("files", "vocab_size", "model_type", "backend", "output_dir", "held_out_fraction")),
     done("architecture", PRETRAIN, scope=MODEL_CONFIG),
     done("preset", PRETRAIN, scope=MODEL_CONFIG),

@@ -15,10 +15,8 @@ from lmforge.config.sections import DataSection, DatasetSpec, PretrainingSource
 from lmforge.data.formats import SkipRow, get_format
 from lmforge.data.formats.hook import looks_like_hook
 from lmforge.data.compressed import compression, data_suffix, guard, open_binary
-from lmforge.data.sources import local_files, no_rows, read_local, read_rows
+from lmforge.data.sources import TEXT_SUFFIXES, local_files, no_rows, read_local, read_rows
 from lmforge.errors import LmforgeError
-
-TEXT_SUFFIXES = {"", ".txt", ".text", ".md"}
 
 
 class Unchecked(Exception):

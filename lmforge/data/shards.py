@@ -449,6 +449,23 @@ def iter_shard_tokens(out_dir: str) -> Iterator[np.ndarray]:
         yield np.memmap(Path(out_dir) / s["file"], dtype=index["dtype"], mode="r", shape=(s["tokens"],))
 
 
+def most_frequent_token(out_dir: str, special_ids: Sequence[int], max_tokens: int) -> int:
+    """The most frequent non-special token in the first `max_tokens` of the shards (a prefix suffices):
+    the masked-LM baseline that always guesses it."""
+    counts = np.zeros(1, dtype=np.int64)
+    seen = 0
+    for shard in iter_shard_tokens(out_dir):
+        part = np.asarray(shard[: max_tokens - seen]).astype(np.int64)
+        c = np.bincount(part)
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+        counts[: len(c)] += c
+        seen += len(part)
+        if seen >= max_tokens:
+            break
+    counts[[i for i in special_ids if i < len(counts)]] = 0  # never a masked target
+    return int(counts.argmax())
+
+
 # ----------------------------------------------------------------------------- windows
 
 

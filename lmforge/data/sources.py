@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmforge.data.compressed import COMPRESSIONS, compression, data_suffix, decompressed_copy, guarded, open_binary, read_bytes
+from lmforge.data.compressed import (COMPRESSIONS, compression, data_suffix, decompressed_copy, guard, guarded, open_binary,
+                                     open_text, read_bytes)
 from lmforge.errors import LmforgeError
 
+if TYPE_CHECKING:
+    from lmforge.config.sections import PretrainingSource
+
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# Plain-text files (after any compression suffix): pretraining reads each as one document.
+TEXT_SUFFIXES = {"", ".txt", ".text", ".md"}
 
 
 @dataclass
@@ -289,16 +296,18 @@ def no_rows(path: str | Path, kind: str | None = None) -> LmforgeError:
     return LmforgeError(f"the {what} has no rows", where=str(path), fix=f"add rows to it{below}, or remove it from the config")
 
 
-def read_hub(path: str, name: str | None, split: str, data_files: Any) -> Iterator[Row]:
-    """Rows of a Hugging Face Hub dataset; offline or unknown ids get one clear error."""
+def read_hub(path: str, name: str | None, split: str, data_files: Any, streaming: bool = False,
+             where: str | None = None) -> Iterator[Row]:
+    """Rows of a Hugging Face Hub dataset (`streaming`: read as they arrive, never saved whole); offline or
+    unknown ids get one clear error, named at `where` (the config key)."""
     from datasets import load_dataset
 
     try:
-        loaded = load_dataset(path, name=name, split=split, data_files=data_files)
+        loaded = load_dataset(path, name=name, split=split, data_files=data_files, streaming=streaming)
     except Exception as exc:  # datasets raises many types for network and lookup failures
         raise LmforgeError(
             f"could not load Hub dataset '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-            where=f"datasets: path: {path}",
+            where=where or f"datasets: path: {path}",
             fix="check the id, or download it elsewhere and point path at the local files",
         ) from exc
     for index, record in enumerate(loaded):
@@ -373,3 +382,55 @@ def read_rows(path: str, ds_type: str | None = None, data_files: Any = None, spl
         return
     for file in files:
         yield from read_local(file, ds_type)
+
+
+# ----------------------------------------------------------------------------- raw text (pretraining)
+
+
+def text_files(sources: Iterable[PretrainingSource]) -> list[str]:
+    """The local plain-text files among pretraining sources (what a tokenizer can train on)."""
+    files: list[str] = []
+    for source in sources:
+        found = local_files(source.path, None, source.data_files)
+        files += [str(f) for f in found or [] if data_suffix(f) in TEXT_SUFFIXES]
+    return files
+
+
+def file_texts(path: Path, column: str) -> Iterator[str]:
+    """The documents of one file: a text file is one document; each JSONL/JSON/CSV/Parquet row's `column` is one."""
+    if data_suffix(path) in TEXT_SUFFIXES:
+        with guard(path), open_text(path, errors="replace") as handle:
+            yield handle.read()
+        return
+    for row in read_local(path):
+        values = row.check()
+        if column not in values:
+            raise LmforgeError(f"column '{column}' is missing", where=row.where,
+                               fix=f"set text_column to one of: {', '.join(values)}")
+        yield str(values[column])
+
+
+def documents(sources: Iterable[PretrainingSource]) -> Iterator[str]:
+    """Documents of any mix of sources, each cut at its max_documents. A Hub dataset is streamed: a
+    pretraining corpus need not fit on disk twice, only its shards."""
+    for source in sources:
+        files = local_files(source.path, None, source.data_files)
+        texts: Iterable[str]
+        if files is None:
+            rows = read_hub(source.path, source.name, source.split, source.data_files, streaming=True,
+                            where="pretraining_dataset")
+            texts = (str(row.values[source.text_column]) for row in rows)  # type: ignore[index]
+        else:
+            texts = itertools.chain.from_iterable(file_texts(f, source.text_column) for f in files)
+        yield from itertools.islice(texts, source.max_documents)
+
+
+def shard_inputs(sources: list[PretrainingSource]) -> list[str] | Iterator[str]:
+    """What the shard writer reads: the file paths when every source is plain-text files read whole
+    (resumable by byte offset), else the documents (resumable by the number consumed)."""
+    all_text_files = all((files := local_files(s.path, None, s.data_files)) is not None
+                         and all(data_suffix(f) in TEXT_SUFFIXES for f in files) and s.max_documents is None
+                         for s in sources)
+    if all_text_files:
+        return [str(f) for s in sources for f in local_files(s.path, None, s.data_files) or []]
+    return documents(sources)

@@ -8,7 +8,6 @@ final save) comes from :class:`lmforge.recipes.training.TrainingRun`.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from lmforge.config import LmforgeConfig
@@ -16,12 +15,8 @@ from lmforge.data.batching import eval_batches, packing_efficiency, pad_batch
 from lmforge.data.prepare import prepare
 from lmforge.recipes.console import say
 from lmforge.recipes.training import TrainingRun
-from lmforge.train.loss import causal_lm_loss
 from lmforge.train.stream import EpochStream
 from lmforge.train.telemetry import release_free_memory
-
-# A checkpoint's data position means the same batches only under the same settings.
-RESUME_INVARIANTS = ("seed", "micro_batch_size", "gradient_accumulation_steps", "group_by_length", "sequence_len", "sample_packing")
 
 
 def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
@@ -51,19 +46,14 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
                              sequence_len=d.sequence_len if d.sample_packing else None, pad_to=pad_to, **run.data_shard)
         eval_packing = d.sample_packing if d.eval_sample_packing is None else d.eval_sample_packing
         eval_size, eval_len = t.eval_batch_size or t.micro_batch_size, d.sequence_len if eval_packing else None
+        objective = run.objective()  # label smoothing and the output-head choice come with it
 
         def eval_fn() -> float:
             batches = eval_batches(data.eval, eval_size, pad_id, eval_len)
-            return run.evaluate(model, (pad_batch(b, pad_to, pad_id) for b in batches) if pad_to else batches, causal_lm_loss)
+            return run.evaluate(model, (pad_batch(b, pad_to, pad_id) for b in batches) if pad_to else batches, objective)
 
-        options = {"label_smoothing": t.label_smoothing_factor} if t.label_smoothing_factor else {}
-        if t.chunked_cross_entropy:
-            options["loss_chunks"] = t.chunked_cross_entropy_num_chunks
-        loss_fn = partial(causal_lm_loss, **options) if options else causal_lm_loss
-        flat = cfg.flat()
-        invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, "train_examples": len(data.train)}
-        outcome = run.train(model, tokenizer, stream, plan, loss_fn=loss_fn, eval_fn=eval_fn if data.eval else None,
-                            invariants=invariants)
+        outcome = run.train(model, tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,
+                            invariants={"train_examples": len(data.train)})
 
         start, end = outcome.eval_start, outcome.eval_end
         if end is not None:

@@ -9,7 +9,8 @@ part from one :class:`TrainingRun`::
         run.predict_peak(data)                    # the planner's predicted peak, said now and kept for summary.json
         plan = run.plan(rows)                     # steps, warm-up (warned when it eats the run), eval/save cadence
         model = run.model(tokenizer)              # base (or new) weights, quantization, adapter, dropout, freezing
-        outcome = run.train(model, tokenizer, stream, plan, loss_fn=..., eval_fn=..., invariants=...)
+        objective = run.objective()               # what is learned (train.objectives), with the run's head choice
+        outcome = run.train(model, tokenizer, stream, plan, objective=objective, eval_fn=..., invariants=...)
         run.publish(model, tokenizer, outcome)    # weights or adapter, tokenizer, config.yml
         run.write_summary({**run.summary(outcome, model), ...}, outcome)   # summary.json, summary.md, loss plot
 
@@ -23,6 +24,7 @@ Config keys are read here, once, and nowhere else in the training path: a new tr
 belongs in the part that it changes, and then works in every training recipe at once:
 - how the model is built or run (attn_implementation, torch_compile, liger kernels): `model`;
 - what one step does (loss_watchdog_*, fp16 with a grad scaler): `loop_settings` / the loop;
+- what the loss is (label_smoothing_factor, chunked_cross_entropy, the fused head): `objective`;
 - when and what to save (save_strategy, save_only_model): `plan_steps` and `train`'s `save`;
 - optimizer and schedule keys: `optimizer`; loggers (use_tensorboard, trackers): `train`.
 """
@@ -32,9 +34,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from functools import partial
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,8 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.distributed import TorchEngine, engine_for
 from lmforge.train.loggers import build_loggers
-from lmforge.train.loss import causal_lm_loss
 from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonFiniteError, evaluate, train_loop
+from lmforge.train.objectives import Objective, as_objective, objective_from_config
 from lmforge.train.optimizers import build_optimizer
 from lmforge.redact import redact
 from lmforge.train.report import plot_losses, summary_markdown
@@ -72,6 +73,11 @@ from lmforge.train.signals import sigterm_as_interrupt, stop_on_signals
 from lmforge.train.stream import ResumableStream
 from lmforge.train.telemetry import cpu_supports_bf16, peak_memory_mb, pick_device, resolve_bf16, set_tf32
 
+
+# A checkpoint's data position means the same batches (windows, masks) only under the same settings: the config
+# keys a resume compares, beside the facts each recipe adds about its data (its example or token count).
+RESUME_INVARIANTS = ("seed", "micro_batch_size", "gradient_accumulation_steps", "group_by_length", "sequence_len",
+                     "sample_packing", "objective", "mlm_probability", "val_set_size")
 
 # fp16 trains with a loss scaler on CUDA. torch's CPU GradScaler works too, but fp16 on a CPU is emulated or slow, so
 # lmforge refuses it there (the tests widen this to run the fp16 paths on CPU).
@@ -275,26 +281,30 @@ class TrainingRun:
             + (f"; dropout {self.t.dropout}" if self.t.dropout is not None else ""))
         return model
 
-    def evaluate(self, model: Any, batches: Iterable[Batch], loss_fn: LossFn) -> float:
-        """Mean per-token loss, with the run's device and precision, over all ranks."""
-        settings = self.loop_settings(StepPlan(1, 0, 0, None, None))
-        loss_fn = self._head_loss(loss_fn)
-        if isinstance(self.engine, TorchEngine):  # several ranks, or a sharded model: every rank takes part
-            return self.engine.evaluate(model, list(batches), settings, loss_fn)
-        return evaluate(model, iter(batches), settings, loss_fn)
+    def objective(self) -> Objective:
+        """The config's objective (train.objectives.objective_from_config) with this device's output-head choice.
 
-    def _head_loss(self, loss_fn: LossFn) -> LossFn:
-        """The causal-LM loss with the run's output-head choice (the fused kernel, chunked_cross_entropy), so that
-        evaluation never builds the full logits a training step avoids: else the step-0 eval is the run's peak,
-        and a run that fits only thanks to that choice dies before its first step."""
-        if getattr(loss_fn, "func", loss_fn) is not causal_lm_loss:
-            return loss_fn
-        options = dict(getattr(loss_fn, "keywords", {}))
-        if self.t.chunked_cross_entropy:
-            options.setdefault("loss_chunks", self.t.chunked_cross_entropy_num_chunks)
-        if (fused := fused_loss(self.speed, self.device, lambda line: None)) is not None:  # train() said why, once
-            options.setdefault("fused", fused)
-        return partial(causal_lm_loss, **options) if options else loss_fn
+        Training and evaluation use the same one (evaluation without label smoothing), so evaluation never
+        builds the full logits a training step avoids: else the step-0 eval is the run's peak, and a run
+        that fits only thanks to chunked_cross_entropy or a fused head dies before its first step.
+        """
+        objective = objective_from_config(self.cfg)
+        if (fused := fused_loss(self.speed, self.device, say)) is not None:
+            if not objective.supports_fused_head:
+                raise LmforgeError(f"fused output-head losses compute causal-LM cross-entropy; this run trains {objective.name}",
+                                   where="liger_fused_linear_cross_entropy" if fused == "liger" else "cut_cross_entropy",
+                                   fix="remove the key for this run")
+            objective = replace(objective, fused=fused)  # type: ignore[type-var]
+        return objective
+
+    def evaluate(self, model: Any, batches: Iterable[Batch], objective: LossFn) -> float:
+        """Mean per-token loss of `objective` (for_evaluation: no label smoothing), with the run's device and
+        precision, over all ranks."""
+        settings = self.loop_settings(StepPlan(1, 0, 0, None, None))
+        objective = as_objective(objective).for_evaluation()
+        if isinstance(self.engine, TorchEngine):  # several ranks, or a sharded model: every rank takes part
+            return self.engine.evaluate(model, list(batches), settings, objective)
+        return evaluate(model, iter(batches), settings, objective)
 
     def call(self, model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(model, *args)`` for any other use of the trained model (generation, metrics); every rank calls it.
@@ -342,26 +352,28 @@ class TrainingRun:
         stream: ResumableStream,
         plan: StepPlan,
         *,
-        loss_fn: LossFn,
+        objective: Objective,
         eval_fn: Callable[[], float] | None = None,
         invariants: dict[str, Any],
     ) -> TrainOutcome:
-        """Train to plan.total_steps (or early stopping), resuming when asked, checkpointing as configured.
+        """Train `objective` (usually ``self.objective()``) to plan.total_steps (or early stopping), resuming
+        when asked, checkpointing as configured.
 
-        `invariants` are the settings the data position depends on; a resume refuses a checkpoint
-        saved under others. On SIGTERM/SIGINT: a checkpoint, then KeyboardInterrupt (exit 130).
+        `invariants` are the recipe's facts the data position depends on (beside the RESUME_INVARIANTS config
+        keys); a resume refuses a checkpoint saved under others. On SIGTERM/SIGINT: a checkpoint, then
+        KeyboardInterrupt (exit 130).
         """
         t, output_dir, engine = self.t, self.output_dir, self.engine
         if t.eval_strategy == "no":
             eval_fn = None
-        if (fused := fused_loss(self.speed, self.device, say)) is not None:
-            if getattr(loss_fn, "func", loss_fn) is not causal_lm_loss:
-                raise LmforgeError("fused output-head losses compute causal-LM cross-entropy; this run trains another objective",
-                                   where="liger_fused_linear_cross_entropy" if fused == "liger" else "cut_cross_entropy",
-                                   fix="remove the key for this run")
-            loss_fn = partial(loss_fn, fused=fused)
+        if objective.needs_reference_model:
+            raise LmforgeError(f"objective {objective.name} needs a reference model, which TrainingRun does not load yet",
+                               where="objective", fix="choose another objective")
+        flat = self.cfg.flat()
+        invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, **invariants}
         optimizer, scheduler = self.optimizer(model, plan)
-        step_model, step_loss, step_optimizer = engine.for_training(model, loss_fn, optimizer)
+        step_model, step_call, step_optimizer = engine.for_training(model, objective, optimizer)
+        step_objective = objective.through(step_call)  # the engine's wrapper runs it; counts stay the objective's
         if "gradient_accumulation_steps" in invariants:  # the data position depends on the global batch, not its split
             invariants = {k: v for k, v in invariants.items() if k != "gradient_accumulation_steps"}
             invariants["micro_batches_per_step"] = t.gradient_accumulation_steps * engine.world_size
@@ -424,8 +436,8 @@ class TrainingRun:
                     eval_start = eval_fn()
                     say(f"eval loss at step 0: {eval_start:.4f}")
                     callbacks.on_log(0, {"eval_loss": eval_start, "eval_perplexity": math.exp(min(eval_start, 50))})
-                result = train_loop(step_model, step_optimizer, scheduler, iter(stream), settings, eval_fn, callbacks, step_loss,
-                                    result=result)
+                result = train_loop(step_model, step_optimizer, scheduler, iter(stream), settings, eval_fn, callbacks,
+                                    step_objective, result=result)
                 if result.stop_reason == "interrupted":
                     save(result.steps)
                     say(f"stopped at step {result.steps}; resume with --resume_from_checkpoint=auto")

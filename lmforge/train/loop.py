@@ -1,16 +1,17 @@
 """The training loop: short on purpose, because this is the step we must make fast.
 
-One optimizer step = `grad_accum` micro-batches; the loss is the sum over every labelled
+One optimizer step = `grad_accum` micro-batches; the loss is the sum over every counted
 token of the step divided by their count, so short and long examples weigh the same
-whatever batch they land in.
+whatever batch they land in. What is counted and summed is the objective's business
+(lmforge.train.objectives): the loop knows no objective's details.
 
 Host-device syncs: one per step, none per micro-batch. In one process, after the step's backward
 passes and the clipping, the loop reads the step's summed loss and the gradient norm back together
 (one transfer); the NaN/inf check, logging, early stopping and the loss watchdog all reuse those two
-numbers. Everything data-dependent before that (labelled-token counts, where the labels are,
+numbers. Everything data-dependent before that (the objective's token counts, where the labels are,
 whether a batch is padded) is read from the host copy of the batch, which the micro-batches are
-collated into before any device work: the step's token-weighted mean needs the label count of all
-of its micro-batches before the first backward. (Under several ranks the sums over ranks and
+collated into before any device work: the step's token-weighted mean needs the token count of all
+of its micro-batches before the first backward (``Objective.count_tokens`` reads it from the host batch). (Under several ranks the sums over ranks and
 DeepSpeed's own norm read back once more; fp16's GradScaler reads its inf flag in `scaler.step`.)
 """
 
@@ -27,12 +28,12 @@ import torch
 from tqdm import tqdm
 
 from lmforge.data.batching import HOST_COPY, Batch, HostCopy
-from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.errors import LmforgeError
-from lmforge.train.loss import causal_lm_loss
+from lmforge.train.objectives import CausalLM, Objective, as_objective
 from lmforge.train.telemetry import peak_memory_mb
 
-LossFn = Callable[[Any, Batch], tuple[torch.Tensor, int]]
+# An objective, or a bare (model, batch) -> (loss_sum, count) function taken as a causal-LM loss.
+LossFn = Objective | Callable[[Any, Batch], tuple[torch.Tensor, int]]
 
 
 @dataclass
@@ -178,9 +179,9 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def evaluate_sums(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss,
-                  call: Callable[[Any, LossFn, Batch], tuple[torch.Tensor, int]] | None = None) -> tuple[float, int]:
-    """Summed loss and labelled-token count over the eval batches (`call` runs loss_fn where a sharded model can)."""
+def evaluate_sums(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = CausalLM(),
+                  call: Callable[[Any, LossFn, Batch], Any] | None = None) -> tuple[float, int]:
+    """Summed loss and token count over the eval batches (`call` runs loss_fn where a sharded model can)."""
     was_training = model.training
     model.eval()
     total: torch.Tensor | float = 0.0
@@ -188,14 +189,14 @@ def evaluate_sums(model: Any, batches: Iterator[Batch], settings: LoopSettings, 
     with _autocast(settings):
         for batch in batches:
             batch = _to_device(batch, settings.device)
-            loss_sum, n = call(model, loss_fn, batch) if call else loss_fn(model, batch)
+            loss_sum, n, *_ = call(model, loss_fn, batch) if call else loss_fn(model, batch)
             total = total + loss_sum.detach().float()  # summed on the device: read back once, below
             count += n
     model.train(was_training)
     return float(total), count
 
 
-def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = causal_lm_loss) -> float:
+def evaluate(model: Any, batches: Iterator[Batch], settings: LoopSettings, loss_fn: LossFn = CausalLM()) -> float:
     """Mean per-token loss over the eval batches."""
     total, count = evaluate_sums(model, batches, settings, loss_fn)
     return total / max(count, 1)
@@ -243,15 +244,19 @@ def train_loop(
     settings: LoopSettings,
     eval_fn: Callable[[], float] | None = None,
     callbacks: Callbacks | None = None,
-    loss_fn: LossFn = causal_lm_loss,
+    loss_fn: LossFn = CausalLM(),
     start_step: int = 0,
     result: LoopResult | None = None,
 ) -> LoopResult:
     """Run optimizer steps until `settings.total_steps`, early stopping, a stop request or the batches run out.
 
+    `loss_fn` is the objective (lmforge.train.objectives): each step divides the summed loss by the
+    tokens its ``count_tokens`` finds in the step's host batches.
+
     Pass the `result` of a checkpoint to continue a run (its `steps` is the step to start from).
     """
     callbacks = callbacks or Callbacks()
+    objective = as_objective(loss_fn)
     result = result or LoopResult(steps=start_step)
     start_step = result.steps
     result.stop_reason = None  # whatever stopped the run before (a signal, early stopping) ends with this call
@@ -272,7 +277,7 @@ def train_loop(
             result.stop_reason = "data_exhausted"
             break
         # Counted on the host copies: no device sync.
-        label_count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
+        label_count = sum(objective.count_tokens(b) for b in step_batches)
         step_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
         if sync:  # every rank divides by the labelled tokens of the whole step, over all ranks
             label_count, step_tokens = sync.sum_counts(label_count, step_tokens)
@@ -281,7 +286,7 @@ def train_loop(
             batch = _to_device(batch, settings.device)
             with sync.accumulating(model, i + 1 < len(step_batches)) if sync else contextlib.nullcontext():
                 with _autocast(settings), _offload(settings):
-                    loss_sum, _ = loss_fn(model, batch)
+                    loss_sum, *_ = objective(model, batch)
                 # DDP and FSDP average gradients over ranks: times the rank count, that is the global per-token mean.
                 scaled = loss_sum / (max(label_count, 1) / (sync.world_size if sync else 1))
                 if scaler is not None:

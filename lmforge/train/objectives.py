@@ -1,4 +1,11 @@
-"""Pretraining objectives (labels from token ids) and their metrics.
+"""Training objectives: one class each, the loop's only view of what is being learned, and their helpers.
+
+An :class:`Objective` turns a batch into ``(loss_sum, token_count, metrics)`` and counts, from the
+batch's host copy, the tokens its loss sums over (the loop weighs gradient accumulation by that count
+before the first backward, so it must come without a device sync). It declares the batch fields it
+reads and whether it needs a second model (a frozen reference, as DPO-style objectives do). A new
+training method is a new class here plus its config rows in :func:`objective_from_config`; the loop
+and `TrainingRun` stay as they are.
 
 CLM convention: ``labels == input_ids`` (pad positions set to -100) and the *model* shifts:
 transformers' causal-LM loss compares ``logits[:, t]`` with ``labels[:, t + 1]``. Do not shift
@@ -12,11 +19,164 @@ is taken only on the chosen positions (all other labels are -100).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from lmforge.data.batching import Batch, host_batch
 from lmforge.data.prepare import IGNORE_INDEX
+from lmforge.errors import LmforgeError
+from lmforge.train.loss import causal_lm_loss
+
+# What an objective returns for one micro-batch: the loss summed over its tokens (a device scalar), how many
+# tokens that sum covers, and named extra numbers (device scalars or floats) for logging.
+ObjectiveOutput = tuple[torch.Tensor, int, dict[str, Any]]
+
+
+class Objective(ABC):
+    """What a training run learns: the loss of a batch, and the tokens it counts.
+
+    ``__call__(model, batch)`` runs the model and returns ``(loss_sum, token_count, metrics)``;
+    ``count_tokens(host_batch)`` gives the same count from the batch's CPU copy, read by the loop for
+    the token-weighted mean before the first backward (a count read from the device would be a sync).
+    """
+
+    name: ClassVar[str] = "objective"
+    batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels")  # fields a batch must carry
+    needs_reference_model: ClassVar[bool] = False  # a frozen copy of the starting model (DPO-style objectives)
+    supports_fused_head: ClassVar[bool] = False  # the fused output-head kernels (Liger, Cut Cross-Entropy)
+
+    @abstractmethod
+    def count_tokens(self, batch: Batch) -> int:
+        """How many tokens this batch's loss sums over, read from host (CPU) tensors only."""
+
+    @abstractmethod
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput: ...
+
+    def for_evaluation(self) -> "Objective":
+        """The objective an eval loss is measured with (label smoothing off: the eval loss stays plain)."""
+        return self
+
+    def through(self, call: Callable[[Any, Batch], Any]) -> "Objective":
+        """This objective run by `call` (an engine's wrapper that runs it inside DDP/FSDP/DeepSpeed's forward)."""
+        return self if call is self else _CalledThrough(self, call)
+
+
+@dataclass(frozen=True)
+class _CalledThrough(Objective):
+    inner: Objective
+    call: Callable[[Any, Batch], Any]
+
+    def count_tokens(self, batch: Batch) -> int:
+        return self.inner.count_tokens(batch)
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        return self.call(model, batch)
+
+
+def next_token_count(batch: Batch) -> int:
+    """Labelled next-token predictions of a causal-LM batch: labels from position 1 on (the model shifts)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass(frozen=True)
+class CausalLM(Objective):
+    """Next-token cross-entropy over the labelled positions (instruction tuning, pretraining, continued pretraining).
+
+    `label_smoothing` (config label_smoothing_factor), `loss_chunks` (chunked_cross_entropy) and `fused`
+    (the Liger / Cut Cross-Entropy kernels) choose how :func:`lmforge.train.loss.causal_lm_loss` computes it.
+    """
+
+    label_smoothing: float = 0.0
+    loss_chunks: int = 1
+    fused: str | None = None
+    name: ClassVar[str] = "clm"
+    supports_fused_head: ClassVar[bool] = True
+
+    def count_tokens(self, batch: Batch) -> int:
+        return next_token_count(batch)
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        options: dict[str, Any] = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        if self.loss_chunks > 1:
+            options["loss_chunks"] = self.loss_chunks
+        if self.fused:
+            options["fused"] = self.fused
+        loss_sum, count = causal_lm_loss(model, batch, **options)
+        return loss_sum, count, {}
+
+    def for_evaluation(self) -> "CausalLM":
+        return replace(self, label_smoothing=0.0) if self.label_smoothing else self
+
+
+@dataclass(frozen=True)
+class LossFunction(Objective):
+    """A bare ``(model, batch) -> (loss_sum, count)`` function taken as a causal-LM objective (counted like
+    :class:`CausalLM`): how tests and benchmarks hand the loop a loss of their own."""
+
+    fn: Callable[[Any, Batch], tuple[torch.Tensor, int]]
+
+    def count_tokens(self, batch: Batch) -> int:
+        return next_token_count(batch)
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        loss_sum, count = self.fn(model, batch)[:2]
+        return loss_sum, count, {}
+
+
+def as_objective(loss: Objective | Callable[[Any, Batch], Any]) -> Objective:
+    return loss if isinstance(loss, Objective) else LossFunction(loss)
+
+
+def _labelled_positions(labels: torch.Tensor, host_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the labelled positions, found on the host and sent as integer indices: gathering
+    with them needs no sync, where boolean-mask indexing of a device tensor waits for the device to count it."""
+    positions = (host_labels != IGNORE_INDEX).nonzero()
+    if labels.device.type == "cuda":
+        positions = positions.pin_memory()  # so the copy is truly asynchronous
+    rows, columns = positions.to(labels.device, non_blocking=True).unbind(1)
+    return rows, columns
+
+
+@dataclass(frozen=True)
+class MaskedLM(Objective):
+    """BERT's masked-token cross-entropy over the chosen positions only (labels -100 elsewhere; no shift).
+
+    The masking itself happens in the collator (:func:`mask_tokens`, :class:`PretrainCollator`), so that a
+    resumed run draws the same masks from the data position.
+    """
+
+    label_smoothing: float = 0.0
+    name: ClassVar[str] = "mlm"
+    batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "attention_mask")
+
+    def count_tokens(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        labels, host = batch["labels"], host_batch(batch)
+        rows, columns = _labelled_positions(labels, host["labels"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[rows, columns]
+        loss_sum = F.cross_entropy(logits.float(), labels[rows, columns], reduction="sum", label_smoothing=self.label_smoothing)
+        return loss_sum, int(rows.shape[0]), {}
+
+    def for_evaluation(self) -> "MaskedLM":
+        return replace(self, label_smoothing=0.0) if self.label_smoothing else self
+
+
+def objective_from_config(cfg: Any) -> Objective:
+    """The objective a config trains: causal LM, or masked LM for ``objective: mlm`` pretraining, with
+    label_smoothing_factor and chunked_cross_entropy (the fused head depends on the device: TrainingRun adds it)."""
+    t = cfg.training
+    if cfg.is_pretraining and cfg.pretrain.objective == "mlm":
+        return MaskedLM(label_smoothing=t.label_smoothing_factor)
+    chunks = t.chunked_cross_entropy_num_chunks if t.chunked_cross_entropy else 1
+    return CausalLM(label_smoothing=t.label_smoothing_factor, loss_chunks=chunks)
 
 
 def clm_labels(input_ids: torch.Tensor, pad_token_id: int | None = None) -> torch.Tensor:
@@ -109,11 +269,20 @@ def masked_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return correct / total if total else float("nan")
 
 
+def _batch_seed(seed: int, epoch: int, start: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, start]).generate_state(1)[0])
+
+
 class PretrainCollator:
     """Stack equal-length windows (from ``TokenWindows``) into a ``clm`` or ``mlm`` batch.
 
     A CLM window of ``seq_len + 1`` tokens is fed whole (``labels == input_ids``): the model's
-    internal shift turns it into ``seq_len`` next-token predictions. MLM masks the whole window.
+    internal shift turns it into ``seq_len`` next-token predictions. MLM masks the window's first
+    ``seq_len`` tokens (all of it without a `seq_len`); every masked position is a target.
+
+    Called with a `key` (epoch, first window), MLM masks are drawn from a generator seeded by it, so the
+    masks of a batch are a pure function of the seed and the data position, and a resumed run draws the
+    same ones. Without a key (the fixed eval batches) the generator runs on.
     """
 
     def __init__(
@@ -125,6 +294,7 @@ class PretrainCollator:
         special_ids: Sequence[int] = (),
         mlm_probability: float = 0.15,
         seed: int = 0,
+        seq_len: int | None = None,
     ) -> None:
         if objective not in ("clm", "mlm"):
             raise ValueError(f"objective must be clm or mlm, got {objective}")
@@ -135,13 +305,42 @@ class PretrainCollator:
         self.vocab_size = vocab_size
         self.special_ids = list(special_ids)
         self.mlm_probability = mlm_probability
+        self.seed, self.seq_len = seed, seq_len
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, windows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, windows: Sequence[torch.Tensor], key: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         ids = torch.stack([torch.as_tensor(w, dtype=torch.long) for w in windows])
         if self.objective == "clm":
             labels = clm_labels(ids)
         else:
-            ids, labels = mask_tokens(ids, self.mask_token_id, self.vocab_size, self.special_ids,
+            if key is not None:
+                self.generator.manual_seed(_batch_seed(self.seed, *key))
+            ids, labels = mask_tokens(ids[:, : self.seq_len], self.mask_token_id, self.vocab_size, self.special_ids,
                                       self.mlm_probability, self.generator)
         return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats/token) of the tokens' own frequency distribution: the best loss any model
+    that ignores context could reach on them, even one fitted to these very tokens."""
+    counts = np.bincount(tokens.astype(np.int64))
+    p = counts[counts > 0] / len(tokens)
+    return float(-(p * np.log(p)).sum())
+
+
+@torch.no_grad()
+def mlm_metrics(model: Any, batches: list[Batch], device: torch.device, majority_id: int) -> dict[str, float]:
+    """Masked-token loss and accuracy, and the accuracy of always guessing `majority_id`."""
+    model.eval()
+    loss_sum, correct, total, majority = 0.0, 0, 0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        keep = labels != IGNORE_INDEX
+        loss_sum += float(F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"))
+        c, n = masked_token_counts(logits, labels)
+        correct, total = correct + c, total + n
+        majority += int((labels[keep] == majority_id).sum())
+    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1),
+            "majority_accuracy": majority / max(total, 1), "masked_tokens": total}
