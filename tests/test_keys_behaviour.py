@@ -377,11 +377,11 @@ def test_wandb_watch_and_log_model_reach_wandb(tiny_model_dir: Path, alpaca_file
 # --- vocabulary, LoRA on parameters, optimizer names, cross-key checks ------------------------------------------------
 
 def test_tokens_join_the_vocabulary_and_embeddings_pad_to_32x(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    from lmforge.models.load import tokenizer_for
+    from lmforge.models.load import config_tokenizer
 
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, tokens=["<|tool|>", "zebra"], resize_token_embeddings_to_32x=True,
                adapter=None, lora_r=None, lora_alpha=None, lora_target_linear=None)
-    tok = tokenizer_for(cfg)
+    tok = config_tokenizer(cfg)
     plain = load_tokenizer(str(tiny_model_dir))
     assert len(tok) == len(plain) + 2 and len(tok("zebra <|tool|>").input_ids) == 2
     model = training_model(cfg, tok, CPU, bf16=False)

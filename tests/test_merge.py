@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from lmforge.errors import LmforgeError
 from lmforge.export.merge import merge_lora
-from lmforge.models.serving import check_adapter, load_lora_model
+from lmforge.models.adapters import check_adapter
+from lmforge.models.serving import load_lora_model
 
 VOCAB = 100
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -113,10 +113,10 @@ def test_activation_bytes_match_what_autograd_saves(small_model_dir: Path, tmp_p
     if keys.get("load_in_4bit") and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed")
     from lmforge.models.setup import training_model
-    from lmforge.recipes.training import data_tokenizer
+    from lmforge.models.load import config_tokenizer
 
     cfg = _config(small_model_dir, tmp_path, bf16=bf16, **keys)
-    tokenizer = data_tokenizer(cfg)
+    tokenizer = config_tokenizer(cfg)
     model = training_model(cfg, tokenizer, torch.device("cpu"), bf16)
     shape = read_shape(str(small_model_dir))
     batch = _batch(2, 48, padded, shape.vocab_size)
