@@ -30,10 +30,20 @@ def _finetune_config(args: argparse.Namespace, overrides: list[str], command: st
     return cfg
 
 
+def _settle_threads(cfg) -> None:  # noqa: ANN001
+    """CPU threads and how they wait, decided before the recipe imports torch (lmforge/train/threads.py)."""
+    from lmforge.train.threads import settle_threads
+
+    notice = settle_threads(cfg.training.torch_threads).notice
+    if notice and os.environ.get("RANK", "0") == "0":
+        print(f"note: {notice}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    cfg = _config(args, overrides)
+    _settle_threads(cfg)
     from lmforge.recipes.train import run_train
 
-    cfg = _config(args, overrides)
     if cfg.is_pretraining:  # model_config / pretraining_dataset: what axolotl's `train` does with them too
         from lmforge.recipes.pretrain import run_pretrain
 
@@ -43,9 +53,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+    cfg = _config(args, overrides)
+    _settle_threads(cfg)
     from lmforge.recipes.pretrain import run_pretrain
 
-    run_pretrain(_config(args, overrides))
+    run_pretrain(cfg)
 
 
 def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,68 @@ def test_plan_examples_give_the_reference_points(capsys: pytest.CaptureFixture, 
     paper = plan("examples/plan/llama-65b-qlora.yml", "--gpu", "a6000")
     assert paper["fits"] and paper["breakdown"]["weights"] == pytest.approx(33.1, abs=1.0)
     assert not plan("examples/plan/llama-65b-qlora.yml", "--gpu", "a6000", "--optimizer=adamw_torch")["fits"]
+
+
+def test_plan_of_the_65b_qlora_example_opens_with_the_per_gpu_answer(capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 65B model is a GPU job: the first line is the per-GPU peak and the card it fits (one 48 GB card), not the
+    180 GiB this CPU would need; this CPU's line comes after the GPU table."""
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    assert main(["plan", "examples/plan/llama-65b-qlora.yml", "--no-data", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    a6000 = next(g for g in report["gpus"] if g["gpu"] == "RTX A6000 48GB")
+    assert 40 < a6000["peak_gb"] < 48 and report["cpu"]["peak_gb"] > 100
+    assert main(["plan", "examples/plan/llama-65b-qlora.yml", "--no-data"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"answer     {a6000['peak_gb']:.2f} GiB per GPU: fits one RTX A6000 48GB, the smallest card that fits alone"
+    assert lines.index(next(line for line in lines if line.startswith("GPU "))) < lines.index(
+        next(line for line in lines if line.startswith("this CPU")))
+    assert main(["plan", "examples/plan/llama-65b-qlora.yml", "--no-data", "--gpu", "4090"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    rtx4090 = next(g for g in report["gpus"] if g["gpu"] == "RTX 4090 24GB")
+    assert first == (f"answer     {rtx4090['peak_gb']:.2f} GiB per GPU: one RTX 4090 24GB (24.0 GiB) is too small; the fewest "
+                     f"that fit are {rtx4090['count']} x RTX 4090 24GB under FSDP2/ZeRO-3, {rtx4090['count_peak_gb']:.2f} GiB each")
+
+
+def test_length_note_names_no_data_only_when_it_was_given(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without max_steps the run's length comes from the data: the note says `drop --no-data` only after --no-data."""
+    import lmforge.plan.predict
+
+    config = write_config(tmp_path / "c.yml", {k: v for k, v in tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out").items()
+                                                if k != "max_steps"})
+
+    def notes(*flags: str) -> list[str]:
+        assert main(["plan", str(config), "--json", *flags]) == 0
+        return [n for n in json.loads(capsys.readouterr().out)["notes"] if n.startswith("time and cost")]
+
+    assert notes("--no-data") == ["time and cost need the run's length: drop --no-data (plan then counts the data's tokens) "
+                                  "or set max_steps"]
+    assert notes() == []  # the data was read: its length is known
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(lmforge.plan.predict, "data_stats", unreachable)
+    (note,) = notes()
+    assert "--no-data" not in note and "max_steps" in note
+
+
+def test_plan_notes_are_never_cut_mid_word(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.plan.predict
+
+    word = "supercalifragilistic"
+
+    def long_failure(*args: object, **kwargs: object) -> None:
+        raise OSError(" ".join([word] * 30) + "\nsecond line")
+
+    monkeypatch.setattr(lmforge.plan.predict, "data_stats", long_failure)
+    config = write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out"))
+    assert main(["plan", str(config)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: data not read")]
+    assert len(notes) == 1 and len(notes[0]) < 250, notes  # shortened ...
+    fragments = re.findall(r"super\w*", notes[0])
+    assert fragments and set(fragments) == {word}, notes[0]  # ... at a word boundary

@@ -631,6 +631,7 @@ KEYS: tuple[Key, ...] = (
     done("seed", TRAIN, PRETRAIN),
     done("nan_policy", TRAINING),
     done("fast_dropout", MODEL),
+    done("torch_threads", "lmforge/cli.py"),  # lmforge's own: decided before torch loads (lmforge/train/threads.py)
     done("group_by_length", TRAIN),
     done("train_on_inputs", PREPARE),
 

@@ -290,6 +290,10 @@ class TrainingSection(Section):
     fast_dropout: bool = Field(
         True, description="On CPU, LoRA dropout draws random bits 16 at a time (same distribution, less time)."
     )
+    torch_threads: int | None = Field(
+        None, gt=0, description="CPU threads for training (default: OMP_NUM_THREADS, else every core this process may use; "
+        "on a busy machine the threads then wait passively)."
+    )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (random batch order) to cut padding."
     )

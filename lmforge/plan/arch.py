@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,8 @@ def _shape_from_meta(config: dict[str, Any], source: str) -> ModelShape:
     try:
         hf_config = AutoConfig.for_model(config.get("model_type", ""), **fields)
     except (ValueError, KeyError, TypeError) as exc:
-        raise LmforgeError(f"cannot read model_type '{config.get('model_type')}': {str(exc).splitlines()[0][:200]}", where=source,
+        reason = textwrap.shorten(str(exc), 200, placeholder=" ...")  # at a word boundary, never mid-word
+        raise LmforgeError(f"cannot read model_type '{config.get('model_type')}': {reason}", where=source,
                            fix="plan needs an architecture transformers knows") from exc
     model = None
     for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):  # decoders, then encoders (masked-LM pretraining)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,9 @@ def predict_run(cfg: LmforgeConfig, device_type: str = "cpu", device: Device | N
         try:
             stats = data_stats(cfg, micro_batches=micro_batches, prepared=prepared)
         except Exception as exc:  # noqa: BLE001 (no tokenizer offline, unreadable data: plan without it)
-            notes.append(f"data not read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); batches assumed full")
+            # shortened at a word boundary: a note cut mid-word ("to l)") reads as a bug
+            reason = textwrap.shorten(str(exc), 160, placeholder=" ...")
+            notes.append(f"data not read ({type(exc).__name__}: {reason}); batches assumed full")
     candidates = stats.candidates if stats else [Batch.assumed(inputs)]
     target = device or current_device(device_type)
     memory = peak_over_batches(inputs, shape, target, candidates)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.config import LmforgeConfig
-from lmforge.plan.advice import devices_needed, path_to_fit, rank_changes
+from lmforge.plan.advice import MAX_DEVICES, devices_needed, path_to_fit, rank_changes
 from lmforge.plan.hardware import GPUS, GiB, Device, cpu_device, find_gpu
 from lmforge.plan.inputs import PlanInputs
 from lmforge.plan.measure import Measurement
@@ -19,6 +19,9 @@ from lmforge.plan.predict import RunPlan, predict_run
 from lmforge.plan.throughput import DEFAULT_CPU_MFU, DEFAULT_GPU_MFU, Prices, flops_per_token, hours, load_prices, run_length
 
 REFERENCE_GPU = "A100 80GB"  # what advice targets when no --gpu is given and nothing fits
+# From 1B parameters (or a CPU peak above this machine's RAM) a run is a GPU job: the question is which card and how
+# many, so the report opens with the per-GPU peak and the fewest devices that fit, and this CPU comes after.
+GPU_CLASS_PARAMETERS = 1_000_000_000
 
 
 @dataclass
@@ -97,10 +100,15 @@ def build_report(cfg: LmforgeConfig, options: PlanOptions, measurement: Measurem
         cost = round(price * timing["hours"] * count, 4) if (price is not None and timing and timing["hours"] is not None) else None
         gpus.append({"gpu": device.name, "memory_gb": device.memory_gib, "peak_gb": gb(est.peak_bytes), "bf16": bf16,
                      "fits": est.peak_bytes <= device.memory_bytes, "count": count,
-                     "count_strategy": need[1] if need else None, "hours": timing and timing["hours"],
+                     "count_strategy": need[1] if need else None, "count_peak_gb": gb(need[2].peak_bytes) if need else None,
+                     "hours": timing and timing["hours"],
                      "tokens_per_s": timing and timing["tokens_per_s"], "price_per_hour": price, "cost": cost})
     target = find_gpu(options.gpu) if options.gpu else None
-    main = estimator(inputs, target) if target else plan.memory
+    gpu_job = target is not None or plan.shape.parameter_count() >= GPU_CLASS_PARAMETERS or (
+        0 < cpu.memory_bytes < plan.memory.peak_bytes)
+    headline_row = _headline_row(gpus, target) if gpu_job else None
+    shown = target or (find_gpu(headline_row["gpu"]) if headline_row else None)  # the device the memory block is about
+    main = estimator(inputs, shown) if shown else plan.memory
     cpu_bf16 = resolve_bf16(inputs, cpu)
     if measurement:
         width = plan.data.mean_row_len if plan.data else inputs.sequence_len
@@ -114,12 +122,13 @@ def build_report(cfg: LmforgeConfig, options: PlanOptions, measurement: Measurem
                   "description": plan.shape.describe()},
         "trainable_parameters": param_memory(inputs, plan.shape, True).trainable_numel,
         "inputs": _inputs_dict(inputs, plan),
-        "device": target.name if target else cpu.name,
+        "headline": _headline(headline_row, target) if gpu_job else None,
+        "device": shown.name if shown else cpu.name,
         "peak_gb": gb(main.peak_bytes),
         "phase": main.phase,
         "breakdown": {k: gb(v) for k, v in main.breakdown.items()},
         "host_gb": gb(main.host_bytes),
-        "fits": main.peak_bytes <= (target or cpu).memory_bytes,
+        "fits": main.peak_bytes <= (shown or cpu).memory_bytes,
         "gpus": gpus,
         "cpu": {"device": cpu.name, "memory_gb": cpu.memory_gib, **_estimate_dict(plan.memory),
                 "note": "peak resident memory above the process's baseline after importing the training stack",
@@ -135,8 +144,7 @@ def build_report(cfg: LmforgeConfig, options: PlanOptions, measurement: Measurem
                                                "example": prices.example},
         "measurement": measurement.as_dict() if measurement else None,
         "gpu_mfu": {"mfu": options.mfu or DEFAULT_GPU_MFU, "basis": "--mfu" if options.mfu else "assumed"},
-        "notes": list(inputs.notes) + plan.notes + main.notes + ([] if length else [
-            "time and cost need the run's length: the data's token count (drop --no-data) or max_steps"]),
+        "notes": list(inputs.notes) + plan.notes + main.notes + ([] if length else [_length_note(cfg, options, plan.notes)]),
     }
     fitting = [g for g in gpus if g["fits"]]
     advice_target = target if (target and not report["fits"]) else (find_gpu(REFERENCE_GPU) if not fitting else None)
@@ -145,6 +153,40 @@ def build_report(cfg: LmforgeConfig, options: PlanOptions, measurement: Measurem
                             "ranked": [c.as_dict() for c in rank_changes(inputs, advice_target, estimator)],
                             "to_fit_one": [c.what for c in path_to_fit(inputs, advice_target, estimator)]}
     return report
+
+
+def _length_note(cfg: LmforgeConfig, options: PlanOptions, plan_notes: list[str]) -> str:
+    """Why time and cost are missing, and the one thing that gives them."""
+    if not options.use_data:
+        how = "drop --no-data (plan then counts the data's tokens) or set max_steps"
+    elif cfg.data.datasets and plan_notes:
+        how = "set max_steps (the data could not be read: see the note above)"
+    else:
+        how = "set max_steps"
+    return f"time and cost need the run's length: {how}"
+
+
+def _headline_row(gpus: list[dict[str, Any]], target: Device | None) -> dict[str, Any] | None:
+    """The GPU row the headline answers with: --gpu's, else the fewest devices that fit (then the smallest card)."""
+    if target:
+        return next(g for g in gpus if g["gpu"] == target.name)
+    return min((g for g in gpus if g["count"] is not None), key=lambda g: (g["count"], g["memory_gb"]), default=None)
+
+
+def _headline(row: dict[str, Any] | None, target: Device | None) -> str:
+    """One line: the peak per GPU and how many GPUs it takes."""
+    if row is None:
+        return f"no GPU in the table holds this run on up to {MAX_DEVICES} devices: see What to change below"
+    peak = f"{row['peak_gb']:.2f} GiB per GPU"
+    if row["count"] is None:
+        return f"{peak} on {row['gpu']}: does not fit, not even sharded over {MAX_DEVICES} of them (see What to change below)"
+    if row["count"] == 1 and row["fits"]:
+        why = "" if target else ", the smallest card that fits alone"
+        return f"{peak}: fits one {row['gpu']}{why}"
+    if row["fits"]:  # the config already asks for several devices
+        return f"{row['count_peak_gb']:.2f} GiB per GPU on {row['count']} x {row['gpu']} ({row['count_strategy']}), as configured"
+    return (f"{peak}: one {row['gpu']} ({row['memory_gb']:.1f} GiB) is too small; the fewest that fit are "
+            f"{row['count']} x {row['gpu']} under FSDP2/ZeRO-3, {row['count_peak_gb']:.2f} GiB each")
 
 
 def _fmt_hours(h: float | None) -> str:
@@ -160,8 +202,9 @@ def _fmt_hours(h: float | None) -> str:
 
 
 def render_text(r: dict[str, Any]) -> str:
-    """The report for a terminal."""
-    lines = [f"model      {r['config']}: {r['model']['description']}"]
+    """The report for a terminal: for a GPU job the answer comes first (per-GPU peak, how many), this CPU after."""
+    lines = [f"answer     {r['headline']}", ""] if r.get("headline") else []
+    lines.append(f"model      {r['config']}: {r['model']['description']}")
     i = r["inputs"]
     method = {"full": "full fine-tuning", "lora": "LoRA", "qlora": f"QLoRA ({i.get('quantization', 'nf4')} base)"}[i["method"]]
     if i["method"] != "full":
