@@ -19,7 +19,7 @@ from lmforge.recipes.console import say
 from lmforge.recipes.training import TrainingRun
 from lmforge.train.loss import causal_lm_loss
 from lmforge.train.stream import EpochStream
-from lmforge.train.telemetry import release_free_memory
+from lmforge.device import release_free_memory
 
 # A checkpoint's data position means the same batches only under the same settings.
 RESUME_INVARIANTS = ("seed", "micro_batch_size", "gradient_accumulation_steps", "group_by_length", "sequence_len", "sample_packing")

@@ -71,7 +71,7 @@ from lmforge.train.runlock import RunLock
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
 from lmforge.train.signals import sigterm_as_interrupt, stop_on_signals
 from lmforge.train.stream import ResumableStream
-from lmforge.train.telemetry import cpu_supports_bf16, peak_memory_mb, pick_device, resolve_bf16, set_tf32
+from lmforge.device import cpu_supports_bf16, peak_memory_mb, pick_device, resolve_bf16, set_tf32
 
 
 # fp16 trains with a loss scaler on CUDA. torch's CPU GradScaler works too, but fp16 on a CPU is emulated or slow, so

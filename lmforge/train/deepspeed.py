@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lmforge.config import LmforgeConfig
-from lmforge.config.checks import deepspeed_json
+from lmforge.config.checks import deepspeed_json, zero_settings
 from lmforge.errors import LmforgeError
 from lmforge.train.engine import RootModule, ShardedEngine, StepSync, call_root
 
@@ -147,7 +147,7 @@ class DeepSpeedEngine(ShardedEngine):
         super().__init__(cfg)
         self.cfg = cfg
         self.config = deepspeed_json(cfg.distributed.deepspeed)
-        self.stage = int((self.config.get("zero_optimization") or {}).get("stage", 0) or 0)
+        self.stage = zero_settings(self.config).stage
         self.ds_engine: Any = None
         self.peft = False
         self._sync = _DeepSpeedSync(self)

@@ -30,7 +30,7 @@ from lmforge.data.batching import HOST_COPY, Batch, HostCopy
 from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.train.loss import causal_lm_loss
-from lmforge.train.telemetry import peak_memory_mb
+from lmforge.device import peak_memory_mb
 
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, int]]
 
