@@ -1,4 +1,7 @@
-"""LoRA adapters through PEFT, configured from axolotl's lora_* keys."""
+"""LoRA adapters through PEFT: new ones configured from axolotl's lora_* keys, saved ones checked against the
+base model (module paths, LoRA matrix shapes, vocabulary, architecture: :func:`check_adapter` before any weight
+is read, :func:`adapter_fits` against a loaded model) and loaded by :func:`load_adapter`, the one loader that
+training, inference, merge and export share."""
 
 from __future__ import annotations
 

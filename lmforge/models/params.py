@@ -36,7 +36,7 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> int:
     return trainable
 
 
-def unfrozen(name: str, patterns: "Sequence[str | re.Pattern[str]]") -> bool:
+def unfrozen(name: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:
     """The rule of unfrozen_parameters: a parameter trains when a pattern matches its name from the start
     (re.match). freeze_except applies it to a model; the planner counts what would train by it."""
     return any(re.match(pattern, name) for pattern in patterns)

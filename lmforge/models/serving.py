@@ -2,8 +2,8 @@
 
 Three sources, one path:
 - ``base_model`` plus a LoRA adapter folder (``lora_model_dir``): the adapter is checked against
-  the base before any weight is read (module paths, LoRA matrix shapes, vocabulary size,
-  architecture), so a wrong base fails with one line naming the model the adapter was trained on
+  the base before any weight is read (module paths, LoRA matrix shapes, vocabulary size, architecture:
+  :func:`lmforge.models.adapters.check_adapter`), so a wrong base fails with one line naming the model the adapter was trained on
   instead of a page of state-dict size mismatches from inside peft;
 - a merged model folder (what ``merge-lora`` writes) or any Hugging Face folder;
 - a ``.gguf`` file (de-quantized once and cached by :mod:`lmforge.models.load`).
