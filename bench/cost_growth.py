@@ -75,7 +75,7 @@ def main() -> int:
     model_dir = common.model_dir()
     import torch
 
-    from lmforge.train.telemetry import cpu_supports_bf16
+    from lmforge.device import cpu_supports_bf16
 
     precision = "bf16" if (torch.cuda.is_available() or cpu_supports_bf16()) else "fp32"
     run_args = argparse.Namespace(warmup=1, threads=args.threads, timeout=args.timeout, lmforge_set=[],

@@ -51,7 +51,7 @@ def main() -> int:
     from lmforge.train.loss import causal_lm_loss
     from lmforge.train.optimizers import build_optimizer
     from lmforge.train.schedules import build_scheduler
-    from lmforge.train.telemetry import pick_device, resolve_bf16
+    from lmforge.device import pick_device, resolve_bf16
 
     overrides = [kv if kv.startswith("--") else f"--{kv}" for kv in args.set]
     cfg = load_config(args.config, overrides)

@@ -76,7 +76,7 @@ def build(config: str, overrides: list[str]):
     from lmforge.train.optimizers import build_optimizer
     from lmforge.train.schedules import build_scheduler
     from lmforge.train.stream import EpochStream
-    from lmforge.train.telemetry import pick_device, resolve_bf16
+    from lmforge.device import pick_device, resolve_bf16
 
     cfg = load_config(config, overrides)
     t, d = cfg.training, cfg.data

@@ -331,7 +331,7 @@ def main() -> int:
     model_dir = Path(args.model_dir).resolve() if args.model_dir else common.model_dir()
     import torch
 
-    from lmforge.train.telemetry import cpu_supports_bf16
+    from lmforge.device import cpu_supports_bf16
 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and (torch.cuda.is_available() or cpu_supports_bf16()))
     args.precision = "bf16" if bf16 else "fp32"

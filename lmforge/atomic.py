@@ -66,6 +66,23 @@ def write_text(path: Path, text: str, *, durable: bool = False) -> None:
         fsync_dir(path.parent)
 
 
+def atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` (a library's own writer: savefig, torch.save, ...) onto a temporary sibling file,
+    then rename it onto `path`: a reader never meets half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix kept: savefig picks the format by it
+    try:
+        write(tmp)
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(exc, path.parent)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise _full_disk_error(path, exc) from exc
+        raise
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(path: Path, data: Any, *, indent: int = 2, durable: bool = False) -> None:
     write_text(path, json.dumps(data, indent=indent), durable=durable)
 

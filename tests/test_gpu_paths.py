@@ -157,7 +157,7 @@ def test_bf16_auto_is_on_only_where_the_card_has_bf16_tensor_cores(mock_cuda: An
     """Item 3: V100 (7.0) and T4 (7.5) emulate bf16; `bf16: auto` must train them in fp32, and the planner must say so."""
     from lmforge.plan.predict import current_device
     from lmforge.recipes.training import TrainingRun
-    from lmforge.train.telemetry import pick_device, resolve_bf16
+    from lmforge.device import pick_device, resolve_bf16
 
     mock_cuda(capability)
     assert pick_device() == torch.device("cuda")

@@ -29,7 +29,7 @@ from lmforge.recipes.training import TrainingRun, plan_steps
 from lmforge.train.loggers import build_loggers
 from lmforge.train.loop import LoopSettings, train_loop
 from lmforge.train.loss import causal_lm_loss
-from lmforge.train.telemetry import set_tf32
+from lmforge.device import set_tf32
 
 CPU = torch.device("cpu")
 EXAMPLES = [Example([1, 5, 6, 7, 8, 9, 10, 2], [-100, -100, 6, 7, 8, 9, 10, 2]), Example([1, 5, 11, 12, 2], [-100, -100, 11, 12, 2])]
@@ -236,10 +236,10 @@ def test_fp16_is_refused_on_a_cpu_run_and_tf32_sets_the_cuda_flags(tiny_model_di
 def test_bf16_true_on_a_cpu_without_native_bf16_is_warned_and_auto_is_not(
         tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
+    import lmforge.device as device
     import lmforge.recipes.training as training
-    import lmforge.train.telemetry as telemetry
 
-    for module in (training, telemetry):
+    for module in (training, device):
         monkeypatch.setattr(module, "cpu_supports_bf16", lambda: False)
     for setting, warned in ((True, True), ("auto", False)):
         cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, bf16=setting)
@@ -377,11 +377,11 @@ def test_wandb_watch_and_log_model_reach_wandb(tiny_model_dir: Path, alpaca_file
 # --- vocabulary, LoRA on parameters, optimizer names, cross-key checks ------------------------------------------------
 
 def test_tokens_join_the_vocabulary_and_embeddings_pad_to_32x(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    from lmforge.models.load import tokenizer_for
+    from lmforge.models.load import config_tokenizer
 
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, tokens=["<|tool|>", "zebra"], resize_token_embeddings_to_32x=True,
                adapter=None, lora_r=None, lora_alpha=None, lora_target_linear=None)
-    tok = tokenizer_for(cfg)
+    tok = config_tokenizer(cfg)
     plain = load_tokenizer(str(tiny_model_dir))
     assert len(tok) == len(plain) + 2 and len(tok("zebra <|tool|>").input_ids) == 2
     model = training_model(cfg, tok, CPU, bf16=False)

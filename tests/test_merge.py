@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from lmforge.errors import LmforgeError
 from lmforge.export.merge import merge_lora
-from lmforge.models.serving import check_adapter, load_lora_model
+from lmforge.models.adapters import check_adapter
+from lmforge.models.serving import load_lora_model
 
 VOCAB = 100
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -226,3 +227,33 @@ def test_merge_adapter_with_full_module_paths(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_modules"]
     merge_lora(base, adapter, tmp_path / "merged")
     assert max_logit_diff(base, adapter, str(tmp_path / "merged")) < 1e-4
+
+
+def test_continuing_training_checks_the_adapter_against_the_base(tmp_path: Path) -> None:
+    """lora_model_dir in training goes through the same check as inference and merge (models.adapters.load_adapter):
+    one line naming the sizes, not peft's page of size mismatches."""
+    from lmforge.config.sections import AdapterSection
+    from lmforge.models.adapters import apply_lora
+
+    adapter = make_adapter(make_base(tmp_path / "big", hidden=64), tmp_path / "lora")
+    small = AutoModelForCausalLM.from_pretrained(make_base(tmp_path / "small", hidden=32))
+    with pytest.raises(LmforgeError) as info:
+        apply_lora(small, AdapterSection(adapter="lora", lora_model_dir=adapter))
+    assert "size 32" in info.value.message and "64" in info.value.message and info.value.fix
+
+
+def test_continuing_training_grows_the_embeddings_to_the_adapters(tmp_path: Path) -> None:
+    """An adapter saved with grown embeddings continues training on the plain base: the rows are grown first,
+    and the trainable model computes what the inference loader's model computes."""
+    from lmforge.config.sections import AdapterSection
+    from lmforge.models.adapters import apply_lora
+
+    base = make_base(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "lora", grow=3, modules_to_save=["embed_tokens", "lm_head"])
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base), AdapterSection(adapter="lora", lora_model_dir=adapter))
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB + 3
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    ids = torch.randint(0, VOCAB + 3, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = load_lora_model(base, adapter).eval()(input_ids=ids).logits
+        assert torch.allclose(model.eval()(input_ids=ids).logits, expected, atol=1e-5)

@@ -113,10 +113,10 @@ def test_activation_bytes_match_what_autograd_saves(small_model_dir: Path, tmp_p
     if keys.get("load_in_4bit") and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed")
     from lmforge.models.setup import training_model
-    from lmforge.recipes.training import data_tokenizer
+    from lmforge.models.load import config_tokenizer
 
     cfg = _config(small_model_dir, tmp_path, bf16=bf16, **keys)
-    tokenizer = data_tokenizer(cfg)
+    tokenizer = config_tokenizer(cfg)
     model = training_model(cfg, tokenizer, torch.device("cpu"), bf16)
     shape = read_shape(str(small_model_dir))
     batch = _batch(2, 48, padded, shape.vocab_size)
@@ -233,20 +233,32 @@ def test_65b_full_finetune_needs_about_16_a100_80gb_and_qlora_one() -> None:
 
 
 def test_scale_out_read_from_deepspeed_and_fsdp_keys(tmp_path: Path) -> None:
-    """axolotl's scale-out keys set the planner's sharding and offload."""
-    from lmforge.plan.inputs import scale_out_from_keys
+    """axolotl's scale-out keys set the planner's sharding and offload, read from the validated distributed
+    section as the engines read it (config.checks.zero_settings, config.sections.resolve_fsdp)."""
+    from lmforge.config.sections import DistributedSection
+    from lmforge.plan.inputs import scale_out
+
+    def planned(**keys: object) -> dict:
+        return scale_out(DistributedSection.model_validate(keys))[0]
 
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
-    assert scale_out_from_keys({"deepspeed": str(zero3)})[0] == {"sharding": "zero3", "offload": "optimizer"}
-    assert scale_out_from_keys({"deepspeed": {"zero_optimization": {"stage": 2}}})[0] == {"sharding": "zero2"}
-    assert scale_out_from_keys({"fsdp": ["full_shard", "auto_wrap"]})[0] == {"sharding": "fsdp"}
-    assert scale_out_from_keys({"fsdp": "shard_grad_op offload"})[0] == {"sharding": "zero2", "offload": "params"}
-    assert scale_out_from_keys({"fsdp_config": {"fsdp_offload_params": True, "reshard_after_forward": True}})[0] == {
+    assert planned(deepspeed=str(zero3)) == {"sharding": "zero3", "offload": "optimizer"}
+    assert planned(deepspeed={"zero_optimization": {"stage": 2}}) == {"sharding": "zero2"}
+    assert planned(fsdp=["full_shard", "auto_wrap"]) == {"sharding": "fsdp"}
+    assert planned(fsdp="shard_grad_op offload") == {"sharding": "zero2", "offload": "params"}
+    assert planned(fsdp_config={"fsdp_offload_params": True, "reshard_after_forward": True}) == {
         "sharding": "fsdp", "offload": "params"}
-    out, notes = scale_out_from_keys({"deepspeed": str(tmp_path / "missing.json")})
-    assert out == {} and "could not read" in notes[0]
-    assert scale_out_from_keys({})[0] == {}
+    assert planned(fsdp_config={"fsdp_sharding_strategy": "SHARD_GRAD_OP"}) == {"sharding": "zero2"}
+    out, notes = scale_out(DistributedSection.model_validate({"deepspeed": str(tmp_path / "missing.json")}))
+    assert out == {} and "does not exist" in notes[0]
+    assert planned() == {}
+
+
+def test_plan_inputs_take_scale_out_and_attention_from_the_config(small_model_dir: Path, tmp_path: Path) -> None:
+    cfg = _config(small_model_dir, tmp_path, fsdp=["full_shard", "offload"], attn_implementation="eager")
+    inputs = PlanInputs.from_config(cfg)
+    assert (inputs.sharding, inputs.offload, inputs.attn_implementation) == ("fsdp", "params", "eager")
 
 
 # --------------------------------------------------------------------------- whole runs on this CPU

@@ -170,7 +170,7 @@ def test_pretrain_stops_early_and_restores_the_best(corpus: Path, shared: Path, 
 def test_preprocess_and_train_share_the_prepared_data(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     from lmforge.data import cache
-    from lmforge.recipes.training import data_tokenizer
+    from lmforge.models.load import config_tokenizer
     from lmforge.recipes.preprocess import run_preprocess
     from lmforge.recipes.train import run_train
 
@@ -181,7 +181,7 @@ def test_preprocess_and_train_share_the_prepared_data(tiny_model_dir: Path, alpa
     cfg = load_config(str(write_config(tmp_path / "c.yml", config)))
     run_preprocess(cfg)
     entries = [p.name for p in prepared.iterdir() if not p.name.startswith(".")]
-    assert entries == [cache.cache_key(cfg.data, data_tokenizer(cfg), cfg.training.seed)]
+    assert entries == [cache.cache_key(cfg.data, config_tokenizer(cfg), cfg.training.seed)]
     capsys.readouterr()
     run_train(cfg)
     assert f"reused prepared data {prepared / entries[0]}" in capsys.readouterr().out

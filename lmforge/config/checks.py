@@ -11,6 +11,7 @@ Imports no torch: validating a config stays instant.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lmforge.config.loader import RawConfig
@@ -198,6 +199,27 @@ def deepspeed_json(value: "str | dict") -> dict:
         raise LmforgeError(f"deepspeed config {value} is not valid JSON ({exc})", where=str(path), fix="fix the JSON") from exc
 
 
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What a DeepSpeed config says about ZeRO: the stage, and what it offloads to CPU or NVMe memory."""
+
+    stage: int = 0
+    offload_params: bool = False
+    offload_optimizer: bool = False
+
+
+def zero_settings(ds: dict) -> ZeroSettings:
+    """The ZeRO settings of a parsed DeepSpeed config (:func:`deepspeed_json`): what the checks, the DeepSpeed
+    engine and the planner read from it."""
+    zero = ds.get("zero_optimization") or {}
+
+    def offloaded(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+    return ZeroSettings(stage=int(zero.get("stage", 0) or 0), offload_params=offloaded("offload_param"),
+                        offload_optimizer=offloaded("offload_optimizer"))
+
+
 def _distributed(c: _Checker) -> None:
     cfg = c.cfg
     d = cfg.distributed
@@ -209,7 +231,7 @@ def _distributed(c: _Checker) -> None:
             ds = deepspeed_json(d.deepspeed)
         except LmforgeError as exc:
             raise LmforgeError(exc.message, where=c.where("deepspeed"), fix=exc.fix) from exc
-        stage = int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
+        stage = zero_settings(ds).stage
         quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
         if stage == 3 and quantized:
             raise c.error("deepspeed", "DeepSpeed ZeRO-3 partitions every weight, which a bitsandbytes 4/8-bit base cannot be "

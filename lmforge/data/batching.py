@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lmforge.data.prepare import IGNORE_INDEX, Example
+from lmforge.data.examples import IGNORE_INDEX, Example
 
 Batch = dict[str, torch.Tensor]
 

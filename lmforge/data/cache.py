@@ -21,7 +21,7 @@ import numpy as np
 from lmforge.atomic import atomic_dir
 from lmforge.hashing import file_sha256
 from lmforge.config.sections import DataSection, DatasetSpec, UserDefinedFormat
-from lmforge.data.prepare import Example, PreparedData, PrepareStats
+from lmforge.data.examples import Example, PreparedData, PrepareStats
 from lmforge.data.sources import local_files
 
 DEFAULT_PREPARED_PATH = "last_run_prepared"

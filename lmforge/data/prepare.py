@@ -17,90 +17,17 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lmforge.config.sections import DataSection, DatasetSpec
+from lmforge.data.examples import IGNORE_INDEX, Example, PreparedData, PrepareStats
 from lmforge.data.formats import Segment, SkipRow, get_format
 from lmforge.data.sources import no_rows, read_rows
 from lmforge.errors import LmforgeError
 
-IGNORE_INDEX = -100
 PARALLEL_MIN_ROWS = 2000  # below this, starting processes costs more than it saves
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-@dataclass
-class PrepareStats:
-    rows: Counter = field(default_factory=Counter)  # rows read, per source path
-    truncated: int = 0
-    no_trainable_tokens: int = 0
-    tokens: int = 0
-    label_tokens: int = 0
-    bad_rows: int = 0  # malformed or failing rows skipped with skip_bad_rows
-    bad_examples: list[str] = field(default_factory=list)  # the first few, "where: why"
-    hook_skipped: int = 0
-    note: str = ""  # where the data came from (prepared cache) or went
-
-    def add(self, other: "PrepareStats") -> None:
-        self.rows.update(other.rows)
-        for name in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "hook_skipped"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        merged = self.bad_examples + other.bad_examples
-        self.bad_examples = merged if len(merged) <= 20 else merged[:19] + merged[-1:]
-
-    def bad(self, where: str, why: str) -> None:
-        self.bad_rows += 1
-        line = f"{where}: {why}"
-        if len(self.bad_examples) < 20:
-            self.bad_examples.append(line)
-        else:  # keep the last one too: a file cut off is reported at its end
-            self.bad_examples[-1] = line
-
-    def summary(self) -> str:
-        sources = ", ".join(f"{path}: {n} rows" for path, n in self.rows.items())
-        share = self.label_tokens / max(self.tokens, 1)
-        text = (
-            f"{sources}; {self.tokens:,} tokens, {share:.0%} trained on; "
-            f"{self.truncated} truncated to sequence_len, {self.no_trainable_tokens} skipped with no response token left"
-        )
-        if self.bad_rows:
-            text += f"; {self.bad_rows} bad rows skipped (first: {self.bad_examples[0]}"
-            text += f"; last: {self.bad_examples[-1]})" if self.bad_rows > 1 else ")"
-        if self.hook_skipped:
-            text += f"; {self.hook_skipped} rows skipped by the type hook"
-        if self.note:
-            text += f"; {self.note}"
-        return text
-
-    def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "bad_examples", "hook_skipped")}
-        out["rows"] = dict(self.rows)
-        return out
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> "PrepareStats":
-        stats = cls(**{k: v for k, v in value.items() if k != "rows"})
-        stats.rows = Counter(value.get("rows", {}))
-        return stats
-
-
-@dataclass
-class PreparedData:
-    train: list[Example]
-    eval: list[Example]
-    stats: PrepareStats
 
 
 def adds_bos(tokenizer: Any) -> bool:

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.atomic import atomic_file, write_text
 from lmforge.config.sections import DataSection
-from lmforge.data.prepare import IGNORE_INDEX, Example, PrepareStats, prepare_specs, split_eval
+from lmforge.data.examples import IGNORE_INDEX, Example, PrepareStats
+from lmforge.data.prepare import prepare_specs, split_eval
 from lmforge.data.sources import read_rows
 
 _NORMALIZE = re.compile(r"[\W_]+", re.UNICODE)
@@ -125,10 +127,10 @@ def write_report(report: Report, folder: str | Path) -> tuple[Path, Path | None]
         ax.set_ylabel("examples")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(png, dpi=100)
+        atomic_file(png, lambda tmp: fig.savefig(tmp, dpi=100))
         plt.close(fig)
     except ImportError:  # the Markdown still holds the text histogram
         png = None
     md = folder / "data_report.md"
-    md.write_text(report.markdown(png.name if png else None), encoding="utf-8")
+    write_text(md, report.markdown(png.name if png else None))
     return md, png

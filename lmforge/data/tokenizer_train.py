@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lmforge.atomic import publish_into
 from lmforge.data.compressed import guard, open_text
 from lmforge.data.sources import expand_paths
 from lmforge.errors import LmforgeError
@@ -254,62 +255,66 @@ def train_tokenizer(
     train_files = expand_paths(files, "tokenizer_train.files", what="text file")
     heldout_files = expand_paths(held_out_files or [], "tokenizer_train.held_out_files", what="text file")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     splitter = _Splitter(train_files, heldout_files, held_out_fraction)
+    reports: list[TokenizerReport] = []
 
-    start = time.perf_counter()
-    if backend == "hf":
-        backend_tok = _train_hf(splitter, vocab_size, model_type, special)
-    else:
-        backend_tok = _train_sentencepiece(splitter, vocab_size, model_type, special, out)
-    if add_bos_token:
-        from tokenizers.processors import TemplateProcessing
+    def write(tmp: Path) -> None:  # a kill mid-training leaves no half-written tokenizer that pretrain would reuse
+        start = time.perf_counter()
+        if backend == "hf":
+            backend_tok = _train_hf(splitter, vocab_size, model_type, special)
+        else:
+            backend_tok = _train_sentencepiece(splitter, vocab_size, model_type, special, tmp)
+        if add_bos_token:
+            from tokenizers.processors import TemplateProcessing
 
-        bos_id = backend_tok.token_to_id(special.bos)
-        backend_tok.post_processor = TemplateProcessing(
-            single=f"{special.bos} $A", pair=f"{special.bos} $A {special.bos} $B", special_tokens=[(special.bos, bos_id)]
+            bos_id = backend_tok.token_to_id(special.bos)
+            backend_tok.post_processor = TemplateProcessing(
+                single=f"{special.bos} $A", pair=f"{special.bos} $A {special.bos} $B", special_tokens=[(special.bos, bos_id)]
+            )
+        seconds = time.perf_counter() - start
+
+        from transformers import PreTrainedTokenizerFast
+
+        hf_tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend_tok,
+            bos_token=special.bos, eos_token=special.eos, pad_token=special.pad,
+            unk_token=special.unk, mask_token=special.mask,
+            model_max_length=model_max_length or int(1e30),
         )
-    seconds = time.perf_counter() - start
+        hf_tok.save_pretrained(str(tmp))
 
-    from transformers import PreTrainedTokenizerFast
+        # Report on held-out text with the saved tokenizer, so the numbers describe what loads.
+        from lmforge.models.load import load_tokenizer  # the one tokenizer loader
 
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend_tok,
-        bos_token=special.bos, eos_token=special.eos, pad_token=special.pad,
-        unk_token=special.unk, mask_token=special.mask,
-        model_max_length=model_max_length or int(1e30),
-    )
-    hf_tok.save_pretrained(str(out))
+        loaded = load_tokenizer(str(tmp))
+        heldout_tokens = heldout_words = heldout_chars = 0
+        roundtrip = True
+        for chunk in splitter.heldout:
+            ids = loaded.encode(chunk, add_special_tokens=False)
+            heldout_tokens += len(ids)
+            heldout_words += len(chunk.split())
+            heldout_chars += len(chunk)
+            if roundtrip and loaded.decode(ids) != chunk:
+                roundtrip = False
+        ids_of = {name: loaded.convert_tokens_to_ids(tok) for name, tok in asdict(special).items()}
+        report = TokenizerReport(
+            out_dir=str(out),
+            backend=backend,
+            model_type=model_type,
+            requested_vocab_size=vocab_size,
+            vocab_size=len(loaded),
+            seconds=round(seconds, 3),
+            train_bytes=splitter.train_bytes,
+            heldout_chars=heldout_chars,
+            heldout_words=heldout_words,
+            heldout_tokens=heldout_tokens,
+            tokens_per_word=round(heldout_tokens / heldout_words, 4) if heldout_words else float("nan"),
+            chars_per_token=round(heldout_chars / heldout_tokens, 4) if heldout_tokens else float("nan"),
+            roundtrip_exact=roundtrip,
+            special_token_ids=ids_of,
+        )
+        (tmp / "lmforge_tokenizer_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        reports.append(report)
 
-    # Report on held-out text with the saved tokenizer, so the numbers describe what loads.
-    from lmforge.models.load import load_tokenizer  # the one tokenizer loader
-
-    loaded = load_tokenizer(str(out))
-    heldout_tokens = heldout_words = heldout_chars = 0
-    roundtrip = True
-    for chunk in splitter.heldout:
-        ids = loaded.encode(chunk, add_special_tokens=False)
-        heldout_tokens += len(ids)
-        heldout_words += len(chunk.split())
-        heldout_chars += len(chunk)
-        if roundtrip and loaded.decode(ids) != chunk:
-            roundtrip = False
-    ids_of = {name: loaded.convert_tokens_to_ids(tok) for name, tok in asdict(special).items()}
-    report = TokenizerReport(
-        out_dir=str(out),
-        backend=backend,
-        model_type=model_type,
-        requested_vocab_size=vocab_size,
-        vocab_size=len(loaded),
-        seconds=round(seconds, 3),
-        train_bytes=splitter.train_bytes,
-        heldout_chars=heldout_chars,
-        heldout_words=heldout_words,
-        heldout_tokens=heldout_tokens,
-        tokens_per_word=round(heldout_tokens / heldout_words, 4) if heldout_words else float("nan"),
-        chars_per_token=round(heldout_chars / heldout_tokens, 4) if heldout_tokens else float("nan"),
-        roundtrip_exact=roundtrip,
-        special_token_ids=ids_of,
-    )
-    (out / "lmforge_tokenizer_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    return report
+    publish_into(out, write)  # into the folder, keeping what else it holds (it may be any folder the user named)
+    return reports[0]

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from lmforge.atomic import publish_into
 from lmforge.errors import LmforgeError
-from lmforge.models.serving import check_adapter, load_lora_model, load_tokenizer_for
+from lmforge.models.adapters import check_adapter
+from lmforge.models.serving import load_lora_model, load_tokenizer_for
 
 
 @dataclass
@@ -119,7 +121,11 @@ def save_merged(result: MergedModel, out_dir: str | os.PathLike[str], dtype: tor
     target = parse_dtype(dtype if dtype is not None else (base_dtype or torch.float32), where="dtype")
     merged = merged.to(target)
     config.dtype = target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    result.tokenizer.save_pretrained(out_dir)
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        result.tokenizer.save_pretrained(tmp)
+
+    # each file renamed into place: a kill mid-save leaves no folder that looks complete but holds cut-off weights
+    publish_into(out_dir, write)
     return out_dir

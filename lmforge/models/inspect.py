@@ -80,7 +80,7 @@ def _config_of(path_or_model: Any) -> tuple[Any, str]:
         ) from exc
 
 
-def _skeleton(config: Any) -> torch.nn.Module:
+def model_skeleton(config: Any) -> torch.nn.Module:
     """The model's module tree on the meta device: shapes without memory."""
     from transformers import AutoModelForCausalLM
 
@@ -121,7 +121,7 @@ def inspect_model(path_or_model: Any) -> ModelInspection:
     config, source = _config_of(path_or_model)
     # multimodal configs keep the language model's numbers in a sub-config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    skeleton = _skeleton(config)
+    skeleton = model_skeleton(config)
     names = {id(m): n for n, m in skeleton.named_modules()}
     head = skeleton.get_output_embeddings()
     embed = skeleton.get_input_embeddings()
@@ -169,7 +169,7 @@ def trainable_share(path_or_model: Any, **lora_kwargs: Any) -> TrainableShare:
     from peft import LoraConfig, get_peft_model
 
     config, source = _config_of(path_or_model)
-    skeleton = _skeleton(config)
+    skeleton = model_skeleton(config)
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
     try:
         peft_model = get_peft_model(skeleton, LoraConfig(**lora_kwargs))

@@ -16,7 +16,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,7 +55,7 @@ def _looks_local(path: str) -> bool:
     )
 
 
-def _gguf_cache_dir(gguf_path: Path) -> Path:
+def gguf_cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     return cache_root() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -63,13 +63,13 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
 
 def convert_gguf(gguf_path: Path) -> Path:
     """De-quantize a GGUF file once into a cached safetensors folder and return it."""
-    target = _gguf_cache_dir(gguf_path)
+    target = gguf_cache_dir(gguf_path)
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = load_tokenizer(str(gguf_path), from_gguf=True)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     except Exception as exc:  # the GGUF reader raises many types for a bad file
         raise LmforgeError(
@@ -137,10 +137,17 @@ def transformers_class(name: str | None, default: str, kind: str, key: str) -> A
 
 
 def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                   tokenizer_type: str | None = None) -> Any:
-    """The one tokenizer loader: ``tokenizer_path`` or ``base_model`` (an HF folder, a .gguf or pkg:// file,
-    or a Hub id), made able to pad, loaded with the class ``tokenizer_type`` names (default AutoTokenizer).
-    Every command reaches tokenizers through here or :func:`tokenizer_for`."""
+                   tokenizer_type: str | None = None, *, from_gguf: bool = False) -> Any:
+    """The one place a tokenizer is read from disk or the Hub: ``tokenizer_path`` or ``base_model`` (an HF
+    folder, a .gguf or pkg:// file, or a Hub id), made able to pad, loaded with the class ``tokenizer_type``
+    names (default AutoTokenizer). `from_gguf` reads a .gguf file's header only, as is (no weights are
+    converted, no pad token set): what the GGUF cache and the planner save. A config's tokenizer comes
+    through :func:`config_tokenizer`, which calls this."""
+    if from_gguf:
+        from transformers import AutoTokenizer
+
+        gguf = Path(resolve_model_path(base_model))
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer_class = transformers_class(tokenizer_type, "AutoTokenizer", "tokenizer", "tokenizer_type")
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
@@ -155,11 +162,17 @@ def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_rem
     return tokenizer
 
 
-def tokenizer_for(cfg: Any, source: str | None = None) -> Any:
-    """The tokenizer a config's data is prepared and trained with (train, preprocess, data report,
-    pretrain): `source` when given (a trained tokenizer's folder), else ``tokenizer_config``, else
-    ``base_model``; with the config's ``special_tokens`` added. Two commands given one config get
-    equal tokenizers, so they compute the same prepared-data cache key."""
+def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], None] | None = None) -> Any:
+    """The tokenizer a config's data is prepared and trained with (train, pretrain, preprocess, data report,
+    validate, plan): `source` when given (a trained tokenizer's folder), else ``tokenizer_config``, else
+    ``base_model``; with the config's ``special_tokens`` and ``tokens`` added, then a named chat template's
+    marker tokens (chatml's <|im_start|>, ...), and a configured template made its own. So the data is
+    tokenized, the embeddings grow and the output is saved with one and the same tokenizer, and two
+    commands given one config compute the same prepared-data cache key. `say` hears what was added."""
+    # data.formats knows chat templates (what a `type: chat_template` dataset needs); lazy, so that
+    # importing models never imports data
+    from lmforge.data.formats.templates import prepare_chat_tokenizer
+
     model = cfg.model
     if source is None and model.tokenizer_config is None and model.base_model is None:
         raise LmforgeError("no tokenizer: model_config builds a new model, so the tokenizer must come from somewhere",
@@ -173,6 +186,9 @@ def tokenizer_for(cfg: Any, source: str | None = None) -> Any:
             tokenizer.pad_token = tokenizer.eos_token
     if model.tokens:
         tokenizer.add_tokens(list(model.tokens))
+    added = prepare_chat_tokenizer(tokenizer, cfg.data)
+    if added and say is not None:
+        say(f"chat_template: added {', '.join(added)} to the tokenizer as special tokens (the embeddings grow to match)")
     return tokenizer
 
 

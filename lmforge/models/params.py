@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -30,9 +31,15 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> int:
             )
     trainable = 0
     for name, param in model.named_parameters():
-        param.requires_grad_(any(regex.match(name) for regex in compiled))
+        param.requires_grad_(unfrozen(name, compiled))
         trainable += param.numel() if param.requires_grad else 0
     return trainable
+
+
+def unfrozen(name: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:
+    """The rule of unfrozen_parameters: a parameter trains when a pattern matches its name from the start
+    (re.match). freeze_except applies it to a model; the planner counts what would train by it."""
+    return any(re.match(pattern, name) for pattern in patterns)
 
 
 def _is_dropout_key(key: str) -> bool:

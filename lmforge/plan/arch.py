@@ -265,9 +265,9 @@ def read_json(path: Path | str, where: str) -> dict[str, Any]:
 
 
 def _gguf_config(path: Path, where: str) -> dict[str, Any]:
-    from lmforge.models.load import _gguf_cache_dir  # the converted folder, when a run made it already
+    from lmforge.models.load import gguf_cache_dir  # the converted folder, when a run made it already
 
-    cached = _gguf_cache_dir(path) / "config.json"
+    cached = gguf_cache_dir(path) / "config.json"
     if cached.is_file():
         return read_json(cached, where)
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

@@ -2,8 +2,8 @@
 
 Counting tokens needs the tokenizer, not the weights. A GGUF file carries its tokenizer; when no
 training run has converted it yet, the tokenizer is read from the GGUF header alone and saved
-next to lmforge's cache, so the one tokenizer loader (models.load.tokenizer_for, as
-recipes.training.data_tokenizer uses it) reads it like any other folder.
+next to lmforge's cache, so the one tokenizer loader (models.load.config_tokenizer, as training
+uses it) reads it like any other folder.
 
 Batch order is a pure function of the seed and the epoch (data.batching), so the planner walks the
 same batches the run will and finds the one that needs the most memory: no guess about padding,
@@ -70,35 +70,21 @@ def _gguf_tokenizer_dir(gguf: Path) -> Path:
 
 def tokenizer_without_weights(cfg: LmforgeConfig) -> Any:
     """The training tokenizer (special tokens included) without reading any weights."""
-    from lmforge.models.load import _gguf_cache_dir, resolve_model_path
+    from lmforge.atomic import atomic_dir
+    from lmforge.models.load import gguf_cache_dir, config_tokenizer, load_tokenizer, resolve_model_path
 
     source = cfg.model.tokenizer_config or cfg.model.base_model
     path = resolve_model_path(source) if source else ""
     if path and not os.path.exists(path):  # a Hub id
         with hub_offline_unless_reachable():
-            return _tokenizer_for(cfg)
-    if path.endswith(".gguf") and os.path.isfile(path) and not (_gguf_cache_dir(Path(path)) / "config.json").exists():
+            return config_tokenizer(cfg)
+    if path.endswith(".gguf") and os.path.isfile(path) and not (gguf_cache_dir(Path(path)) / "config.json").exists():
         folder = _gguf_tokenizer_dir(Path(path))
         if not (folder / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
-            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-            tokenizer.save_pretrained(tmp)
-            os.makedirs(folder.parent, exist_ok=True)
-            tmp.replace(folder) if not folder.exists() else None
+            tokenizer = load_tokenizer(path, from_gguf=True)
+            atomic_dir(folder, tokenizer.save_pretrained)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tokenizer_config": str(folder)})})
-    return _tokenizer_for(cfg)
-
-
-def _tokenizer_for(cfg: LmforgeConfig) -> Any:
-    from lmforge.data.formats.templates import prepare_chat_tokenizer
-    from lmforge.models.load import tokenizer_for
-
-    # As recipes.training.data_tokenizer builds it: the config's special tokens and chat-template markers.
-    tokenizer = tokenizer_for(cfg)
-    prepare_chat_tokenizer(tokenizer, cfg.data)
-    return tokenizer
+    return config_tokenizer(cfg)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

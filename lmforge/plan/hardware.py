@@ -64,7 +64,7 @@ def find_gpu(name: str) -> Device:
 
 def cpu_device(ceiling_gflops: dict[str, float] | None = None) -> Device:
     """This machine's CPU: its RAM, bf16 support, and (when measured) its matmul ceiling."""
-    from lmforge.train.telemetry import cpu_supports_bf16
+    from lmforge.device import cpu_supports_bf16
 
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB

@@ -6,11 +6,13 @@ lmforge adds later plugs in here in one place: add a field and read it in :meth:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from lmforge.config import LmforgeConfig
+from lmforge.config.checks import deepspeed_json, zero_settings
+from lmforge.config.sections import DistributedSection, resolve_fsdp
+from lmforge.errors import LmforgeError
 
 Method = Literal["full", "lora", "qlora"]
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"]
@@ -108,12 +110,9 @@ class PlanInputs:
             seed=t.seed,
             group_by_length=t.group_by_length,
         )
-        # Keys other parts of lmforge are adding; read when present, defaults otherwise.
-        flat = cfg.flat()  # section-agnostic: whichever section a later key lands in
-        attn = flat.get("attn_implementation")
-        if attn:
-            values["attn_implementation"] = str(attn)
-        from_keys, notes = scale_out_from_keys(flat)
+        if cfg.model.attn_implementation:
+            values["attn_implementation"] = cfg.model.attn_implementation
+        from_keys, notes = scale_out(cfg.distributed)
         values.update(from_keys)
         given = {k: v for k, v in overrides.items() if v is not None}
         values.update(given)
@@ -129,52 +128,27 @@ class PlanInputs:
         return cls(**values, notes=tuple(notes))
 
 
-def _deepspeed_json(value: Any) -> dict[str, Any] | None:
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, str):
-        import json
-        from pathlib import Path
-
-        try:
-            return json.loads(Path(value).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-    return None
-
-
-def scale_out_from_keys(flat: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Sharding and offload from axolotl's scale-out keys, when the config carries them (`deepspeed`: a ZeRO
-    JSON file or mapping; `fsdp` / `fsdp_config`). The device count is torchrun's, so it comes from --num-gpus."""
+def scale_out(d: DistributedSection) -> tuple[dict[str, Any], list[str]]:
+    """Sharding and offload as a run would do them: the DeepSpeed config's ZeRO settings (read as the checks and
+    the engine read them), or the FSDP settings the engine resolves. The device count is torchrun's, so it
+    comes from --num-gpus."""
     out: dict[str, Any] = {}
     notes: list[str] = []
-    ds = flat.get("deepspeed")
-    if ds:
-        conf = _deepspeed_json(ds)
-        if conf is None:
-            notes.append(f"deepspeed: could not read {ds!r}; planned without ZeRO")
-        else:
-            zero = conf.get("zero_optimization") or {}
-            stage = int(zero.get("stage", 0) or 0)
-            out["sharding"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}.get(stage, "zero3")
-            device_of = lambda key: str((zero.get(key) or {}).get("device", "none")).lower()  # noqa: E731
-            if device_of("offload_param") in ("cpu", "nvme"):
-                out["offload"] = "params"
-            elif device_of("offload_optimizer") in ("cpu", "nvme"):
-                out["offload"] = "optimizer"
-    elif flat.get("fsdp") or flat.get("fsdp_config"):
-        options = flat.get("fsdp") or []
-        options = options.split() if isinstance(options, str) else list(options)
-        conf = {str(k).removeprefix("fsdp_"): v for k, v in (flat.get("fsdp_config") or {}).items()}
-        strategy = str(conf.get("sharding_strategy", "")).upper()
-        keeps_gathered = "shard_grad_op" in options or strategy in ("SHARD_GRAD_OP", "3") \
-            or str(conf.get("reshard_after_forward", "true")).lower() == "false"
-        out["sharding"] = "zero2" if keeps_gathered else "fsdp"  # no reshard after forward: whole weights until backward
-        if "offload" in options or str(conf.get("offload_params", "false")).lower() == "true":
+    if d.deepspeed:
+        try:
+            zero = zero_settings(deepspeed_json(d.deepspeed))
+        except LmforgeError as exc:  # validate names the key; the estimate goes on without ZeRO
+            notes.append(f"deepspeed: {exc.message}; planned without ZeRO")
+            return out, notes
+        out["sharding"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}.get(zero.stage, "zero3")
+        if zero.offload_params:
+            out["offload"] = "params"
+        elif zero.offload_optimizer:
+            out["offload"] = "optimizer"
+        return out, notes
+    fsdp = resolve_fsdp(d.fsdp, d.fsdp_config, d.fsdp_version, d.fsdp_final_state_dict_type)
+    if fsdp is not None:
+        out["sharding"] = "fsdp" if fsdp.reshard_after_forward else "zero2"  # no reshard: whole weights until backward
+        if fsdp.offload_params:
             out["offload"] = "params"
     return out, notes
-
-
-def matches_unfrozen(name: str, patterns: tuple[str, ...]) -> bool:
-    """The rule lmforge.models.params.freeze_except applies: a regex matched from the name's start."""
-    return any(re.match(p, name) for p in patterns)

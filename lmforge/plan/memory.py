@@ -39,9 +39,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from lmforge.models.params import unfrozen
 from lmforge.plan.arch import ModelShape
 from lmforge.plan.hardware import GiB, Device
-from lmforge.plan.inputs import PlanInputs, matches_unfrozen
+from lmforge.plan.inputs import PlanInputs
 from lmforge.train.loss import PLAIN_HEAD_MODELS  # architectures whose head runs on labelled positions only
 from lmforge.train.optimizers import ADAMW_NAMES as ADAMW
 
@@ -157,7 +158,7 @@ def param_memory(inputs: PlanInputs, shape: ModelShape, bf16: bool) -> ParamMemo
         else:
             out.base += base_bytes * p.numel
         if inputs.method == "full":
-            trains = not inputs.unfrozen_parameters or matches_unfrozen(p.name, inputs.unfrozen_parameters)
+            trains = not inputs.unfrozen_parameters or unfrozen(p.name, inputs.unfrozen_parameters)
             if trains:
                 out.trainable.append(p.numel)
                 out.trainable_shapes.append(p.shape)
@@ -365,7 +366,7 @@ def converted_all(inputs: PlanInputs, shape: ModelShape, bf16: bool) -> bool:
 
 
 def resolve_bf16(inputs: PlanInputs, device: Device) -> bool:
-    """`bf16: auto` is on where the device runs bf16 natively, as in training (train/telemetry.py)."""
+    """`bf16: auto` is on where the device runs bf16 natively, as in training (lmforge/device.py)."""
     return device.bf16 if inputs.bf16 == "auto" else bool(inputs.bf16)
 
 

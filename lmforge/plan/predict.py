@@ -61,15 +61,15 @@ def model_shape(cfg: LmforgeConfig) -> ModelShape:
         vocab = train.vocab_size if train else len(tokenizer_without_weights(cfg))
         config = build_config(spec.architecture, vocab, spec.preset, spec.overrides(), cfg.pretrain.objective)
         return shape_from_config(config.to_dict(), "model_config")
-    # base_model_config is "not yet" in config/keytable.py (refused); read when a later schema carries it.
-    return read_shape(cfg.model.base_model or "", cfg.flat().get("base_model_config"))
+    # base_model_config: where the model config is read from instead of base_model (as models.load.load_model reads it)
+    return read_shape(cfg.model.base_model or "", cfg.model.base_model_config)
 
 
 def current_device(device_type: str) -> Device:
     if device_type == "cuda":
         import torch
 
-        from lmforge.train.telemetry import cuda_supports_bf16
+        from lmforge.device import cuda_supports_bf16
 
         props = torch.cuda.get_device_properties(0)
         return Device(props.name, props.total_memory / 2**30, cuda_supports_bf16(0), 0.0, 0.0, kind="cuda")

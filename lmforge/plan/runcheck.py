@@ -99,7 +99,7 @@ def start_peak_check(cfg: Any) -> PeakCheck:
     """Import the training stack and record the baseline; call before the tokenizer, data or model load."""
     import torch
 
-    from lmforge.train.telemetry import pick_device
+    from lmforge.device import pick_device
 
     device = pick_device()
     import_training_stack(cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import LmforgeConfig
-from lmforge.recipes.console import say
 from lmforge.data.report import build_report, write_report
-from lmforge.recipes.training import data_tokenizer
+from lmforge.models.load import config_tokenizer
+from lmforge.recipes.console import say
 
 
 def run_data_report(cfg: LmforgeConfig) -> Path:
-    tokenizer = data_tokenizer(cfg)
+    tokenizer = config_tokenizer(cfg, say=say)
     report = build_report(cfg.data, tokenizer, cfg.training.seed)
     md, png = write_report(report, cfg.training.output_dir)
     print(report.markdown(png.name if png else None), end="")

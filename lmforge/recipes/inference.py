@@ -28,7 +28,7 @@ from lmforge.config import LmforgeConfig
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Generator, Sampling
 from lmforge.infer.prompts import PromptBuilder
-from lmforge.train.telemetry import pick_device, resolve_bf16
+from lmforge.device import pick_device, resolve_bf16
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 

@@ -21,7 +21,7 @@ def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measur
     against the matmul ceiling of the device the steps ran on; the second value is the CPU's ceiling (None on a GPU)."""
     from lmforge.config.sections import LoggingSection
     from lmforge.recipes.train import run_train
-    from lmforge.train.telemetry import pick_device, resolve_bf16
+    from lmforge.device import pick_device, resolve_bf16
 
     device = pick_device()  # the device run_train trains on
     # the precision TrainingRun picks: fp16 (CUDA only) takes the place of bf16: auto

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 
 from lmforge.config import LmforgeConfig
-from lmforge.recipes.console import say
 from lmforge.data.batching import packing_efficiency
-from lmforge.data.prepare import PreparedData, prepare
-from lmforge.recipes.training import data_tokenizer
+from lmforge.data.examples import PreparedData
+from lmforge.data.prepare import prepare
+from lmforge.models.load import config_tokenizer
+from lmforge.recipes.console import say
 
 
 def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
-    tokenizer = data_tokenizer(cfg)  # the tokenizer train uses: the same prepared-data cache key
+    tokenizer = config_tokenizer(cfg, say=say)  # the tokenizer train uses: the same prepared-data cache key
     started = time.perf_counter()
     data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
     seconds = time.perf_counter() - started

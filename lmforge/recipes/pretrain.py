@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.atomic import atomic_dir
 from lmforge.config import LmforgeConfig
 from lmforge.config.sections import PretrainingSource
 from lmforge.data.batching import Batch
@@ -52,7 +53,7 @@ def make_shards(cfg: LmforgeConfig, tokenizer: Any, tokenizer_dir: str | None, s
     """Tokenize the pretraining text into shards_dir (resumes an interrupted run, reuses a finished one)."""
     if tokenizer_dir is None:  # a Hub tokenizer: write_shards reads a tokenizer.json from a folder
         tokenizer_dir = str(shards_dir / "tokenizer")
-        tokenizer.save_pretrained(tokenizer_dir)
+        atomic_dir(Path(tokenizer_dir), tokenizer.save_pretrained)
     report = write_shards(shard_inputs(_sources(cfg)), tokenizer_dir, str(shards_dir), processes=cfg.data.dataset_processes or 1,
                           add_bos=tokenizer.bos_token_id is not None, add_eos=tokenizer.eos_token_id is not None,
                           doc_per=cfg.pretrain.shard_doc_per)
@@ -113,7 +114,7 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
                                            else output_dir / "shards"))
         say(f"pretraining ({p.objective}) on {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {output_dir}")
         with run.main_first():  # under several ranks rank 0 trains the tokenizer and writes the shards; the others reuse them
-            tokenizer, tokenizer_dir = pretraining_tokenizer(cfg, run)
+            tokenizer, tokenizer_dir = pretraining_tokenizer(cfg)
             if p.objective == "mlm" and tokenizer.mask_token_id is None:
                 raise LmforgeError("objective mlm needs a tokenizer with a mask token", where="objective",
                                    fix="train one with tokenizer_train (it adds <mask>), or use objective: clm")

@@ -8,18 +8,15 @@ held-out text and whether it round-trips.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmforge.config import LmforgeConfig
 from lmforge.config.sections import TokenizerTrainSpec
 from lmforge.data.sources import text_files
 from lmforge.data.tokenizer_train import TokenizerReport, train_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models.load import local_model_dir
+from lmforge.models.load import config_tokenizer, local_model_dir
 from lmforge.recipes.console import say
-
-if TYPE_CHECKING:
-    from lmforge.recipes.training import TrainingRun
 
 
 def format_tokenizer_report(report: TokenizerReport) -> str:
@@ -54,7 +51,7 @@ def run_tokenizer_train(cfg: LmforgeConfig | None, flags: dict[str, Any] | None 
     return report
 
 
-def pretraining_tokenizer(cfg: LmforgeConfig, run: TrainingRun) -> tuple[Any, str | None]:
+def pretraining_tokenizer(cfg: LmforgeConfig) -> tuple[Any, str | None]:
     """Pretraining's tokenizer (trained first with tokenizer_train unless its folder holds one), and its
     folder when that folder holds a tokenizer.json the shards can use as is."""
     if cfg.pretrain.tokenizer_train is not None:
@@ -66,7 +63,7 @@ def pretraining_tokenizer(cfg: LmforgeConfig, run: TrainingRun) -> tuple[Any, st
         source: str | None = out
     else:
         source = None
-    tokenizer = run.tokenizer(source)
+    tokenizer = config_tokenizer(cfg, source, say)
     if cfg.model.special_tokens:  # tokens added on top of the folder's: the shards need this very tokenizer
         return tokenizer, None
     folder = source or local_model_dir(cfg.model.tokenizer_config or cfg.model.base_model or "", marker="tokenizer_config.json")

@@ -13,10 +13,11 @@ from typing import Any
 from lmforge.config import LmforgeConfig
 from lmforge.data.batching import eval_batches, packing_efficiency, pad_batch
 from lmforge.data.prepare import prepare
+from lmforge.models.load import config_tokenizer
 from lmforge.recipes.console import say
 from lmforge.recipes.training import TrainingRun
 from lmforge.train.stream import EpochStream
-from lmforge.train.telemetry import release_free_memory
+from lmforge.device import release_free_memory
 
 
 def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     t, d = cfg.training, cfg.data
     with TrainingRun(cfg, "train") as run:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
-        tokenizer = run.tokenizer()
+        tokenizer = config_tokenizer(cfg, say=say)
         with run.main_first():  # under several ranks rank 0 prepares and caches the data; the others read the cache
             # ... in the run's own output folder unless dataset_prepared_path names a place (not the current folder)
             shared = run.output_dir / "prepared_data" if run.engine.distributed else None

@@ -4,7 +4,7 @@ A recipe reads top to bottom (torchtune's shape: setup → train → save) and g
 part from one :class:`TrainingRun`::
 
     with TrainingRun(cfg, "train") as run:       # seed, device, precision, output_dir lock, resume point
-        tokenizer = run.tokenizer()               # the one tokenizer loader (models.load.tokenizer_for)
+        tokenizer = config_tokenizer(cfg, say=say)  # the one tokenizer loader (models.load)
         ...                                       # the recipe's own data, prepared before any weights load
         run.predict_peak(data)                    # the planner's predicted peak, said now and kept for summary.json
         plan = run.plan(rows)                     # steps, warm-up (warned when it eats the run), eval/save cadence
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from lmforge.atomic import publish_into, write_json
+from lmforge.atomic import publish_into, write_json, write_text
 from lmforge.config import LmforgeConfig
 from lmforge.config.checks import warmup_warning
 from lmforge.config.sections import TrainingSection
@@ -60,7 +60,8 @@ from lmforge.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from lmforge.train.distributed import TorchEngine, engine_for
+from lmforge.train.distributed import engine_for
+from lmforge.train.engine import TorchEngine
 from lmforge.train.loggers import build_loggers
 from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonFiniteError, evaluate, train_loop
 from lmforge.train.objectives import Objective, as_objective, objective_from_config
@@ -71,7 +72,7 @@ from lmforge.train.runlock import RunLock
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
 from lmforge.train.signals import sigterm_as_interrupt, stop_on_signals
 from lmforge.train.stream import ResumableStream
-from lmforge.train.telemetry import cpu_supports_bf16, peak_memory_mb, pick_device, resolve_bf16, set_tf32
+from lmforge.device import cpu_supports_bf16, peak_memory_mb, pick_device, resolve_bf16, set_tf32
 
 
 # A checkpoint's data position means the same batches (windows, masks) only under the same settings: the config
@@ -144,23 +145,6 @@ def check_resumable(state: dict[str, Any], invariants: dict[str, Any], folder: P
         details = ", ".join(f"{k}: {saved[k]} → {invariants[k]}" for k in changed)
         raise LmforgeError(f"cannot resume from {folder.name}: the data order depends on settings that changed ({details})",
                            where=str(folder), fix="restore those settings, or start a new run in a new output_dir")
-
-
-def data_tokenizer(cfg: LmforgeConfig, source: str | None = None) -> Any:
-    """The tokenizer every command prepares a config's data with (train, pretrain, preprocess, data report).
-
-    models.load.tokenizer_for loads it with the config's special_tokens; a named chat template's marker
-    tokens (chatml's <|im_start|>, ...) then join it, and a configured template becomes its own, so the
-    data is tokenized, the embeddings grow and the output is saved with one and the same tokenizer.
-    """
-    from lmforge.data.formats.templates import prepare_chat_tokenizer
-    from lmforge.models.load import tokenizer_for
-
-    tokenizer = tokenizer_for(cfg, source)
-    added = prepare_chat_tokenizer(tokenizer, cfg.data)
-    if added:
-        say(f"chat_template: added {', '.join(added)} to the tokenizer as special tokens (the embeddings grow to match)")
-    return tokenizer
 
 
 class TrainingRun:
@@ -238,10 +222,6 @@ class TrainingRun:
             self.lock.release()
         self._sigterm.__exit__(None, None, None)
         self.engine.close()
-
-    def tokenizer(self, source: str | None = None) -> Any:
-        """The config's tokenizer (`source`: a folder holding a trained one), chat-template tokens added."""
-        return data_tokenizer(self.cfg, source)
 
     def predict_peak(self, prepared: Any = None) -> None:
         """The planner's peak memory for this run (from the config and the prepared data), said now and
@@ -523,4 +503,4 @@ class TrainingRun:
         write_json(output_dir / "summary.json", summary)
         plot_losses(output_dir / "loss_curves.png", outcome.result.train_history,
                     ([(0, start)] if start is not None else []) + outcome.result.eval_history)
-        (output_dir / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+        write_text(output_dir / "summary.md", summary_markdown(summary))

@@ -23,10 +23,11 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
     if any(local_files(spec.path, spec.ds_type, spec.data_files) is None for spec in specs):
         return "tokens: checked when training (a Hub dataset is read then, not here)"
     from lmforge.data.prepare import prepare
-    from lmforge.recipes.training import data_tokenizer
+    from lmforge.models.load import config_tokenizer
+    from lmforge.recipes.console import say
 
     try:
-        tokenizer = data_tokenizer(cfg)
+        tokenizer = config_tokenizer(cfg, say=say)
     except LmforgeError as exc:  # e.g. a Hub tokenizer while offline: the rows were checked, the tokens cannot be
         return f"tokens: not checked, the tokenizer does not load here ({exc.format()})"
     data = prepare(cfg.data, tokenizer, cfg.training.seed, save=False)

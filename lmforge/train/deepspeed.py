@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from lmforge.config import LmforgeConfig
-from lmforge.config.checks import deepspeed_json
+from lmforge.config.checks import deepspeed_json, zero_settings
 from lmforge.errors import LmforgeError
-from lmforge.train.distributed import ShardedEngine, StepSync, _call_root, _Forward
+from lmforge.train.engine import RootModule, ShardedEngine, StepSync, call_root
 
 DS_FOLDER = "deepspeed"  # inside a checkpoint: DeepSpeed's own per-rank state
 DS_TAG = "state"
@@ -147,7 +147,7 @@ class DeepSpeedEngine(ShardedEngine):
         super().__init__(cfg)
         self.cfg = cfg
         self.config = deepspeed_json(cfg.distributed.deepspeed)
-        self.stage = int((self.config.get("zero_optimization") or {}).get("stage", 0) or 0)
+        self.stage = zero_settings(self.config).stage
         self.ds_engine: Any = None
         self.peft = False
         self._sync = _DeepSpeedSync(self)
@@ -182,8 +182,8 @@ class DeepSpeedEngine(ShardedEngine):
         # DeepSpeed reads LOCAL_RANK, which a launcher sets; `lmforge train` in one process (one GPU, ZeRO-3
         # offload) has none, and deepspeed.initialize would fail an assertion naming the launcher.
         os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
-        self.ds_engine, _, _, _ = self.deepspeed.initialize(model=_Forward(model), optimizer=optimizer, config=config)
-        return self.ds_engine, _call_root(self.ds_engine, loss_fn), _SteppedByEngine(optimizer)
+        self.ds_engine, _, _, _ = self.deepspeed.initialize(model=RootModule(model), optimizer=optimizer, config=config)
+        return self.ds_engine, call_root(self.ds_engine, loss_fn), _SteppedByEngine(optimizer)
 
     def call(self, model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.stage == 3 and self.ds_engine is not None:

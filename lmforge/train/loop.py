@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from lmforge.data.batching import HOST_COPY, Batch, HostCopy
 from lmforge.errors import LmforgeError
+from lmforge.device import peak_memory_mb
 from lmforge.train.objectives import CausalLM, Objective, as_objective
-from lmforge.train.telemetry import peak_memory_mb
 
 # An objective, or a bare (model, batch) -> (loss_sum, count) function taken as a causal-LM loss.
 LossFn = Objective | Callable[[Any, Batch], tuple[torch.Tensor, int]]
@@ -53,7 +53,7 @@ class LoopSettings:
     offload_activations: bool = False  # keep tensors saved for backward (not the weights) in (pinned) CPU memory
     loss_watchdog_threshold: float | None = None  # stop once the loss stays above this ...
     loss_watchdog_patience: int = 3  # ... for this many steps in a row
-    sync: Any = None  # several ranks: lmforge.train.distributed.StepSync (sums over ranks, gradient-sync control)
+    sync: Any = None  # several ranks: lmforge.train.engine.StepSync (sums over ranks, gradient-sync control)
     show_progress: bool = True  # the progress bar and step lines (rank 0 only under several ranks)
 
 
@@ -213,7 +213,8 @@ def _clip_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     return norm
 
 
-def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The gradient norm as a number, clipped to `max_norm` when set (what several ranks' StepSync.clip returns)."""
     return float(_clip_norm(params, max_norm))
 
 

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_file
+
 
 def plot_losses(path: Path, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> Path | None:
     """Train and eval loss against the optimizer step; None when matplotlib is missing."""
@@ -26,7 +28,7 @@ def plot_losses(path: Path, train: list[tuple[int, float]], evals: list[tuple[in
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_file(path, fig.savefig)
     plt.close(fig)
     return path
 
