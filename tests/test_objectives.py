@@ -161,10 +161,12 @@ class _WeightedCausalLM(Objective):
         return loss_sum, count, {}
 
 
+@pytest.mark.learning
 def test_a_test_only_objective_trains_through_the_run(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     """Answer digits weigh 2, other answer words 1, the rest 0: the loop divides each step by the objective's
     count (not the labelled-token count it used to hard-code), and the weighted loss falls."""
     from lmforge.data.prepare import prepare
+    from lmforge.models.load import config_tokenizer
     from lmforge.recipes.training import TrainingRun
     from lmforge.train.stream import EpochStream
 
@@ -172,7 +174,7 @@ def test_a_test_only_objective_trains_through_the_run(tiny_model_dir: Path, alpa
                          gradient_accumulation_steps=2, learning_rate=0.01, save_strategy="no")
     cfg = load_config(str(write_config(tmp_path / "c.yml", config)))
     with TrainingRun(cfg, "train") as run:
-        tokenizer = run.tokenizer()
+        tokenizer = config_tokenizer(cfg)
         data = prepare(cfg.data, tokenizer, cfg.training.seed)
         weights = torch.ones(len(tokenizer), dtype=torch.long)
         weights[[tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]] = 2
