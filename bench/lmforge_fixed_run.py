@@ -46,7 +46,7 @@ def main() -> int:
     from lmforge.data.batching import collate, collate_packed
     from lmforge.data.prepare import Example
     from lmforge.models.setup import training_model
-    from lmforge.recipes.training import data_tokenizer
+    from lmforge.models.load import config_tokenizer
     from lmforge.train.loop import LoopSettings, train_loop
     from lmforge.train.loss import causal_lm_loss
     from lmforge.train.optimizers import build_optimizer
@@ -59,7 +59,7 @@ def main() -> int:
     torch.manual_seed(t.seed)
     device = pick_device()
     bf16 = resolve_bf16(t.bf16, device)
-    tokenizer = data_tokenizer(cfg)
+    tokenizer = config_tokenizer(cfg)
     spec = json.loads(Path(args.batches).read_text())
     steps = [[Example(e["input_ids"], e["labels"]) for e in batch] for batch in spec["batches"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

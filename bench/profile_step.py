@@ -72,7 +72,8 @@ def build(config: str, overrides: list[str]):
     from lmforge.config import load_config
     from lmforge.data.prepare import prepare
     from lmforge.models.setup import training_model
-    from lmforge.recipes.training import data_tokenizer, plan_steps
+    from lmforge.models.load import config_tokenizer
+    from lmforge.recipes.run import count_steps
     from lmforge.train.optimizers import build_optimizer
     from lmforge.train.schedules import build_scheduler
     from lmforge.train.stream import EpochStream
@@ -83,10 +84,10 @@ def build(config: str, overrides: list[str]):
     torch.manual_seed(t.seed)
     device = pick_device()
     bf16 = resolve_bf16(t.bf16, device)
-    tokenizer = data_tokenizer(cfg)
+    tokenizer = config_tokenizer(cfg)
     data = prepare(d, tokenizer, t.seed, save=False)
     model = training_model(cfg, tokenizer, device, bf16)
-    plan = plan_steps(t, len(data.train))
+    plan = count_steps(t, len(data.train))
     optimizer = build_optimizer(model, t.optimizer, t.learning_rate, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
     scheduler = build_scheduler(optimizer, t.lr_scheduler, plan.total_steps, plan.warmup_steps, 0.0)
     stream = EpochStream(data.train, t.micro_batch_size, tokenizer.pad_token_id, t.seed, t.group_by_length,
@@ -124,7 +125,7 @@ def main() -> int:
 
     from lmforge.train.loss import causal_lm_loss
 
-    t = cfg.training  # the loss as recipes/train.py builds it, so loss switches show in the profile
+    t = cfg.training  # the loss as recipes/finetune.py builds it, so loss switches show in the profile
     loss_fn = partial(causal_lm_loss, label_smoothing=t.label_smoothing_factor,
                       loss_chunks=t.chunked_cross_entropy_num_chunks if t.chunked_cross_entropy else 1)
     if warmup:

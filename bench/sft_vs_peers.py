@@ -86,10 +86,10 @@ def sft_batches(steps: int, seed: int) -> dict:
     from lmforge.config import load_config
     from lmforge.data.batching import batch_order
     from lmforge.data.prepare import prepare
-    from lmforge.recipes.training import data_tokenizer
+    from lmforge.models.load import config_tokenizer
 
     cfg = load_config(str(CONFIG), [])
-    tok = data_tokenizer(cfg)
+    tok = config_tokenizer(cfg)
     data = prepare(cfg.data, tok, seed, save=False)
     lengths = [len(e) for e in data.train]
     order = [b for b in batch_order(lengths, MICRO_BATCH, seed, 0, True) if len(b) == MICRO_BATCH][:steps]

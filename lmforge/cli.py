@@ -42,7 +42,7 @@ def _settle_threads(cfg) -> None:  # noqa: ANN001
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     cfg = _config(args, overrides)
     _settle_threads(cfg)
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     if cfg.is_pretraining:  # model_config / pretraining_dataset: what axolotl's `train` does with them too
         from lmforge.recipes.pretrain import run_pretrain
@@ -149,7 +149,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmforge.plan.report import PlanOptions
+    from lmforge.plan.render import PlanOptions
     from lmforge.recipes.plan import run_plan
 
     options = PlanOptions(gpu=args.gpu, num_gpus=args.num_gpus, strategy=args.strategy, offload=args.offload,

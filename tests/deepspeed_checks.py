@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 from lmforge.config import load_config
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 
 RECORD: dict[str, Any] = {}
 
@@ -60,7 +60,7 @@ def _install_fused_stand_in() -> None:
     module.LigerFusedLinearCrossEntropyLoss = _FusedLinearCrossEntropyStandIn
     package.transformers = module
     sys.modules.update({"liger_kernel": package, "liger_kernel.transformers": module})
-    import lmforge.recipes.training as training
+    import lmforge.recipes.run as training
 
     training.fused_loss = lambda speed, device, say: "liger" if speed.liger_fused_linear_cross_entropy else None
 
@@ -96,7 +96,7 @@ def _install_wiring_spies() -> None:
     """Record the DeepSpeed config lmforge hands to deepspeed.initialize, the loop's GradScaler, and fp16 overflow skips."""
     import deepspeed
 
-    import lmforge.recipes.training as training
+    import lmforge.recipes.run as training
     from lmforge.train.deepspeed import _DeepSpeedSync
 
     real_initialize, real_train_loop = deepspeed.initialize, training.train_loop
@@ -122,8 +122,8 @@ def _install_wiring_spies() -> None:
 
 
 def main(results_path: Path, configs: list[str]) -> None:
-    import lmforge.recipes.train as train_recipe
-    import lmforge.recipes.training as training
+    import lmforge.recipes.finetune as train_recipe
+    import lmforge.recipes.run as training
 
     # fp16 runs on DeepSpeed's CPU accelerator where the CPU has fp16 kernels; lmforge itself refuses fp16 off CUDA.
     training.FP16_DEVICE_TYPES = ("cuda", "cpu")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from lmforge.config import load_config
 from lmforge.recipes.pretrain import run_pretrain
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

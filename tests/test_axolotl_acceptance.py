@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, REAL_MODEL, real_model_available
 from lmforge.config import load_config
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 
 FIXTURES = REPO / "tests" / "fixtures" / "axolotl"
 SHORTER = ["--val_set_size=2", "--sequence_len=256", "--micro_batch_size=1", "--gradient_accumulation_steps=1"]

@@ -69,7 +69,7 @@ def test_terminal_chat_two_turns_undo_save_and_train_on_it(tiny_model_dir: Path,
 
     from infer_helpers import TINY_CHAT_TEMPLATE
     from lmforge.config import load_config
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     config = tiny_infer_config(tmp_path, tiny_model_dir, chat=True, max_steps=2)
     saved = tmp_path / "chats.jsonl"  # the config's dataset path: what /save writes, training reads

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import REPO, tiny_config, write_config
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 from lmforge.train.checkpoint import list_checkpoints, resolve_resume, verify_checkpoint
 
 
@@ -81,7 +81,7 @@ KILL_MID_WRITE = textwrap.dedent(
     import os, signal, sys, torch
     import lmforge.train.checkpoint as ck
     from lmforge.config import load_config
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     real_save = torch.save
     def save(obj, path, *a, **k):

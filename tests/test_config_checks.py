@@ -118,7 +118,7 @@ def test_validate_prints_the_resolved_config_only_when_asked(base: dict, tmp_pat
 
 
 def test_warmup_over_the_computed_run_is_warned_at_train_time(base: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     # No max_steps: the step count is known only once the data is (20 rows / 4 per batch = 5 steps).
     cfg = {**base, "max_steps": None, "num_epochs": 1, "warmup_steps": 6}
@@ -186,7 +186,7 @@ def test_a_csv_with_no_rows_is_one_line_in_validate_preprocess_and_train(content
 def test_validate_refuses_a_sequence_len_that_leaves_no_response_token(base: dict, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     """`validate` runs train's own check (prepare's), so both refuse sequence_len 4 with the same line."""
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     path = write_config(tmp_path / "c.yml", {**base, "sequence_len": 4})
     assert main(["validate", str(path)]) == 2
@@ -206,7 +206,7 @@ def test_validate_leaves_a_hub_dataset_to_training(base: dict, tmp_path: Path, c
 
 def test_sequence_len_too_short_for_every_example_fails_before_weights(base: dict, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     _no_weights(monkeypatch)
     with pytest.raises(LmforgeError, match="no usable examples") as err:

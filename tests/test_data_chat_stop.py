@@ -66,7 +66,7 @@ def generate_answer(config: Path, out: Path, question: str) -> tuple[list[int], 
     from lmforge.config import load_config
     from lmforge.data.formats import get_format
     from lmforge.infer.prompts import PromptBuilder
-    from lmforge.models.serving import load_for_generation
+    from lmforge.models.trained import load_for_generation
 
     cfg = load_config(str(config))
     loaded = load_for_generation(cfg.model.base_model, str(out), dtype=torch.float32)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from conftest import ARITHMETIC, REPO, write_config, write_jsonl
 from lmforge.config import load_config
 from lmforge.config.sections import TrainingSection
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 from test_distributed import _assert_close_runs, _config, _env, _history, _torchrun, _weights
 
 pytest.importorskip("deepspeed")
@@ -221,12 +221,12 @@ def test_fp16_under_deepspeed_makes_no_grad_scaler(tiny_model_dir: Path, alpaca_
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 11's wiring, on every CPU: a DeepSpeed run's loop gets no GradScaler and its DeepSpeed config turns
     on fp16 (a run without DeepSpeed keeps torch's GradScaler)."""
-    import lmforge.recipes.training as training
-    from lmforge.recipes.training import StepPlan, TrainingRun
+    import lmforge.recipes.run as training
+    from lmforge.recipes.run import StepCounts, TrainingRun
     from lmforge.train.deepspeed import resolve_auto
 
     monkeypatch.setattr(training, "FP16_DEVICE_TYPES", ("cuda", "cpu"))  # fp16 is refused off CUDA
-    plan = StepPlan(1, 1, 0, None, None)
+    plan = StepCounts(1, 1, 0, None, None)
     for deepspeed, scaler in ((str(REPO / "deepspeed_configs" / "zero2.json"), False), (None, True)):
         extra = {"deepspeed": deepspeed} if deepspeed else {}
         config = _config(tiny_model_dir, alpaca_file, tmp_path / "out", "one-lora", 1, fp16=True, **extra)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from conftest import ARITHMETIC, REPO, tiny_config, write_config, write_jsonl
 from lmforge.config import load_config
 from lmforge.recipes.pretrain import run_pretrain
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 
 STEPS = 8
 SHAKESPEARE = "input.txt"

@@ -16,7 +16,7 @@ from lmforge.config import load_config
 from lmforge.data.batching import collate
 from lmforge.data.prepare import Example
 from lmforge.models.load import load_model
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 from lmforge.train.loop import LoopResult, LoopSettings, train_loop
 from lmforge.train.loss import causal_lm_loss
 

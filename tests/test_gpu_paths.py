@@ -156,7 +156,7 @@ def test_bf16_auto_is_on_only_where_the_card_has_bf16_tensor_cores(mock_cuda: An
                                                                    native_bf16: bool) -> None:
     """Item 3: V100 (7.0) and T4 (7.5) emulate bf16; `bf16: auto` must train them in fp32, and the planner must say so."""
     from lmforge.plan.predict import current_device
-    from lmforge.recipes.training import TrainingRun
+    from lmforge.recipes.run import TrainingRun
     from lmforge.device import pick_device, resolve_bf16
 
     mock_cuda(capability)
@@ -186,7 +186,7 @@ def test_kernels_are_chosen_for_the_gpu_that_trains_not_the_cpu_that_loads(
     see the GPU the model trains on (they silently turned off, each saying a false "needs CUDA")."""
     import lmforge.models.setup as setup
     from lmforge.models.load import load_tokenizer
-    from lmforge.recipes.training import TrainingRun
+    from lmforge.recipes.run import TrainingRun
     from lmforge.train.deepspeed import DeepSpeedEngine
     from lmforge.train.distributed import FSDPEngine
 
@@ -198,7 +198,7 @@ def test_kernels_are_chosen_for_the_gpu_that_trains_not_the_cpu_that_loads(
     engine.device, engine.stage = torch.device("cuda", 0), 3
     engine.prepare = lambda model, cfg, bf16, say: model
     assert engine.load_device == torch.device("cpu")  # these engines do load on the CPU
-    monkeypatch.setattr("lmforge.recipes.training.engine_for", lambda cfg, device: engine)
+    monkeypatch.setattr("lmforge.recipes.run.engine_for", lambda cfg, device: engine)
     seen: dict[str, torch.device] = {}
 
     def attention(requested: str, device: torch.device, say: Any) -> str:
@@ -212,7 +212,7 @@ def test_kernels_are_chosen_for_the_gpu_that_trains_not_the_cpu_that_loads(
     monkeypatch.setattr(setup, "attention_backend", attention)
     monkeypatch.setattr(setup, "apply_liger", liger)
     said: list[str] = []
-    monkeypatch.setattr("lmforge.recipes.training.say", said.append)
+    monkeypatch.setattr("lmforge.recipes.run.say", said.append)
     run = TrainingRun(cfg)
     model = run.model(load_tokenizer(str(tiny_model_dir)))
     assert seen == {"attention": torch.device("cuda", 0), "liger": torch.device("cuda", 0)}
@@ -314,7 +314,7 @@ def test_measure_on_a_gpu_divides_by_that_gpus_matmul_ceiling(mock_cuda: Any, ti
         return {dtype: 700_000.0 for dtype in dtypes}
 
     monkeypatch.setattr(plan, "matmul_ceiling", ceiling)
-    monkeypatch.setattr("lmforge.recipes.train.run_train", lambda cfg: {"steps": 5, "tokens_per_s": 1e5})
+    monkeypatch.setattr("lmforge.recipes.finetune.run_train", lambda cfg: {"steps": 5, "tokens_per_s": 1e5})
     measured, cpu_ceiling = plan.measure_here(_config(tiny_model_dir, alpaca_file, tmp_path, bf16="auto"))
     assert [torch.device(a.get("device", "cpu")).type for a in asked] == ["cuda"] and asked[0]["dtypes"] == ("bf16",)
     assert measured.device == "NVIDIA H100 80GB HBM3" and measured.ceiling_gflops == 700_000.0

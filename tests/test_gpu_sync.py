@@ -237,7 +237,7 @@ class AllocationSpy(TorchDispatchMode):
 def test_the_step0_eval_needs_no_more_memory_than_a_training_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """chunked_cross_entropy on, a 4096-token vocabulary (so the logits are by far the largest tensor): the
     evaluations of `lmforge train` (step 0 and the last step) allocate no tensor larger than a training step's."""
-    import lmforge.recipes.training as training
+    import lmforge.recipes.run as training
     from transformers import LlamaForCausalLM
 
     model_dir = tmp_path / "model"
@@ -261,7 +261,7 @@ def test_the_step0_eval_needs_no_more_memory_than_a_training_step(tmp_path: Path
     data = write_jsonl(tmp_path / "arith.jsonl", ARITHMETIC)
     config = tiny_config(model_dir, data, tmp_path / "out", max_steps=2, val_set_size=0.2, chunked_cross_entropy=True,
                          save_strategy="no")
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     cfg = load_config(str(write_config(tmp_path / "c.yml", config)))
     with spy:
@@ -334,7 +334,7 @@ def test_pretraining_from_scratch_in_bf16(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_lora_training_in_bf16(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     data = write_jsonl(tmp_path / "arith.jsonl", ARITHMETIC)
     config = tiny_config(tiny_model_dir, data, tmp_path / "out", bf16=True, max_steps=2, val_set_size=0.2,

@@ -23,7 +23,7 @@ from conftest import tiny_config, write_config
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 from lmforge.train.checkpoint import list_checkpoints, resolve_resume, verify_checkpoint
 from lmforge.train.runlock import LOCK_NAME, RunLock, _start_time
 
@@ -47,7 +47,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 def _signal_at(monkeypatch: pytest.MonkeyPatch, step: int, *signals: signal.Signals) -> None:
     """Send `signals` to this process when the loop logs `step` (the handler runs right then, mid-run)."""
-    import lmforge.recipes.training as training
+    import lmforge.recipes.run as training
 
     real = training._RunCallbacks.on_log
 
@@ -214,7 +214,7 @@ def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
 
 def test_sigterm_before_the_loop_exits_130_and_frees_the_lock(tiny_model_dir: Path, same_data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmforge.recipes.train as recipe
+    import lmforge.recipes.finetune as recipe
 
     real = recipe.prepare
 

@@ -24,8 +24,8 @@ from lmforge.errors import LmforgeError
 from lmforge.models import kernels
 from lmforge.models.load import load_model, load_tokenizer
 from lmforge.models.setup import training_model
-from lmforge.recipes.train import run_train
-from lmforge.recipes.training import TrainingRun, plan_steps
+from lmforge.recipes.finetune import run_train
+from lmforge.recipes.run import TrainingRun, count_steps
 from lmforge.train.loggers import build_loggers
 from lmforge.train.loop import LoopSettings, train_loop
 from lmforge.train.loss import causal_lm_loss
@@ -237,7 +237,7 @@ def test_bf16_true_on_a_cpu_without_native_bf16_is_warned_and_auto_is_not(
         tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     import lmforge.device as device
-    import lmforge.recipes.training as training
+    import lmforge.recipes.run as training
 
     for module in (training, device):
         monkeypatch.setattr(module, "cpu_supports_bf16", lambda: False)
@@ -252,7 +252,7 @@ def test_bf16_true_on_a_cpu_without_native_bf16_is_warned_and_auto_is_not(
 def test_4bit_compute_dtype_auto_follows_the_run_precision_and_bf16_on_a_slow_cpu_is_warned(
         tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import lmforge.recipes.training as training
+    import lmforge.recipes.run as training
     from lmforge.models.setup import _quantization_config
 
     pytest.importorskip("bitsandbytes")
@@ -271,7 +271,7 @@ def test_4bit_compute_dtype_auto_follows_the_run_precision_and_bf16_on_a_slow_cp
 def test_activation_offloading_moves_nothing_on_cpu(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, activation_offloading=True)
     assert cfg.speed.activation_offloading and "in CPU memory already" in cfg.notices[0].text
-    assert TrainingRun(cfg).loop_settings(plan_steps(cfg.training, 8)).offload_activations is False
+    assert TrainingRun(cfg).loop_settings(count_steps(cfg.training, 8)).offload_activations is False
 
 
 # --- data keys ------------------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_skip_prepare_dataset_neither_reads_nor_writes_the_cache(tiny_model_dir:
 
 def test_save_and_eval_strategies_set_the_cadence(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     def plan(**extra):  # noqa: ANN003, ANN202
-        return plan_steps(_cfg(tiny_model_dir, alpaca_file, tmp_path, max_steps=None, num_epochs=2, **extra).training, 40)
+        return count_steps(_cfg(tiny_model_dir, alpaca_file, tmp_path, max_steps=None, num_epochs=2, **extra).training, 40)
 
     assert (plan().save_every, plan().eval_every) == (None, None)
     epoch = plan(save_strategy="epoch", eval_strategy="epoch")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config, write_config
 from lmforge.config import load_config
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 from lmforge.train.schedules import lr_multiplier
 
 TRAIN_METRICS = {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "peak_memory_mb"}

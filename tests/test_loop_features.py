@@ -105,8 +105,8 @@ def test_nan_gradient_is_skipped_with_skip_policy(tiny_model_dir: Path) -> None:
 
 
 def test_nan_in_a_run_names_the_last_good_checkpoint(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmforge.recipes.train as recipe
-    import lmforge.recipes.training as training
+    import lmforge.recipes.finetune as recipe
+    import lmforge.recipes.run as training
     from lmforge.train.objectives import as_objective
 
     monkeypatch.setattr(training, "objective_from_config", lambda cfg: as_objective(_nan_at(5)))  # micro-batch 5 = step 5
@@ -136,8 +136,8 @@ def test_early_stopping_counts_evaluations_without_improvement(tiny_model_dir: P
 
 
 def test_load_best_model_at_end_saves_the_best_weights(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmforge.recipes.train as recipe
-    import lmforge.recipes.training as shared_setup
+    import lmforge.recipes.finetune as recipe
+    import lmforge.recipes.run as shared_setup
 
     scripted = iter([5.0, 3.0, 2.0, 2.5, 2.6, 2.7])  # step 0, then evals at steps 1..5
     monkeypatch.setattr(shared_setup, "evaluate", lambda *a, **k: next(scripted))
@@ -156,7 +156,7 @@ def test_load_best_model_at_end_saves_the_best_weights(tiny_model_dir: Path, alp
 
 
 def test_unfrozen_parameters_train_only_the_matches(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     out = tmp_path / "out"
     cfg = tiny_config(tiny_model_dir, alpaca_file, out, adapter=None, max_steps=3, learning_rate=0.01,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from lmforge.errors import LmforgeError
 from lmforge.export.merge import merge_lora
 from lmforge.models.adapters import check_adapter
-from lmforge.models.serving import load_lora_model
+from lmforge.models.trained import load_lora_model
 
 VOCAB = 100
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -167,7 +167,7 @@ def test_a_test_only_objective_trains_through_the_run(tiny_model_dir: Path, alpa
     count (not the labelled-token count it used to hard-code), and the weighted loss falls."""
     from lmforge.data.prepare import prepare
     from lmforge.models.load import config_tokenizer
-    from lmforge.recipes.training import TrainingRun
+    from lmforge.recipes.run import TrainingRun
     from lmforge.train.stream import EpochStream
 
     config = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", adapter=None, max_steps=12,
@@ -183,7 +183,7 @@ def test_a_test_only_objective_trains_through_the_run(tiny_model_dir: Path, alpa
         objective = _WeightedCausalLM(weights)
         model = run.model(tokenizer)
         stream = EpochStream(data.train, cfg.training.micro_batch_size, tokenizer.pad_token_id, cfg.training.seed, False)
-        outcome = run.train(model, tokenizer, stream, run.plan(len(data.train)), objective=objective, invariants={})
+        outcome = run.train(model, tokenizer, stream, run.count_steps(len(data.train)), objective=objective, invariants={})
     history = [loss for _, loss in outcome.result.train_history]
     assert len(history) == 12 and len(objective.seen) == 24
     for step, loss in enumerate(history):  # each step: its two micro-batches' sums over their weights
@@ -198,7 +198,7 @@ def test_label_smoothing_works_in_pretraining(tiny_lora_model_dir: Path, tmp_pat
     step 1's loss is the smoothed cross-entropy of its two micro-batches under the starting weights."""
     import random
 
-    import lmforge.recipes.training as training
+    import lmforge.recipes.run as training
     from conftest import WORDS
     from lmforge.recipes.pretrain import run_pretrain
     from lmforge.train.loop import train_loop

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from conftest import ARITHMETIC, tiny_config, write_config, write_jsonl
 from lmforge.config.sections import DataSection
-from lmforge.data.report import build_report, write_report
+from lmforge.data.quality import build_report, write_report
 
 
 def test_report_counts_duplicates_overlap_and_writes_files(tmp_path: Path, tiny_model_dir: Path) -> None:

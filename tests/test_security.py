@@ -220,7 +220,7 @@ SECRET = "s3cr3t-pw-123"
 
 
 def test_secrets_stay_out_of_saved_configs_and_validate_output(config_dir: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    from lmforge.recipes.training import TrainingRun
+    from lmforge.recipes.run import TrainingRun
     from lmforge.redact import redact
 
     folder, config = config_dir

@@ -86,14 +86,14 @@ def clean_thread_env(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
 def test_train_prints_one_line_naming_the_knobs_when_a_core_is_busy(clean_thread_env: pytest.MonkeyPatch, tiny_model_dir: Path,
                                                                     alpaca_file: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
-    import lmforge.recipes.train
+    import lmforge.recipes.finetune
 
     monkeypatch = clean_thread_env
     monkeypatch.setattr(threads, "usable_cores", lambda: {0, 1})
     monkeypatch.setattr(threads, "busy_cores", lambda cores: 1)
     monkeypatch.setattr(threads, "_torch_loaded", lambda: False)
     seen: list[int] = []
-    monkeypatch.setattr(lmforge.recipes.train, "run_train", lambda cfg: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(lmforge.recipes.finetune, "run_train", lambda cfg: seen.append(torch.get_num_threads()))
     config = write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out"))
     assert main(["train", str(config)]) == 0
     err = capsys.readouterr().err.splitlines()

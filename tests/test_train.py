@@ -13,7 +13,7 @@ from conftest import tiny_config, write_config
 from lmforge.config import load_config
 from lmforge.data.batching import collate
 from lmforge.data.prepare import IGNORE_INDEX, Example
-from lmforge.recipes.train import run_train
+from lmforge.recipes.finetune import run_train
 from lmforge.train.loss import causal_lm_loss, uses_fast_path
 
 
@@ -83,7 +83,7 @@ def test_saved_adapter_loads_in_plain_peft_with_identical_logits(tiny_model_dir:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmforge.infer.prompts import PromptBuilder
-    from lmforge.models.serving import load_for_generation
+    from lmforge.models.trained import load_for_generation
 
     out = tmp_path / "out"
     cfg = load_config(str(write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, out, max_steps=5))))

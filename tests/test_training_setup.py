@@ -155,7 +155,7 @@ def test_continued_pretraining_trains_only_the_adapter(adapter: str, word_corpus
 
 def test_pretrain_stops_early_and_restores_the_best(corpus: Path, shared: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmforge.recipes.training as shared_setup
+    import lmforge.recipes.run as shared_setup
 
     scripted = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 9.0])  # step 0, then evals at steps 1..5
     monkeypatch.setattr(shared_setup, "evaluate", lambda *a, **k: next(scripted))
@@ -172,7 +172,7 @@ def test_preprocess_and_train_share_the_prepared_data(tiny_model_dir: Path, alpa
     from lmforge.data import cache
     from lmforge.models.load import config_tokenizer
     from lmforge.recipes.preprocess import run_preprocess
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
 
     prepared = tmp_path / "prepared"
     # special_tokens change the tokenizer (and so the cache key): both commands must add them alike.

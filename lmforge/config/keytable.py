@@ -456,8 +456,8 @@ REMOVED = "axolotl removed this key (its current schema ignores or refuses it)"
 GPU_KERNEL = "a Triton/CUDA kernel"
 CPU_KERNEL = f"{GPU_KERNEL}; {NO_GPU}, and the plain PyTorch ops lmforge runs compute the same"
 MODEL = "lmforge/models/setup.py"
-TRAIN = "lmforge/recipes/train.py"
-TRAINING = "lmforge/recipes/training.py"  # the setup train and pretrain share
+TRAIN = "lmforge/recipes/finetune.py"
+TRAINING = "lmforge/recipes/run.py"  # the setup train and pretrain share
 LOAD = "lmforge/models/load.py"
 PRETRAIN = "lmforge/recipes/pretrain.py"
 TOKENIZER = "lmforge/recipes/tokenizer.py"  # tokenizer_train: `lmforge tokenizer train` and pretraining
@@ -746,7 +746,7 @@ KEYS: tuple[Key, ...] = (
     done("deepspeed", DIST, rule=deepspeed_on_gpus),
     later("deepcompile", "DeepSpeed compile", nearest="deepspeed", only_with="deepspeed"),
     note("ddp", "lmforge trains with DDP whenever torchrun starts several ranks and neither fsdp nor deepspeed is set"),
-    done("ddp_timeout", DIST),
+    done("ddp_timeout", "lmforge/train/engine.py"),
     done("ddp_bucket_cap_mb", DIST),
     done("ddp_broadcast_buffers", DIST),
     done("ddp_find_unused_parameters", DIST),

@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model and save a plain transformers model folder.
 
 Before any weight is loaded the adapter is checked against the base model by the same
-loader inference and the server use (:mod:`lmforge.models.serving`), so a wrong ``base_model``
+loader inference and the server use (:mod:`lmforge.models.trained`), so a wrong ``base_model``
 fails with a message that names the difference instead of a shape error deep inside peft.
 The merge runs in float32 and is verified on a few tokens: the merged model's logits
 must equal the adapter model's.
@@ -19,7 +19,7 @@ import torch
 from lmforge.atomic import publish_into
 from lmforge.errors import LmforgeError
 from lmforge.models.adapters import check_adapter
-from lmforge.models.serving import load_lora_model, load_tokenizer_for
+from lmforge.models.trained import load_lora_model, load_tokenizer_for
 
 
 @dataclass

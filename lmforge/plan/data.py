@@ -164,7 +164,7 @@ def run_batches(lengths: Sequence[int], labelled: Sequence[int], micro_batch_siz
 
 
 def run_steps(cfg: LmforgeConfig, rows: int) -> int:
-    """Optimizer steps of the run for `rows` training rows: the rule recipes/training.py's plan_steps applies."""
+    """Optimizer steps of the run for `rows` training rows: the rule recipes/run.py's count_steps applies."""
     t = cfg.training
     per_epoch = max(1, math.ceil(math.ceil(rows / t.micro_batch_size) / t.gradient_accumulation_steps))
     return t.max_steps or max(1, math.ceil(per_epoch * t.num_epochs))

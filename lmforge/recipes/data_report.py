@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import LmforgeConfig
-from lmforge.data.report import build_report, write_report
+from lmforge.data.quality import build_report, write_report
 from lmforge.models.load import config_tokenizer
 from lmforge.recipes.console import say
 

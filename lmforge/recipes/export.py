@@ -56,7 +56,7 @@ def run_export(
         raise LmforgeError("--keep_merged needs an adapter to merge", where="--keep_merged",
                            fix="pass --lora_model_dir DIR, or drop --keep_merged")
     # the tokenizer decides whether llama.cpp can run the file at all: settle it before loading weights
-    from lmforge.models.serving import load_tokenizer_for
+    from lmforge.models.trained import load_tokenizer_for
 
     tokenizer = load_tokenizer_for(base, adapter, cfg.model.tokenizer_config, cfg.model.trust_remote_code)
     pre = pre_tokenizer_for(tokenizer, base_model=base, override=tokenizer_pre)

@@ -1,6 +1,6 @@
 """`lmforge inference` and `lmforge serve`: answer with the base model, a trained adapter, a merged folder or a GGUF file.
 
-One loader (:func:`lmforge.models.serving.load_for_generation`, the adapter checked against the
+One loader (:func:`lmforge.models.trained.load_for_generation`, the adapter checked against the
 base first), one prompt builder (the training format), one generator (sampling, end tokens, the
 context window, one generation at a time) behind every front end:
 
@@ -69,7 +69,7 @@ def adapter_dir(cfg: LmforgeConfig, lora_model_dir: str | None) -> str | None:
 def build_generator(cfg: LmforgeConfig, lora_model_dir: str | None = None, model: str | None = None,
                     flags: SamplingFlags | None = None) -> Generator:
     """Load the model (+ checked adapter) and wire it to the training format and the sampling settings."""
-    from lmforge.models.serving import load_for_generation
+    from lmforge.models.trained import load_for_generation
 
     sampling = sampling_from(cfg, flags)  # bad flags fail before seconds of loading
     source = model or cfg.model.base_model

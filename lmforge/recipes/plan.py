@@ -11,7 +11,7 @@ from typing import Any
 from lmforge.config import LmforgeConfig
 from lmforge.errors import LmforgeError
 from lmforge.plan.measure import Measurement, matmul_ceiling
-from lmforge.plan.report import PlanOptions, build_report, render_text
+from lmforge.plan.render import PlanOptions, build_report, render_text
 
 MEASURE_STEPS = 5  # the loop keeps its first 2 steps out of tokens/s, so 3 are timed
 
@@ -20,7 +20,7 @@ def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measur
     """Run a few real training steps of this config on this machine (lmforge train's own code) and read the MFU
     against the matmul ceiling of the device the steps ran on; the second value is the CPU's ceiling (None on a GPU)."""
     from lmforge.config.sections import LoggingSection
-    from lmforge.recipes.train import run_train
+    from lmforge.recipes.finetune import run_train
     from lmforge.device import pick_device, resolve_bf16
 
     device = pick_device()  # the device run_train trains on

@@ -30,7 +30,7 @@ from lmforge.infer.sample import clm_sample, fill_mask_sample, sample_text
 from lmforge.models.build import build_config, build_model, count_parameters, flops_per_token, resolve_architecture
 from lmforge.recipes.console import say
 from lmforge.recipes.tokenizer import pretraining_tokenizer
-from lmforge.recipes.training import TrainingRun
+from lmforge.recipes.run import TrainingRun
 from lmforge.train.objectives import PretrainCollator, mlm_metrics, perplexity, unigram_entropy
 from lmforge.train.stream import WindowStream
 
@@ -126,7 +126,7 @@ def run_pretrain(cfg: LmforgeConfig) -> dict[str, Any]:
         train = TokenWindows(str(shards_dir), seq_len, "train", val_fraction, seed=t.seed)
         val = TokenWindows(str(shards_dir), seq_len, "val", val_fraction, seed=t.seed)
         eval_batches = _eval_batches(val, t.eval_batch_size or t.micro_batch_size, _collator(cfg, tokenizer, t.seed + 1))
-        plan = run.plan(len(train))
+        plan = run.count_steps(len(train))
         run.predict_peak()  # full windows of sequence_len: the planner's assumed batch
 
         context = seq_len + 1 if p.objective == "clm" else seq_len

@@ -1,7 +1,7 @@
 """Training on several devices or machines: one process per device (a rank) under torchrun, with
 torch's DDP or FSDP2 (``fully_shard``), or DeepSpeed's ZeRO engine on GPUs.
 
-The shared training setup (:mod:`lmforge.recipes.training`) asks an :class:`Engine` for everything
+The shared training setup (:mod:`lmforge.recipes.run`) asks an :class:`Engine` for everything
 that differs between one process and many, so a recipe reads the same either way:
 
 - **data**: every rank walks one global order of micro-batches (the order one process would see)

@@ -7,7 +7,7 @@ part from one :class:`TrainingRun`::
         tokenizer = config_tokenizer(cfg, say=say)  # the one tokenizer loader (models.load)
         ...                                       # the recipe's own data, prepared before any weights load
         run.predict_peak(data)                    # the planner's predicted peak, said now and kept for summary.json
-        plan = run.plan(rows)                     # steps, warm-up (warned when it eats the run), eval/save cadence
+        plan = run.count_steps(rows)                     # steps, warm-up (warned when it eats the run), eval/save cadence
         model = run.model(tokenizer)              # base (or new) weights, quantization, adapter, dropout, freezing
         objective = run.objective()               # what is learned (train.objectives), with the run's head choice
         outcome = run.train(model, tokenizer, stream, plan, objective=objective, eval_fn=..., invariants=...)
@@ -25,7 +25,7 @@ belongs in the part that it changes, and then works in every training recipe at 
 - how the model is built or run (attn_implementation, torch_compile, liger kernels): `model`;
 - what one step does (loss_watchdog_*, fp16 with a grad scaler): `loop_settings` / the loop;
 - what the loss is (label_smoothing_factor, chunked_cross_entropy, the fused head): `objective`;
-- when and what to save (save_strategy, save_only_model): `plan_steps` and `train`'s `save`;
+- when and what to save (save_strategy, save_only_model): `count_steps` and `train`'s `save`;
 - optimizer and schedule keys: `optimizer`; loggers (use_tensorboard, trackers): `train`.
 """
 
@@ -67,7 +67,7 @@ from lmforge.train.loop import Callbacks, LoopResult, LoopSettings, LossFn, NonF
 from lmforge.train.objectives import Objective, as_objective, objective_from_config
 from lmforge.train.optimizers import build_optimizer
 from lmforge.redact import redact
-from lmforge.train.report import plot_losses, summary_markdown
+from lmforge.train.summary import plot_losses, summary_markdown
 from lmforge.train.runlock import RunLock
 from lmforge.train.schedules import build_scheduler, warmup_steps_for
 from lmforge.train.signals import sigterm_as_interrupt, stop_on_signals
@@ -86,7 +86,7 @@ FP16_DEVICE_TYPES = ("cuda",)
 
 
 @dataclass
-class StepPlan:
+class StepCounts:
     """How long the run is and how often it evaluates and saves, in optimizer steps."""
 
     steps_per_epoch: int
@@ -96,7 +96,7 @@ class StepPlan:
     save_every: int | None
 
 
-def plan_steps(t: TrainingSection, rows: int, world_size: int = 1) -> StepPlan:
+def count_steps(t: TrainingSection, rows: int, world_size: int = 1) -> StepCounts:
     """Optimizer steps per epoch and in all for `rows` training rows (examples, packed rows or
     token windows), warm-up, and eval/save intervals from the *_per_epoch keys and the
     save_strategy / eval_strategy (epoch: once per epoch; no: never). Under several
@@ -108,7 +108,7 @@ def plan_steps(t: TrainingSection, rows: int, world_size: int = 1) -> StepPlan:
     save_every = t.save_steps or (max(1, per_epoch // t.saves_per_epoch) if t.saves_per_epoch else None)
     eval_every = {"epoch": per_epoch, "no": None}.get(t.eval_strategy or "steps", eval_every)
     save_every = {"epoch": per_epoch, "no": None}.get(t.save_strategy or "steps", save_every)
-    return StepPlan(per_epoch, total, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), eval_every, save_every)
+    return StepCounts(per_epoch, total, warmup_steps_for(total, t.warmup_steps, t.warmup_ratio), eval_every, save_every)
 
 
 @dataclass
@@ -239,8 +239,8 @@ class TrainingRun:
         """This rank's share of the micro-batches (keyword arguments of the streams in lmforge.train.stream)."""
         return {"rank": self.engine.rank, "world_size": self.engine.world_size}
 
-    def plan(self, rows: int) -> StepPlan:
-        plan = plan_steps(self.t, rows, self.engine.world_size)
+    def count_steps(self, rows: int) -> StepCounts:
+        plan = count_steps(self.t, rows, self.engine.world_size)
         # With max_steps set, the config checks already warned (validate says it too).
         if self.t.max_steps is None and (line := warmup_warning(self.t, plan.warmup_steps, plan.total_steps)):
             say(f"warning: {line}")
@@ -280,7 +280,7 @@ class TrainingRun:
     def evaluate(self, model: Any, batches: Iterable[Batch], objective: LossFn) -> float:
         """Mean per-token loss of `objective` (for_evaluation: no label smoothing), with the run's device and
         precision, over all ranks."""
-        settings = self.loop_settings(StepPlan(1, 0, 0, None, None))
+        settings = self.loop_settings(StepCounts(1, 0, 0, None, None))
         objective = as_objective(objective).for_evaluation()
         if isinstance(self.engine, TorchEngine):  # several ranks, or a sharded model: every rank takes part
             return self.engine.evaluate(model, list(batches), settings, objective)
@@ -292,7 +292,7 @@ class TrainingRun:
         with torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext():
             return self.engine.call(model, fn, *args, **kwargs)
 
-    def loop_settings(self, plan: StepPlan, has_eval: bool = False) -> LoopSettings:
+    def loop_settings(self, plan: StepCounts, has_eval: bool = False) -> LoopSettings:
         t = self.t
         return LoopSettings(
             # fp16: torch's GradScaler, except under DeepSpeed, whose engine scales the loss itself (a second
@@ -316,7 +316,7 @@ class TrainingRun:
             show_progress=self.engine.is_main,
         )
 
-    def optimizer(self, model: Any, plan: StepPlan) -> tuple[torch.optim.Optimizer, Any]:
+    def optimizer(self, model: Any, plan: StepCounts) -> tuple[torch.optim.Optimizer, Any]:
         t = self.t
         optimizer = build_optimizer(model, t.optimizer, t.learning_rate, t.weight_decay, (t.adam_beta1, t.adam_beta2),
                                     t.adam_epsilon, t.sgd_momentum, t.sgd_nesterov)
@@ -330,7 +330,7 @@ class TrainingRun:
         model: Any,
         tokenizer: Any,
         stream: ResumableStream,
-        plan: StepPlan,
+        plan: StepCounts,
         *,
         objective: Objective,
         eval_fn: Callable[[], float] | None = None,

@@ -3,7 +3,7 @@
 The data is prepared before any weights load, so a broken row, a missing column or a
 sequence_len too short for every example fails in well under a second. Everything a training
 run shares with `pretrain` (model, optimizer, schedule, checkpoints, resume, loggers, signals,
-final save) comes from :class:`lmforge.recipes.training.TrainingRun`.
+final save) comes from :class:`lmforge.recipes.run.TrainingRun`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from lmforge.data.batching import eval_batches, packing_efficiency, pad_batch
 from lmforge.data.prepare import prepare
 from lmforge.models.load import config_tokenizer
 from lmforge.recipes.console import say
-from lmforge.recipes.training import TrainingRun
+from lmforge.recipes.run import TrainingRun
 from lmforge.train.stream import EpochStream
 from lmforge.device import release_free_memory
 
@@ -36,7 +36,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         if d.sample_packing:
             efficiency, rows = packing_efficiency([len(e) for e in data.train], d.sequence_len, t.seed)
             say(f"sample packing: {len(data.train)} examples in {rows} rows of {d.sequence_len} tokens, {efficiency:.1%} filled")
-        plan = run.plan(rows)
+        plan = run.count_steps(rows)
         say(f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch)")
 
         model = run.model(tokenizer)
