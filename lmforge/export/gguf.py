@@ -30,14 +30,17 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.export.kquants import KQUANT_PRESETS
 from lmforge.export.llama_cpp_tables import CHECK_TEXT, KNOWN_PRE_TOKENIZERS, LLAMA_CPP_COMMIT, PRE_TOKENIZER_HASHES
 
-# Every type the gguf package can quantize to (it only de-quantizes the k-quants).
-QUANTS = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# The gguf package's own types, then llama.cpp's K-quant presets (lmforge.export.kquants).
+LEGACY_QUANTS = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANTS = (*LEGACY_QUANTS, *KQUANT_PRESETS)
 _SUPPORTED = ("llama",)
 _BLOCK_QUANTS = {"q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_1": "MOSTLY_Q5_1",
-               "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
+               "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0",
+               **{name: ftype for name, (ftype, _) in KQUANT_PRESETS.items()}}
 
 
 def _permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -49,6 +52,17 @@ def _permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
 def check_quant(quant: str) -> None:
     if quant not in QUANTS:
         raise LmforgeError(f"unknown GGUF quantization '{quant}'", where="--quant", fix=f"use one of {', '.join(QUANTS)}")
+
+
+def _quantized(data: np.ndarray, kind: str) -> np.ndarray:
+    """``data`` in GGML type ``kind`` as the file's raw bytes (K-quants by lmforge's port of ggml's)."""
+    import gguf
+
+    from lmforge.export.kquants import quantize_k
+
+    if kind.endswith("_K"):
+        return quantize_k(data, kind)
+    return gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, kind))
 
 
 def _check_config(config: Any, where: str) -> None:
@@ -260,7 +274,9 @@ def write_gguf(
 
     ``quant``: ``f32``; ``f16`` (matrices in half precision, norms in f32); ``q8_0``,
     ``q5_1``, ``q5_0``, ``q4_1`` or ``q4_0`` (llama.cpp's blocks of 32 for every matrix whose
-    rows divide into blocks, f16 otherwise; under q4/q5 the logits matrix is q8_0).
+    rows divide into blocks, f16 otherwise; under q4/q5 the logits matrix is q8_0); or a
+    K-quant preset (``q4_k_m``...: each matrix in the type llama.cpp's quantizer picks for
+    it, see :func:`lmforge.export.kquants.tensor_types`).
     ``tokenizer_pre``: llama.cpp's pre-tokenizer name (see :func:`pre_tokenizer_for`).
     """
     import gguf
@@ -295,11 +311,12 @@ def write_gguf(
             writer.add_value_length(int(head_dim))
         writer.add_vocab_size(int(vocab))
         writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[quant]))
-        if quant in _BLOCK_QUANTS:
+        if quant in _BLOCK_QUANTS or quant in KQUANT_PRESETS:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, tokenizer, vocab, tokenizer_pre, where)
 
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+        tensors: list[tuple[str, str, Any]] = []
         for hf_name, tensor in state.items():
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue  # recomputed by readers / shared with token_embd
@@ -307,20 +324,28 @@ def write_gguf(
             if gguf_name is None:
                 raise LmforgeError(f"no llama.cpp name for tensor '{hf_name}'", where=where,
                                    fix="this Llama variant is not supported by lmforge's GGUF export")
+            tensors.append((hf_name, gguf_name, tensor))
+        mix: dict[str, str] = {}
+        if quant in KQUANT_PRESETS:
+            from lmforge.export.kquants import tensor_types
+
+            # llama.cpp counts attn_v / ffn_down tensors in file order: the order written below
+            mix = tensor_types(quant, [(g, tuple(t.shape)) for _, g, t in tensors], n_layers, n_head // n_kv)
+        for hf_name, gguf_name, tensor in tensors:
             data = tensor.detach().float().numpy()
             if hf_name.endswith("q_proj.weight"):
                 data = _permute_qk(data, n_head)
             elif hf_name.endswith("k_proj.weight"):
                 data = _permute_qk(data, n_kv)
             output_role = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-            kind = _tensor_type(quant, gguf_name, data, output_role)
+            kind = mix.get(gguf_name, "F32") if quant in KQUANT_PRESETS else _tensor_type(quant, gguf_name, data, output_role)
             if kind == "F32":
                 writer.add_tensor(gguf_name, data.astype(np.float32))
             elif kind == "F16":
                 writer.add_tensor(gguf_name, data.astype(np.float16))
             else:
                 qtype = getattr(gguf.GGMLQuantizationType, kind)
-                writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+                writer.add_tensor(gguf_name, _quantized(data, kind), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
