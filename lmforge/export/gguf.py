@@ -406,6 +406,8 @@ def export_gguf(
 FIDELITY_LIMITS: dict[str, tuple[float, float]] = {
     "f32": (1e-4, 0.99), "f16": (1e-3, 0.97), "q8_0": (0.05, 0.85),
     "q5_1": (0.5, 0.6), "q5_0": (0.5, 0.6), "q4_1": (1.0, 0.5), "q4_0": (1.0, 0.5),
+    "q6_k": (0.1, 0.85), "q5_k_m": (0.5, 0.6), "q5_k_s": (0.5, 0.6), "q4_k_m": (1.0, 0.5), "q4_k_s": (1.0, 0.5),
+    "q3_k_l": (1.5, 0.45), "q3_k_m": (1.5, 0.45), "q3_k_s": (2.0, 0.4), "q2_k": (3.0, 0.3),
 }
 FIDELITY_PROMPTS = (
     "The capital of France is Paris. The capital of Italy is",
