@@ -495,3 +495,71 @@ def test_export_refuses_an_unknown_quant_in_one_line_listing_the_choices(tmp_pat
     assert code != 0 and not target.exists()
     assert len(lines) == 1 and "unknown GGUF quantization 'q4_k'" in lines[0], err
     assert all(q in lines[0] for q in QUANTS)
+
+
+def run_export_cli(tmp_path: Path, config: dict, *args: str) -> tuple[int, str, str]:
+    """`lmforge export CONFIG ARGS...` with ``config`` written as YAML; (exit, stdout, stderr)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from lmforge.cli import main
+
+    (tmp_path / "data.jsonl").write_text('{"instruction": "hi", "input": "", "output": "hello"}\n')
+    config = {"datasets": [{"path": str(tmp_path / "data.jsonl"), "type": "alpaca"}],
+              "output_dir": str(tmp_path / "out"), **config}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["export", str(tmp_path / "c.yml"), *args])
+    return code or 0, out.getvalue(), err.getvalue()
+
+
+def test_gguf_lora_has_llama_cpp_adapter_layout_and_adds_up_to_the_merged_model(tmp_path: Path) -> None:
+    import gguf
+
+    from lmforge.export.gguf_lora import read_gguf_lora
+    from lmforge.export.merge import merge_lora_in_memory
+
+    src = make_model(tmp_path / "src")
+    adapter = make_adapter(src, tmp_path / "adapter")
+    target = tmp_path / "adapter.gguf"
+    code, out, err = run_export_cli(tmp_path, {"base_model": src, "adapter": "lora"}, "--format", "gguf-lora",
+                                    "--lora_model_dir", adapter, "--quant", "f32", "--output", str(target))
+    assert code == 0 and target.is_file(), err
+    meta = {k: read_gguf_metadata(target, k) for k in
+            ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")}
+    assert meta == {"general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora",
+                    "adapter.lora.alpha": 8.0}
+    alpha, pairs = read_gguf_lora(target)
+    assert sorted(pairs) == sorted(f"blk.{i}.{t}.weight" for i in range(2) for t in ("attn_q", "attn_v", "ffn_down"))
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(target).tensors}["blk.0.attn_q.weight.lora_a"] == "F32"
+    # base + alpha/r * B @ A, in the base GGUF's layout (q rows permuted), is the merged model's GGUF tensor
+    base = dict(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).named_parameters())
+    merged = dict(merge_lora_in_memory(src, adapter).model.named_parameters())
+    n_head = base["model.layers.0.self_attn.q_proj.weight"].shape[0] // 16  # head_dim 16 in make_model
+    for name, hf in (("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight"),
+                     ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight")):
+        lora_a, lora_b = pairs[name]
+        permute = (lambda w: _permute_qk(w, n_head)) if "attn_q" in name else (lambda w: w)
+        applied = permute(base[hf].detach().numpy()) + alpha / lora_a.shape[0] * (lora_b @ lora_a)
+        np.testing.assert_allclose(applied, permute(merged[hf].detach().numpy()), atol=1e-5)
+
+
+def test_gguf_lora_refuses_a_config_without_an_adapter_in_one_line(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    code, _, err = run_export_cli(tmp_path, {"base_model": src}, "--format", "gguf-lora")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "gguf-lora exports an adapter" in lines[0], err
+
+
+def test_gguf_lora_refuses_an_adapter_trained_on_another_base(tmp_path: Path) -> None:
+    adapter = make_adapter(make_model(tmp_path / "trained_on"), tmp_path / "adapter")
+    other = make_model(tmp_path / "other", hidden=32)
+    target = tmp_path / "adapter.gguf"
+    code, _, err = run_export_cli(tmp_path, {"base_model": other, "adapter": "lora"}, "--format", "gguf-lora",
+                                  "--lora_model_dir", adapter, "--output", str(target))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "different model size" in lines[0], err
+    assert not target.exists()

@@ -46,9 +46,11 @@ def run_export(
     """
     from lmforge.export.gguf import check_fidelity, check_quant, pre_tokenizer_for, write_gguf
 
-    if fmt != "gguf":
-        raise LmforgeError(f"unknown export format '{fmt}'", where="--format", fix="use --format gguf")
+    if fmt not in ("gguf", "gguf-lora"):
+        raise LmforgeError(f"unknown export format '{fmt}'", where="--format", fix="use --format gguf or gguf-lora")
     check_quant(quant)
+    if fmt == "gguf-lora":
+        return _export_gguf_lora(cfg, quant, lora_model_dir, output)
     base = cfg.model.base_model
     target = Path(output or Path(cfg.training.output_dir) / f"model-{quant}.gguf")
     adapter = _adapter_dir(cfg, lora_model_dir) if lora_model_dir or cfg.adapter.adapter else None
@@ -92,6 +94,21 @@ def run_export(
 
         folder = save_merged(merged, Path(adapter) / "merged" if keep_merged is True else keep_merged)
         say(f"kept the merged model: {folder}")
+    return target
+
+
+def _export_gguf_lora(cfg: LmforgeConfig, quant: str, lora_model_dir: str | None, output: str | None) -> Path:
+    """The adapter alone, in llama.cpp's LoRA-adapter GGUF layout, for ``--lora`` on a base GGUF."""
+    from lmforge.export.gguf_lora import write_gguf_lora
+
+    if not (lora_model_dir or cfg.adapter.adapter):
+        raise LmforgeError("--format gguf-lora exports an adapter, and this config trains none", where="--format",
+                           fix="pass --lora_model_dir DIR (a LoRA training output_dir), or use --format gguf")
+    adapter = _adapter_dir(cfg, lora_model_dir)
+    target = Path(output or Path(adapter) / f"adapter-{quant}.gguf")
+    write_gguf_lora(cfg.model.base_model, adapter, target, quant)
+    say(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, LoRA adapter for {cfg.model.base_model}, {quant});"
+        f" apply it in llama.cpp with --lora {target} on the base model's GGUF")
     return target
 
 
