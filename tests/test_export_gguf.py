@@ -563,3 +563,29 @@ def test_gguf_lora_refuses_an_adapter_trained_on_another_base(tmp_path: Path) ->
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and "different model size" in lines[0], err
     assert not target.exists()
+
+
+@pytest.mark.parametrize("dataset", [{"type": "alpaca"}, {"type": "chat_template", "chat_template": "chatml"}])
+def test_gguf_carries_the_trained_prompt_format_and_end_of_turn(tmp_path: Path, dataset: dict) -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from lmforge.config import load_config
+    from lmforge.infer.prompts import PromptBuilder
+
+    src = make_model(tmp_path / "src")
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "hi", "input": "", "output": "hello"}\n')
+    target = tmp_path / "model.gguf"
+    config = {"base_model": src, "datasets": [{"path": str(tmp_path / "rows.jsonl"), **dataset}]}
+    code, _, err = run_export_cli(tmp_path, config, "--quant", "f32", "--output", str(target), "--tokenizer_pre",
+                                  "gpt-2")
+    assert code == 0, err
+    builder = PromptBuilder.from_config(load_config(str(tmp_path / "c.yml")), AutoTokenizer.from_pretrained(src))
+    template = read_gguf_metadata(target, "tokenizer.chat_template")
+    messages = [{"role": "user", "content": "What is 7 times 8?"}]
+    rendered = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=True,
+                                     bos_token="<|im_start|>", eos_token="<|im_end|>")[0][0]
+    assert rendered == builder.conversation(messages)  # what lmforge's inference feeds the model
+    if dataset["type"] == "alpaca":
+        assert "### Response:" in rendered and template != TEMPLATE
+    stops = {read_gguf_metadata(target, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")}
+    assert set(builder.stop_token_ids) <= stops

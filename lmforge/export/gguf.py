@@ -184,7 +184,36 @@ def _byte_level_bpe(tokenizer: Any, where: str) -> dict[str, Any]:
     return data
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where: str) -> None:
+@dataclass
+class ChatFormat:
+    """The prompt format the model was trained with, as llama.cpp reads it from the file."""
+
+    template: str  # Jinja, rendered by llama.cpp's chat completion when the caller passes none
+    end_of_turn_id: int | None  # where an answer stops, when that is not EOS
+
+
+def instruction_template(prompt_for: Any, bos_token: str | None = None) -> str:
+    """A Jinja chat template equivalent to an instruction format (alpaca, a user-defined one).
+
+    ``prompt_for(text)`` is the prompt lmforge's inference builds for one user message; such
+    formats train single exchanges, so the template wraps the latest user message alone, as
+    lmforge's chat does.
+    """
+    marker = "\x00lmforge-message\x00"
+    prompt = prompt_for(marker)
+    prefix, suffix = prompt.split(marker)
+    head = ""
+    if bos_token and prefix.startswith(bos_token):
+        prefix, head = prefix[len(bos_token):], "{{ bos_token }}"
+    return (
+        "{%- set ns = namespace(last='') -%}"
+        "{%- for message in messages if message['role'] == 'user' -%}{%- set ns.last = message['content'] -%}{%- endfor -%}"
+        f"{head}{{{{ {json.dumps(prefix)} }}}}{{{{ ns.last }}}}{{{{ {json.dumps(suffix)} }}}}"
+    )
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where: str,
+                   chat: ChatFormat | None = None) -> None:
     import gguf
 
     backend = tokenizer.backend_tokenizer
@@ -226,7 +255,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             add(int(token_id))
-    eot = _end_of_turn_id(tokenizer)
+    eot = chat.end_of_turn_id if chat is not None else _end_of_turn_id(tokenizer)
     if eot is not None and eot != tokenizer.eos_token_id:
         # llama.cpp stops at EOS or this; without it a chat answer runs on past the turn
         writer.add_eot_token_id(eot)
@@ -235,7 +264,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
     writer.add_add_space_prefix(False)
-    template = getattr(tokenizer, "chat_template", None)
+    template = chat.template if chat is not None else getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
 
@@ -269,6 +298,7 @@ def write_gguf(
     tokenizer_pre: str,
     name: str | None = None,
     where: str = "model",
+    chat: ChatFormat | None = None,
 ) -> Path:
     """Write an in-memory Llama model and its tokenizer as one GGUF file (atomically).
 
@@ -278,6 +308,7 @@ def write_gguf(
     K-quant preset (``q4_k_m``...: each matrix in the type llama.cpp's quantizer picks for
     it, see :func:`lmforge.export.kquants.tensor_types`).
     ``tokenizer_pre``: llama.cpp's pre-tokenizer name (see :func:`pre_tokenizer_for`).
+    ``chat``: the trained prompt format to write (default: the tokenizer's chat template).
     """
     import gguf
 
@@ -313,7 +344,7 @@ def write_gguf(
         writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[quant]))
         if quant in _BLOCK_QUANTS or quant in KQUANT_PRESETS:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, tokenizer, vocab, tokenizer_pre, where)
+        _add_tokenizer(writer, tokenizer, vocab, tokenizer_pre, where, chat)
 
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
         tensors: list[tuple[str, str, Any]] = []

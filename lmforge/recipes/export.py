@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lmforge.config import LmforgeConfig
 from lmforge.recipes.console import say
@@ -76,7 +77,8 @@ def run_export(
 
         model = load_model(base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
         name = Path(base).stem
-    write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}")
+    chat = _trained_chat_format(cfg, tokenizer, model)
+    write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}", chat=chat)
     say(f"wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant}, pre-tokenizer {pre})")
     fidelity = check_fidelity(model, tokenizer, target, quant)
     say(fidelity.summary())
@@ -95,6 +97,25 @@ def run_export(
         folder = save_merged(merged, Path(adapter) / "merged" if keep_merged is True else keep_merged)
         say(f"kept the merged model: {folder}")
     return target
+
+
+def _trained_chat_format(cfg: LmforgeConfig, tokenizer: Any, model: Any) -> Any:
+    """The prompt format lmforge's inference uses for this config, for llama.cpp's chat completion."""
+    from lmforge.export.gguf import ChatFormat, instruction_template
+    from lmforge.infer.prompts import PromptBuilder
+
+    if not cfg.data.datasets:
+        return None  # pretraining / no format: the tokenizer's own template, if any
+    builder = PromptBuilder.from_config(cfg, tokenizer, model)
+    if builder.chat is not None:
+        template = builder.chat.template
+    elif builder.fmt is not None:
+        template = instruction_template(builder.single, tokenizer.bos_token)
+    else:
+        return None
+    # the first stop token that is not EOS ends a turn (llama.cpp stops at EOS and at the EOT id)
+    eot = next((i for i in builder.stop_token_ids if i != tokenizer.eos_token_id), None)
+    return ChatFormat(template=template, end_of_turn_id=eot)
 
 
 def _export_gguf_lora(cfg: LmforgeConfig, quant: str, lora_model_dir: str | None, output: str | None) -> Path:
