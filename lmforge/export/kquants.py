@@ -138,10 +138,19 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     safe = np.where(zero, _F32(1), signed)
     weights = x * x
     wx = weights * x
+    work = np.empty_like(x)
+    low, high = _F32(-nmax), _F32(nmax - 1)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lv = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1).astype(_F32)
-        return lv, _seq_sum(wx * lv), _seq_sum(weights * lv * lv)
+        # |iscale * x| <= nmax + 1 here, where np.rint is ggml's nearest_int (half to even)
+        lv = np.multiply(iscale, x)
+        np.rint(lv, out=lv)
+        np.clip(lv, low, high, out=lv)
+        np.multiply(wx, lv, out=work)
+        sumlx = _seq_sum(work)
+        np.multiply(weights, lv, out=work)
+        np.multiply(work, lv, out=work)
+        return lv, sumlx, _seq_sum(work)
 
     levels, sumlx, suml2 = trial(_F32(-nmax) / safe)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -152,7 +161,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             continue
         lv, slx, sl2 = trial(-(_F32(nmax) + _F32(0.1) * _F32(step)) / safe)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        levels = np.where(better, lv, levels)
+        np.copyto(levels, lv, where=better)
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where(better, slx / sl2, scale)
         best = np.where(better, scale * slx, best)
