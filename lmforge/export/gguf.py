@@ -432,8 +432,11 @@ def export_gguf(
 # pass: they tell a file that is broken (wrong layout or tensor: KL of several nats, top-1
 # near chance) from one that is only as lossy as its type. Measured on SmolLM2-135M-Instruct,
 # whose weights are themselves de-quantized q4_1 (so q4_1 comes back exactly): f16 KL 3e-6,
-# top-1 100%; q8_0 0.003, 99%; q5_0 0.16, 86%; q5_1 0.23, 77%; q4_0 0.66, 62%. Small models
-# lose much more to 4- and 5-bit types than large ones; the printed numbers say how much.
+# top-1 100%; q8_0 0.003, 99%; q5_0 0.16, 86%; q5_1 0.23, 77%; q4_0 0.66, 62%; K-quant presets
+# (most of its 576-wide rows take llama.cpp's 32-wide fallbacks): q6_k 0.016, 94%; q5_k_m 0.13, 85%;
+# q5_k_s 0.17, 78%; q4_k_m 0.097, 87%; q4_k_s 0.12, 89%; q3_k_l 0.27, 73%; q3_k_m 0.25, 73%;
+# q2_k 0.66, 64%. Small models lose much more to 4- and 5-bit types than large ones; the
+# printed numbers say how much.
 FIDELITY_LIMITS: dict[str, tuple[float, float]] = {
     "f32": (1e-4, 0.99), "f16": (1e-3, 0.97), "q8_0": (0.05, 0.85),
     "q5_1": (0.5, 0.6), "q5_0": (0.5, 0.6), "q4_1": (1.0, 0.5), "q4_0": (1.0, 0.5),
