@@ -12,6 +12,7 @@ llama-cpp-python sdist) and compares the files tensor by tensor and llama.cpp's 
     nice python bench/llama_cpp_check.py                          # trains a short adapter first
     nice python bench/llama_cpp_check.py --lora_model_dir outputs/smollm2-lora-gsm8k
     nice python bench/llama_cpp_check.py --build-only --jobs 1    # only build llama-cpp-python
+    nice python bench/llama_cpp_check.py --identity               # K-quants vs llama.cpp's quantizer
 
 Not in CI: building llama-cpp-python takes 15+ minutes on a 2-core machine. The build goes to
 ``bench/.venv-llama-cpp`` (git-ignored) with ``nice``, a CPU-only CMake configuration and
@@ -238,6 +239,133 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+# Runs in the llama.cpp venv: llama.cpp's own quantizer (llama-quantize's library call) on one file.
+LLAMA_CPP_QUANTIZE = r"""
+import json, sys, ctypes, llama_cpp
+job = json.load(open(sys.argv[1]))
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, job["ftype"])
+params.nthread = job["threads"]
+rc = llama_cpp.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(params))
+info = llama_cpp.llama_print_system_info().decode()
+print(json.dumps({"rc": int(rc), "version": llama_cpp.__version__, "system": info}))
+"""
+IDENTITY_QUANTS = ("q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q2_k")
+
+
+def cpu_flags() -> str:
+    """The CPU model and the SIMD flags that choose ggml's kernels (and the AMX q8_0 crash)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return f"{model}; " + " ".join(f for f in wanted if f in flags)
+
+
+def tensor_identity(ours: Path, reference: Path) -> tuple[dict[str, list[int]], list[str]]:
+    """Per GGML type of llama.cpp's file: [byte-identical tensors, tensors]; and the names that differ."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(reference).tensors}
+    per_type: dict[str, list[int]] = {}
+    differing = []
+    for name in sorted(set(a) | set(b)):
+        ref = b.get(name)
+        kind = ref.tensor_type.name if ref is not None else "missing"
+        counts = per_type.setdefault(kind, [0, 0])
+        counts[1] += 1
+        mine = a.get(name)
+        same = (mine is not None and ref is not None and mine.tensor_type == ref.tensor_type
+                and np.array_equal(np.asarray(mine.data).view(np.uint8), np.asarray(ref.data).view(np.uint8)))
+        counts[0] += same
+        if not same:
+            differing.append(f"{name} (ours {mine.tensor_type.name if mine is not None else '-'}, llama.cpp {kind})")
+    return per_type, differing
+
+
+def identity_run(args: argparse.Namespace) -> None:
+    """lmforge's K-quant files vs llama.cpp's quantizer on the same f32 GGUF, tensor by tensor; and export times."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.config import load_config
+    from lmforge.export.gguf import pre_tokenizer_for, write_gguf
+    from lmforge.export.kquants import KQUANT_PRESETS
+    from lmforge.models.load import local_model_dir
+    from lmforge.models.serving import load_tokenizer_for
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    cfg = load_config(str(CONFIG), [], check_paths=False)
+    base = cfg.model.base_model
+    if args.lora_model_dir:
+        from lmforge.export.merge import merge_lora_in_memory
+
+        merged = merge_lora_in_memory(base, args.lora_model_dir)
+        model, tokenizer, source = merged.model, merged.tokenizer, f"{base} + {shown(args.lora_model_dir)}"
+    else:
+        tokenizer = load_tokenizer_for(base)
+        model = AutoModelForCausalLM.from_pretrained(local_model_dir(base), dtype=torch.float32)
+        source = base
+    pre = pre_tokenizer_for(tokenizer, base_model=base)
+    f32 = write_gguf(model, tokenizer, RUNS / "identity-f32.gguf", "f32", tokenizer_pre=pre)
+    times: dict[str, float] = {}
+    for quant in ("q4_0", "q4_k_m", "q4_0", "q4_k_m"):  # twice each, the second timed warm
+        start = time.perf_counter()
+        write_gguf(model, tokenizer, RUNS / f"identity-{quant}.gguf", quant, tokenizer_pre=pre)
+        times[quant] = time.perf_counter() - start
+    rows, build = [], None
+    for quant in args.identity_quants.split(","):
+        ours = RUNS / f"identity-{quant}.gguf"
+        start = time.perf_counter()
+        write_gguf(model, tokenizer, ours, quant, tokenizer_pre=pre)
+        seconds = time.perf_counter() - start
+        theirs = RUNS / f"identity-{quant}-llama-cpp.gguf"
+        job = RUNS / f"identity-{quant}.job.json"
+        ftype = "LLAMA_FTYPE_" + KQUANT_PRESETS[quant][0]
+        job.write_text(json.dumps({"src": str(f32), "dst": str(theirs), "ftype": ftype, "threads": args.threads}))
+        done = run([venv_python(), "-c", LLAMA_CPP_QUANTIZE, job])
+        try:
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            got = {"rc": done.returncode, "error": done.stderr[-300:]}
+        build = build or got
+        if got.get("rc") != 0:
+            rows.append(f"| {quant} | {ours.stat().st_size / 2**20:.1f} | | {seconds:.1f} | llama.cpp failed: {got} | |")
+            continue
+        per_type, differing = tensor_identity(ours, theirs)
+        same = sum(c[0] for c in per_type.values())
+        total = sum(c[1] for c in per_type.values())
+        kinds = ", ".join(f"{k} {c[0]}/{c[1]}" for k, c in sorted(per_type.items()))
+        rows.append(f"| {quant} | {ours.stat().st_size / 2**20:.1f} | {theirs.stat().st_size / 2**20:.1f}"
+                    f" | {seconds:.1f} | {same}/{total} ({kinds}) | {', '.join(differing[:3]) or '-'} |")
+        print(rows[-1], flush=True)
+    table = ["| preset | lmforge MiB | llama.cpp MiB | lmforge quantize+write s | tensors byte-identical to"
+             " llama.cpp's quantizer (per llama.cpp type) | differing |", "|---|---|---|---|---|---|", *rows]
+    notes = [
+        f"- Input: {source}, written by lmforge as f32 GGUF; llama.cpp quantized that file with"
+        f" llama_model_quantize ({LLAMA_CPP_PYTHON}, llama-cpp-python {build.get('version') if build else '?'},"
+        f" no imatrix); lmforge quantized the same fp32 weights itself.",
+        f"- llama.cpp system info: {(build or {}).get('system', '?').strip()}",
+        f"- CPU: {cpu_flags()}; {os.cpu_count()} CPUs; load average {load_before:.1f} before,"
+        f" {os.getloadavg()[0]:.1f} after.",
+        f"- lmforge write_gguf (quantize + write, model in memory), second of two runs: q4_0 {times['q4_0']:.1f} s,"
+        f" q4_k_m {times['q4_k_m']:.1f} s ({times['q4_k_m'] / times['q4_0']:.2f}x).",
+    ]
+    report = "\n".join(table + [""] + notes)
+    print("\n" + report)
+    if not args.no_results:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(REPO / "bench" / "RESULTS.md", "a") as out:
+            out.write(f"\n## {stamp}: lmforge's K-quants vs llama.cpp's quantizer (`bench/llama_cpp_check.py --identity`)"
+                      f"\n\n{report}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile jobs for the llama.cpp build")
@@ -251,9 +379,15 @@ def main() -> None:
     parser.add_argument("--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the comparison with llama.cpp's own converter (f32, f16, q8_0)")
+    parser.add_argument("--identity", action="store_true",
+                        help="only compare lmforge's K-quant files with llama.cpp's quantizer, tensor by tensor")
+    parser.add_argument("--identity-quants", default=",".join(IDENTITY_QUANTS))
     args = parser.parse_args()
     build_llama_cpp(args.jobs)
     if args.build_only:
+        return
+    if args.identity:
+        identity_run(args)
         return
 
     RUNS.mkdir(parents=True, exist_ok=True)

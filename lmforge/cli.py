@@ -259,8 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter folder (default: output_dir)")
     p.add_argument("--output_dir_merged", "--merged-dir", dest="output_dir", default=None, help="where to write (default: ADAPTER/merged)")
     p = add("export", cmd_export, "export the (merged) model, e.g. to GGUF for llama.cpp")
-    p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    p.add_argument("--format", default="gguf", choices=["gguf", "gguf-lora"],
+                   help="gguf: the merged model; gguf-lora: the adapter alone, for llama.cpp's --lora")
+    # checked by the export recipe, whose one-line refusal lists every type (argparse's would take two lines)
+    p.add_argument("--quant", default="f16", help="f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0, q2_k, q3_k_s, q3_k_m,"
+                   " q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m or q6_k")
     p.add_argument("--lora_model_dir", "--lora-model-dir", default=None, help="adapter to merge first (merged in memory)")
     p.add_argument("--output", default=None, help="file to write (default: output_dir/model-QUANT.gguf)")
     p.add_argument("--keep_merged", "--keep-merged", nargs="?", const=True, default=None, metavar="DIR",

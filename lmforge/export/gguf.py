@@ -30,17 +30,20 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.export.kquants import KQUANT_PRESETS
 from lmforge.export.llama_cpp_tables import CHECK_TEXT, KNOWN_PRE_TOKENIZERS, LLAMA_CPP_COMMIT, PRE_TOKENIZER_HASHES
 
-# Every type the gguf package can quantize to (it only de-quantizes the k-quants).
-QUANTS = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# The gguf package's own types, then llama.cpp's K-quant presets (lmforge.export.kquants).
+LEGACY_QUANTS = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANTS = (*LEGACY_QUANTS, *KQUANT_PRESETS)
 _SUPPORTED = ("llama",)
 _BLOCK_QUANTS = {"q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_1": "MOSTLY_Q5_1",
-               "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
+               "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0",
+               **{name: ftype for name, (ftype, _) in KQUANT_PRESETS.items()}}
 
 
-def _permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
+def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotary layout (halves) → llama.cpp layout (interleaved pairs), per head."""
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
@@ -51,7 +54,18 @@ def check_quant(quant: str) -> None:
         raise LmforgeError(f"unknown GGUF quantization '{quant}'", where="--quant", fix=f"use one of {', '.join(QUANTS)}")
 
 
-def _check_config(config: Any, where: str) -> None:
+def _quantized(data: np.ndarray, kind: str) -> np.ndarray:
+    """``data`` in GGML type ``kind`` as the file's raw bytes (K-quants by lmforge's port of ggml's)."""
+    import gguf
+
+    from lmforge.export.kquants import quantize_k
+
+    if kind.endswith("_K"):
+        return quantize_k(data, kind)
+    return gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, kind))
+
+
+def check_llama_config(config: Any, where: str) -> None:
     if config.model_type not in _SUPPORTED:
         raise LmforgeError(
             f"GGUF export supports Llama-architecture models, not '{config.model_type}'",
@@ -170,7 +184,36 @@ def _byte_level_bpe(tokenizer: Any, where: str) -> dict[str, Any]:
     return data
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where: str) -> None:
+@dataclass
+class ChatFormat:
+    """The prompt format the model was trained with, as llama.cpp reads it from the file."""
+
+    template: str  # Jinja, rendered by llama.cpp's chat completion when the caller passes none
+    end_of_turn_id: int | None  # where an answer stops, when that is not EOS
+
+
+def instruction_template(prompt_for: Any, bos_token: str | None = None) -> str:
+    """A Jinja chat template equivalent to an instruction format (alpaca, a user-defined one).
+
+    ``prompt_for(text)`` is the prompt lmforge's inference builds for one user message; such
+    formats train single exchanges, so the template wraps the latest user message alone, as
+    lmforge's chat does.
+    """
+    marker = "\x00lmforge-message\x00"
+    prompt = prompt_for(marker)
+    prefix, suffix = prompt.split(marker)
+    head = ""
+    if bos_token and prefix.startswith(bos_token):
+        prefix, head = prefix[len(bos_token):], "{{ bos_token }}"
+    return (
+        "{%- set ns = namespace(last='') -%}"
+        "{%- for message in messages if message['role'] == 'user' -%}{%- set ns.last = message['content'] -%}{%- endfor -%}"
+        f"{head}{{{{ {json.dumps(prefix)} }}}}{{{{ ns.last }}}}{{{{ {json.dumps(suffix)} }}}}"
+    )
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where: str,
+                   chat: ChatFormat | None = None) -> None:
     import gguf
 
     backend = tokenizer.backend_tokenizer
@@ -212,7 +255,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             add(int(token_id))
-    eot = _end_of_turn_id(tokenizer)
+    eot = chat.end_of_turn_id if chat is not None else _end_of_turn_id(tokenizer)
     if eot is not None and eot != tokenizer.eos_token_id:
         # llama.cpp stops at EOS or this; without it a chat answer runs on past the turn
         writer.add_eot_token_id(eot)
@@ -221,7 +264,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, where
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
     writer.add_add_space_prefix(False)
-    template = getattr(tokenizer, "chat_template", None)
+    template = chat.template if chat is not None else getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
 
@@ -255,19 +298,23 @@ def write_gguf(
     tokenizer_pre: str,
     name: str | None = None,
     where: str = "model",
+    chat: ChatFormat | None = None,
 ) -> Path:
     """Write an in-memory Llama model and its tokenizer as one GGUF file (atomically).
 
     ``quant``: ``f32``; ``f16`` (matrices in half precision, norms in f32); ``q8_0``,
     ``q5_1``, ``q5_0``, ``q4_1`` or ``q4_0`` (llama.cpp's blocks of 32 for every matrix whose
-    rows divide into blocks, f16 otherwise; under q4/q5 the logits matrix is q8_0).
+    rows divide into blocks, f16 otherwise; under q4/q5 the logits matrix is q8_0); or a
+    K-quant preset (``q4_k_m``...: each matrix in the type llama.cpp's quantizer picks for
+    it, see :func:`lmforge.export.kquants.tensor_types`).
     ``tokenizer_pre``: llama.cpp's pre-tokenizer name (see :func:`pre_tokenizer_for`).
+    ``chat``: the trained prompt format to write (default: the tokenizer's chat template).
     """
     import gguf
 
     check_quant(quant)
     config = model.config
-    _check_config(config, where)
+    check_llama_config(config, where)
     state = model.state_dict()
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -295,11 +342,12 @@ def write_gguf(
             writer.add_value_length(int(head_dim))
         writer.add_vocab_size(int(vocab))
         writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[quant]))
-        if quant in _BLOCK_QUANTS:
+        if quant in _BLOCK_QUANTS or quant in KQUANT_PRESETS:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, tokenizer, vocab, tokenizer_pre, where)
+        _add_tokenizer(writer, tokenizer, vocab, tokenizer_pre, where, chat)
 
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+        tensors: list[tuple[str, str, Any]] = []
         for hf_name, tensor in state.items():
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue  # recomputed by readers / shared with token_embd
@@ -307,20 +355,28 @@ def write_gguf(
             if gguf_name is None:
                 raise LmforgeError(f"no llama.cpp name for tensor '{hf_name}'", where=where,
                                    fix="this Llama variant is not supported by lmforge's GGUF export")
+            tensors.append((hf_name, gguf_name, tensor))
+        mix: dict[str, str] = {}
+        if quant in KQUANT_PRESETS:
+            from lmforge.export.kquants import tensor_types
+
+            # llama.cpp counts attn_v / ffn_down tensors in file order: the order written below
+            mix = tensor_types(quant, [(g, tuple(t.shape)) for _, g, t in tensors], n_layers, n_head // n_kv)
+        for hf_name, gguf_name, tensor in tensors:
             data = tensor.detach().float().numpy()
             if hf_name.endswith("q_proj.weight"):
-                data = _permute_qk(data, n_head)
+                data = permute_qk(data, n_head)
             elif hf_name.endswith("k_proj.weight"):
-                data = _permute_qk(data, n_kv)
+                data = permute_qk(data, n_kv)
             output_role = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-            kind = _tensor_type(quant, gguf_name, data, output_role)
+            kind = mix.get(gguf_name, "F32") if quant in KQUANT_PRESETS else _tensor_type(quant, gguf_name, data, output_role)
             if kind == "F32":
                 writer.add_tensor(gguf_name, data.astype(np.float32))
             elif kind == "F16":
                 writer.add_tensor(gguf_name, data.astype(np.float16))
             else:
                 qtype = getattr(gguf.GGMLQuantizationType, kind)
-                writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+                writer.add_tensor(gguf_name, _quantized(data, kind), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -337,11 +393,16 @@ def write_gguf(
 # pass: they tell a file that is broken (wrong layout or tensor: KL of several nats, top-1
 # near chance) from one that is only as lossy as its type. Measured on SmolLM2-135M-Instruct,
 # whose weights are themselves de-quantized q4_1 (so q4_1 comes back exactly): f16 KL 3e-6,
-# top-1 100%; q8_0 0.003, 99%; q5_0 0.16, 86%; q5_1 0.23, 77%; q4_0 0.66, 62%. Small models
-# lose much more to 4- and 5-bit types than large ones; the printed numbers say how much.
+# top-1 100%; q8_0 0.003, 99%; q5_0 0.16, 86%; q5_1 0.23, 77%; q4_0 0.66, 62%; K-quant presets
+# (most of its 576-wide rows take llama.cpp's 32-wide fallbacks): q6_k 0.016, 94%; q5_k_m 0.13, 85%;
+# q5_k_s 0.17, 78%; q4_k_m 0.097, 87%; q4_k_s 0.12, 89%; q3_k_l 0.27, 73%; q3_k_m 0.25, 73%;
+# q2_k 0.66, 64%. Small models lose much more to 4- and 5-bit types than large ones; the
+# printed numbers say how much.
 FIDELITY_LIMITS: dict[str, tuple[float, float]] = {
     "f32": (1e-4, 0.99), "f16": (1e-3, 0.97), "q8_0": (0.05, 0.85),
     "q5_1": (0.5, 0.6), "q5_0": (0.5, 0.6), "q4_1": (1.0, 0.5), "q4_0": (1.0, 0.5),
+    "q6_k": (0.1, 0.85), "q5_k_m": (0.5, 0.6), "q5_k_s": (0.5, 0.6), "q4_k_m": (1.0, 0.5), "q4_k_s": (1.0, 0.5),
+    "q3_k_l": (1.5, 0.45), "q3_k_m": (1.5, 0.45), "q3_k_s": (2.0, 0.4), "q2_k": (3.0, 0.3),
 }
 FIDELITY_PROMPTS = (
     "The capital of France is Paris. The capital of Italy is",
@@ -391,7 +452,7 @@ def _fidelity_prompts(tokenizer: Any) -> list[list[int]]:
 
 
 def _unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of :func:`_permute_qk`."""
+    """Inverse of :func:`permute_qk`."""
     rows = weight.shape[0]
     return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lmforge.config import LmforgeConfig
 from lmforge.recipes.console import say
@@ -46,9 +47,11 @@ def run_export(
     """
     from lmforge.export.gguf import check_fidelity, check_quant, pre_tokenizer_for, write_gguf
 
-    if fmt != "gguf":
-        raise LmforgeError(f"unknown export format '{fmt}'", where="--format", fix="use --format gguf")
+    if fmt not in ("gguf", "gguf-lora"):
+        raise LmforgeError(f"unknown export format '{fmt}'", where="--format", fix="use --format gguf or gguf-lora")
     check_quant(quant)
+    if fmt == "gguf-lora":
+        return _export_gguf_lora(cfg, quant, lora_model_dir, output)
     base = cfg.model.base_model
     target = Path(output or Path(cfg.training.output_dir) / f"model-{quant}.gguf")
     adapter = _adapter_dir(cfg, lora_model_dir) if lora_model_dir or cfg.adapter.adapter else None
@@ -74,7 +77,8 @@ def run_export(
 
         model = load_model(base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
         name = Path(base).stem
-    write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}")
+    chat = _trained_chat_format(cfg, tokenizer, model)
+    write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}", chat=chat)
     say(f"wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant}, pre-tokenizer {pre})")
     fidelity = check_fidelity(model, tokenizer, target, quant)
     say(fidelity.summary())
@@ -92,6 +96,40 @@ def run_export(
 
         folder = save_merged(merged, Path(adapter) / "merged" if keep_merged is True else keep_merged)
         say(f"kept the merged model: {folder}")
+    return target
+
+
+def _trained_chat_format(cfg: LmforgeConfig, tokenizer: Any, model: Any) -> Any:
+    """The prompt format lmforge's inference uses for this config, for llama.cpp's chat completion."""
+    from lmforge.export.gguf import ChatFormat, instruction_template
+    from lmforge.infer.prompts import PromptBuilder
+
+    if not cfg.data.datasets:
+        return None  # pretraining / no format: the tokenizer's own template, if any
+    builder = PromptBuilder.from_config(cfg, tokenizer, model)
+    if builder.chat is not None:
+        template = builder.chat.template
+    elif builder.fmt is not None:
+        template = instruction_template(builder.single, tokenizer.bos_token)
+    else:
+        return None
+    # the first stop token that is not EOS ends a turn (llama.cpp stops at EOS and at the EOT id)
+    eot = next((i for i in builder.stop_token_ids if i != tokenizer.eos_token_id), None)
+    return ChatFormat(template=template, end_of_turn_id=eot)
+
+
+def _export_gguf_lora(cfg: LmforgeConfig, quant: str, lora_model_dir: str | None, output: str | None) -> Path:
+    """The adapter alone, in llama.cpp's LoRA-adapter GGUF layout, for ``--lora`` on a base GGUF."""
+    from lmforge.export.gguf_lora import write_gguf_lora
+
+    if not (lora_model_dir or cfg.adapter.adapter):
+        raise LmforgeError("--format gguf-lora exports an adapter, and this config trains none", where="--format",
+                           fix="pass --lora_model_dir DIR (a LoRA training output_dir), or use --format gguf")
+    adapter = _adapter_dir(cfg, lora_model_dir)
+    target = Path(output or Path(adapter) / f"adapter-{quant}.gguf")
+    write_gguf_lora(cfg.model.base_model, adapter, target, quant)
+    say(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, LoRA adapter for {cfg.model.base_model}, {quant});"
+        f" apply it in llama.cpp with --lora {target} on the base model's GGUF")
     return target
 
 
