@@ -371,7 +371,7 @@ def test_export_fails_loudly_when_the_file_is_far_off(tmp_path: Path, monkeypatc
     assert code != 0
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "far from the unquantized model" in errors[0] and "--quant" in errors[0], err
-    assert not target.exists() and not list(target.parent.glob("*.part"))
+    assert not target.exists() and not list(target.parent.glob("*.tmp-*"))
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.atomic import atomic_file
 from lmforge.errors import LmforgeError
 from lmforge.export.kquants import KQUANT_PRESETS
 from lmforge.export.llama_cpp_tables import CHECK_TEXT, KNOWN_PRE_TOKENIZERS, LLAMA_CPP_COMMIT, PRE_TOKENIZER_HASHES
@@ -289,6 +291,25 @@ def _tensor_type(quant: str, name: str, data: np.ndarray, output_role: bool) -> 
     return wanted if data.shape[-1] % block == 0 else "F16"
 
 
+
+def write_gguf_file(out_file: Path, fill: Callable[[Any], None], arch: str = "llama") -> Path:
+    """A GGUF file written whole or not at all (through lmforge.atomic): `fill(writer)` adds the metadata and
+    tensors to a gguf.GGUFWriter; a failure, a full disk included, leaves no file behind."""
+    import gguf
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    return atomic_file(out_file, write)
+
+
 def write_gguf(
     model: Any,
     tokenizer: Any,
@@ -324,9 +345,7 @@ def write_gguf(
     vocab = model.get_input_embeddings().weight.shape[0]
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
-    tmp = out_file.with_name(out_file.name + ".part")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    try:
+    def fill(writer: gguf.GGUFWriter) -> None:
         writer.add_name(name or str(getattr(config, "_name_or_path", "") or out_file.stem))
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(int(config.hidden_size))
@@ -377,16 +396,8 @@ def write_gguf(
             else:
                 qtype = getattr(gguf.GGMLQuantizationType, kind)
                 writer.add_tensor(gguf_name, _quantized(data, kind), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    tmp.replace(out_file)
-    return out_file
+
+    return write_gguf_file(out_file, fill)
 
 
 # Largest mean KL(unquantized || file) per token and smallest top-1 agreement that still

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.export.gguf import check_llama_config, permute_qk
+from lmforge.export.gguf import check_llama_config, permute_qk, write_gguf_file
 
 _PREFIX = "base_model.model."
 
@@ -78,10 +78,9 @@ def write_gguf_lora(base_model: str, adapter_dir: str, out_file: str | os.PathLi
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".part")
     dtype = np.float16 if quant == "f16" else np.float32
-    writer = gguf.GGUFWriter(tmp, "llama")
-    try:
+
+    def fill(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -99,16 +98,8 @@ def write_gguf_lora(base_model: str, adapter_dir: str, out_file: str | os.PathLi
                 lora_b = permute_qk(lora_b, n_kv)
             writer.add_tensor(gguf_name + ".lora_a", part["a"].astype(dtype))
             writer.add_tensor(gguf_name + ".lora_b", np.ascontiguousarray(lora_b).astype(dtype))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    tmp.replace(out_file)
-    return out_file
+
+    return write_gguf_file(out_file, fill)
 
 
 def read_gguf_lora(path: str | os.PathLike[str]) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
