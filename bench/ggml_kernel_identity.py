@@ -13,9 +13,9 @@ not llama.cpp's per-tensor type choice (``llama_cpp_check.py --identity`` checks
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -41,12 +41,20 @@ def load_ggml(obj: Path) -> ctypes.CDLL:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("obj", type=Path, help="ggml-quants.c.o from a llama-cpp-python build tree")
+    ap.add_argument("f32", type=Path, help="lmforge's f32 GGUF export of the model (the source weights)")
+    ap.add_argument("quantized", type=Path, nargs="+", help="lmforge GGUF exports of the same model to compare")
+    args = ap.parse_args()
+    for path in (args.obj, args.f32, *args.quantized):
+        if not path.is_file():
+            ap.error(f"{path} is not a file")
     import gguf
 
-    lib = load_ggml(Path(sys.argv[1]))
-    source = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(sys.argv[2]).tensors}
+    lib = load_ggml(args.obj)
+    source = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(args.f32).tensors}
     print("| file | tensors byte-identical to ggml's quantize_row_*_ref, per type |\n|---|---|")
-    for path in sys.argv[3:]:
+    for path in args.quantized:
         per_type: dict[str, list[int]] = {}
         for tensor in gguf.GGUFReader(path).tensors:
             kind = tensor.tensor_type.name
