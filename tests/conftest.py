@@ -93,6 +93,22 @@ ARITHMETIC = [
 ]
 
 
+def random_examples(n: int, vocab: int, seed: int = 0) -> list:
+    """n prompt/response examples of 3-20 random token ids (ids >= 4, clear of the specials), the response labelled."""
+    import random
+
+    from lmforge.data.examples import IGNORE_INDEX, Example
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(3, 20)
+        ids = [rng.randrange(4, vocab) for _ in range(length)]
+        prompt = rng.randint(1, length - 1)
+        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -11,7 +11,6 @@ Two stand-ins make the CUDA branches run here:
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_examples
 from lmforge.data.batching import collate, iterate_batches, pad_batch
-from lmforge.data.prepare import IGNORE_INDEX, Example
 from lmforge.train.loss import causal_lm_loss
 
 # --- a CPU stand-in for flash-attention -------------------------------------------------------------------------------
@@ -64,15 +63,6 @@ def cpu_flash_attention(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return calls
 
 
-def _random_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rng.randint(3, 20)
-        ids = [rng.randrange(4, vocab) for _ in range(length)]
-        prompt = rng.randint(1, length - 1)
-        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
 
 
 def _flash_model(tiny_model_dir: Path) -> Any:
@@ -88,7 +78,7 @@ def test_packed_loss_equals_per_example_loss_under_flash_attention(tiny_model_di
                                                                    micro_batch_size: int) -> None:
     """Item 1: flash_attention + sample_packing + micro_batch_size > 1 must not let packed examples see each other."""
     model = _flash_model(tiny_model_dir)
-    examples = _random_examples(24, model.config.vocab_size)
+    examples = random_examples(24, model.config.vocab_size)
     with torch.no_grad():
         alone = [causal_lm_loss(model, collate([e], 0)) for e in examples]
         packed = [causal_lm_loss(model, b) for b in iterate_batches(examples, micro_batch_size, 0, seed=1, epoch=0,
@@ -107,7 +97,7 @@ def test_packed_loss_equals_per_example_loss_under_flash_attention(tiny_model_di
 def test_padded_batches_under_flash_attention_equal_per_example_loss(tiny_model_dir: Path, cpu_flash_attention: dict) -> None:
     """Without packing, a padded batch of 4 goes through transformers' unpadding into the varlen kernel."""
     model = _flash_model(tiny_model_dir)
-    examples = _random_examples(8, model.config.vocab_size, seed=3)
+    examples = random_examples(8, model.config.vocab_size, seed=3)
     with torch.no_grad():
         alone = sum(float(causal_lm_loss(model, collate([e], 0))[0]) for e in examples)
         batched = sum(float(causal_lm_loss(model, collate(examples[i:i + 4], 0))[0]) for i in range(0, 8, 4))
@@ -289,7 +279,7 @@ def test_activation_offloading_moves_activations_and_leaves_the_weights(tiny_mod
     params = list(model.parameters())
     optimizer = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    examples = _random_examples(4, model.config.vocab_size)
+    examples = random_examples(4, model.config.vocab_size)
     monkeypatch.setattr(torch.autograd.graph.saved_tensors_hooks, "__init__", spying_init)
     train_loop(model, optimizer, scheduler, iter([collate(examples, 0)]),
                LoopSettings(total_steps=1, timing_warmup_steps=0, offload_activations=True, autocast_dtype=autocast))

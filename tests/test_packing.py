@@ -8,20 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import random_examples
 from lmforge.data.batching import collate, collate_packed, iterate_batches, pack_order, packing_efficiency
-from lmforge.data.prepare import IGNORE_INDEX, Example
+from lmforge.data.prepare import Example
 from lmforge.train.loss import causal_lm_loss
 
 
-def _examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rng.randint(3, 20)
-        ids = [rng.randrange(4, vocab) for _ in range(length)]
-        prompt = rng.randint(1, length - 1)
-        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def test_collate_packed_positions_and_boundary_labels() -> None:
 
 def test_packed_loss_equals_unpacked_loss(model) -> None:  # noqa: ANN001
     vocab = model.config.vocab_size
-    examples = _examples(24, vocab)
+    examples = random_examples(24, vocab)
     torch.manual_seed(0)
     with torch.no_grad():
         packed_sum, packed_count = 0.0, 0
@@ -80,7 +72,7 @@ def test_pack_order_fills_rows_and_is_deterministic_per_epoch() -> None:
 
 
 def test_packed_resume_skips_to_the_same_batch() -> None:
-    examples = _examples(40, 50)
+    examples = random_examples(40, 50)
     full = list(iterate_batches(examples, 2, 0, seed=5, epoch=2, sequence_len=40))
     resumed = list(iterate_batches(examples, 2, 0, seed=5, epoch=2, sequence_len=40, skip=3))
     assert len(resumed) == len(full) - 3
