@@ -223,6 +223,15 @@ def _requant(x: np.ndarray, levels: np.ndarray, step: np.ndarray, offset: np.nda
     return np.where((step != 0)[..., None], fresh, levels)
 
 
+def _block_max_and_inverse(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block (row): the largest sub-block scale (or min), at least 0, and ``top / max`` (0 where max is 0):
+    what ggml's q2_K/q4_K/q5_K use to quantize their sub-block scales and mins to ``top``'s bits."""
+    largest = np.maximum(values.max(axis=1), _F32(0))
+    with np.errstate(divide="ignore"):
+        inverse = np.where(largest > 0, _F32(top) / largest, _F32(0)).astype(_F32)
+    return largest, inverse
+
+
 def _q4_q5_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
     """Shared by q4_K and q5_K: (header bytes d, dmin, scales[12]: (blocks, 16), levels (blocks, 8, 32))."""
     blocks = x.shape[0]
@@ -232,11 +241,8 @@ def _q4_q5_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndar
     scales, mins, levels = _make_qkx2_quants(cols, weights, nmax, rmin, 0.1, nstep, False)
     scales, mins = scales.reshape(blocks, 8), mins.reshape(blocks, 8)
     levels = levels.T.reshape(blocks, 8, 32)
-    max_scale = np.maximum(scales.max(axis=1), _F32(0))
-    max_min = np.maximum(mins.max(axis=1), _F32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0)).astype(_F32)
-        inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0)).astype(_F32)
+    max_scale, inv_scale = _block_max_and_inverse(scales, 63)
+    max_min, inv_min = _block_max_and_inverse(mins, 63)
     ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
     lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
     packed = np.empty((blocks, 12), np.uint8)
@@ -332,11 +338,8 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     scales, mins, levels = _make_qkx2_quants(cols, np.abs(cols), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(blocks, 16), mins.reshape(blocks, 16)
     levels = levels.T.reshape(blocks, 16, 16)
-    max_scale = np.maximum(scales.max(axis=1), _F32(0))
-    max_min = np.maximum(mins.max(axis=1), _F32(0))
-    with np.errstate(divide="ignore"):
-        iscale = np.where(max_scale > 0, _F32(15) / max_scale, _F32(0)).astype(_F32)
-        imin = np.where(max_min > 0, _F32(15) / max_min, _F32(0)).astype(_F32)
+    max_scale, iscale = _block_max_and_inverse(scales, 15)
+    max_min, imin = _block_max_and_inverse(mins, 15)
     low = np.where((max_scale > 0)[:, None], _nearest_int(iscale[:, None] * scales) & 0xFF, 0)
     high = np.where((max_min > 0)[:, None], (_nearest_int(imin[:, None] * mins) << 4) & 0xFF, 0)
     packed = (low | high).astype(np.uint8)
