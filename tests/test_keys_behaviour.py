@@ -402,9 +402,8 @@ def test_torchao_optimizer_names_map_or_are_refused_naming_the_nearest(tiny_mode
                                                                         tmp_path: Path) -> None:
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, optimizer="adamw_torch_8bit")
     assert cfg.training.optimizer == "adamw_bnb_8bit" and "bitsandbytes' 8-bit AdamW" in cfg.notices[0].text
-    with pytest.raises(LmforgeError, match="adamw_torch_4bit") as err:
-        _cfg(tiny_model_dir, alpaca_file, tmp_path, optimizer="adamw_torch_4bit")
-    assert "adamw_bnb_8bit" in err.value.fix
+    # torchao's 4-bit AdamW runs as itself (tests/test_keys_long_tail.py steps and resumes it)
+    assert _cfg(tiny_model_dir, alpaca_file, tmp_path, optimizer="adamw_torch_4bit").training.optimizer == "adamw_torch_4bit"
 
 
 def test_precision_and_satellite_keys_are_checked_across_keys(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:

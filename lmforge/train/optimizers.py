@@ -30,6 +30,83 @@ def _bitsandbytes(name: str):  # noqa: ANN202
     return bitsandbytes.optim
 
 
+def _torchao(name: str):  # noqa: ANN202
+    try:
+        import torchao.optim
+    except ImportError as exc:
+        raise LmforgeError(f"optimizer {name} needs torchao", where="optimizer", fix="pip install torchao==0.18.0") from exc
+    return torchao.optim
+
+
+def _embedding_weights(model: torch.nn.Module) -> set[int]:
+    """ids of the input and output embedding matrices (a Hugging Face model names them; a plain module has none)."""
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None and getattr(module, "weight", None) is not None:
+            found.add(id(module.weight))
+    return found
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon on the hidden weight matrices, AdamW on the rest (embeddings, output head, norms, biases).
+
+    Muon orthogonalises the update of a matrix, which suits hidden layers only: embeddings and the
+    head are lookups and classifiers, and vectors have no orthogonal form (torch.optim.Muon refuses
+    them). That split is how Muon is used in practice (Keller Jordan's MuonWithAuxAdam, Moonshot's
+    Moonlight). Muon's update is scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so one
+    learning_rate and one schedule drive both. Both optimizers' groups are this optimizer's groups,
+    so the schedule sets their rates, and the state dict holds both.
+    """
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
+        embeddings = _embedding_weights(model)
+        hidden, other = [], []
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                (hidden if param.ndim == 2 and id(param) not in embeddings else other).append(param)
+        self.muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw") if hidden else None
+        other_groups = [g for g in _groups_of(other, weight_decay) if g["params"]]
+        self.adamw = torch.optim.AdamW(other_groups, lr=lr, betas=betas, eps=eps) if other_groups else None
+        self._parts = [part for part in (self.muon, self.adamw) if part is not None]
+        super().__init__([{"params": hidden + other}], {"lr": lr})
+        # The groups the schedule sees are the parts' own groups (the same dicts), so setting a rate sets it there.
+        self.param_groups = [group for part in self._parts for group in part.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = closure() if closure is not None else None
+        for part in self._parts:
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self._parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict() if self.muon else None, "adamw": self.adamw.state_dict() if self.adamw else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for name in ("muon", "adamw"):
+            part = getattr(self, name)
+            if (part is None) != (state_dict.get(name) is None):
+                raise LmforgeError("the checkpoint's Muon/AdamW split does not match this model's parameters",
+                                   where="optimizer: muon", fix="resume with the same model, adapter and unfrozen_parameters")
+            if part is not None:
+                part.load_state_dict(state_dict[name])
+        # load_state_dict gives each part new group dicts: point this optimizer's groups at them again
+        self.param_groups = [group for part in self._parts for group in part.param_groups]
+
+
+def _groups_of(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    decay = [p for p in params if p.ndim >= 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def build_optimizer(
     model: torch.nn.Module,
     name: str,
@@ -49,6 +126,17 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if name == "adamw_bnb_8bit":
         return _bitsandbytes(name).AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+    if name in ("paged_adamw_8bit", "paged_adamw_32bit"):
+        # bitsandbytes pages the states into CUDA unified memory; on a CPU it keeps them unpaged (the same update).
+        optim = _bitsandbytes(name)
+        paged = optim.PagedAdamW8bit if name == "paged_adamw_8bit" else optim.PagedAdamW32bit
+        return paged(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw_torch_4bit":
+        # torchao's AdamW with both moments in 4 bits (block-wise, 128 values a block); tensors under 4096
+        # values keep fp32 moments, as torchao decides. Its step is torch.compile'd per parameter shape.
+        return _torchao(name).AdamW4bit(groups, lr=lr, betas=betas, eps=eps)
+    if name == "muon":
+        return MuonWithAdamW(model, lr, weight_decay, betas, eps)
     if name in ("lion_8bit", "lion_32bit"):
         optim = _bitsandbytes(name)
         return (optim.Lion8bit if name == "lion_8bit" else optim.Lion)(groups, lr=lr, betas=betas)

@@ -1,0 +1,106 @@
+"""Issue 26's long tail of axolotl keys (optimizers, model loading, memory, values, QAT), each shown to change what
+lmforge does: a test here fails if its key is ignored.
+
+Tiny random Llama models; seconds each (adamw_torch_4bit compiles its step once per parameter shape).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama, build_tiny_tokenizer, random_examples, tiny_config, write_config
+from lmforge.config import load_config
+from lmforge.data.batching import collate
+from lmforge.errors import LmforgeError
+from lmforge.models.load import load_model, load_tokenizer
+from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.train.optimizers import MuonWithAdamW, build_optimizer
+from lmforge.train.schedules import build_scheduler
+
+CPU = torch.device("cpu")
+
+
+def _cfg(model_dir: Path, data: Path, tmp_path: Path, gpu: bool = False, **extra: object):  # noqa: ANN202
+    path = write_config(tmp_path / "config.yml", tiny_config(model_dir, data, tmp_path / "out", **extra))
+    return load_config(str(path), gpu=gpu)
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose MLP matrices (64x128) are big enough for torchao's 4-bit states (4096 values or more)."""
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = build_tiny_tokenizer(folder)
+    build_tiny_llama(folder, len(tokenizer), hidden_size=64, intermediate_size=128)
+    return folder
+
+
+# --- optimizers ---------------------------------------------------------------------------------------------------
+
+def _optimizer_for(cfg, model):  # noqa: ANN001, ANN202
+    t = cfg.training
+    optimizer = build_optimizer(model, t.optimizer, t.learning_rate, 0.01, (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
+    return optimizer, build_scheduler(optimizer, "cosine", 4, 1)
+
+
+def _steps(model, optimizer, scheduler, batches) -> None:  # noqa: ANN001
+    for batch in batches:
+        model(**batch).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["adamw_torch_4bit", "muon", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"])
+def test_axolotl_optimizers_step_and_resume_bit_identically(name: str, wide_model_dir: Path, alpaca_file: Path,
+                                                            tmp_path: Path) -> None:
+    cfg = _cfg(wide_model_dir, alpaca_file, tmp_path, adapter=None, optimizer=name, learning_rate=1e-3)
+    tokenizer = load_tokenizer(str(wide_model_dir))
+    batches = [collate(random_examples(4, len(tokenizer), seed=s), 0) for s in range(4)]
+
+    straight = load_model(str(wide_model_dir))
+    optimizer, scheduler = _optimizer_for(cfg, straight)
+    before = [p.detach().clone() for p in straight.parameters()]
+    _steps(straight, optimizer, scheduler, batches)
+    assert all(not torch.equal(a, b) for a, b in zip(before, straight.parameters()))  # every weight stepped
+
+    # What the key chose, so that ignoring it (plain adamw_torch) fails here.
+    mlp = straight.model.layers[0].mlp.up_proj.weight
+    if name == "adamw_torch_4bit":
+        from torchao.optim.subclass_4bit import OptimState4bit
+
+        assert isinstance(optimizer.state[mlp]["exp_avg"], OptimState4bit)
+        assert not isinstance(optimizer.state[straight.model.norm.weight]["exp_avg"], OptimState4bit)  # too small: fp32
+    elif name == "muon":
+        assert isinstance(optimizer, MuonWithAdamW)
+        assert "momentum_buffer" in optimizer.muon.state[mlp]  # hidden matrices: Muon
+        assert "exp_avg" in optimizer.adamw.state[straight.model.embed_tokens.weight]  # embeddings, head, norms: AdamW
+        assert straight.lm_head.weight in optimizer.adamw.state
+    else:
+        import bitsandbytes as bnb
+
+        expected = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+                    "adamw_8bit": bnb.optim.AdamW8bit}[name]
+        assert type(optimizer) is expected
+
+    # Two steps, a checkpoint through checkpoint.py, a fresh model and optimizer resumed from it, two more steps.
+    first = load_model(str(wide_model_dir))
+    optimizer, scheduler = _optimizer_for(cfg, first)
+    _steps(first, optimizer, scheduler, batches[:2])
+    folder = save_checkpoint(tmp_path / "checkpoint-2", model=first, tokenizer=tokenizer, config={}, optimizer=optimizer,
+                             scheduler=scheduler, state={"global_step": 2})
+    resumed = load_model(str(wide_model_dir))
+    optimizer, scheduler = _optimizer_for(cfg, resumed)
+    load_checkpoint(folder, resumed, optimizer, scheduler)
+    _steps(resumed, optimizer, scheduler, batches[2:])
+    for (key, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), key
+
+
+def test_paged_optimizers_say_they_run_unpaged_without_a_gpu(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, optimizer="paged_adamw_32bit")
+    assert cfg.training.optimizer == "paged_adamw_32bit"
+    assert [n.key for n in cfg.notices] == ["optimizer"] and "unpaged" in cfg.notices[0].text
+    assert _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, optimizer="paged_adamw_32bit").notices == []
