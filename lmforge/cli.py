@@ -299,6 +299,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # bitsandbytes (imported by peft) logs a failed optional-kernel fetch at import on CPUs.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao (imported by peft when installed) logs each CUDA-only library it cannot load, and its Enum
+    # registrations make torch's pytree logger warn about a deprecation, on every import.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # DeepSpeed, once installed, is imported by transformers and peft along the way, and says "Setting
     # accelerator to CPU" (on stdout) on every machine without a GPU. It sets its logger's level itself
     # when imported, so a level set here would be undone; a filter on that logger stays: errors only.

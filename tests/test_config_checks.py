@@ -30,7 +30,8 @@ def base(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> dict:
 CONTRADICTIONS = [
     ({"adapter": "qlora"}, "adapter", "not quantized", "load_in_4bit: true"),
     ({"adapter": None, "load_in_4bit": True}, "load_in_4bit", "cannot be fully fine-tuned", "adapter: qlora"),
-    ({"unfrozen_parameters": ["lm_head"]}, "unfrozen_parameters", "does not combine with an adapter", "lora_modules_to_save"),
+    ({"unfrozen_parameters": ["lm_head"], "lora_model_dir": "adapter"}, "unfrozen_parameters", "the loaded adapter fixes",
+     "remove unfrozen_parameters"),
     ({"early_stopping_patience": 2}, "early_stopping_patience", "no eval split", "val_set_size"),
     ({"load_best_model_at_end": True}, "load_best_model_at_end", "no eval split", "test_datasets"),
     ({"val_set_size": 4, "test_datasets": [{"path": "PLACEHOLDER", "type": "alpaca"}]}, "val_set_size", "not both", "remove one"),

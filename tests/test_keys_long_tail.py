@@ -104,3 +104,25 @@ def test_paged_optimizers_say_they_run_unpaged_without_a_gpu(tiny_model_dir: Pat
     assert cfg.training.optimizer == "paged_adamw_32bit"
     assert [n.key for n in cfg.notices] == ["optimizer"] and "unpaged" in cfg.notices[0].text
     assert _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, optimizer="paged_adamw_32bit").notices == []
+
+
+# --- values axolotl accepts -----------------------------------------------------------------------------------------
+
+def test_unfrozen_parameters_with_an_adapter_train_fully_beside_it_and_are_saved_with_it(
+        tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lmforge.recipes.finetune import run_train
+
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_model_dir, alpaca_file, out, max_steps=3, lora_target_linear=False, lora_target_modules=["q_proj", "v_proj"],
+                      unfrozen_parameters=["lm_head", r"model\.layers\.1\.mlp\.down", r"model\.layers\.0\.self_attn\.q_proj"])
+    summary = run_train(load_config(str(write_config(tmp_path / "c.yml", cfg))))
+    base, adapter = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    full = {k.removeprefix("base_model.model."): v for k, v in adapter.items() if "lora_" not in k}
+    # lm_head and the one MLP projection train fully (saved whole, changed); q_proj, adapted, trains through LoRA
+    assert set(full) == {"lm_head.weight", "model.layers.1.mlp.down_proj.weight"}
+    assert all(not torch.equal(full[k], base[k]) for k in full)
+    assert any("layers.0.self_attn.q_proj.lora_A" in k for k in adapter)
+    lora = sum(v.numel() for k, v in adapter.items() if "lora_" in k)
+    assert summary["trainable_parameters"] == lora + sum(v.numel() for v in full.values())

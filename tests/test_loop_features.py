@@ -169,8 +169,6 @@ def test_unfrozen_parameters_train_only_the_matches(tiny_model_dir: Path, alpaca
 
     with pytest.raises(LmforgeError, match="matches no parameter"):
         run_train(load_config(str(write_config(tmp_path / "c.yml", {**cfg, "unfrozen_parameters": ["decoder.blocks"]}))))
-    with pytest.raises(LmforgeError, match="does not combine with an adapter"):
-        run_train(load_config(str(write_config(tmp_path / "c.yml", {**cfg, "adapter": "lora", "lora_r": 4}))))
 
 
 def test_dropout_override_reaches_the_live_modules(tiny_model_dir: Path) -> None:

@@ -86,9 +86,9 @@ def _model_and_adapter(c: _Checker) -> None:
     if quantized and not adapter:
         raise c.error(quantized, f"{quantized}: a 4/8-bit base model cannot be fully fine-tuned (its weights cannot take updates)",
                       "set adapter: qlora (or lora), or remove " + quantized)
-    if cfg.training.unfrozen_parameters and adapter:
-        raise c.error("unfrozen_parameters", "unfrozen_parameters selects weights for full fine-tuning; it does not combine with an adapter",
-                      "remove adapter, or list the modules to train fully in lora_modules_to_save")
+    if cfg.training.unfrozen_parameters and adapter and cfg.adapter.lora_model_dir:
+        raise c.error("unfrozen_parameters", "unfrozen_parameters with lora_model_dir: the loaded adapter fixes which modules train fully",
+                      "remove unfrozen_parameters, or train a new adapter (no lora_model_dir)")
     if not adapter:
         unused = [k for k in ADAPTER_ONLY_KEYS if c.given(k)]
         if unused:

@@ -231,8 +231,9 @@ class TrainingSection(Section):
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     unfrozen_parameters: list[str] | None = Field(
-        None, description="Full fine-tune only: regexes (matched from the start of a parameter name) of the "
-        "parameters to train; all others are frozen. Empty: train all."
+        None, description="Regexes (matched from the start of a parameter name) of the parameters to train; all others "
+        "are frozen. Empty: train all. With an adapter, the modules owning them train fully beside it (saved with it, as "
+        "lora_modules_to_save); layers the adapter adapts train through it."
     )
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "adamw_bnb_8bit", "sgd", "adafactor",

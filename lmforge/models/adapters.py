@@ -77,6 +77,37 @@ def cover_new_token_rows(
     return settings
 
 
+def unfrozen_beside_adapter(settings: AdapterSection, model: torch.nn.Module, patterns: list[str],
+                            say: Callable[[str], None] | None = None) -> AdapterSection:
+    """unfrozen_parameters with an adapter (axolotl's meaning): the matching weights train fully beside it.
+
+    Under peft, a weight trains fully and is saved with the adapter only through modules_to_save, so the
+    modules that own a matching weight go there by their full names. Layers the adapter adapts already train
+    through it and are left to LoRA (peft cannot both adapt a layer and copy it)."""
+    from lmforge.models.params import check_patterns, unfrozen
+
+    compiled = check_patterns(model, patterns)
+    targets = lora_targets(settings)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    full, adapted = [], []
+    for name, module in model.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if not own or not any(unfrozen(n, compiled) for n in own):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if linear and module is not head and (targets == "all-linear" or (targets is not None and leaf in targets)):
+            adapted.append(name)
+        else:
+            full.append(name)
+    chosen = list(settings.lora_modules_to_save or []) + [n for n in full if n not in (settings.lora_modules_to_save or [])]
+    if say:
+        size = sum(p.numel() for n in full for p in model.get_submodule(n).parameters(recurse=False))
+        say(f"unfrozen_parameters with an adapter: {len(full)} modules train fully beside it ({size:,} parameters, saved with "
+            f"the adapter as lora_modules_to_save)" + (f"; {len(adapted)} matching layers train through the adapter" if adapted else ""))
+    return settings.model_copy(update={"lora_modules_to_save": chosen})
+
+
 def _modules_named(model: torch.nn.Module, leaves: list[str]) -> list[torch.nn.Module]:
     return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in leaves]
 

@@ -16,6 +16,16 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> int:
     Returns the number of trainable parameters. A pattern matching nothing is an error: a typo
     would otherwise silently freeze the whole model.
     """
+    compiled = check_patterns(model, patterns)
+    trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(unfrozen(name, compiled))
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable
+
+
+def check_patterns(model: torch.nn.Module, patterns: list[str]) -> list[re.Pattern[str]]:
+    """unfrozen_parameters compiled, each checked to be a regex that matches some parameter of `model`."""
     compiled = []
     for pattern in patterns:
         try:
@@ -29,11 +39,7 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> int:
                 f"unfrozen_parameters: {pattern!r} matches no parameter", where="unfrozen_parameters",
                 fix=f"parameter names look like {names[0]!r}, {names[-1]!r}",
             )
-    trainable = 0
-    for name, param in model.named_parameters():
-        param.requires_grad_(unfrozen(name, compiled))
-        trainable += param.numel() if param.requires_grad else 0
-    return trainable
+    return compiled
 
 
 def unfrozen(name: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from lmforge.config import LmforgeConfig
-from lmforge.models.adapters import apply_lora, cover_new_token_rows
+from lmforge.models.adapters import apply_lora, cover_new_token_rows, unfrozen_beside_adapter
 from lmforge.models.fast_dropout import use_fast_dropout
 from lmforge.models.kernels import apply_liger, attention_backend, compile_layers
 from lmforge.models.load import fit_embeddings_to_tokenizer, load_model
@@ -90,7 +90,7 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
     new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]
     if cfg.training.dropout is not None:
         set_dropout(model, cfg.training.dropout)
-    if cfg.training.unfrozen_parameters:
+    if cfg.training.unfrozen_parameters and not cfg.adapter.adapter:
         freeze_except(model, cfg.training.unfrozen_parameters)
     # torch.utils.checkpoint's arguments; lmforge's default is the non-reentrant form torch recommends.
     checkpointing = {"use_reentrant": False, **(cfg.speed.gradient_checkpointing_kwargs or {})}
@@ -103,7 +103,10 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     apply_liger(model, cfg.speed, runs_on, say)
     if cfg.adapter.adapter:
-        model = apply_lora(model, cover_new_token_rows(cfg.adapter, model, new_tokens, say))
+        settings = cover_new_token_rows(cfg.adapter, model, new_tokens, say)
+        if cfg.training.unfrozen_parameters:
+            settings = unfrozen_beside_adapter(settings, model, cfg.training.unfrozen_parameters, say)
+        model = apply_lora(model, settings)
         if quantization is not None:
             from lmforge.models.quantize import disable_cpu_weight_packing
 
