@@ -126,3 +126,40 @@ def test_unfrozen_parameters_with_an_adapter_train_fully_beside_it_and_are_saved
     assert any("layers.0.self_attn.q_proj.lora_A" in k for k in adapter)
     lora = sum(v.numel() for k, v in adapter.items() if "lora_" in k)
     assert summary["trainable_parameters"] == lora + sum(v.numel() for v in full.values())
+
+
+def test_warmup_steps_below_one_is_a_share_of_all_steps(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from lmforge.recipes.run import count_steps
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, warmup_steps=0.1, max_steps=30)
+    assert (cfg.training.warmup_steps, cfg.training.warmup_ratio) == (None, 0.1)
+    assert count_steps(cfg.training, 80).warmup_steps == 3  # 10% of the 30 steps, not int(0.1) == 0 steps
+    with pytest.raises(LmforgeError, match="keep one"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, warmup_steps=0.1, warmup_ratio=0.2)
+
+
+def test_tokens_as_a_mapping_sets_the_special_tokens(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from lmforge.models.load import config_tokenizer
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, tokens={"bos_token": "<s>", "eos_token": "<|end|>"})
+    assert cfg.model.special_tokens == {"bos_token": "<s>", "eos_token": "<|end|>"} and cfg.model.tokens is None
+    tokenizer = config_tokenizer(cfg)
+    assert tokenizer.eos_token == "<|end|>" and tokenizer.convert_tokens_to_ids("<|end|>") == len(tokenizer) - 1
+    with pytest.raises(LmforgeError, match="tokens.end_token"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, tokens={"end_token": "<|end|>"})
+
+
+def test_model_config_beside_base_model_overrides_the_base_config(tiny_model_dir: Path, alpaca_file: Path,
+                                                                  tmp_path: Path) -> None:
+    from lmforge.models.setup import training_model
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, model_config={"rms_norm_eps": 0.25, "attention_dropout": 0.5})
+    assert cfg.model.overrides_of_model_config == {"rms_norm_eps": 0.25, "attention_dropout": 0.5}
+    assert cfg.pretrain.model_config_ is None and not cfg.is_pretraining
+    model = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False).get_base_model()
+    assert model.config.rms_norm_eps == 0.25 and model.model.norm.variance_epsilon == 0.25  # the live modules too
+    assert model.model.layers[0].self_attn.attention_dropout == 0.5
+    typo = _cfg(tiny_model_dir, alpaca_file, tmp_path, model_config={"rms_norm_epsilon": 0.25})
+    with pytest.raises(LmforgeError, match="no field 'rms_norm_epsilon'") as err:
+        training_model(typo, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False)
+    assert err.value.fix == "did you mean rms_norm_eps?"

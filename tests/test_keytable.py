@@ -299,9 +299,9 @@ def test_paged_optimizers_run_unpaged_only_without_a_gpu(write) -> None:  # noqa
     assert load_config(path, gpu=True).training.optimizer == "paged_adamw_8bit"
 
 
-def test_axolotl_model_config_with_base_model_is_refused_by_name(write) -> None:  # noqa: ANN001
-    text = refused(write("model_config:\n  output_router_logits: true\n"))
-    assert "config.yml:6: 'model_config' is not supported yet" in text and "base model's config" in text
+def test_axolotl_model_config_with_base_model_overrides_the_base_config(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("model_config:\n  output_router_logits: true\n"), gpu=False)
+    assert cfg.model.overrides_of_model_config == {"output_router_logits": True} and cfg.pretrain.model_config_ is None
 
 
 def test_keys_once_accepted_and_never_read_are_now_decided(write) -> None:  # noqa: ANN001

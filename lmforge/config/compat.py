@@ -181,6 +181,9 @@ class _Screen:
                 raise refusal(self.label(here), verdict, self.where(here))
             if verdict is not None and verdict.kind is Kind.NOTICE:
                 self.notices.append(Notice(self.where(here), self.label(here), verdict.text))
+            if verdict is not None and verdict.rename is not None:
+                out[verdict.rename] = verdict.value if verdict.replaces else value
+                continue
             if verdict is not None and not (is_field and verdict.kind is Kind.NOTICE):
                 continue  # quiet, or a notice for a key the schema does not hold: nothing to pass on
             if verdict is not None and verdict.replaces:

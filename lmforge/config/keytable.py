@@ -58,6 +58,7 @@ class Verdict:
     issue: int | None = None
     value: Any = None  # with `replaces`: the value lmforge uses instead (axolotl's name for the same thing)
     replaces: bool = False
+    rename: str | None = None  # the lmforge key the value goes to instead (one spelling, two meanings: model_config)
 
 
 QUIET = Verdict(None)
@@ -336,10 +337,9 @@ def scheduler_names(value: Any, facts: Facts) -> Verdict | None:
 
 
 def overrides_with_base_model(value: Any, facts: Facts) -> Verdict | None:
-    """refused with base_model and no architecture: that is axolotl's override of the base model's config"""
+    """with base_model and no architecture: axolotl's overrides of the base model's config (overrides_of_model_config)"""
     if facts.config.get("base_model") is not None and isinstance(value, Mapping) and "architecture" not in value:
-        return Verdict(Kind.NOT_YET, "model_config with base_model: overriding fields of the base model's config, "
-                       "as axolotl reads it (lmforge's model_config builds a new model)", nearest="base_model")
+        return Verdict(None, rename="overrides_of_model_config")
     return None
 
 
@@ -494,7 +494,7 @@ KEYS: tuple[Key, ...] = (
     alias("type_of_model", "model_type", "axolotl's other name for model_type"),
     later("model_kwargs", "extra from_pretrained arguments", nearest="base_model"),
     later("overrides_of_model_kwargs", "extra from_pretrained arguments", nearest="base_model"),
-    later("overrides_of_model_config", "overriding fields of the base model's config", nearest="base_model"),
+    done("overrides_of_model_config", MODEL),
     later("model_revision", "a Hub revision of the model", nearest="base_model (a local folder)"),
     later("revision_of_model", "a Hub revision of the model", nearest="base_model (a local folder)"),
     later("reinit_weights", "re-initialising a pretrained model's weights", nearest="model_config (a new model)"),

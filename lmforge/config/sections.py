@@ -111,7 +111,27 @@ class DatasetSpec(Section):
         return _jinja_choice(data)
 
 
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
 class ModelSection(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _tokens_mapping(cls, data: Any) -> Any:
+        """tokens: {bos_token: <s>, ...} (older axolotl configs) names special tokens: it is special_tokens."""
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, dict):
+            return data
+        special = dict(data.get("special_tokens") or {})
+        for name, token in tokens.items():
+            if name not in SPECIAL_TOKEN_NAMES:
+                raise ValueError(f"tokens.{name}: a mapping under tokens names special tokens ({', '.join(SPECIAL_TOKEN_NAMES)}); "
+                                 "list plain tokens to add as tokens: [...]")
+            if special.get(name, token) != token:
+                raise ValueError(f"tokens.{name} is {token!r} but special_tokens.{name} is {special[name]!r}; keep one")
+            special[name] = token
+        return {**{k: v for k, v in data.items() if k != "tokens"}, "special_tokens": special}
+
     base_model: str | None = Field(
         None, description="Local HF folder, .gguf file, pkg://PACKAGE/FILE, or Hub id. Optional when model_config "
         "builds a model from scratch."
@@ -130,7 +150,13 @@ class ModelSection(Section):
     tokenizer_type: str | None = Field(
         None, description="transformers class to load the tokenizer with (e.g. PreTrainedTokenizerFast; default AutoTokenizer)."
     )
-    tokens: list[str] | None = Field(None, description="Tokens to add to the vocabulary (the embeddings grow to match).")
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        None, description="Fields set on the base model's config before it loads, e.g. {output_router_logits: true} "
+        "(axolotl writes it as model_config: beside base_model)."
+    )
+    tokens: list[str] | None = Field(
+        None, description="Tokens to add to the vocabulary (the embeddings grow to match). A mapping of special-token "
+        "names ({bos_token: <s>}, axolotl's older form) is read as special_tokens.")
     resize_token_embeddings_to_32x: bool = Field(
         False, description="Pad the embedding rows to a multiple of 32 (faster matmuls on GPUs); the extra rows are never used."
     )
@@ -251,7 +277,8 @@ class TrainingSection(Section):
     cosine_min_lr_ratio: float | None = Field(
         None, ge=0, le=1, description="cosine only: decay to this share of the peak rate instead of to zero."
     )
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warmup steps; a fraction below 1 (0.1) is a share of all steps, as warmup_ratio.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on norms and biases).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay (Lion: its first beta).")
@@ -320,6 +347,18 @@ class TrainingSection(Section):
     @classmethod
     def _zero_is_off(cls, value: float | None) -> float | None:
         return value or None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warmup_fraction(cls, data: Any) -> Any:
+        """warmup_steps: 0.1 (in axolotl's examples; transformers reads a value below 1 so) is warmup_ratio: 0.1."""
+        steps = data.get("warmup_steps") if isinstance(data, dict) else None
+        if isinstance(steps, float) and 0 < steps < 1:
+            if data.get("warmup_ratio") is not None:
+                raise ValueError(f"warmup_steps: {steps} is a share of all steps, as warmup_ratio, which is also set; keep one")
+            data = {**data, "warmup_ratio": steps}
+            del data["warmup_steps"]
+        return data
 
     @model_validator(mode="after")
     def _one_of_each(self) -> "TrainingSection":

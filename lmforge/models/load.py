@@ -194,19 +194,22 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
 
 def load_model(
     base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, masked_lm: bool = False,
-    model_type: str | None = None, config_source: str | None = None, **kwargs: Any,
+    model_type: str | None = None, config_source: str | None = None, config_overrides: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Load a causal LM (or, with `masked_lm`, a masked LM) in ``dtype``; raises LmforgeError with a fix for every user mistake.
 
     `model_type` names the transformers class to load with (default the Auto class); `config_source`
-    (base_model_config) is where the model config is read from instead of base_model."""
+    (base_model_config) is where the model config is read from instead of base_model; `config_overrides`
+    (overrides_of_model_config) are fields set on that config before the weights load."""
     default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForCausalLM"
     auto_class = transformers_class(model_type, default, "model", "model_type")
     source = local_model_dir(base_model)
-    if config_source is not None:
+    if config_source is not None or config_overrides:
         from transformers import AutoConfig
 
-        kwargs["config"] = AutoConfig.from_pretrained(local_model_dir(config_source), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(local_model_dir(config_source or base_model), trust_remote_code=trust_remote_code)
+        kwargs["config"] = override_config(config, config_overrides or {})
     try:
         return auto_class.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
@@ -232,6 +235,21 @@ def load_model(
         if damaged is None:
             raise
         raise damaged from exc
+
+
+def override_config(config: Any, overrides: dict[str, Any]) -> Any:
+    """`overrides` set on a transformers config; a field the config class does not have is refused (a typo would
+    otherwise change nothing)."""
+    import difflib
+
+    known = set(config.to_dict())
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            raise LmforgeError(f"model_config: {config.model_type} configs have no field '{key}'", where=f"model_config.{key}",
+                               fix=f"did you mean {close[0]}?" if close else "see the model's config.json for its fields")
+        setattr(config, key, value)
+    return config
 
 
 def _damaged_weights(source: str, exc: Exception) -> LmforgeError | None:
