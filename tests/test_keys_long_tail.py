@@ -163,3 +163,20 @@ def test_model_config_beside_base_model_overrides_the_base_config(tiny_model_dir
     with pytest.raises(LmforgeError, match="no field 'rms_norm_epsilon'") as err:
         training_model(typo, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False)
     assert err.value.fix == "did you mean rms_norm_eps?"
+
+
+# --- distributed and memory -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, stage, offload", [("zero3_bf16", 3, set()), ("zero3_bf16_cpuoffload_all", 3, {"offload_param", "offload_optimizer"}),
+                                                   ("zero3_bf16_cpuoffload_params", 3, {"offload_param"}), ("zero2", 2, set())])
+def test_deepspeed_files_named_as_in_axolotl_are_the_shipped_ones(name: str, stage: int, offload: set, tiny_model_dir: Path,
+                                                                   alpaca_file: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.config.checks import deepspeed_json
+
+    monkeypatch.chdir(tmp_path)  # a user's folder, without axolotl's deepspeed_configs/
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, deepspeed=f"deepspeed_configs/{name}.json")
+    zero = deepspeed_json(cfg.distributed.deepspeed)["zero_optimization"]
+    assert zero["stage"] == stage and {k for k in zero if k.startswith("offload_")} == offload
+    with pytest.raises(LmforgeError, match="does not exist"):
+        deepspeed_json("deepspeed_configs/zero4.json")

@@ -12,6 +12,7 @@ Imports no torch: validating a config stays instant.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.config.loader import RawConfig
@@ -182,6 +183,10 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# The DeepSpeed configs lmforge ships, under axolotl's names (zero1..3, zero3_bf16, zero3_bf16_cpuoffload_all/_params).
+SHIPPED_DEEPSPEED = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+
+
 def deepspeed_json(value: "str | dict") -> dict:
     """The DeepSpeed config a `deepspeed:` value names (a JSON file, or the mapping itself)."""
     import json
@@ -190,6 +195,9 @@ def deepspeed_json(value: "str | dict") -> dict:
     if isinstance(value, dict):
         return value
     path = Path(value).expanduser()
+    shipped = SHIPPED_DEEPSPEED / path.name
+    if not path.is_file() and path.parent.name == "deepspeed_configs" and shipped.is_file():
+        path = shipped  # axolotl's configs name its repository's files (deepspeed_configs/zero3_bf16.json): ours
     if not path.is_file():
         raise LmforgeError(f"deepspeed config file does not exist: {value}", where="deepspeed",
                            fix="give a JSON file, e.g. deepspeed_configs/zero2.json from the lmforge repository")
