@@ -180,3 +180,21 @@ def test_deepspeed_files_named_as_in_axolotl_are_the_shipped_ones(name: str, sta
     assert zero["stage"] == stage and {k for k in zero if k.startswith("offload_")} == offload
     with pytest.raises(LmforgeError, match="does not exist"):
         deepspeed_json("deepspeed_configs/zero4.json")
+
+
+def test_gradient_checkpointing_offload_checkpoints_and_offloads_on_cuda(tiny_model_dir: Path, alpaca_file: Path,
+                                                                          tmp_path: Path) -> None:
+    from lmforge.models.setup import training_model
+    from lmforge.recipes.run import TrainingRun, count_steps
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, gradient_checkpointing="offload")
+    assert cfg.training.gradient_checkpointing == "offload" and "in CPU memory" in cfg.notices[0].text
+    model = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False)
+    assert model.get_base_model().is_gradient_checkpointing
+    run = TrainingRun(cfg)
+    assert run.loop_settings(count_steps(cfg.training, 8)).offload_activations is False  # CPU: nothing to move
+    run.device = torch.device("cuda")  # what the loop is told on a GPU (test_gpu_paths checks the hooks move activations)
+    assert run.loop_settings(count_steps(cfg.training, 8)).offload_activations is True
+    assert _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, gradient_checkpointing="offload").notices == []
+    with pytest.raises(LmforgeError, match="offload_disk"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, gradient_checkpointing="offload_disk")

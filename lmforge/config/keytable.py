@@ -288,10 +288,13 @@ def tracker_switch(project_key: str) -> Rule:
 
 
 def gradient_checkpointing_modes(value: Any, facts: Facts) -> Verdict | None:
-    """offload / offload_disk refused"""
-    if value in ("offload", "offload_disk"):
-        return Verdict(Kind.NOT_YET, f"gradient_checkpointing: {value} offloads activations",
-                       nearest="gradient_checkpointing: true with activation_offloading: true")
+    """offload: a notice on a machine without a GPU (the activations are in CPU memory already); offload_disk refused"""
+    if value == "offload" and not facts.gpu:
+        return Verdict(Kind.NOTICE, f"offload keeps the checkpointed activations in CPU memory and {NO_GPU}: they are "
+                       "there already; gradient checkpointing runs")
+    if value == "offload_disk":
+        return Verdict(Kind.NOT_YET, f"gradient_checkpointing: {value} offloads activations to disk",
+                       nearest="gradient_checkpointing: offload")
     return None
 
 

@@ -301,7 +301,9 @@ class TrainingSection(Section):
         "stop", description="On a NaN/inf loss or gradient: stop (naming the step and last good checkpoint) or skip the step."
     )
     bf16: Switch = Field("auto", description="bfloat16 compute: true, false or auto (on where supported).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False, description="Recompute activations to save memory; offload (axolotl's) also keeps the checkpointed "
+        "activations in CPU memory until backward, as activation_offloading: true does (CUDA).")
     logging_steps: int = Field(1, gt=0, description="Log every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps.")
     evals_per_epoch: int | None = Field(None, gt=0, description="Evaluations per epoch (alternative to eval_steps).")

@@ -299,7 +299,9 @@ class TrainingRun:
             # scaler beside it finds no gradients to unscale: "No inf checks were recorded").
             grad_scaler=torch.amp.GradScaler(self.device.type) if self.fp16 and not self.engine.owns_loss_scaling else None,
             # On CPU the saved activations are in CPU memory already (validate said so): nothing to move.
-            offload_activations=self.speed.activation_offloading and self.device.type == "cuda",
+            # gradient_checkpointing: offload is checkpointing with the checkpointed activations offloaded: the same hooks.
+            offload_activations=(self.speed.activation_offloading or t.gradient_checkpointing == "offload")
+            and self.device.type == "cuda",
             loss_watchdog_threshold=t.loss_watchdog_threshold,
             loss_watchdog_patience=t.loss_watchdog_patience,
             total_steps=plan.total_steps,
