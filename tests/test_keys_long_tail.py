@@ -198,3 +198,82 @@ def test_gradient_checkpointing_offload_checkpoints_and_offloads_on_cuda(tiny_mo
     assert _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, gradient_checkpointing="offload").notices == []
     with pytest.raises(LmforgeError, match="offload_disk"):
         _cfg(tiny_model_dir, alpaca_file, tmp_path, gradient_checkpointing="offload_disk")
+
+
+# --- quantization-aware training ------------------------------------------------------------------------------------
+
+QAT = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32}
+
+
+def test_qat_fake_quantised_forward_is_torchaos_and_differs_from_the_plain_one(tiny_model_dir: Path, alpaca_file: Path,
+                                                                              tmp_path: Path) -> None:
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.fake_quantize_config import Int4WeightFakeQuantizeConfig, IntxFakeQuantizeConfig
+
+    from lmforge.models.setup import training_model
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, qat=QAT)
+    ours = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False).eval()
+    # torchao's reference: the same model fake-quantised by hand, as axolotl's prepare_model_for_qat sets it up
+    reference = load_model(str(tiny_model_dir)).eval()
+    quantize_(reference, QATConfig(weight_config=Int4WeightFakeQuantizeConfig(group_size=32, activation_dtype=torch.bfloat16),
+                                   activation_config=IntxFakeQuantizeConfig(dtype=torch.int8, granularity="per_token",
+                                                                            is_symmetric=False)))
+    plain = load_model(str(tiny_model_dir)).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 2]])
+    with torch.no_grad():
+        got, want, unquantized = (m(input_ids=ids).logits for m in (ours, reference, plain))
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, unquantized, atol=1e-4)
+    # the weights the forward uses hold at most 16 levels per group of 32 (int4)
+    layer = ours.model.layers[0].mlp.up_proj
+    groups = layer.weight_fake_quantizer(layer.weight.detach()).reshape(-1, 32)
+    assert max(len(torch.unique(g)) for g in groups) <= 16 < len(torch.unique(layer.weight.detach().reshape(-1, 32)[0]))
+
+
+def test_qat_trains_then_saves_a_plain_model_that_loads(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.recipes.finetune import run_train
+
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_model_dir, alpaca_file, out, adapter=None, max_steps=2, learning_rate=1e-3,
+                      qat={**QAT, "fake_quant_after_n_steps": 1})
+    run_train(load_config(str(write_config(tmp_path / "c.yml", cfg))))
+    base, saved = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(saved) == set(base) and any(not torch.equal(saved[k], base[k]) for k in base)  # trained, same names
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear  # converted: no fake-quantised layers left
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6]])).logits).all()
+
+
+def test_qat_fake_quant_after_n_steps_starts_it_late(tiny_model_dir: Path) -> None:
+    from lmforge.config.sections import QatSpec
+    from lmforge.models.qat import delay_fake_quant, prepare_qat
+
+    model = prepare_qat(load_model(str(tiny_model_dir)), QatSpec(**QAT))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    delay_fake_quant(model, optimizer, after_steps=2, steps_done=0)
+    layer = model.model.layers[0].mlp.up_proj
+    seen = []
+    for _ in range(3):
+        seen.append(layer.weight_fake_quantizer.enabled)
+        optimizer.step()
+    assert seen == [False, False, True]
+    delay_fake_quant(model, torch.optim.SGD(model.parameters(), lr=0.0), after_steps=2, steps_done=2)  # resumed at step 2
+    assert layer.weight_fake_quantizer.enabled
+
+
+def test_qat_refusals_name_what_runs(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="nvfp4") as err:
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, qat={"weight_dtype": "nvfp4", "activation_dtype": "nvfp4",
+                                                                       "group_size": 16})
+    assert "mxfp4" in err.value.fix
+    assert _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, adapter=None,
+                qat={"weight_dtype": "nvfp4", "activation_dtype": "nvfp4", "group_size": 16}).quantization.qat.weight_dtype == "nvfp4"
+    with pytest.raises(LmforgeError, match="adapter leaves them frozen"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, qat=QAT)
+    with pytest.raises(LmforgeError, match="not a format torchao quantizes"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, qat={"weight_dtype": "int8"})

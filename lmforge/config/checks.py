@@ -87,6 +87,9 @@ def _model_and_adapter(c: _Checker) -> None:
     if quantized and not adapter:
         raise c.error(quantized, f"{quantized}: a 4/8-bit base model cannot be fully fine-tuned (its weights cannot take updates)",
                       "set adapter: qlora (or lora), or remove " + quantized)
+    if cfg.quantization.qat is not None and adapter:
+        raise c.error("qat", "qat fake-quantises the weights that train, and an adapter leaves them frozen",
+                      "remove adapter (QAT fine-tunes the full model), or remove qat")
     if cfg.training.unfrozen_parameters and adapter and cfg.adapter.lora_model_dir:
         raise c.error("unfrozen_parameters", "unfrozen_parameters with lora_model_dir: the loaded adapter fixes which modules train fully",
                       "remove unfrozen_parameters, or train a new adapter (no lora_model_dir)")

@@ -346,6 +346,14 @@ def overrides_with_base_model(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def qat_formats(value: Any, facts: Facts) -> Verdict | None:
+    """nvfp4 refused on a machine without a GPU (torchao fake-quantises it with CUDA's scaled matmul)"""
+    if isinstance(value, Mapping) and "nvfp4" in (value.get("weight_dtype"), value.get("activation_dtype")) and not facts.gpu:
+        return Verdict(Kind.NOT_YET, f"qat with nvfp4: torchao fake-quantises nvfp4 through torch._scaled_mm, a CUDA kernel, and {NO_GPU}",
+                       nearest="qat: {weight_dtype: mxfp4, activation_dtype: mxfp4} (runs on CPU) or int4 weights")
+    return None
+
+
 def zero_is_off(value: Any, facts: Facts) -> Verdict | None:
     """0 means off, as in axolotl"""
     return QUIET if value == 0 else None
@@ -1014,7 +1022,7 @@ KEYS: tuple[Key, ...] = (
     out("kd_*", "knowledge distillation from teacher logits is out of lmforge's scope"),
     out("diffusion", "diffusion language-model training is out of lmforge's scope"),
     out("llmcompressor", "sparsity and compression recipes are out of lmforge's scope"),
-    out("qat", "quantization-aware training is out of lmforge's scope"),
+    done("qat", MODEL, TRAINING, rule=qat_formats),
     out("quantization", "post-training quantization (torchao) is out of lmforge's scope; `lmforge export --quant` writes GGUF"),
     out("image_size", MULTIMODAL), out("image_resize_algorithm", MULTIMODAL), out("role_boundaries", MULTIMODAL),
     out("freeze_mm_modules", MULTIMODAL),

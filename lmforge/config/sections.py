@@ -214,7 +214,49 @@ class DataSection(Section):
         return _jinja_choice(data)
 
 
+QAT_DTYPES = {"int4": "int4", "int8": "int8", "float8_e4m3fn": "float8_e4m3fn", "fp8": "float8_e4m3fn",
+              "float8": "float8_e4m3fn", "nvfp4": "nvfp4", "mxfp4": "mxfp4"}
+# (weight, activation) pairs torchao can fake-quantise in training and quantize after it (axolotl's list).
+QAT_PAIRS = {("int4", None), ("int4", "int8"), ("int4", "float8_e4m3fn"), ("float8_e4m3fn", "float8_e4m3fn"),
+             ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")}
+
+
+class QatSpec(Section):
+    """``qat:`` quantization-aware training through torchao (axolotl's keys)."""
+
+    weight_dtype: str = Field("int8", description="Weights' target format: int4, float8_e4m3fn (fp8), mxfp4, nvfp4 (CUDA).")
+    activation_dtype: str | None = Field(None, description="Activations' target format: int8, float8_e4m3fn, mxfp4, nvfp4, or none.")
+    group_size: int | None = Field(32, gt=0, description="Values per quantization group (int4: divides the layer widths; mxfp4: 32; nvfp4: 16).")
+    quantize_embedding: bool | None = Field(False, description="Fake-quantise the input embedding's weights too.")
+    fake_quant_after_n_steps: int | None = Field(
+        None, ge=0, description="Train the first N optimizer steps without fake quantization, then with it.")
+
+    @field_validator("weight_dtype", "activation_dtype", mode="before")
+    @classmethod
+    def _dtype_names(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if value not in QAT_DTYPES:
+            raise ValueError(f"qat: unknown dtype {value!r} (one of {', '.join(QAT_DTYPES)})")
+        return QAT_DTYPES[value]
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "QatSpec":
+        if (self.weight_dtype, self.activation_dtype) not in QAT_PAIRS:
+            pairs = ", ".join(f"{w}/{a or 'none'}" for w, a in sorted(QAT_PAIRS, key=str))
+            raise ValueError(f"qat: weight_dtype {self.weight_dtype} with activation_dtype {self.activation_dtype} is not a "
+                             f"format torchao quantizes after training (weight/activation: {pairs})")
+        if self.weight_dtype == "nvfp4" and self.group_size not in (None, 16):
+            raise ValueError("qat: nvfp4 uses groups of 16 (group_size: 16)")
+        if self.weight_dtype == "mxfp4" and self.group_size not in (None, 32):
+            raise ValueError("qat: mxfp4 uses blocks of 32 (group_size: 32)")
+        return self
+
+
 class QuantizationSection(Section):
+    qat: QatSpec | None = Field(
+        None, description="Quantization-aware training (torchao): {weight_dtype, activation_dtype, group_size, "
+        "quantize_embedding, fake_quant_after_n_steps}; the saved model holds the trained weights, unquantized.")
     load_in_4bit: bool = Field(False, description="Load the base model in 4 bit through bitsandbytes (QLoRA).")
     load_in_8bit: bool = Field(False, description="Load the base model in 8 bit through bitsandbytes.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")

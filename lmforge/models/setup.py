@@ -93,6 +93,10 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         set_dropout(model, cfg.training.dropout)
     if cfg.training.unfrozen_parameters and not cfg.adapter.adapter:
         freeze_except(model, cfg.training.unfrozen_parameters)
+    if cfg.quantization.qat is not None:
+        from lmforge.models.qat import prepare_qat
+
+        prepare_qat(model, cfg.quantization.qat)
     # torch.utils.checkpoint's arguments; lmforge's default is the non-reentrant form torch recommends.
     checkpointing = {"use_reentrant": False, **(cfg.speed.gradient_checkpointing_kwargs or {})}
     if quantization is not None:

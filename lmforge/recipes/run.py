@@ -375,6 +375,11 @@ class TrainingRun:
             say(f"resumed from {self.resume_from} at step {result.steps} ({position})")
             if state.get("rng_note") and engine.is_main:
                 say(f"note: {state['rng_note']}")
+        qat = self.cfg.quantization.qat
+        if qat is not None and qat.fake_quant_after_n_steps:
+            from lmforge.models.qat import delay_fake_quant
+
+            delay_fake_quant(model, optimizer, qat.fake_quant_after_n_steps, result.steps)
         if engine.is_main:
             remove_partial_writes(output_dir)
         engine.barrier()
@@ -455,6 +460,12 @@ class TrainingRun:
         (consolidated from every rank's shards under FSDP; rank 0 writes)."""
         engine = self.engine
         engine.assert_finite(model, outcome.result.steps)
+        if self.cfg.quantization.qat is not None and engine.world_size == 1:
+            # The fake-quantised layers back to plain ones (their weights and names are the same, so under
+            # several ranks the saved files are too, unconverted): the output is an ordinary model.
+            from lmforge.models.qat import convert_qat
+
+            convert_qat(model, self.cfg.quantization.qat)
         if engine.is_main:
             publish_into(self.output_dir, lambda tmp: engine.save_model_files(model, tokenizer, self.resolved, tmp))
         else:

@@ -1,0 +1,111 @@
+"""Quantization-aware training (``qat:``) through torchao: fake-quantised training, then conversion.
+
+``prepare_qat`` swaps the model's linear layers (and, with quantize_embedding, its embeddings) for
+torchao's fake-quantised ones, which round the weights (and activations) to the target format in the
+forward pass and let the gradient through unchanged (straight-through), so training learns weights that
+survive quantization. ``convert_qat`` swaps them back to plain layers holding the trained weights: the
+saved model is an ordinary one, which ``lmforge quantize`` (torchao's post-training quantization with the
+same settings) then quantizes for real. The fake-quantisation settings are axolotl's
+(``axolotl/utils/quantization.py``), so a config trains the same numerics here.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from lmforge.config.sections import QatSpec
+from lmforge.errors import LmforgeError
+
+
+def _fake_quantize_configs(spec: QatSpec, activations: bool = True) -> Any:
+    """torchao's QATConfig for `spec` (weights, and activations unless `activations` is false: embeddings)."""
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.fake_quantize_config import (
+        Float8FakeQuantizeConfig,
+        Int4WeightFakeQuantizeConfig,
+        IntxFakeQuantizeConfig,
+    )
+
+    weight, activation = spec.weight_dtype, spec.activation_dtype if activations else None
+    if weight in ("mxfp4", "nvfp4"):
+        if weight == "mxfp4":
+            from torchao.prototype.qat import MXFakeQuantizeConfig
+
+            mx = MXFakeQuantizeConfig(dtype=torch.float4_e2m1fn_x2, block_size=spec.group_size or 32)
+        else:
+            from torchao.prototype.qat import NVFP4FakeQuantizeConfig
+
+            mx = NVFP4FakeQuantizeConfig()
+        return QATConfig(weight_config=mx, activation_config=mx if activations else None)
+    activation_config = None
+    if activation == "int8":
+        activation_config = IntxFakeQuantizeConfig(dtype=torch.int8, granularity="per_token", is_symmetric=False)
+    elif activation == "float8_e4m3fn":
+        activation_config = Float8FakeQuantizeConfig(dtype=torch.float8_e4m3fn)
+    if weight == "int4":
+        # The int4 kernels these numerics target take bf16 or row-wise fp8 activations (int8 ones run as bf16).
+        dtype = torch.float8_e4m3fn if activation == "float8_e4m3fn" else torch.bfloat16
+        weight_config = Int4WeightFakeQuantizeConfig(group_size=spec.group_size or 128, activation_dtype=dtype)
+    else:  # float8_e4m3fn (the schema refused the combinations torchao cannot quantize after training)
+        weight_config = Float8FakeQuantizeConfig(dtype=torch.float8_e4m3fn)
+    return QATConfig(weight_config=weight_config, activation_config=activation_config)
+
+
+def _is_embedding(module: torch.nn.Module, _: str) -> bool:
+    return isinstance(module, torch.nn.Embedding)
+
+
+def prepare_qat(model: torch.nn.Module, spec: QatSpec) -> torch.nn.Module:
+    """Swap the linear layers (and embeddings, with quantize_embedding) for torchao's fake-quantised ones."""
+    from torchao.quantization import quantize_
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    bad = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+           and spec.group_size and m.in_features % spec.group_size]
+    if bad and spec.weight_dtype in ("int4", "mxfp4"):
+        raise LmforgeError(f"qat: group_size {spec.group_size} does not divide the input width of {bad[0]}",
+                           where="qat.group_size", fix="choose a group_size that divides the model's layer widths (e.g. 32)")
+    quantize_(model, _fake_quantize_configs(spec))
+    if spec.quantize_embedding:
+        quantize_(model, _fake_quantize_configs(spec, activations=False), filter_fn=_is_embedding)
+    return model
+
+
+def convert_qat(model: torch.nn.Module, spec: QatSpec) -> torch.nn.Module:
+    """Swap the fake-quantised layers back to plain ones with the trained weights (what gets saved)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    quantize_(model, QATConfig(step="convert"))
+    if spec.quantize_embedding:
+        quantize_(model, QATConfig(step="convert"), filter_fn=_is_embedding)
+    return model
+
+
+def _toggle(module: torch.nn.Module, enable: bool) -> None:
+    for name in ("weight_fake_quantizer", "activation_fake_quantizer"):
+        quantizer = getattr(module, name, None)
+        if quantizer is not None and hasattr(quantizer, "enabled"):
+            quantizer.enabled = enable
+
+
+def set_fake_quant(model: torch.nn.Module, enable: bool) -> None:
+    """Turn fake quantization on or off in every fake-quantised layer (fake_quant_after_n_steps)."""
+    model.apply(partial(_toggle, enable=enable))
+
+
+def delay_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer, after_steps: int, steps_done: int) -> None:
+    """fake_quant_after_n_steps: the first `after_steps` optimizer steps train without fake quantization
+    (axolotl's QATCallback), counted from `steps_done` on a resumed run."""
+    done = {"steps": steps_done}
+    set_fake_quant(model, steps_done >= after_steps)
+
+    def count(*_: Any) -> None:
+        done["steps"] += 1
+        if done["steps"] == after_steps:
+            set_fake_quant(model, True)
+
+    optimizer.register_step_post_hook(count)
