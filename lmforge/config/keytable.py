@@ -45,7 +45,8 @@ SPECIAL_TOKENS = "special_tokens"
 PLUGIN = "plugins[]"  # a plugin named in plugins:, by its module (axolotl.integrations.<name>.<Class>)
 TOKENIZER_TRAIN = "tokenizer_train"  # lmforge's own block (no axolotl keys)
 MODEL_CONFIG = "model_config"  # lmforge's own block for a model built from scratch
-SCOPES = (TOP, DATASET, DATASET_TYPE, PRETRAINING, SPECIAL_TOKENS, PLUGIN, TOKENIZER_TRAIN, MODEL_CONFIG)
+QAT = "qat"  # keys of qat: (quantization-aware training)
+SCOPES = (TOP, DATASET, DATASET_TYPE, PRETRAINING, SPECIAL_TOKENS, PLUGIN, TOKENIZER_TRAIN, MODEL_CONFIG, QAT)
 
 
 @dataclass(frozen=True)
@@ -932,6 +933,9 @@ KEYS: tuple[Key, ...] = (
     *(done(name, "lmforge/models/build.py", scope=MODEL_CONFIG)
       for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings",
                    "head_dim")),
+    *(done(name, "lmforge/models/qat.py", scope=QAT)
+      for name in ("weight_dtype", "activation_dtype", "group_size", "quantize_embedding")),
+    done("fake_quant_after_n_steps", TRAINING, scope=QAT),
 
     # --- evaluation, checkpoints, steps ----------------------------------------------------------------------------------
     done("eval_steps", TRAINING, rule=whole_steps("eval_steps", "evals_per_epoch")),
