@@ -487,9 +487,10 @@ KEYS: tuple[Key, ...] = (
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),
     later("tokenizer_legacy", "the tokenizer's legacy flag", nearest="tokenizer_config"),
-    later("tokenizer_use_mistral_common", "Mistral's mistral-common tokenizer; lmforge tokenizes with the model's Hugging "
-          "Face tokenizer, whose ids and chat template may differ from it", nearest="tokenizer_use_mistral_common: false "
-          "(the model's Hugging Face tokenizer)"),
+    later("tokenizer_use_mistral_common", "Mistral's mistral-common tokenizer: it encodes a conversation straight to ids, "
+          "while lmforge renders the chat template to text and tokenizes that; transformers' wrapper for it also needs "
+          "mistral-common>=1.11.5, which caps numpy below the 2.4 lmforge pins", nearest="tokenizer_use_mistral_common: false "
+          "(the model's Hugging Face tokenizer and its chat template, chat_template: tokenizer_default)"),
     done("tokenizer_type", LOAD),
     out("processor_type", MULTIMODAL),
     out("processor_kwargs", MULTIMODAL),
