@@ -277,3 +277,70 @@ def test_qat_refusals_name_what_runs(tiny_model_dir: Path, alpaca_file: Path, tm
         _cfg(tiny_model_dir, alpaca_file, tmp_path, qat=QAT)
     with pytest.raises(LmforgeError, match="not a format torchao quantizes"):
         _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, qat={"weight_dtype": "int8"})
+
+
+# --- model loading --------------------------------------------------------------------------------------------------
+
+FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]  # OCP MX E2M1
+
+
+def _mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The OCP MX format read by hand: per output row, groups of 32 E2M1 values (two per byte, low nibble first)
+    times 2**(scale - 127); returned as gpt-oss holds the weight, [experts, in, out]."""
+    experts, out_rows, groups, _ = blocks.shape
+    values = torch.empty(experts, out_rows, groups, 32)
+    for e, o, g in ((e, o, g) for e in range(experts) for o in range(out_rows) for g in range(groups)):
+        pairs = [(FP4[b & 15], FP4[b >> 4]) for b in blocks[e, o, g].tolist()]
+        values[e, o, g] = torch.tensor([v for pair in pairs for v in pair]) * 2.0 ** (int(scales[e, o, g]) - 127)
+    return values.reshape(experts, out_rows, groups * 32).transpose(1, 2)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny gpt-oss checkpoint whose experts are stored MXFP4-packed, as openai/gpt-oss-20b's are."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-gpt-oss-mxfp4")
+    tokenizer = build_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                          layer_types=["full_attention"], max_position_embeddings=128,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0)
+    GptOssForCausalLM(config).save_pretrained(folder)
+    weights, expected, generator = load_file(str(folder / "model.safetensors")), {}, torch.Generator().manual_seed(1)
+    for name in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.0.mlp.experts.{name}"
+        experts, inputs, outputs = weights.pop(key).shape
+        blocks = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8, generator=generator)
+        scales = torch.randint(120, 130, (experts, outputs, inputs // 32), dtype=torch.uint8, generator=generator)
+        weights[key + "_blocks"], weights[key + "_scales"], expected[name] = blocks, scales, _mxfp4_weight(blocks, scales)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "quantization_config": {"quant_method": "mxfp4"}}))
+    return folder, expected
+
+
+def test_model_quantization_config_mxfp4_loads_the_checkpoint_dequantized_to_train(
+        mxfp4_model_dir: tuple[Path, dict[str, torch.Tensor]], alpaca_file: Path, tmp_path: Path) -> None:
+    from lmforge.models.setup import training_model
+
+    folder, expected = mxfp4_model_dir
+    cfg = _cfg(folder, alpaca_file, tmp_path, adapter=None, model_quantization_config="Mxfp4Config",
+               model_quantization_config_kwargs={"dequantize": True})
+    model = training_model(cfg, load_tokenizer(str(folder)), CPU, bf16=False)
+    experts = model.model.layers[0].mlp.experts
+    for name, weight in expected.items():
+        assert torch.equal(getattr(experts, name).detach(), weight), name  # the packed values, read as the format says
+    assert experts.gate_up_proj.requires_grad
+    model(input_ids=torch.tensor([[1, 5, 6, 7]]), labels=torch.tensor([[1, 5, 6, 7]])).loss.backward()
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+
+    with pytest.raises(LmforgeError, match="without dequantizing") as err:
+        _cfg(folder, alpaca_file, tmp_path, adapter=None, model_quantization_config="Mxfp4Config")
+    assert err.value.fix == "nearest supported: model_quantization_config_kwargs: {dequantize: true}"
+    with pytest.raises(LmforgeError, match="FP8 checkpoints"):
+        _cfg(folder, alpaca_file, tmp_path, adapter=None, model_quantization_config="FineGrainedFP8Config")

@@ -87,6 +87,9 @@ def _model_and_adapter(c: _Checker) -> None:
     if quantized and not adapter:
         raise c.error(quantized, f"{quantized}: a 4/8-bit base model cannot be fully fine-tuned (its weights cannot take updates)",
                       "set adapter: qlora (or lora), or remove " + quantized)
+    if cfg.model.model_quantization_config and quantized:
+        raise c.error(quantized, f"{quantized} quantizes a bf16 checkpoint, and model_quantization_config says the checkpoint "
+                      "is quantized already", "keep one of them")
     if cfg.quantization.qat is not None and adapter:
         raise c.error("qat", "qat fake-quantises the weights that train, and an adapter leaves them frozen",
                       "remove adapter (QAT fine-tunes the full model), or remove qat")

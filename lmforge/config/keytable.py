@@ -355,6 +355,32 @@ def qat_formats(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def checkpoint_quantization(value: Any, facts: Facts) -> Verdict | None:
+    """Mxfp4Config needs model_quantization_config_kwargs: {dequantize: true}; FineGrainedFP8Config refused"""
+    if value == "FineGrainedFP8Config":
+        return Verdict(Kind.NOT_YET, "loading FP8 checkpoints (FineGrainedFP8Config)", nearest="base_model (a bf16 checkpoint)")
+    kwargs = facts.config.get("model_quantization_config_kwargs")
+    if value == "Mxfp4Config" and not (isinstance(kwargs, Mapping) and kwargs.get("dequantize") is True):
+        return Verdict(Kind.NOT_YET, "training an MXFP4 checkpoint without dequantizing it (its packed 4-bit experts cannot "
+                       "take updates)", nearest="model_quantization_config_kwargs: {dequantize: true}")
+    return None
+
+
+MXFP4_KWARGS = ("dequantize", "modules_to_not_convert")
+
+
+def checkpoint_quantization_kwargs(value: Any, facts: Facts) -> Verdict | None:
+    """entries other than transformers' Mxfp4Config arguments (dequantize, modules_to_not_convert) refused"""
+    if not isinstance(value, Mapping):
+        return None
+    unknown = [k for k in value if k not in MXFP4_KWARGS]
+    if unknown:
+        return Verdict(Kind.NOT_YET, f"model_quantization_config_kwargs.{unknown[0]}", nearest=", ".join(MXFP4_KWARGS))
+    if not facts.config.get("model_quantization_config"):
+        return Verdict(Kind.NOTICE, "only used with model_quantization_config, which is not set: nothing changes")
+    return None
+
+
 def zero_is_off(value: Any, facts: Facts) -> Verdict | None:
     """0 means off, as in axolotl"""
     return QUIET if value == 0 else None
@@ -500,8 +526,8 @@ KEYS: tuple[Key, ...] = (
     note("experimental_skip_move_to_device", "an axolotl loading-order detail for sharded training; the result is the same",
          quiet=(None,)),
     out("use_kernels", f"Hub kernels (MegaBlocks): {MOE_KERNELS}"),
-    later("model_quantization_config", "loading Mxfp4 / FP8 checkpoints", nearest="load_in_4bit"),
-    later("model_quantization_config_kwargs", "loading Mxfp4 / FP8 checkpoints", nearest="load_in_4bit"),
+    done("model_quantization_config", MODEL, rule=checkpoint_quantization),
+    done("model_quantization_config_kwargs", MODEL, rule=checkpoint_quantization_kwargs),
     out("use_onebitllms", "1.58-bit (BitNet) training is out of lmforge's scope"),
     done("model_type", MODEL),
     alias("type_of_model", "model_type", "axolotl's other name for model_type"),

@@ -150,6 +150,11 @@ class ModelSection(Section):
     tokenizer_type: str | None = Field(
         None, description="transformers class to load the tokenizer with (e.g. PreTrainedTokenizerFast; default AutoTokenizer)."
     )
+    model_quantization_config: Literal["Mxfp4Config"] | None = Field(
+        None, description="Mxfp4Config: the base checkpoint is MXFP4-quantized (gpt-oss); with "
+        "model_quantization_config_kwargs: {dequantize: true} its weights load dequantized, to train.")
+    model_quantization_config_kwargs: dict[str, Any] | None = Field(
+        None, description="Arguments of transformers' Mxfp4Config: dequantize (required: true), modules_to_not_convert.")
     overrides_of_model_config: dict[str, Any] | None = Field(
         None, description="Fields set on the base model's config before it loads, e.g. {output_router_logits: true} "
         "(axolotl writes it as model_config: beside base_model)."

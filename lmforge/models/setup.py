@@ -80,6 +80,10 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             model.set_attn_implementation(attention)
     else:
         extra = {"quantization_config": quantization} if quantization is not None else {}
+        if cfg.model.model_quantization_config == "Mxfp4Config":  # an MXFP4 checkpoint (gpt-oss), loaded dequantized
+            from transformers import Mxfp4Config
+
+            extra["quantization_config"] = Mxfp4Config(**(cfg.model.model_quantization_config_kwargs or {}))
         if attention is not None:
             extra["attn_implementation"] = attention
         model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
