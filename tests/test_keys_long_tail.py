@@ -344,3 +344,36 @@ def test_model_quantization_config_mxfp4_loads_the_checkpoint_dequantized_to_tra
     assert err.value.fix == "nearest supported: model_quantization_config_kwargs: {dequantize: true}"
     with pytest.raises(LmforgeError, match="FP8 checkpoints"):
         _cfg(folder, alpaca_file, tmp_path, adapter=None, model_quantization_config="FineGrainedFP8Config")
+
+
+def test_min_sample_len_and_exact_deduplication_drop_examples(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from conftest import write_jsonl
+    from lmforge.data.prepare import build
+
+    rows = [{"instruction": "what is one plus two ?", "input": "", "output": "three"}] * 3
+    rows += [{"instruction": "add", "input": "", "output": "no"}, {"instruction": "name a red bird", "input": "", "output": "cat"}]
+    data_file = write_jsonl(tmp_path / "rows.jsonl", rows)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+
+    def examples(**keys: object) -> list:
+        cfg = _cfg(tiny_model_dir, data_file, tmp_path, **keys)
+        return build(cfg.data, tokenizer, 0).train
+
+    everything = examples()
+    shortest = min(len(e) for e in everything)
+    assert len(everything) == 5
+    assert len(examples(dataset_exact_deduplication=True)) == 3  # the three identical rows are one
+    kept = examples(min_sample_len=shortest + 1)
+    assert len(kept) == 4 and min(len(e) for e in kept) > shortest
+
+
+def test_lr_quadratic_warmup_squares_the_warmup(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from lmforge.recipes.run import TrainingRun, count_steps
+
+    lines = {}
+    for quadratic in (False, True):
+        cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, warmup_steps=3, max_steps=10, lr_quadratic_warmup=quadratic)
+        _, scheduler = TrainingRun(cfg).optimizer(load_model(str(tiny_model_dir)), count_steps(cfg.training, 40))
+        lines[quadratic] = [scheduler.lr_lambdas[0](step) for step in range(5)]
+    assert lines[False][:3] == [0.25, 0.5, 0.75] and lines[True][:3] == [0.0625, 0.25, 0.5625]
+    assert lines[False][3:] == lines[True][3:]  # after the warm-up, the same schedule

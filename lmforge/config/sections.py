@@ -212,6 +212,9 @@ class DataSection(Section):
         False, description="Tokenize in memory for this run only: the prepared-data cache is neither read nor written."
     )
     eval_sample_packing: bool | None = Field(None, description="Pack eval batches too (default: as sample_packing).")
+    min_sample_len: int | None = Field(None, ge=1, description="Drop examples of fewer tokens than this.")
+    dataset_exact_deduplication: bool = Field(
+        False, description="Keep one of identical tokenized examples (eval examples the training data holds are dropped).")
 
     @model_validator(mode="before")
     @classmethod
@@ -327,6 +330,7 @@ class TrainingSection(Section):
     warmup_steps: int | None = Field(
         None, ge=0, description="Linear warmup steps; a fraction below 1 (0.1) is a share of all steps, as warmup_ratio.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
+    lr_quadratic_warmup: bool = Field(False, description="Warm up along a quadratic curve instead of a straight line.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on norms and biases).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay (Lion: its first beta).")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's second-moment decay (Lion: its second beta).")

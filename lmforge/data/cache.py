@@ -70,7 +70,7 @@ def cache_key(data: DataSection, tokenizer: Any, seed: int) -> str:
         "version": FORMAT_VERSION,
         "datasets": [_spec_fingerprint(s) for s in data.datasets],
         "test_datasets": [_spec_fingerprint(s) for s in data.test_datasets or []],
-        "data": data.model_dump(mode="json", include={"sequence_len", "train_on_inputs", "chat_template", "chat_template_jinja", "chat_template_kwargs", "eot_tokens", "val_set_size", "shuffle_merged_datasets", "skip_bad_rows"}),
+        "data": data.model_dump(mode="json", include={"sequence_len", "train_on_inputs", "chat_template", "chat_template_jinja", "chat_template_kwargs", "eot_tokens", "val_set_size", "shuffle_merged_datasets", "skip_bad_rows", "min_sample_len", "dataset_exact_deduplication"}),
         "template_file": _template_file_digest(data.chat_template_jinja),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "seed": seed,

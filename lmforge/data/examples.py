@@ -31,11 +31,12 @@ class PrepareStats:
     bad_rows: int = 0  # malformed or failing rows skipped with skip_bad_rows
     bad_examples: list[str] = field(default_factory=list)  # the first few, "where: why"
     hook_skipped: int = 0
+    dropped: int = 0  # examples dropped by min_sample_len or dataset_exact_deduplication
     note: str = ""  # where the data came from (prepared cache) or went
 
     def add(self, other: "PrepareStats") -> None:
         self.rows.update(other.rows)
-        for name in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "hook_skipped"):
+        for name in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "hook_skipped", "dropped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         merged = self.bad_examples + other.bad_examples
         self.bad_examples = merged if len(merged) <= 20 else merged[:19] + merged[-1:]
@@ -60,12 +61,14 @@ class PrepareStats:
             text += f"; last: {self.bad_examples[-1]})" if self.bad_rows > 1 else ")"
         if self.hook_skipped:
             text += f"; {self.hook_skipped} rows skipped by the type hook"
+        if self.dropped:
+            text += f"; {self.dropped} dropped as too short (min_sample_len) or duplicates (dataset_exact_deduplication)"
         if self.note:
             text += f"; {self.note}"
         return text
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "bad_examples", "hook_skipped")}
+        out = {k: getattr(self, k) for k in ("truncated", "no_trainable_tokens", "tokens", "label_tokens", "bad_rows", "bad_examples", "hook_skipped", "dropped")}
         out["rows"] = dict(self.rows)
         return out
 

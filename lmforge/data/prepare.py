@@ -244,9 +244,31 @@ def _no_examples(stats: PrepareStats, data: DataSection) -> LmforgeError:
     )
 
 
+def _identity(example: Example) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(example.input_ids), tuple(example.labels)
+
+
+def _keep(examples: list[Example], data: DataSection, stats: PrepareStats, seen: set | None = None) -> list[Example]:
+    """min_sample_len drops examples of fewer tokens; dataset_exact_deduplication keeps the first of identical
+    tokenized examples (and, for eval data, drops those the training data holds), as axolotl does."""
+    kept = [e for e in examples if len(e) >= data.min_sample_len] if data.min_sample_len else examples
+    if data.dataset_exact_deduplication:
+        seen = set(seen or ())
+        unique = []
+        for example in kept:
+            identity = _identity(example)
+            if identity not in seen:
+                seen.add(identity)
+                unique.append(example)
+        kept = unique
+    stats.dropped += len(examples) - len(kept)
+    return kept
+
+
 def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     """Every dataset entry read, formatted, tokenized, mixed and split into train and eval (no cache)."""
     examples, stats, _ = prepare_specs(data.datasets, data, tokenizer)
+    examples = _keep(examples, data, stats)
     if not examples:
         raise _no_examples(stats, data)
     if data.shuffle_merged_datasets and len(data.datasets) > 1:
@@ -255,6 +277,7 @@ def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
         if data.val_set_size:
             raise LmforgeError("set either val_set_size or test_datasets, not both", where="val_set_size", fix="remove one")
         held_out, eval_stats, _ = prepare_specs(data.test_datasets, data, tokenizer, key="test_datasets")
+        held_out = _keep(held_out, data, eval_stats, seen={_identity(e) for e in examples})
         if not held_out:
             raise _no_examples(eval_stats, data)
         return PreparedData(examples, held_out, stats)

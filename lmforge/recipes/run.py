@@ -322,7 +322,8 @@ class TrainingRun:
         t = self.t
         optimizer = build_optimizer(model, t.optimizer, t.learning_rate, t.weight_decay, (t.adam_beta1, t.adam_beta2),
                                     t.adam_epsilon, t.sgd_momentum, t.sgd_nesterov)
-        scheduler = build_scheduler(optimizer, t.lr_scheduler, plan.total_steps, plan.warmup_steps, t.cosine_min_lr_ratio or 0.0)
+        scheduler = build_scheduler(optimizer, t.lr_scheduler, plan.total_steps, plan.warmup_steps, t.cosine_min_lr_ratio or 0.0,
+                                    t.lr_quadratic_warmup)
         return optimizer, scheduler
 
     # -- train ---------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ from collections.abc import Callable
 import torch
 
 
-def lr_multiplier(kind: str, step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """The share of the peak learning rate at optimizer step `step` (0-based)."""
+def lr_multiplier(kind: str, step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
+                  quadratic_warmup: bool = False) -> float:
+    """The share of the peak learning rate at optimizer step `step` (0-based); `quadratic_warmup`
+    (lr_quadratic_warmup) squares the warm-up's straight line."""
     if warmup_steps and step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
+        return ((step + 1) / (warmup_steps + 1)) ** (2 if quadratic_warmup else 1)
     if kind == "constant":
         return 1.0
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -30,8 +32,10 @@ def warmup_steps_for(total_steps: int, warmup_steps: int | None, warmup_ratio: f
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int, min_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
+    quadratic_warmup: bool = False,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """`min_ratio` (cosine_min_lr_ratio) is the floor the decay ends at, as a share of the peak rate."""
-    schedule: Callable[[int], float] = lambda step: lr_multiplier(kind, step, total_steps, warmup_steps, min_ratio)  # noqa: E731
+    schedule: Callable[[int], float] = lambda step: lr_multiplier(  # noqa: E731
+        kind, step, total_steps, warmup_steps, min_ratio, quadratic_warmup)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
