@@ -137,6 +137,12 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
                tokenizer_pre=args.tokenizer_pre, keep_merged=args.keep_merged)
 
 
+def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.recipes.quantize import run_quantize
+
+    run_quantize(_config(args, overrides, check_paths=False), args.model, args.output)
+
+
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.export import run_inspect
 
@@ -193,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show the libraries' progress bars and warnings")
     p.set_defaults(func=cmd_tokenizer)
     add("preprocess", cmd_preprocess, "read, format and tokenize the datasets and report what they hold")
+    p = add("quantize", cmd_quantize, "quantize the trained model with torchao as its qat: settings say (axolotl quantize)")
+    p.add_argument("--model", default=None, help="the model folder to quantize (default: the config's output_dir)")
+    p.add_argument("--output", default=None, help="where the quantized model goes (default: OUTPUT_DIR/quantized)")
     help_text = "`data report CONFIG`: rows, tokens, lengths, duplicates, overlap, label share → output_dir (Markdown + PNG)"
     p = sub.add_parser("data", help=help_text, description=help_text)
     p.add_argument("action", choices=["report"])

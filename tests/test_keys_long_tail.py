@@ -377,3 +377,27 @@ def test_lr_quadratic_warmup_squares_the_warmup(tiny_model_dir: Path, alpaca_fil
         lines[quadratic] = [scheduler.lr_lambdas[0](step) for step in range(5)]
     assert lines[False][:3] == [0.25, 0.5, 0.75] and lines[True][:3] == [0.0625, 0.25, 0.5625]
     assert lines[False][3:] == lines[True][3:]  # after the warm-up, the same schedule
+
+
+def test_lmforge_quantize_writes_torchaos_quantized_model_that_loads(tiny_model_dir: Path, alpaca_file: Path,
+                                                                     tmp_path: Path) -> None:
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.cli import main
+
+    path = write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", adapter=None, qat=QAT))
+    assert main(["quantize", str(path), "--model", str(tiny_model_dir), "--output", str(tmp_path / "q")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(loaded.model.layers[0].mlp.up_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    reference = load_model(str(tiny_model_dir))  # torchao applied by hand to the same weights
+    quantize_(reference, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    fp8 = write_config(tmp_path / "f.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", adapter=None,
+                                                       qat={"weight_dtype": "fp8", "activation_dtype": "fp8"}))
+    assert main(["quantize", str(fp8), "--model", str(tiny_model_dir)]) == 2  # one line naming what works

@@ -109,3 +109,37 @@ def delay_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer, a
             set_fake_quant(model, True)
 
     optimizer.register_step_post_hook(count)
+
+
+def post_training_config(spec: QatSpec) -> Any:
+    """torchao's post-training quantization for the formats `spec` trained towards (``lmforge quantize``).
+
+    Int8 dynamic activations with int4 grouped weights run on CPUs (torchao's Intx kernels); the other
+    formats quantize for CUDA kernels and are refused here until they are tested on a GPU."""
+    if (spec.weight_dtype, spec.activation_dtype) != ("int4", "int8"):
+        raise LmforgeError(f"lmforge quantize: qat weight_dtype {spec.weight_dtype} with activation_dtype "
+                           f"{spec.activation_dtype} is not supported yet", where="qat",
+                           fix="quantize qat: {weight_dtype: int4, activation_dtype: int8} models, or export GGUF with "
+                               "`lmforge export --quant`")
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(spec.group_size or 32))
+
+
+def quantize_for_saving(model: torch.nn.Module, spec: QatSpec) -> torch.nn.Module:
+    """Quantize `model`'s linear layers for real, and tell transformers how, so save_pretrained writes the
+    quantized tensors and from_pretrained reads them back (transformers' TorchAoConfig)."""
+    from torchao.quantization import quantize_
+    from transformers import TorchAoConfig
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    if spec.quantize_embedding:
+        raise LmforgeError("lmforge quantize: quantize_embedding is not supported yet", where="qat.quantize_embedding",
+                           fix="set quantize_embedding: false (the linear layers are quantized)")
+    config = post_training_config(spec)
+    quantize_(model, config)
+    ao = TorchAoConfig(quant_type=config)
+    model.config.quantization_config = ao
+    model.hf_quantizer = TorchAoHfQuantizer(ao)
+    return model
