@@ -401,3 +401,48 @@ def test_lmforge_quantize_writes_torchaos_quantized_model_that_loads(tiny_model_
     fp8 = write_config(tmp_path / "f.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", adapter=None,
                                                        qat={"weight_dtype": "fp8", "activation_dtype": "fp8"}))
     assert main(["quantize", str(fp8), "--model", str(tiny_model_dir)]) == 2  # one line naming what works
+
+
+def test_reinit_weights_builds_the_architecture_with_new_weights(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from lmforge.models.setup import training_model
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, reinit_weights=True)
+    torch.manual_seed(7)
+    fresh = training_model(cfg, tokenizer, CPU, bf16=False)
+    torch.manual_seed(7)
+    again = training_model(cfg, tokenizer, CPU, bf16=False)
+    loaded = load_model(str(tiny_model_dir))
+    assert fresh.config.hidden_size == loaded.config.hidden_size and type(fresh) is type(loaded)
+    pairs = list(zip(fresh.named_parameters(), loaded.parameters(), again.parameters()))
+    assert all(torch.equal(a, c) for (_, a), _, c in pairs)  # seeded: the same new weights
+    assert all(not torch.equal(a, b) for (name, a), b, _ in pairs if "norm" not in name)  # not the checkpoint's
+    with pytest.raises(LmforgeError, match="cannot be loaded quantized"):
+        training_model(_cfg(tiny_model_dir, alpaca_file, tmp_path, reinit_weights=True, adapter="qlora", load_in_4bit=True),
+                       tokenizer, CPU, bf16=False)
+
+
+def test_revision_of_model_reaches_the_hub_loads_and_is_a_notice_for_a_folder(tiny_model_dir: Path, alpaca_file: Path,
+                                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from lmforge.models.load import config_tokenizer
+    from lmforge.models.setup import training_model
+
+    local = _cfg(tiny_model_dir, alpaca_file, tmp_path, revision_of_model="v2")
+    assert [n.key for n in local.notices] == ["revision_of_model"] and "no revisions" in local.notices[0].text
+    asked: list[tuple[str, str | None]] = []
+
+    def hub(kind: str, real):  # noqa: ANN001, ANN202
+        def from_pretrained(source, *args, **kwargs):  # noqa: ANN001, ANN202
+            asked.append((kind, kwargs.get("revision")))
+            return real(str(tiny_model_dir), *args, **{k: v for k, v in kwargs.items() if k != "revision"})
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", hub("tokenizer", transformers.AutoTokenizer.from_pretrained))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        hub("model", transformers.AutoModelForCausalLM.from_pretrained))
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, base_model="org/tiny-llama", revision_of_model="v2")
+    assert cfg.notices == [] and cfg.model.revision_of_model == "v2"
+    training_model(cfg, config_tokenizer(cfg), CPU, bf16=False)
+    assert asked == [("tokenizer", "v2"), ("model", "v2")]

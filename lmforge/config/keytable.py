@@ -381,6 +381,16 @@ def checkpoint_quantization_kwargs(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def revision_of_local_model(value: Any, facts: Facts) -> Verdict | None:
+    """a notice when base_model is a local folder or file (only Hub repositories have revisions)"""
+    import os
+
+    base = facts.config.get("base_model")
+    if isinstance(base, str) and (os.path.exists(os.path.expanduser(base)) or base.startswith(("/", ".", "~", "pkg://"))):
+        return Verdict(Kind.NOTICE, "base_model is a local path, which has no revisions: the files there are read")
+    return None
+
+
 def zero_is_off(value: Any, facts: Facts) -> Verdict | None:
     """0 means off, as in axolotl"""
     return QUIET if value == 0 else None
@@ -535,8 +545,8 @@ KEYS: tuple[Key, ...] = (
     later("overrides_of_model_kwargs", "extra from_pretrained arguments", nearest="base_model"),
     done("overrides_of_model_config", MODEL),
     later("model_revision", "a Hub revision of the model", nearest="base_model (a local folder)"),
-    later("revision_of_model", "a Hub revision of the model", nearest="base_model (a local folder)"),
-    later("reinit_weights", "re-initialising a pretrained model's weights", nearest="model_config (a new model)"),
+    done("revision_of_model", MODEL, LOAD, rule=revision_of_local_model),
+    done("reinit_weights", MODEL),
     done("resize_token_embeddings_to_32x", MODEL),
     later("mean_resizing_embeddings", "random rows for added tokens", quiet=(None,),
           same={True: "new embedding rows start at the mean of the others, as lmforge grows them"}),

@@ -155,6 +155,11 @@ class ModelSection(Section):
         "model_quantization_config_kwargs: {dequantize: true} its weights load dequantized, to train.")
     model_quantization_config_kwargs: dict[str, Any] | None = Field(
         None, description="Arguments of transformers' Mxfp4Config: dequantize (required: true), modules_to_not_convert.")
+    revision_of_model: str | None = Field(
+        None, description="The Hub revision (branch, tag or commit) of base_model and its tokenizer.")
+    reinit_weights: bool = Field(
+        False, description="Build base_model's architecture with freshly initialised weights (seeded by seed) instead of "
+        "reading its weights: pretraining from scratch in a known shape.")
     overrides_of_model_config: dict[str, Any] | None = Field(
         None, description="Fields set on the base model's config before it loads, e.g. {output_router_logits: true} "
         "(axolotl writes it as model_config: beside base_model)."

@@ -137,7 +137,7 @@ def transformers_class(name: str | None, default: str, kind: str, key: str) -> A
 
 
 def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                   tokenizer_type: str | None = None, *, from_gguf: bool = False) -> Any:
+                   tokenizer_type: str | None = None, *, from_gguf: bool = False, revision: str | None = None) -> Any:
     """The one place a tokenizer is read from disk or the Hub: ``tokenizer_path`` or ``base_model`` (an HF
     folder, a .gguf or pkg:// file, or a Hub id), made able to pad, loaded with the class ``tokenizer_type``
     names (default AutoTokenizer). `from_gguf` reads a .gguf file's header only, as is (no weights are
@@ -151,7 +151,8 @@ def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_rem
     tokenizer_class = transformers_class(tokenizer_type, "AutoTokenizer", "tokenizer", "tokenizer_type")
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
-        tokenizer = tokenizer_class.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer_class.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                    **({"revision": revision} if revision else {}))
     except OSError as exc:
         if os.path.isdir(source):
             raise LmforgeError(f"could not load the tokenizer: {str(exc).splitlines()[0]}", where=source,
@@ -179,7 +180,7 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
                            where="model_config",
                            fix="set tokenizer_train: {files: [...], vocab_size: N} to train one, or tokenizer_config: FOLDER_OR_HUB_ID")
     tokenizer = load_tokenizer(source or model.base_model, None if source else model.tokenizer_config, model.trust_remote_code,
-                               model.tokenizer_type)
+                               model.tokenizer_type, revision=None if source else model.revision_of_model)
     if model.special_tokens:
         tokenizer.add_special_tokens(dict(model.special_tokens))
         if tokenizer.pad_token is None:
@@ -195,13 +196,14 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
 def load_model(
     base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, masked_lm: bool = False,
     model_type: str | None = None, config_source: str | None = None, config_overrides: dict[str, Any] | None = None,
-    **kwargs: Any,
+    reinit_weights: bool = False, **kwargs: Any,
 ) -> Any:
     """Load a causal LM (or, with `masked_lm`, a masked LM) in ``dtype``; raises LmforgeError with a fix for every user mistake.
 
     `model_type` names the transformers class to load with (default the Auto class); `config_source`
     (base_model_config) is where the model config is read from instead of base_model; `config_overrides`
-    (overrides_of_model_config) are fields set on that config before the weights load."""
+    (overrides_of_model_config) are fields set on that config before the weights load; `reinit_weights` builds
+    the model from its config with freshly initialised weights instead of reading them (axolotl's reinit_weights)."""
     default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForCausalLM"
     auto_class = transformers_class(model_type, default, "model", "model_type")
     source = local_model_dir(base_model)
@@ -210,6 +212,17 @@ def load_model(
 
         config = AutoConfig.from_pretrained(local_model_dir(config_source or base_model), trust_remote_code=trust_remote_code)
         kwargs["config"] = override_config(config, config_overrides or {})
+    if reinit_weights:
+        from transformers import AutoConfig
+
+        if "quantization_config" in kwargs:
+            raise LmforgeError("reinit_weights builds new weights, which cannot be loaded quantized", where="reinit_weights",
+                               fix="remove load_in_4bit / load_in_8bit / model_quantization_config, or reinit_weights")
+        revision = {"revision": kwargs.pop("revision")} if "revision" in kwargs else {}
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **revision)
+        if hasattr(auto_class, "from_config"):  # an Auto class
+            return auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        return auto_class._from_config(config, dtype=dtype, **kwargs)  # a model class named by model_type
     try:
         return auto_class.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs

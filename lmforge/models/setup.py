@@ -89,7 +89,8 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                            masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                            model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
-                           config_overrides=cfg.model.overrides_of_model_config, **extra)
+                           config_overrides=cfg.model.overrides_of_model_config, reinit_weights=cfg.model.reinit_weights,
+                           **({"revision": cfg.model.revision_of_model} if cfg.model.revision_of_model else {}), **extra)
     rows = model.get_input_embeddings().num_embeddings
     fit_embeddings_to_tokenizer(model, tokenizer, 32 if cfg.model.resize_token_embeddings_to_32x else None)
     new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]
