@@ -446,3 +446,30 @@ def test_revision_of_model_reaches_the_hub_loads_and_is_a_notice_for_a_folder(ti
     assert cfg.notices == [] and cfg.model.revision_of_model == "v2"
     training_model(cfg, config_tokenizer(cfg), CPU, bf16=False)
     assert asked == [("tokenizer", "v2"), ("model", "v2")]
+
+
+# --- trackers -------------------------------------------------------------------------------------------------------
+
+def test_use_otel_metrics_serves_the_metrics_for_prometheus(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lmforge.train.loggers import OtelLogger, build_loggers
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, use_otel_metrics=True, otel_metrics_host="127.0.0.1", otel_metrics_port=port)
+    loggers = build_loggers(cfg.logging, str(tmp_path / "out"), {})
+    otel = [logger for logger in loggers if isinstance(logger, OtelLogger)]
+    assert len(otel) == 1
+    try:
+        otel[0].log(3, {"loss": 1.25, "lr": 0.001})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        for logger in loggers:
+            logger.close()
+    read = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name.startswith("lmforge_")}
+    assert read["lmforge_loss"] == 1.25 and read["lmforge_lr"] == 0.001 and read["lmforge_step"] == 3

@@ -539,6 +539,11 @@ class LoggingSection(Section):
     wandb_watch: Literal["gradients", "parameters", "all"] | None = Field(
         None, description="W&B: log histograms of gradients, parameters or both (wandb.watch)."
     )
+    use_otel_metrics: bool = Field(
+        False, description="Serve the training metrics over HTTP for Prometheus to scrape (OpenTelemetry's Prometheus "
+        "reader), at http://otel_metrics_host:otel_metrics_port/metrics.")
+    otel_metrics_host: str = Field("localhost", description="use_otel_metrics: the address the metrics are served on.")
+    otel_metrics_port: int = Field(8000, gt=0, lt=65536, description="use_otel_metrics: the port the metrics are served on.")
     wandb_log_model: Literal["checkpoint", "end"] | None = Field(
         None, description="W&B: upload each checkpoint (checkpoint) or the final output (end) as a model artifact."
     )

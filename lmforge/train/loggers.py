@@ -103,6 +103,43 @@ class MlflowLogger(MetricLogger):
         self.client.set_terminated(self.run_id)
 
 
+class OtelLogger(MetricLogger):
+    """use_otel_metrics: each metric an OpenTelemetry gauge (``lmforge_<name>``), served at
+    http://otel_metrics_host:otel_metrics_port/metrics in Prometheus' text format, as axolotl serves its own."""
+
+    def __init__(self, settings: LoggingSection) -> None:
+        try:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from opentelemetry.sdk.metrics import MeterProvider
+            from prometheus_client import start_http_server
+        except ImportError as exc:
+            raise LmforgeError("use_otel_metrics is set but OpenTelemetry's Prometheus exporter is not installed",
+                               where="use_otel_metrics", fix="pip install opentelemetry-exporter-prometheus") from exc
+        self.reader = PrometheusMetricReader()  # registers its collector with prometheus_client's registry
+        # This run's own provider, not the process-wide one: nothing global is replaced.
+        self.provider = MeterProvider(metric_readers=[self.reader])
+        self.meter = self.provider.get_meter("lmforge.training")
+        self.gauges: dict[str, Any] = {}
+        self.values: dict[str, float] = {}
+        try:
+            self.server, _ = start_http_server(settings.otel_metrics_port, addr=settings.otel_metrics_host)
+        except OSError as exc:
+            self.provider.shutdown()  # the reader's shutdown takes its collector out of the registry
+            raise LmforgeError(f"cannot serve metrics on {settings.otel_metrics_host}:{settings.otel_metrics_port} ({exc})",
+                               where="otel_metrics_port", fix="choose a free port") from exc
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in {**metrics, "step": step}.items():
+            if name not in self.gauges:
+                self.gauges[name] = self.meter.create_gauge(f"lmforge_{name}", description=f"lmforge training metric {name}")
+            self.gauges[name].set(float(value))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.provider.shutdown()  # the reader's shutdown takes its collector out of the registry
+
+
 def build_loggers(settings: LoggingSection, output_dir: str, config: dict[str, Any], model: Any = None) -> list[MetricLogger]:
     """TensorBoard (unless use_tensorboard: false), W&B and MLflow as configured; W&B watches `model` with wandb_watch."""
     loggers: list[MetricLogger] = [TensorBoardLogger(output_dir)] if settings.use_tensorboard else []
@@ -113,4 +150,6 @@ def build_loggers(settings: LoggingSection, output_dir: str, config: dict[str, A
         loggers.append(wandb_logger)
     if settings.mlflow_tracking_uri:
         loggers.append(MlflowLogger(settings, config))
+    if settings.use_otel_metrics:
+        loggers.append(OtelLogger(settings))
     return loggers
