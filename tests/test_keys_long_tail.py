@@ -473,3 +473,30 @@ def test_use_otel_metrics_serves_the_metrics_for_prometheus(tiny_model_dir: Path
             logger.close()
     read = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name.startswith("lmforge_")}
     assert read["lmforge_loss"] == 1.25 and read["lmforge_lr"] == 0.001 and read["lmforge_step"] == 3
+
+
+def test_swanlab_offline_run_holds_the_metrics_read_back_with_swanlabs_reader(tiny_model_dir: Path, alpaca_file: Path,
+                                                                              tmp_path: Path) -> None:
+    from swanlab.log.backup.datastore import DataStore
+    from swanlab.log.backup.models import ModelsParser
+
+    from lmforge.train.loggers import SwanLabLogger, build_loggers
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, use_swanlab=True, swanlab_project="lmforge-test", swanlab_mode="offline",
+               swanlab_experiment_name="tiny", plugins=["axolotl.integrations.swanlab.SwanLabPlugin"])
+    loggers = [logger for logger in build_loggers(cfg.logging, str(tmp_path / "out"), {"learning_rate": 0.05}, )
+               if isinstance(logger, SwanLabLogger)]
+    assert len(loggers) == 1
+    for step, loss in ((1, 2.5), (2, 1.5)):
+        loggers[0].log(step, {"loss": loss})
+    loggers[0].close()
+    [backup] = (tmp_path / "out" / "swanlog").glob("run-*/backup.swanlab")
+    store = DataStore()
+    store.open_for_scan(str(backup))
+    with ModelsParser() as parser:
+        for record in store:
+            if record is not None:
+                parser.parse_record(record)
+    _, project, experiment, _, _, _, scalars, _, _ = parser.get_parsed()
+    assert (project.name, experiment.name) == ("lmforge-test", "tiny")
+    assert sorted((s.step, s.metric["data"]) for s in scalars if s.key == "loss") == [(1, 2.5), (2, 1.5)]

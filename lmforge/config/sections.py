@@ -539,6 +539,13 @@ class LoggingSection(Section):
     wandb_watch: Literal["gradients", "parameters", "all"] | None = Field(
         None, description="W&B: log histograms of gradients, parameters or both (wandb.watch)."
     )
+    swanlab_project: str | None = Field(None, description="SwanLab project; set to log there.")
+    swanlab_experiment_name: str | None = Field(None, description="SwanLab experiment name.")
+    swanlab_description: str | None = Field(None, description="SwanLab experiment description.")
+    swanlab_mode: Literal["cloud", "local", "offline", "disabled"] | None = Field(
+        None, description="SwanLab mode: cloud (default), local (needs swanlab[dashboard]), offline (files in "
+        "output_dir/swanlog, `swanlab sync` uploads them later) or disabled.")
+    swanlab_workspace: str | None = Field(None, description="SwanLab workspace (organisation) of the project.")
     use_otel_metrics: bool = Field(
         False, description="Serve the training metrics over HTTP for Prometheus to scrape (OpenTelemetry's Prometheus "
         "reader), at http://otel_metrics_host:otel_metrics_port/metrics.")

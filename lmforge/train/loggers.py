@@ -103,6 +103,33 @@ class MlflowLogger(MetricLogger):
         self.client.set_terminated(self.run_id)
 
 
+class SwanLabLogger(MetricLogger):
+    """SwanLab (swanlab_project): its own run, with files under output_dir/swanlog in local and offline modes."""
+
+    def __init__(self, settings: LoggingSection, config: dict[str, Any], output_dir: str) -> None:
+        import os
+
+        try:
+            import swanlab
+        except ImportError as exc:
+            raise LmforgeError("swanlab_project is set but swanlab is not installed", where="swanlab_project",
+                               fix="pip install swanlab==0.6.4") from exc
+        try:
+            self.run = swanlab.init(project=settings.swanlab_project, experiment_name=settings.swanlab_experiment_name,
+                                    description=settings.swanlab_description, workspace=settings.swanlab_workspace,
+                                    mode=settings.swanlab_mode, logdir=os.path.join(output_dir, "swanlog"), config=config)
+        except ImportError as exc:  # local mode's dashboard package
+            raise LmforgeError(f"swanlab_mode: local needs SwanLab's dashboard ({exc})", where="swanlab_mode",
+                               fix="pip install 'swanlab[dashboard]', or swanlab_mode: offline") from exc
+        self.swanlab = swanlab
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class OtelLogger(MetricLogger):
     """use_otel_metrics: each metric an OpenTelemetry gauge (``lmforge_<name>``), served at
     http://otel_metrics_host:otel_metrics_port/metrics in Prometheus' text format, as axolotl serves its own."""
@@ -150,6 +177,8 @@ def build_loggers(settings: LoggingSection, output_dir: str, config: dict[str, A
         loggers.append(wandb_logger)
     if settings.mlflow_tracking_uri:
         loggers.append(MlflowLogger(settings, config))
+    if settings.swanlab_project and settings.swanlab_mode != "disabled":
+        loggers.append(SwanLabLogger(settings, config, output_dir))
     if settings.use_otel_metrics:
         loggers.append(OtelLogger(settings))
     return loggers
