@@ -500,3 +500,12 @@ def test_swanlab_offline_run_holds_the_metrics_read_back_with_swanlabs_reader(ti
     _, project, experiment, _, _, _, scalars, _, _ = parser.get_parsed()
     assert (project.name, experiment.name) == ("lmforge-test", "tiny")
     assert sorted((s.step, s.metric["data"]) for s in scalars if s.key == "loss") == [(1, 2.5), (2, 1.5)]
+
+
+def test_gemma4_hybrid_attention_is_a_kernel_choice_with_a_notice(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, gemma4_hybrid_attn_impl=True)
+    assert [n.key for n in cfg.notices] == ["gemma4_hybrid_attn_impl"] and "the same math" in cfg.notices[0].text
+    assert cfg.model.attn_implementation is None  # nothing changes: the default backend runs every layer
+    with pytest.raises(LmforgeError, match="512-wide global heads") as err:
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, gemma4_hybrid_attn_impl=True, attn_implementation="flash_attention_2")
+    assert "sdpa" in err.value.fix

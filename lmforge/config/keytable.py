@@ -391,6 +391,17 @@ def revision_of_local_model(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def gemma4_hybrid_attention(value: Any, facts: Facts) -> Verdict | None:
+    """a notice: every layer runs the chosen exact backend (the same math); refused with flash_attention_2 on a GPU,
+    which cannot run Gemma 4's 512-wide global heads"""
+    chosen = facts.config.get("attn_implementation")
+    if facts.gpu and chosen == "flash_attention_2":
+        return Verdict(Kind.NOT_YET, "gemma4_hybrid_attn_impl with attn_implementation: flash_attention_2 (per-layer "
+                       "backends; flash attention cannot run Gemma 4's 512-wide global heads)", nearest="attn_implementation: sdpa")
+    where = "without a GPU every layer runs sdpa" if not facts.gpu else f"every layer runs {chosen or 'sdpa'}"
+    return Verdict(Kind.NOTICE, f"it only picks faster kernels per layer, and {where}: exact attention, the same math")
+
+
 def zero_is_off(value: Any, facts: Facts) -> Verdict | None:
     """0 means off, as in axolotl"""
     return QUIET if value == 0 else None
@@ -714,7 +725,8 @@ KEYS: tuple[Key, ...] = (
     later("flash_attn_cross_entropy", "flash-attn's cross-entropy kernel", nearest="cut_cross_entropy", cpu=CPU_KERNEL),
     later("flash_attn_fuse_mlp", "flash-attn's fused MLP", cpu=CPU_KERNEL),
     out("flash_optimum", "BetterTransformer was removed from transformers"),
-    later("gemma4_hybrid_attn_impl", "hybrid attention backends for Gemma 4", nearest="attn_implementation"),
+    note("gemma4_hybrid_attn_impl", "Gemma 4's hybrid attention (flash attention on sliding-window layers, sdpa on the "
+         "global ones)", rule=gemma4_hybrid_attention),
     later("large_head_attention", "attention kernels for head_dim > 256", nearest="attn_implementation"),
     later("flash_attn_d512", "attention kernels for head_dim > 256 (older name)", nearest="attn_implementation"),
     note("sdpa_varlen", f"a speed-up of packed sdpa; {SDPA}"),
@@ -792,8 +804,11 @@ KEYS: tuple[Key, ...] = (
     done("ddp_bucket_cap_mb", DIST),
     done("ddp_broadcast_buffers", DIST),
     done("ddp_find_unused_parameters", DIST),
-    later("dp_shard_size", "FSDP/HSDP mesh sizes", nearest="fsdp_config (shards over every rank)", quiet=(None, 1)),
-    later("dp_replicate_size", "FSDP/HSDP mesh sizes", nearest="fsdp_config (shards over every rank)", quiet=(None, 1)),
+    later("dp_shard_size", "FSDP/HSDP mesh sizes: lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's 2-D mesh "
+          "needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)", quiet=(None, 1)),
+    later("dp_replicate_size", "HSDP (replicated FSDP groups): lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's "
+          "2-D mesh needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)",
+          quiet=(None, 1)),
     later("accelerator_config", "accelerate's settings", nearest="gradient_accumulation_steps"),
     out("tensor_parallel_size", PARALLEL, quiet=(None, 0, 1)),
     out("context_parallel_size", PARALLEL, quiet=(None, 0, 1)),
