@@ -509,3 +509,19 @@ def test_gemma4_hybrid_attention_is_a_kernel_choice_with_a_notice(tiny_model_dir
     with pytest.raises(LmforgeError, match="512-wide global heads") as err:
         _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, gemma4_hybrid_attn_impl=True, attn_implementation="flash_attention_2")
     assert "sdpa" in err.value.fix
+
+
+def test_tokenizer_legacy_changes_how_text_after_a_special_token_is_split(alpaca_file: Path, tmp_path: Path) -> None:
+    from transformers import LlamaTokenizer
+
+    from lmforge.models.load import config_tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "b": 5, "▁a": 6, "▁b": 7}
+    folder = tmp_path / "llama-tokenizer"
+    LlamaTokenizer(vocab=vocab, merges=[("▁", "a"), ("▁", "b")]).save_pretrained(folder)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    ids = {}
+    for legacy in (True, False):
+        cfg = _cfg(folder, alpaca_file, tmp_path, tokenizer_legacy=legacy)
+        ids[legacy] = config_tokenizer(cfg)("a</s>b", add_special_tokens=False).input_ids
+    assert ids == {True: [6, 2, 7], False: [6, 2, 5]}  # legacy puts "▁" before the b that follows </s>

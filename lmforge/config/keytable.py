@@ -533,7 +533,7 @@ KEYS: tuple[Key, ...] = (
     done("tokenizer_config", LOAD),
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),
-    later("tokenizer_legacy", "the tokenizer's legacy flag", nearest="tokenizer_config"),
+    done("tokenizer_legacy", LOAD),
     later("tokenizer_use_mistral_common", "Mistral's mistral-common tokenizer: it encodes a conversation straight to ids, "
           "while lmforge renders the chat template to text and tokenizes that; transformers' wrapper for it also needs "
           "mistral-common>=1.11.5, which caps numpy below the 2.4 lmforge pins", nearest="tokenizer_use_mistral_common: false "

@@ -155,6 +155,9 @@ class ModelSection(Section):
         "model_quantization_config_kwargs: {dequantize: true} its weights load dequantized, to train.")
     model_quantization_config_kwargs: dict[str, Any] | None = Field(
         None, description="Arguments of transformers' Mxfp4Config: dequantize (required: true), modules_to_not_convert.")
+    tokenizer_legacy: bool | None = Field(
+        None, description="The tokenizer's legacy flag (Llama/SentencePiece): true adds a word-start marker after every "
+        "special token, false only at the start of the text (default: the tokenizer's own).")
     revision_of_model: str | None = Field(
         None, description="The Hub revision (branch, tag or commit) of base_model and its tokenizer.")
     reinit_weights: bool = Field(

@@ -137,7 +137,8 @@ def transformers_class(name: str | None, default: str, kind: str, key: str) -> A
 
 
 def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
-                   tokenizer_type: str | None = None, *, from_gguf: bool = False, revision: str | None = None) -> Any:
+                   tokenizer_type: str | None = None, *, from_gguf: bool = False, revision: str | None = None,
+                   legacy: bool | None = None) -> Any:
     """The one place a tokenizer is read from disk or the Hub: ``tokenizer_path`` or ``base_model`` (an HF
     folder, a .gguf or pkg:// file, or a Hub id), made able to pad, loaded with the class ``tokenizer_type``
     names (default AutoTokenizer). `from_gguf` reads a .gguf file's header only, as is (no weights are
@@ -151,8 +152,8 @@ def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_rem
     tokenizer_class = transformers_class(tokenizer_type, "AutoTokenizer", "tokenizer", "tokenizer_type")
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
-        tokenizer = tokenizer_class.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                    **({"revision": revision} if revision else {}))
+        extra = {**({"revision": revision} if revision else {}), **({"legacy": legacy} if legacy is not None else {})}
+        tokenizer = tokenizer_class.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
         if os.path.isdir(source):
             raise LmforgeError(f"could not load the tokenizer: {str(exc).splitlines()[0]}", where=source,
@@ -180,7 +181,8 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
                            where="model_config",
                            fix="set tokenizer_train: {files: [...], vocab_size: N} to train one, or tokenizer_config: FOLDER_OR_HUB_ID")
     tokenizer = load_tokenizer(source or model.base_model, None if source else model.tokenizer_config, model.trust_remote_code,
-                               model.tokenizer_type, revision=None if source else model.revision_of_model)
+                               model.tokenizer_type, revision=None if source else model.revision_of_model,
+                               legacy=None if source else model.tokenizer_legacy)
     if model.special_tokens:
         tokenizer.add_special_tokens(dict(model.special_tokens))
         if tokenizer.pad_token is None:
