@@ -11,6 +11,10 @@ Users bring axolotl configs unchanged, so no key axolotl defines is "unknown" he
   issue brings it (such rows are the plan: that issue flips the class and wires the behaviour);
 - out of scope: refused by name, with the reason.
 
+A row is one call of ``done`` / ``note`` / ``later`` / ``out`` (or ``alias``); keys whose rows would differ only in
+the name share one ``*each(done, ("lora_r", "lora_alpha"), ADAPTERS)`` call: a new key read by the same module, or
+refused for the same reason, is one more name in that list; a key with anything of its own is its own row.
+
 A key set to its "off" value (false, null, 0, empty) asks for nothing and is accepted quietly,
 unless the row says otherwise (``quiet``). Some rows accept a value now because on this machine
 it changes nothing (``cpu``: a GPU-only kernel on a machine without a GPU) or because it asks for
