@@ -81,13 +81,57 @@ def run_side(side: str, checkout: Path, workload: str, batches: Path, init_dir: 
         cmd += ["--set", "adapter=", "--init-dir", str(init_dir), "--set", f"sequence_len={seq}"]
     else:
         cmd += ["--set", f"base_model={model_dir}"]
+    if args.ops:  # the same runner, its timed steps under torch.profiler (profile_child)
+        cmd[1:2] = [str(Path(__file__).resolve()), "--profile-child", str(checkout), str(out / "ops.json"), cmd[1]]
     load = os.getloadavg()[0]
     common.log(f"{workload}/{side}: {checkout} (load {load:.2f})")
     m = common.run_measured(cmd, out / "log.txt", common.child_env(args.threads), args.timeout, cwd=checkout)
     if m["rc"] != 0 or not result.exists():
         raise common.BenchError(f"{workload}/{side} rc {m['rc']}: {common.tail(out / 'log.txt', 12)}")
+    ops = json.loads((out / "ops.json").read_text()) if args.ops else None
     return {**json.loads(result.read_text()), "load": load, "load_after": os.getloadavg()[0],
-            "peak_rss_mb": m["peak_rss_mb"]}
+            "peak_rss_mb": m["peak_rss_mb"], "ops": ops}
+
+
+def profile_child(checkout: Path, ops_file: Path, runner: Path, runner_args: list[str]) -> None:
+    """Run `checkout`'s runner with its second train_loop call (the timed steps) under torch.profiler, and write
+    how often each op ran with which input shapes: the work a step asks of the CPU, whatever the machine's load."""
+    import runpy
+
+    import torch
+
+    sys.path.insert(0, str(checkout))  # before this checkout's own lmforge is imported (the runner does the same)
+    import lmforge.train.loop as loop
+
+    original, calls = loop.train_loop, []
+
+    def profiled(*a: object, **k: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:  # the warm-up steps
+            return original(*a, **k)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            result = original(*a, **k)
+        counts = {f"{e.key} {e.input_shapes}": e.count for e in prof.key_averages(group_by_input_shape=True)}
+        ops_file.write_text(json.dumps(counts, indent=0, sort_keys=True))
+        return result
+
+    loop.train_loop = profiled
+    sys.argv = [str(runner), *runner_args]
+    runpy.run_path(str(runner), run_name="__main__")
+
+
+def compare_ops(workload: str, runs: list[dict]) -> str:
+    """Whether both sides' timed steps ran the same ops on the same shapes, the same number of times."""
+    before = next(r["ops"] for r in runs if r["side"] == "before")
+    after = next(r["ops"] for r in runs if r["side"] == "after")
+    differ = sorted(k for k in set(before) | set(after) if before.get(k, 0) != after.get(k, 0))
+    total = (sum(before.values()), sum(after.values()))
+    line = (f"- {workload} ops: before {total[0]:,} op calls in {len(before):,} (op, input shapes) kinds, after "
+            f"{total[1]:,} in {len(after):,}; ")
+    if not differ:
+        return line + "identical."
+    shown = "; ".join(f"`{k[:100]}` {before.get(k, 0)} → {after.get(k, 0)}" for k in differ[:12])
+    return line + f"{len(differ)} differ: {shown}" + (" ..." if len(differ) > 12 else "")
 
 
 def order(rounds: int, pattern: str) -> list[tuple[int, str]]:
@@ -143,8 +187,16 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--ops", action="store_true", help="one run per side with its timed steps under torch.profiler: "
+                    "compare the ops and shapes each step runs (load-independent), instead of timing rounds")
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    if sys.argv[1:2] == ["--profile-child"]:  # internal: one side's runner under the profiler (see --ops)
+        checkout, ops_file, runner, *rest = sys.argv[2:]
+        profile_child(Path(checkout), Path(ops_file), Path(runner), rest)
+        return 0
     args = ap.parse_args()
+    if args.ops:
+        args.rounds = 1
     sides = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
     for side, path in sides.items():
         if not (path / "bench" / "lmforge_fixed_run.py").is_file():
@@ -175,10 +227,15 @@ def main() -> int:
             runs.append({"round": rnd, "side": side, **r})
             common.log(f"{workload}/{side} round {rnd + 1}: {r['train_seconds']:.1f} s timed, loss {r['last_loss']:.4f}")
         table, stats = summarize(workload, runs, spec, args)
+        if args.ops:
+            table += "\n\n" + compare_ops(workload, runs)
+            for r in runs:
+                r.pop("ops")
         record["workloads"][workload] = {"runs": runs, "stats": stats, "source": spec["source"]}
         title = {"lora": "LoRA SFT, SmolLM2-135M, GSM8K, seq 512",
                  "pretrain": f"pretraining, random-init Llama ({args.pretrain_preset}), Tiny Shakespeare, seq {args.pretrain_seq}"}
-        sections.append(f"### {title[workload]}\n\n{table}\n\n- Batches: {spec['source']}; {args.warmup} warm-up + "
+        profiled = " (--ops: timed under torch.profiler, so the times are not the benchmark's)" if args.ops else ""
+        sections.append(f"### {title[workload]}{profiled}\n\n{table}\n\n- Batches: {spec['source']}; {args.warmup} warm-up + "
                         f"{args.steps} timed steps of micro-batch {spec['micro_batch']}, {stats['real_tokens']:,} real "
                         "tokens timed per run.\n")
         print(sections[-1], flush=True)
