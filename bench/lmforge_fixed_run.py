@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""lmforge side of ``bench/sft_vs_peers.py``: lmforge's model setup, optimizer, loss and loop over a fixed batch file.
+"""lmforge side of ``bench/sft_vs_peers.py``: lmforge's model setup, optimizer, objective and loop over a fixed batch file.
 
 Every tool in the comparison trains on the same examples in the same batches: the harness writes
 them once (``batches.json``: token ids and labels, one list of examples per optimizer step) and
@@ -48,7 +48,7 @@ def main() -> int:
     from lmforge.models.setup import training_model
     from lmforge.models.load import config_tokenizer
     from lmforge.train.loop import LoopSettings, train_loop
-    from lmforge.train.loss import causal_lm_loss
+    from lmforge.train.objectives import objective_from_config
     from lmforge.train.optimizers import build_optimizer
     from lmforge.train.schedules import build_scheduler
     from lmforge.device import pick_device, resolve_bf16
@@ -77,6 +77,7 @@ def main() -> int:
                             autocast_dtype=torch.bfloat16 if bf16 else None, logging_steps=10**9,
                             timing_warmup_steps=args.warmup)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    objective = objective_from_config(cfg)  # what TrainingRun trains (the causal LM, with the config's loss options)
     t_ready = time.perf_counter()
     # Warm-up steps in one call, timed steps in another, so the timed window's CPU time can be read too
     # (on a loaded machine CPU-seconds per token move far less than wall-clock seconds).
@@ -84,11 +85,10 @@ def main() -> int:
 
     stream = iter(batches)
     settings.total_steps, settings.timing_warmup_steps = args.warmup, args.warmup
-    result = train_loop(model, optimizer, scheduler, stream, settings, loss_fn=causal_lm_loss,
-                        result=LoopResult())
+    result = train_loop(model, optimizer, scheduler, stream, settings, loss_fn=objective, result=LoopResult())
     settings.total_steps, settings.timing_warmup_steps = len(batches), 0
     cpu0 = time.process_time()
-    result = train_loop(model, optimizer, scheduler, stream, settings, loss_fn=causal_lm_loss, result=result)
+    result = train_loop(model, optimizer, scheduler, stream, settings, loss_fn=objective, result=result)
     cpu_seconds = time.process_time() - cpu0
     losses = [loss for _, loss in result.train_history]
     out = {

@@ -117,7 +117,7 @@ def pretrain_batches(steps: int, seed: int, seq: int, model_dir: Path, init_dir:
     """Tiny Shakespeare windows of `seq` tokens (SmolLM2's tokenizer), and the random-init model saved to init_dir."""
     from transformers import AutoTokenizer
 
-    from lmforge.models.build import build_model
+    from lmforge.models.build import build_config, build_model
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ids = tok(Path(REPO / "data/tinyshakespeare/input.txt").read_text())["input_ids"]
@@ -125,8 +125,9 @@ def pretrain_batches(steps: int, seed: int, seq: int, model_dir: Path, init_dir:
     random.Random(seed).shuffle(starts)
     windows = [ids[s : s + seq] for s in starts[: steps * MICRO_BATCH]]
     if not (init_dir / "config.json").exists():
-        model = build_model("llama", len(tok), preset, {"max_position_embeddings": seq}, "clm", seed=seed,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        config = build_config("llama", len(tok), preset, {"max_position_embeddings": seq}, "clm",
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = build_model(config, "clm", seed=seed)
         model.save_pretrained(str(init_dir))
         tok.save_pretrained(str(init_dir))
     batches = [[{"input_ids": w, "labels": w} for w in windows[i : i + MICRO_BATCH]]

@@ -10,7 +10,7 @@ from lmforge.models.build import PRESETS, build_config, build_model, count_param
 
 
 def test_llama_tiny_is_a_causal_lm_with_our_ids() -> None:
-    model = build_model("llama", 500, "tiny", bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model = build_model(build_config("llama", 500, "tiny", bos_token_id=2, eos_token_id=3, pad_token_id=0))
     assert type(model).__name__ == "LlamaForCausalLM"
     cfg = model.config
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (500, 64, 2, 4)
@@ -30,7 +30,7 @@ def test_gpt2_overrides_map_to_native_names() -> None:
 
 
 def test_bert_mlm_and_config_class_names() -> None:
-    model = build_model("bert", 400, "tiny", objective="mlm", pad_token_id=0, mask_token_id=4)
+    model = build_model(build_config("bert", 400, "tiny", objective="mlm", pad_token_id=0, mask_token_id=4), "mlm")
     assert type(model).__name__ == "BertForMaskedLM" and model.config.mask_token_id == 4
     assert build_config("MistralConfig", 300, "tiny").model_type == "mistral"
     assert build_config("Qwen2ForCausalLM", 300, "tiny").model_type == "qwen2"
@@ -40,10 +40,10 @@ def test_seed_gives_same_weights_and_leaves_global_rng() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    a = build_model("gpt2", 300, "tiny", seed=5)
+    a = build_model(build_config("gpt2", 300, "tiny"), seed=5)
     after = torch.rand(3)
-    b = build_model("gpt2", 300, "tiny", seed=5)
-    c = build_model("gpt2", 300, "tiny", seed=6)
+    b = build_model(build_config("gpt2", 300, "tiny"), seed=5)
+    c = build_model(build_config("gpt2", 300, "tiny"), seed=6)
     assert torch.equal(expected, after)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -77,7 +77,7 @@ def test_bos_outside_vocab_is_rejected() -> None:
 
 
 def test_parameter_counts_and_flops() -> None:
-    model = build_model("gpt2", 1000, "tiny")
+    model = build_model(build_config("gpt2", 1000, "tiny"))
     cfg = model.config
     d, layers, pos = cfg.n_embd, cfg.n_layer, cfg.n_positions
     total = count_parameters(model)

@@ -213,3 +213,18 @@ def test_two_torchrun_agents_over_loopback_train_as_two_nodes(tiny_model_dir: Pa
     assert [a.returncode for a in agents] == [0, 0], "\n".join(log[-2000:] for log in logs)
     assert "2 rank(s)" in logs[0] and "[lmforge]" not in logs[1]  # rank 0 (node 0) speaks, node 1 is silent
     _assert_close_runs(out, runs["ddp-lora"], atol=1e-6)
+
+
+@pytest.mark.parametrize("engine, run", [("FSDPEngine", "an FSDP run"), ("DeepSpeedEngine", "a deepspeed run")])
+def test_resuming_a_checkpoint_without_the_engines_shards_is_one_line(engine: str, run: str, tmp_path: Path) -> None:
+    """FSDP and DeepSpeed share ShardedEngine's checkpoint read: a folder without their shards is refused by name."""
+    from lmforge.errors import LmforgeError
+    from lmforge.train import deepspeed, distributed
+
+    cls = getattr(distributed, engine, None) or getattr(deepspeed, engine)
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    read = cls.__new__(cls).load_weights(None, None)  # no process group: the check comes before any shard is read
+    with pytest.raises(LmforgeError, match=f"checkpoint-4 holds no .*: it was not saved by {run}") as caught:
+        read(folder)
+    assert caught.value.fix.startswith(f"resume it without {'fsdp' if 'FSDP' in run else 'deepspeed'}")

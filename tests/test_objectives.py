@@ -84,9 +84,9 @@ def test_mask_probability_is_validated() -> None:
 
 
 def test_clm_labels_are_inputs_and_model_shifts_by_one() -> None:
-    from lmforge.models.build import build_model
+    from lmforge.models.build import build_config, build_model
 
-    model = build_model("llama", VOCAB, "tiny", seed=0).eval()
+    model = build_model(build_config("llama", VOCAB, "tiny"), seed=0).eval()
     ids = torch.randint(5, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = clm_labels(ids)
     assert torch.equal(labels, ids)

@@ -277,17 +277,31 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([header, qh, ql], axis=1)
 
 
+def _sixteen_sub_blocks(scales: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """q3_K/q6_K's 16 sub-blocks of 16: the per-column scales and levels back in block order (scales (blocks, 16),
+    levels (blocks, 16, 16)), and per block the largest |scale| and the signed scale that has it."""
+    blocks = scales.shape[0] // 16
+    scales = scales.reshape(blocks, 16)
+    max_abs, max_scale = _signed_max(scales.T)
+    return scales, levels.T.reshape(blocks, 16, 16), max_abs, max_scale
+
+
+def _signed_scale_inverse(max_scale: np.ndarray, usable: np.ndarray, top: int) -> tuple[np.ndarray, ...]:
+    """q3_K/q6_K's block scale: ``iscale = top / max_scale`` and ``d = fp16(1 / iscale)`` (bits and value) where
+    the block is `usable`, 0 elsewhere (ggml zeroes those blocks or leaves d at 0)."""
+    with np.errstate(divide="ignore"):
+        iscale = np.where(usable, _F32(top) / np.where(usable, max_scale, _F32(1)), _F32(0)).astype(_F32)
+        d_bits, d = _fp16(np.where(usable, _F32(1) / np.where(usable, iscale, _F32(1)), _F32(0)))
+    return iscale, d_bits, d
+
+
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """``quantize_row_q6_K_ref`` on (blocks, 256) float32 -> (blocks, 210) bytes."""
     blocks = x.shape[0]
     scales, levels = _make_qx_quants(_columns(x, 16), 32)
-    scales = scales.reshape(blocks, 16)
-    levels = levels.T.reshape(blocks, 16, 16)
-    max_abs, max_scale = _signed_max(scales.T)
+    scales, levels, max_abs, max_scale = _sixteen_sub_blocks(scales, levels)
     zero = max_abs < _GROUP_MAX_EPS
-    with np.errstate(divide="ignore"):
-        iscale = np.where(zero, _F32(0), _F32(-128) / np.where(zero, _F32(1), max_scale)).astype(_F32)
-        d_bits, d = _fp16(np.where(zero, _F32(0), _F32(1) / np.where(zero, _F32(1), iscale)))
+    iscale, d_bits, d = _signed_scale_inverse(max_scale, ~zero, -128)
     sc = np.minimum(_nearest_int(iscale[:, None] * scales), 127)
     sc = ((sc + 128) & 0xFF) - 128  # stored as int8_t
     step = d[:, None] * sc.astype(_F32)
@@ -306,13 +320,9 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     """``quantize_row_q3_K_ref`` on (blocks, 256) float32 -> (blocks, 110) bytes."""
     blocks = x.shape[0]
     scales, levels = _make_q3_quants(_columns(x, 16), 4)
-    scales = scales.reshape(blocks, 16)
-    levels = levels.T.reshape(blocks, 16, 16)
-    _, max_scale = _signed_max(scales.T)
+    scales, levels, _, max_scale = _sixteen_sub_blocks(scales, levels)
     some = max_scale != 0
-    with np.errstate(divide="ignore"):
-        iscale = np.where(some, _F32(-32) / np.where(some, max_scale, _F32(1)), _F32(0)).astype(_F32)
-        d_bits, d = _fp16(np.where(some, _F32(1) / np.where(some, iscale, _F32(1)), _F32(0)))
+    iscale, d_bits, d = _signed_scale_inverse(max_scale, some, -32)
     l = ((_nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
     l = np.where(some[:, None], np.clip(l, -32, 31) + 32, 0).astype(np.uint8)
     packed = np.zeros((blocks, 12), np.uint8)

@@ -1,6 +1,6 @@
 """Build a randomly initialised model for pretraining from scratch.
 
-``build_model("llama", vocab_size=32000, preset="125M")`` gives a transformers model
+``build_model(build_config("llama", vocab_size=32000, preset="125M"))`` gives a transformers model
 (``AutoModelForCausalLM`` for ``clm``, ``AutoModelForMaskedLM`` for ``mlm``) whose config
 is a normal transformers config, so everything downstream (saving, generation, export)
 treats it like any pretrained checkpoint.
@@ -130,7 +130,11 @@ def build_config(
     pad_token_id: int | None = None,
     mask_token_id: int | None = None,
 ):
-    """The transformers config :func:`build_model` instantiates (see it for the arguments)."""
+    """The transformers config of a new model: ``architecture`` at ``preset`` size plus ``overrides``.
+
+    ``architecture`` is ``llama``/``gpt2``/``bert`` or any transformers model type or config class name;
+    the special ids must lie inside ``vocab_size``. :func:`build_model` instantiates it.
+    """
     from transformers import AutoConfig
 
     model_type = resolve_architecture(architecture, objective)
@@ -218,29 +222,12 @@ def _model_class(objective: Objective):
     return AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
 
 
-def build_model(
-    architecture: str,
-    vocab_size: int,
-    preset: str | None = "tiny",
-    overrides: dict[str, Any] | None = None,
-    objective: Objective = "clm",
-    seed: int = 0,
-    *,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    mask_token_id: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str | None = None,
-) -> torch.nn.Module:
-    """A randomly initialised model: ``architecture`` at ``preset`` size plus ``overrides``.
+def build_model(config: Any, objective: Objective = "clm", seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                attn_implementation: str | None = None) -> torch.nn.Module:
+    """A randomly initialised model of a :func:`build_config` config (built for the same ``objective``).
 
-    ``architecture`` is ``llama``/``gpt2``/``bert`` or any transformers model type or config
-    class name. The same ``seed`` gives the same weights; the global RNG is left untouched.
+    The same ``seed`` gives the same weights; the global RNG is left untouched.
     """
-    config = build_config(architecture, vocab_size, preset, overrides, objective,
-                          bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, mask_token_id=mask_token_id)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

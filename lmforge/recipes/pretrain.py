@@ -83,12 +83,12 @@ def _new_model(cfg: LmforgeConfig, tokenizer: Any, context: int) -> Any:
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id, "mask_token_id": tokenizer.mask_token_id}
     overrides = spec.overrides()
-    if "max_position_embeddings" not in overrides:
-        # Windows must fit the position table (learned in gpt2/bert; rope models only record it).
+    config = build_config(spec.architecture, len(tokenizer), spec.preset, overrides, objective, **ids)
+    # Windows must fit the position table (learned in gpt2/bert; rope models only record it).
+    if "max_position_embeddings" not in overrides and getattr(config, "max_position_embeddings", context) < context:
+        overrides["max_position_embeddings"] = context
         config = build_config(spec.architecture, len(tokenizer), spec.preset, overrides, objective, **ids)
-        if getattr(config, "max_position_embeddings", context) < context:
-            overrides["max_position_embeddings"] = context
-    return build_model(spec.architecture, len(tokenizer), spec.preset, overrides, objective, seed=cfg.training.seed, **ids)
+    return build_model(config, objective, seed=cfg.training.seed)
 
 
 def _collator(cfg: LmforgeConfig, tokenizer: Any, seed: int) -> PretrainCollator:

@@ -30,7 +30,6 @@ from lmforge.config.checks import deepspeed_json, zero_settings
 from lmforge.errors import LmforgeError
 from lmforge.train.engine import RootModule, ShardedEngine, StepSync, call_root
 
-DS_FOLDER = "deepspeed"  # inside a checkpoint: DeepSpeed's own per-rank state
 DS_TAG = "state"
 
 
@@ -191,23 +190,14 @@ class DeepSpeedEngine(ShardedEngine):
         return fn(model, *args, **kwargs)
 
     # -- checkpoints: DeepSpeed's own per-rank files
-    def checkpoint_weights(self, model: Any, optimizer: Any) -> Callable[[Path | None], None]:
-        def write(tmp: Path | None) -> None:
-            folder = Path(self.broadcast(str(tmp) if tmp is not None else None))
-            self.ds_engine.save_checkpoint(str(folder / DS_FOLDER), tag=DS_TAG)
-            self.save_model_files(model, None, None, folder, with_tokenizer=False)
+    state_folder = "deepspeed"
+    state_kind, state_writer, state_key = "DeepSpeed state", "a deepspeed run", "deepspeed"
 
-        return write
+    def save_state(self, model: Any, optimizer: Any, folder: Path) -> None:
+        self.ds_engine.save_checkpoint(str(folder), tag=DS_TAG)
 
-    def load_weights(self, model: Any, optimizer: Any) -> Callable[[Path], None]:
-        def read(folder: Path) -> None:
-            if not (folder / DS_FOLDER).is_dir():
-                raise LmforgeError(f"{folder.name} holds no DeepSpeed state: it was not saved by a deepspeed run",
-                                   where=str(folder), fix="resume it without deepspeed, or start a new run in a new output_dir")
-            self.ds_engine.load_checkpoint(str(folder / DS_FOLDER), tag=DS_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-
-        return read
+    def load_state(self, model: Any, optimizer: Any, folder: Path) -> None:
+        self.ds_engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
 
     def full_state(self, model: Any, every_rank: bool = False) -> dict[str, torch.Tensor]:
         """Every weight (trainable only, for an adapter) whole, on rank 0's CPU (on every rank's with `every_rank`;

@@ -46,7 +46,6 @@ from lmforge.train.engine import (
     launched,
 )
 
-DCP_FOLDER = "dcp"  # inside a checkpoint: the sharded weights and optimizer state (FSDP)
 RNG_RANKS = "rng_ranks.pt"  # inside a checkpoint: every rank's RNG states (several ranks)
 
 
@@ -137,6 +136,9 @@ class FSDPEngine(ShardedEngine):
         return self.root(fn, *args, **kwargs)
 
     # -- checkpoints: DCP shards
+    state_folder = "dcp"  # torch.distributed.checkpoint: each rank its shards, readable by any number of ranks
+    state_kind, state_writer, state_key = "sharded (DCP) weights", "an FSDP run", "fsdp"
+
     def _state(self, model: Any, optimizer: Any) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -145,31 +147,23 @@ class FSDPEngine(ShardedEngine):
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         return {"model": model_state, "optimizer": optim_state}
 
-    def checkpoint_weights(self, model: Any, optimizer: Any) -> Callable[[Path], None]:
+    @property
+    def checkpoint_has_full_weights(self) -> bool:
+        return self.settings.state_dict_type == "FULL_STATE_DICT"
+
+    def save_state(self, model: Any, optimizer: Any, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        def write(tmp: Path | None) -> None:
-            folder = Path(self.broadcast(str(tmp) if tmp is not None else None))
-            dcp.save(self._state(model, optimizer), checkpoint_id=str(folder / DCP_FOLDER))
-            if self.settings.state_dict_type == "FULL_STATE_DICT":
-                self.save_model_files(model, None, None, folder, with_tokenizer=False)
+        dcp.save(self._state(model, optimizer), checkpoint_id=str(folder))
 
-        return write
-
-    def load_weights(self, model: Any, optimizer: Any) -> Callable[[Path], None]:
+    def load_state(self, model: Any, optimizer: Any, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        def read(folder: Path) -> None:
-            if not (folder / DCP_FOLDER).is_dir():
-                raise LmforgeError(f"{folder.name} holds no sharded (DCP) weights: it was not saved by an FSDP run",
-                                   where=str(folder), fix="resume it without fsdp, or start a new run in a new output_dir")
-            state = self._state(model, optimizer)
-            dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(ignore_frozen_params=self.peft, strict=not self.peft))
-
-        return read
+        state = self._state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=self.peft, strict=not self.peft))
 
     def trainable_state(self, model: Any) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

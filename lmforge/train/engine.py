@@ -312,11 +312,52 @@ class TorchEngine(Engine):
 
 
 class ShardedEngine(TorchEngine):
-    """An engine whose weights live in shards (FSDP2, DeepSpeed ZeRO): saving gathers them on rank 0 first."""
+    """An engine whose weights live in shards (FSDP2, DeepSpeed ZeRO): saving gathers them on rank 0 first.
+
+    A checkpoint keeps the shards in a folder of their own (`state_folder`), each rank writing its part;
+    the subclass says how to write and read that folder (`save_state`, `load_state`).
+    """
+
+    state_folder: str  # inside a checkpoint: the folder of every rank's shards
+    state_kind: str  # what the resume error says is missing ("DeepSpeed state")
+    state_writer: str  # the kind of run that writes it ("a deepspeed run")
+    state_key: str  # the config key to drop to resume a checkpoint without it ("deepspeed")
 
     def full_state(self, model: Any) -> dict[str, torch.Tensor]:
         """The consolidated weights (trainable only for an adapter) on rank 0's CPU; every rank must call."""
         raise NotImplementedError
+
+    def save_state(self, model: Any, optimizer: Any, folder: Path) -> None:
+        """Every rank writes its shards of the weights and optimizer state into `folder`."""
+        raise NotImplementedError
+
+    def load_state(self, model: Any, optimizer: Any, folder: Path) -> None:
+        """Every rank reads its shards back from what `save_state` wrote."""
+        raise NotImplementedError
+
+    @property
+    def checkpoint_has_full_weights(self) -> bool:
+        """Whether a checkpoint also holds the consolidated weights (loadable without this engine)."""
+        return True
+
+    def checkpoint_weights(self, model: Any, optimizer: Any) -> Callable[[Path | None], None]:
+        def write(tmp: Path | None) -> None:
+            folder = Path(self.broadcast(str(tmp) if tmp is not None else None))  # rank 0's temporary folder
+            self.save_state(model, optimizer, folder / self.state_folder)
+            if self.checkpoint_has_full_weights:
+                self.save_model_files(model, None, None, folder, with_tokenizer=False)
+
+        return write
+
+    def load_weights(self, model: Any, optimizer: Any) -> Callable[[Path], None]:
+        def read(folder: Path) -> None:
+            if not (folder / self.state_folder).is_dir():
+                raise LmforgeError(f"{folder.name} holds no {self.state_kind}: it was not saved by {self.state_writer}",
+                                   where=str(folder),
+                                   fix=f"resume it without {self.state_key}, or start a new run in a new output_dir")
+            self.load_state(model, optimizer, folder / self.state_folder)
+
+        return read
 
     def save_model_files(self, model: Any, tokenizer: Any, config: dict[str, Any] | None, folder: Path | None,
                          with_tokenizer: bool = True) -> None:
