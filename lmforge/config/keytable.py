@@ -134,8 +134,6 @@ def out(name: str, text: str, scope: str = TOP, quiet: tuple[Any, ...] | None = 
 # --- value rules ------------------------------------------------------------------------------------------------
 
 NO_GPU = "this machine has no GPU"
-LM_EVAL = "lm-eval-harness benchmarks after training: the `lmforge eval` command brings them"
-LM_EVAL_NEAREST = "val_set_size or test_datasets (eval loss and perplexity while training)"
 SDPA = "attention runs as torch sdpa (the same math; packed rows stay apart through a block-diagonal mask)"
 # Backends that compute exact attention, only faster: on a machine without a GPU none of them can run.
 EXACT_GPU_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "xformers")
@@ -470,6 +468,7 @@ FORMATS = "lmforge/data/formats/__init__.py"
 CHAT = "lmforge/data/formats/chat.py"
 USER_DEFINED = "lmforge/data/formats/user_defined.py"
 INFERENCE = "lmforge/recipes/inference.py"
+EVAL_RECIPE = "lmforge/recipes/evaluation.py"
 KERNELS = "lmforge/models/kernels.py"  # attention backend, compile, fused-kernel plugins
 DIST = "lmforge/train/distributed.py"
 
@@ -700,7 +699,7 @@ KEYS: tuple[Key, ...] = (
     later("swanlab", "SwanLab logging", nearest="wandb_project, mlflow_tracking_uri", scope=PLUGIN),
     later("spectrum", "Spectrum layer selection", nearest="unfrozen_parameters", scope=PLUGIN),
     later("grokfast", "the Grokfast gradient filter", nearest="optimizer", scope=PLUGIN),
-    later("lm_eval", LM_EVAL, nearest=LM_EVAL_NEAREST, issue=24, scope=PLUGIN),
+    note("lm_eval", "lmforge runs lm_eval_tasks itself (at the end of `train`, and `lmforge eval`)", scope=PLUGIN),
     later("mora", "MoRA adapters", nearest="adapter: lora", scope=PLUGIN),
     done("liger_rope", KERNELS, rule=cpu_kernel("Liger's fused RoPE")),
     done("liger_rms_norm", KERNELS, rule=cpu_kernel("Liger's fused RMSNorm")),
@@ -950,13 +949,12 @@ KEYS: tuple[Key, ...] = (
     later("greater_is_better", "higher-is-better metrics", nearest="load_best_model_at_end", rule=lower_is_better),
     done("loss_watchdog_threshold", TRAINING),
     done("loss_watchdog_patience", TRAINING),
-    later("do_causal_lm_eval", "generation metrics during eval", nearest="eval_steps (eval loss and perplexity)"),
-    later("eval_causal_lm_metrics", "generation metrics during eval", only_with="do_causal_lm_eval"),
+    done("do_causal_lm_eval", TRAIN), done("eval_causal_lm_metrics", TRAIN), done("eval_causal_lm_examples", TRAIN),
     later("do_bench_eval", "benchmark evals during training"),
     later("bench_dataset", "benchmark evals during training", only_with="do_bench_eval"),
     later("bench_split", "benchmark evals during training", only_with="do_bench_eval"),
     later("eval_table_size", "sample generations during eval", nearest="`lmforge inference`"),
-    later("eval_max_new_tokens", "sample generations during eval", nearest="`lmforge inference`"),
+    done("eval_max_new_tokens", TRAIN),
     later("generate_samples", "sample generations during training", nearest="sample_prompt (pretraining), `lmforge inference`"),
     note("num_generation_samples", "sample generation settings", only_with="generate_samples"),
     note("generation_max_new_tokens", "sample generation settings", only_with="generate_samples"),
@@ -969,7 +967,12 @@ KEYS: tuple[Key, ...] = (
     later("profiler_steps_start", "the PyTorch profiler", only_with="profiler_steps"),
     note("include_tokens_per_second", "lmforge always reports tokens/s (summary.json and the logs)"),
     note("include_tkps", "lmforge always reports tokens/s (summary.json and the logs)", quiet=(None,)),
-    later("lm_eval_*", LM_EVAL, nearest=LM_EVAL_NEAREST, issue=24),
+    # lm-eval (axolotl's lm_eval plugin keys) and lmforge's own `lmforge eval` keys
+    done("lm_eval_tasks", TRAIN, EVAL_RECIPE), done("lm_eval_batch_size", TRAIN, EVAL_RECIPE),
+    done("lm_eval_limit", TRAIN, EVAL_RECIPE),
+    later("lm_eval_*", "other lm-eval plugin settings", nearest="lm_eval_tasks, lm_eval_batch_size, lm_eval_limit, `lmforge eval`"),
+    done("eval_answer_extractor", EVAL_RECIPE), done("eval_answer_regex", EVAL_RECIPE), done("eval_metrics", EVAL_RECIPE),
+    done("eval_general_text", EVAL_RECIPE), done("eval_general_tokens", EVAL_RECIPE), done("eval_general_tasks", EVAL_RECIPE),
 
     # --- logging --------------------------------------------------------------------------------------------------------
     note("use_wandb", "W&B logging is on when wandb_project is set", rule=tracker_switch("wandb_project")),
