@@ -117,7 +117,7 @@ def headline(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     for task, metrics in (results.get("results") or {}).items():
         row: dict[str, Any] = {}
         for key, value in metrics.items():
-            if key == "alias" or "_stderr," in key or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len", "sample_count") or "_stderr," in key or not isinstance(value, (int, float)):
                 continue
             metric, _, filt = key.partition(",")
             stderr = metrics.get(f"{metric}_stderr,{filt}")
