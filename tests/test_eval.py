@@ -274,6 +274,21 @@ def test_eval_takes_a_merged_folder_and_a_checkpoint_folder(eval_setup, capsys) 
     assert results["merged"]["general_perplexity"] == pytest.approx(results["adapter-as-model"]["general_perplexity"], rel=1e-4)
 
 
+def test_eval_reads_the_extractor_keys(eval_setup, capsys) -> None:  # noqa: ANN001
+    config, tmp_path = eval_setup
+    # The references end '#### N' (auto would pick gsm8k); a regex that matches every answer's first word instead.
+    code = main(["eval", str(config), "--lora_model_dir", str(tmp_path / "adapter"), "--no-base", "--limit", "2",
+                 "--output", str(tmp_path / "r"), "--eval_answer_extractor=regex", "--eval_answer_regex=^(\\w+)",
+                 "--eval_general_text=null"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "r" / "eval.json").read_text())["models"][0]
+    assert report["extractor"] == "regex", out.err
+    records = [json.loads(line) for line in (tmp_path / "r" / "outputs-tuned.jsonl").read_text().splitlines()]
+    assert [r["reference_answer"] for r in records] == [r["reference"].split()[0] for r in records]
+    assert "general_perplexity" not in report["metrics"]  # eval_general_text: null skips it
+
+
 @pytest.mark.parametrize("flags,expected", [
     (["--limit", "0"], "--limit: --limit must be at least 1, got 0"),
     (["--tasks", "hellaswag_typo_xyz"], "unknown lm-eval task 'hellaswag_typo_xyz'"),
