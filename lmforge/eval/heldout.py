@@ -68,6 +68,8 @@ def held_out_examples(cfg: Any, tokenizer: Any, builder: Any, data_path: str | N
     for index, spec in enumerate(specs):
         where_type = f"{key}[{index}].type" if key != "--data" else "datasets[0].type"
         fmt = get_format(spec.type, where=where_type, spec=spec, tokenizer=tokenizer, data=d)
+        if not hasattr(fmt, "segments"):
+            continue  # a format with no prompt/response segments: the caller says there is nothing to answer
         for row in read_rows(spec.path, spec.ds_type, spec.data_files, spec.split, spec.name):
             segments = fmt.segments(row.check(), row.where)
             first = next((i for i, s in enumerate(segments) if s.train), None)
@@ -113,7 +115,7 @@ def score_task(generator: Generator, examples: Sequence[HeldOutExample], extract
                max_new_tokens: int, batch_size: int = 8, seed: int | None = None) -> TaskResult:
     """Greedy answers to ``examples``, scored with ``metrics`` (names from lmforge.eval.metrics.CAUSAL_LM_METRICS)."""
     if not examples:
-        raise LmforgeError("no held-out examples to evaluate", where="--limit", fix="pass --limit 1 or more (or leave it out)")
+        raise LmforgeError("no held-out examples to evaluate", where="held-out data", fix="give rows with a prompt and a response")
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
     completions, seconds = generate_answers(generator, [e.prompt for e in examples], sampling, batch_size)
     outputs = [c.text for c in completions]

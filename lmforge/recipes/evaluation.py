@@ -150,6 +150,10 @@ def _model_row(cfg: LmforgeConfig, label: str, model: str | None, adapter: str |
     if cfg.data.datasets and metrics:
         examples, where = held_out_examples(cfg, gen.tokenizer, gen.prompts, options.data)
         examples = examples[: options.limit] if options.limit else examples
+        if not examples:  # completion text, or a preference/RL format: nothing to answer and compare
+            raise LmforgeError(f"the held-out rows ({where}) hold no prompt with a trained response to compare answers with",
+                               where="datasets[0].type", fix="pass --data FILE with prompt/response rows in the training format, "
+                               "or set eval_metrics: [] to score only perplexity and lm-eval tasks")
         extractor = choose_extractor(e.eval_answer_extractor, e.eval_answer_regex, [x.reference for x in examples])
         say(f"{label}: {len(examples)} held-out examples from {where}; exact match reads answers with the {extractor.name} extractor")
         result = score_task(gen, examples, extractor, metrics, gen.sampling.max_new_tokens, options.batch_size, cfg.training.seed)
