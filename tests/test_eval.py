@@ -360,3 +360,22 @@ def test_train_without_the_keys_generates_nothing(tmp_path: Path, tiny, alpaca_f
     config = tiny_config(tiny[0], alpaca_file, tmp_path / "out", val_set_size=4, max_steps=2, eval_steps=2)
     summary = run_train(load_config(str(write_config(tmp_path / "c.yml", config))))
     assert "causal_lm_eval_history" not in summary and "lm_eval" not in summary
+
+
+def test_eval_takes_a_gguf_file_and_scores_it_like_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    from test_export_gguf import export_model, make_model
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = make_model(tmp_path / "hf")
+    gguf = export_model(folder, tmp_path / "model-f32.gguf", "f32", data_type="alpaca", tokenizer_pre="gpt-2")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "hello world", "input": "", "output": "the quick brown fox"}] * 3)
+    config = write_config(tmp_path / "c.yml", {**tiny_config(Path(folder), data, tmp_path / "out", test_datasets=[{"path": str(data), "type": "alpaca"}],
+                                                             eval_general_tasks=[], eval_general_tokens=32, max_new_tokens=4),
+                                               "adapter": None, "lora_r": None, "lora_alpha": None, "lora_target_linear": None})
+    scores = {}
+    for name, source in (("folder", folder), ("gguf", str(gguf))):
+        assert main(["eval", str(config), "--model", source, "--no-base", "--output", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        scores[name] = json.loads((tmp_path / name / "eval.json").read_text())["models"][0]["metrics"]
+    assert scores["gguf"]["general_perplexity"] == pytest.approx(scores["folder"]["general_perplexity"], rel=1e-4)
+    assert scores["gguf"]["perplexity"] == pytest.approx(scores["folder"]["perplexity"], rel=1e-4)
