@@ -98,9 +98,14 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, batch_size:
     from lm_eval.models.huggingface import HFLM
 
     # lm-eval says at WARNING that a model object (not a name) skips its own loading: that is the point here.
-    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    finally:
+        hf_logger.setLevel(level)
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                           log_samples=True, bootstrap_iters=1000)
