@@ -87,6 +87,11 @@ def run_eval(cfg: LmforgeConfig, options: EvalOptions) -> dict[str, Any]:
     if e.eval_general_text and not Path(e.eval_general_text).is_file():
         raise LmforgeError(f"{e.eval_general_text} is not a file", where="eval_general_text",
                            fix="run from the repository root, name another text file, or set eval_general_text: null")
+    trained_on = {str(Path(s.path).resolve()) for s in (cfg.data.datasets or []) + (cfg.pretrain.pretraining_dataset or [])
+                  if getattr(s, "path", None)}
+    if e.eval_general_text and str(Path(e.eval_general_text).resolve()) in trained_on:
+        say(f"warning: eval_general_text {e.eval_general_text} is training data here, so its perplexity shows what was "
+            "learned, not what was forgotten (name a text the run never saw)")
     model, adapter = tuned_source(cfg, options)
     limit = options.limit if options.limit is not None else e.lm_eval_limit
     flags = SamplingFlags(max_new_tokens=options.max_new_tokens, temperature=0.0)
