@@ -99,7 +99,9 @@ def bar_chart(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     for ax, name in zip(axes.flat, names):
         values = [r["metrics"].get(name) or 0.0 for r in rows]
         errors = [(r.get("stderr") or {}).get(name) or 0.0 for r in rows]
-        ax.bar(range(len(rows)), values, yerr=errors, color=colors[: len(rows)], capsize=3)
+        ax.bar(range(len(rows)), values, yerr=errors if any(errors) else None, color=colors[: len(rows)], capsize=3)
+        if min(values) >= 0:
+            ax.set_ylim(0, max(values) * 1.15 or 1.0)  # a metric at 0 for every model still shows an axis from 0
         ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
         ax.set_title(name + (" (lower is better)" if lower_is_better(name) else ""), fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
