@@ -40,6 +40,13 @@ def main() -> int:
 
     import logging
 
+    from lmforge.train.threads import settle_threads
+
+    # As `lmforge eval` does (cli._settle_threads), before torch loads: on busy cores the team waits passively, since
+    # spinning OpenMP threads on a shared machine cost both generators many times their compute.
+    notice = settle_threads(None).notice
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
     import torch
     from common import machine_description
     from lm_eval.api.instance import Instance
