@@ -4,7 +4,7 @@ Both get the model object lmforge loaded (SmolLM2-135M-Instruct from the GGUF, i
 the same prompts (the training format of examples/smollm2-135m/lora-gsm8k.yml), greedy decoding, the same
 answer length and batch size, and stop at the same end-of-turn token. lmforge generates through
 lmforge.eval.heldout.generate_answers (what `lmforge eval` runs); lm-eval through ``HFLM.generate_until``.
-The machine is shared, so the two run interleaved (lmforge, lm-eval, lmforge, lm-eval, ...) and the table
+The machine is shared, so the two run interleaved (lmforge, lm-eval, then lm-eval, lmforge, ...) and the table
 gives each one's best and median round. Generated tokens are counted the same way for both: the answer text
 re-tokenized. Also prints how many answers are identical.
 
@@ -85,7 +85,8 @@ def main() -> int:
     counts: dict[str, int] = {}
     answers: dict[str, list[str]] = {}
     for round_ in range(args.rounds):
-        for name, fn in (("lmforge", run_lmforge), ("lm-eval HFLM", run_hflm)):
+        order = (("lmforge", run_lmforge), ("lm-eval HFLM", run_hflm))
+        for name, fn in order if round_ % 2 == 0 else order[::-1]:  # alternate who goes first: load drifts
             started = time.perf_counter()
             with torch.inference_mode():
                 texts = fn()
