@@ -379,3 +379,27 @@ def test_eval_takes_a_gguf_file_and_scores_it_like_its_folder(tmp_path: Path, mo
         scores[name] = json.loads((tmp_path / name / "eval.json").read_text())["models"][0]["metrics"]
     assert scores["gguf"]["general_perplexity"] == pytest.approx(scores["folder"]["general_perplexity"], rel=1e-4)
     assert scores["gguf"]["perplexity"] == pytest.approx(scores["folder"]["perplexity"], rel=1e-4)
+
+
+def test_batched_answers_equal_lm_eval_hflm_generate_until(tiny) -> None:  # noqa: ANN001
+    """`lmforge eval`'s generation (longest first, left-padded batches) gives lm-eval HFLM's greedy answers (fp32)."""
+    import random
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from lmforge.eval.heldout import generate_answers
+    from lmforge.infer.generate import Generator, Sampling
+    from lmforge.infer.prompts import PromptBuilder
+
+    _, model, tokenizer = tiny
+    rng = random.Random(0)
+    words = "the a cat dog is what how many red blue one two three plus".split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 30))) for _ in range(20)]
+    generator = Generator(model, tokenizer, PromptBuilder(tokenizer, stop_token_ids=[tokenizer.eos_token_id]))
+    ours, _ = generate_answers(generator, prompts, Sampling(max_new_tokens=10), batch_size=6)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=6, max_gen_toks=10)
+    theirs = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["</s>"], "max_gen_toks": 10, "do_sample": False}), i)
+                                for i, p in enumerate(prompts)], disable_tqdm=True)
+    assert [c.text.strip() for c in ours] == [t.strip() for t in theirs]
+    assert len({c.text for c in ours}) > 5  # answers that differ from each other, so the order is checked too
