@@ -33,8 +33,8 @@ def change(base: float | None, tuned: float | None, metric: str) -> str:
     better = (delta < 0) if lower_is_better(metric) else (delta > 0)
     word = "better" if better and delta else "worse" if delta else "same"
     if metric.endswith("perplexity") and base:
-        return f"{delta:+.4g} ({delta / base:+.1%}, {word})"
-    return f"{delta:+.4g} ({word})"
+        return f"{delta:+.4g} ({delta / base:+.1%}), {word}"
+    return f"{delta:+.4g}, {word}"
 
 
 def metric_order(rows: Sequence[dict[str, Any]]) -> list[str]:
