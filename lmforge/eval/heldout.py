@@ -9,7 +9,7 @@ first trained one, wrapped as inference wraps it (BOS where training adds it); t
 first trained segment without its end-of-turn marker.
 
 Answers come from the inference module's :class:`lmforge.infer.generate.Generator` (one left-padded
-batch per ``batch_size`` prompts, the longest first so a batch pads little), greedy, stopping at the
+batch per ``batch_size`` prompts, the longest in tokens first so a batch pads little), greedy, stopping at the
 format's end-of-turn tokens.
 """
 
@@ -101,7 +101,8 @@ class TaskResult:
 
 def generate_answers(generator: Generator, prompts: Sequence[str], sampling: Sampling, batch_size: int) -> tuple[list[Any], float]:
     """Completions in input order, generated longest prompt first in batches; and the seconds generation took."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    lengths = [len(generator.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # by tokens: a batch of near-equal rows pads least
     results: list[Any] = [None] * len(prompts)
     started = time.perf_counter()
     for first in range(0, len(order), batch_size):
