@@ -107,6 +107,17 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     )
 
 
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    cfg = _config(args, overrides, check_paths=False)
+    _settle_threads(cfg)
+    from lmforge.recipes.evaluation import EvalOptions, run_eval
+
+    run_eval(cfg, EvalOptions(
+        lora_model_dir=args.lora_model_dir, model=args.model, tasks=args.tasks, limit=args.limit, base=args.base, data=args.data,
+        output=args.output, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, cache=not args.no_cache,
+    ))
+
+
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.validate import run_validate
 
@@ -247,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most tokens one request may ask for; above it, HTTP 400 (default 1024, or --max_new_tokens if larger)")
     p.add_argument("--request_timeout", "--request-timeout", type=float, default=None,
                    help='seconds one generation may run once started; then its answer ends, finish_reason "length" (default 300; 0: no limit)')
+    p = add("eval", cmd_eval, "score the tuned model and its base: held-out task metrics, lm-eval tasks, forgetting, in one table")
+    p.add_argument("--lora_model_dir", "--lora-model-dir", default=None,
+                   help="the tuned adapter (a LoRA run's output_dir or checkpoint; default: the config's output_dir)")
+    p.add_argument("--model", default=None,
+                   help="the tuned model instead: a merged folder, a .gguf file, a full fine-tune's output or checkpoint folder")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="lm-eval tasks (default: lm_eval_tasks); gsm8k_local and mmlu_dev_local run offline")
+    p.add_argument("--limit", type=int, default=None, help="held-out examples (and lm-eval documents per task) to score")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the base model, in the same table (default; its row is cached by the weights' hash)")
+    p.add_argument("--data", default=None, help="held-out rows in the training data's shape (default: test_datasets, else the val_set_size split)")
+    p.add_argument("--output", default=None, help="report folder (default: OUTPUT_DIR/eval)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="prompts generated together (8)")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, help="most tokens per answer (default: max_new_tokens, 256)")
+    p.add_argument("--no_cache", "--no-cache", dest="no_cache", action="store_true", help="recompute the base row")
     p = add("plan", cmd_plan, "before training: peak memory per device, the GPUs that fit, time and cost, what to change")
     p.add_argument("--gpu", default=None, help="the GPU to plan for (t4, a10, l4, 3090, 4090, a6000, a100-40gb, a100, h100, h200, mi300x)")
     p.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=None, help="devices to train on (default 1)")

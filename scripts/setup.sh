@@ -28,7 +28,8 @@ pip_install() {
 pip_install "torch==2.13.0"
 # serve: the web chat (inference --gradio) and `lmforge serve`; test adds the runner and what the tests drive,
 # and DeepSpeed, whose CPU accelerator runs ZeRO-2/3 over gloo in tests/test_deepspeed.py (~75 s).
-if [ "$MODE" = test ]; then pip_install -e ".[serve,test,deepspeed]"; else pip_install -e ".[serve]"; fi
+# eval: `lmforge eval` (lm-eval, sacrebleu, rouge-score), which the demo runs.
+if [ "$MODE" = test ]; then pip_install -e ".[serve,eval,test,deepspeed]"; else pip_install -e ".[serve,eval]"; fi
 # swanlab (test extra) requires the pynvml shim, whose import hook makes every `import torch` warn that pynvml is
 # deprecated; nvidia-ml-py (also installed) provides the same pynvml module without the warning.
 if [ "$MODE" = test ]; then python -m pip uninstall -y -q pynvml >"$log" 2>&1 || true; fi

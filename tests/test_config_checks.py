@@ -247,3 +247,9 @@ def test_every_example_data_file_reads_clean(path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(path.parents[2])
     lines = check_data_files(load_config(str(path)))
     assert lines and all("rows" in line or "file(s)" in line for line in lines), lines
+
+
+def test_do_causal_lm_eval_without_an_eval_split_is_a_warning_naming_its_line(base: dict, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yml", {**base, "do_causal_lm_eval": True})
+    warnings = [w for w in load_config(str(path)).warnings if "do_causal_lm_eval" in w]
+    assert len(warnings) == 1 and warnings[0].startswith(line_of(path, "do_causal_lm_eval")) and "no eval split" in warnings[0]

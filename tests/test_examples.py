@@ -47,13 +47,16 @@ def test_readme_starts_with_the_two_commands() -> None:
 def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     """README command 1, shortened to 4 steps: answers before and after, eval losses printed."""
     out = tmp_path / "demo"
-    env = {**os.environ, "OUT": str(out), "MAX_NEW_TOKENS": "48"}  # 48 tokens show the answer starts; 160 cost CI ~30 s
+    env = {**os.environ, "OUT": str(out), "MAX_NEW_TOKENS": "48",  # 48 tokens show the answer starts; 160 cost CI ~30 s
+           "EVAL_QUESTIONS": "4", "EVAL_MAX_NEW_TOKENS": "24", "LMFORGE_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(
         ["bash", "scripts/demo.sh", "--max_steps=4", "--eval_steps=100"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== Before fine-tuning ==" in proc.stdout and "== After fine-tuning ==" in proc.stdout
     assert "held-out eval loss:" in proc.stdout
+    # `lmforge eval`: exact match before and after, beside the forgetting line
+    assert "GSM8K exact match on 4 held-out questions:" in proc.stdout and "forgetting: general-text perplexity" in proc.stdout
     # Quiet by default (issue 15.8): no GGUF de-quantization or "Loading weights" bars, no library warnings.
     noise = [n for n in ("Loading weights", "Converting and de-quantizing", "FutureWarning", "DeprecationWarning")
              if n in proc.stdout + proc.stderr]

@@ -195,13 +195,16 @@ def test_planned_key_refused_naming_its_issue_and_line(write) -> None:  # noqa: 
         assert f"config.yml:6: '{row.name}' is not supported yet ({row.text}; planned in issue {row.issue})" in text
 
 
-def test_lm_eval_keys_name_the_issue_and_command_that_bring_evaluation(write) -> None:  # noqa: ANN001
-    # As the README promises for "not yet" keys: the refusal says what brings it (`lmforge eval`, issue 24).
-    text = refused(write("lm_eval_tasks:\n  - hellaswag\n"))
-    assert "config.yml:6: 'lm_eval_tasks' is not supported yet" in text, text
-    assert "`lmforge eval`" in text and "planned in issue 24" in text and "nearest supported: val_set_size" in text
-    text = refused(write("plugins:\n  - axolotl.integrations.lm_eval.LMEvalPlugin\n"))
-    assert "planned in issue 24" in text and "`lmforge eval`" in text, text
+def test_lm_eval_keys_are_accepted_and_the_plugin_is_a_notice(write) -> None:  # noqa: ANN001
+    # Issue 24 brought them: lm_eval_tasks runs at the end of `train` (tests/test_eval.py checks that it does).
+    from lmforge.config import load_config
+
+    cfg = load_config(str(write("lm_eval_tasks:\n  - mmlu_dev_local\nlm_eval_batch_size: 4\nlm_eval_limit: 10\n")))
+    assert (cfg.evaluation.lm_eval_tasks, cfg.evaluation.lm_eval_batch_size, cfg.evaluation.lm_eval_limit) == (["mmlu_dev_local"], 4, 10)
+    cfg = load_config(str(write("plugins:\n  - axolotl.integrations.lm_eval.LMEvalPlugin\n")))
+    assert any("lm_eval_tasks itself" in n.line() for n in cfg.notices)
+    text = refused(write("lm_eval_model: other\n"))
+    assert "'lm_eval_model' is not supported yet" in text and "lm_eval_tasks" in text
 
 
 def test_not_yet_key_names_the_nearest_supported_key(write) -> None:  # noqa: ANN001

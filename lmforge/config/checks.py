@@ -120,6 +120,9 @@ def _evaluation(c: _Checker) -> None:
     if needs_eval and not _has_eval_split(cfg):
         raise c.error(needs_eval[0], f"{needs_eval[0]} compares eval losses, but there is no eval split",
                       "set val_set_size (e.g. 0.05) or test_datasets")
+    if cfg.evaluation.do_causal_lm_eval and not _has_eval_split(cfg):
+        c.warn("do_causal_lm_eval", "do_causal_lm_eval has no effect: it answers eval rows, and there is no eval split "
+                                    "(set val_set_size or test_datasets)")
     if not _has_eval_split(cfg):
         for key in ("eval_steps", "evals_per_epoch", "eval_batch_size"):
             if getattr(t, key) is not None:

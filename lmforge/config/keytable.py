@@ -151,8 +151,6 @@ def unoffered_optimizer(optimizer: str, *names: str) -> tuple[Key, ...]:
 # --- value rules ------------------------------------------------------------------------------------------------
 
 NO_GPU = "this machine has no GPU"
-LM_EVAL = "lm-eval-harness benchmarks after training: the `lmforge eval` command brings them"
-LM_EVAL_NEAREST = "val_set_size or test_datasets (eval loss and perplexity while training)"
 SDPA = "attention runs as torch sdpa (the same math; packed rows stay apart through a block-diagonal mask)"
 # Backends that compute exact attention, only faster: on a machine without a GPU none of them can run.
 EXACT_GPU_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "xformers")
@@ -537,6 +535,7 @@ FORMATS = "lmforge/data/formats/__init__.py"
 CHAT = "lmforge/data/formats/chat.py"
 USER_DEFINED = "lmforge/data/formats/user_defined.py"
 INFERENCE = "lmforge/recipes/inference.py"
+EVAL_RECIPE = "lmforge/recipes/evaluation.py"
 KERNELS = "lmforge/models/kernels.py"  # attention backend, compile, fused-kernel plugins
 DIST = "lmforge/train/distributed.py"
 
@@ -737,7 +736,7 @@ KEYS: tuple[Key, ...] = (
     note("swanlab", "SwanLab logging is built in: swanlab_project turns it on", scope=PLUGIN),
     later("spectrum", "Spectrum layer selection", nearest="unfrozen_parameters", scope=PLUGIN),
     later("grokfast", "the Grokfast gradient filter", nearest="optimizer", scope=PLUGIN),
-    later("lm_eval", LM_EVAL, nearest=LM_EVAL_NEAREST, issue=24, scope=PLUGIN),
+    note("lm_eval", "lmforge runs lm_eval_tasks itself (at the end of `train`, and `lmforge eval`)", scope=PLUGIN),
     later("mora", "MoRA adapters", nearest="adapter: lora", scope=PLUGIN),
     done("liger_rope", KERNELS, rule=cpu_kernel("Liger's fused RoPE")),
     done("liger_rms_norm", KERNELS, rule=cpu_kernel("Liger's fused RMSNorm")),
@@ -924,12 +923,10 @@ KEYS: tuple[Key, ...] = (
     later("metric_for_best_model", "other metrics for the best checkpoint", nearest="load_best_model_at_end", rule=best_metric),
     later("greater_is_better", "higher-is-better metrics", nearest="load_best_model_at_end", rule=lower_is_better),
     *each(done, ("loss_watchdog_threshold", "loss_watchdog_patience"), TRAINING),
-    later("do_causal_lm_eval", "generation metrics during eval", nearest="eval_steps (eval loss and perplexity)"),
-    later("eval_causal_lm_metrics", "generation metrics during eval", only_with="do_causal_lm_eval"),
+    *each(done, ("do_causal_lm_eval", "eval_causal_lm_metrics", "eval_causal_lm_examples", "eval_max_new_tokens"), TRAIN),
     later("do_bench_eval", "benchmark evals during training"),
     *each(later, ("bench_dataset", "bench_split"), "benchmark evals during training", only_with="do_bench_eval"),
-    *each(later, ("eval_table_size", "eval_max_new_tokens"),
-          "sample generations during eval", nearest="`lmforge inference`"),
+    later("eval_table_size", "sample generations during eval", nearest="`lmforge inference`"),
     later("generate_samples", "sample generations during training", nearest="sample_prompt (pretraining), `lmforge inference`"),
     *each(note, ("num_generation_samples", "generation_max_new_tokens", "generation_temperature", "generation_top_p",
                  "generation_top_k", "generation_prompt_ratio", "generation_do_sample"),
@@ -938,7 +935,12 @@ KEYS: tuple[Key, ...] = (
     later("profiler_steps_start", "the PyTorch profiler", only_with="profiler_steps"),
     note("include_tokens_per_second", "lmforge always reports tokens/s (summary.json and the logs)"),
     note("include_tkps", "lmforge always reports tokens/s (summary.json and the logs)", quiet=(None,)),
-    later("lm_eval_*", LM_EVAL, nearest=LM_EVAL_NEAREST, issue=24),
+    # lm-eval (axolotl's lm_eval plugin keys) and lmforge's own `lmforge eval` keys
+    done("lm_eval_tasks", TRAIN, EVAL_RECIPE), done("lm_eval_batch_size", TRAIN, EVAL_RECIPE),
+    done("lm_eval_limit", TRAIN, EVAL_RECIPE),
+    later("lm_eval_*", "other lm-eval plugin settings", nearest="lm_eval_tasks, lm_eval_batch_size, lm_eval_limit, `lmforge eval`"),
+    done("eval_answer_extractor", EVAL_RECIPE), done("eval_answer_regex", EVAL_RECIPE), done("eval_metrics", EVAL_RECIPE),
+    done("eval_general_text", EVAL_RECIPE), done("eval_general_tokens", EVAL_RECIPE), done("eval_general_tasks", EVAL_RECIPE),
 
     # --- logging --------------------------------------------------------------------------------------------------------
     note("use_wandb", "W&B logging is on when wandb_project is set", rule=tracker_switch("wandb_project")),

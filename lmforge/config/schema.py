@@ -18,6 +18,7 @@ from lmforge.config.sections import (
     DataSection,
     DistributedSection,
     InferenceSection,
+    EvaluationSection,
     LoggingSection,
     ModelConfigSpec,
     ModelSection,
@@ -48,6 +49,7 @@ class LmforgeConfig(BaseModel):
     logging: LoggingSection = LoggingSection()
     pretrain: PretrainSection = PretrainSection()
     inference: InferenceSection = InferenceSection()
+    evaluation: EvaluationSection = EvaluationSection()
     speed: SpeedSection = SpeedSection()
     distributed: DistributedSection = DistributedSection()
     notices: list[Notice] = []  # axolotl keys accepted because they change nothing here (`lmforge validate` prints them)

@@ -580,6 +580,39 @@ class InferenceSection(Section):
     gradio_temperature: float | None = Field(None, ge=0, description="--gradio: initial temperature in the UI.")
 
 
+class EvaluationSection(Section):
+    """Evaluation: `lmforge eval` (task metrics, perplexity, lm-eval tasks, before/after), generation metrics at each
+    eval step while training (do_causal_lm_eval), and lm-eval tasks at the end of `train` (lm_eval_tasks)."""
+
+    eval_answer_extractor: Literal["auto", "gsm8k", "last_number", "boxed", "regex", "none"] = Field(
+        "auto", description="How exact match reads the final answer: gsm8k (#### N), last_number, boxed (\\boxed{}), "
+        "regex (eval_answer_regex), none (the whole text); auto: gsm8k or boxed when the references use them, else none."
+    )
+    eval_answer_regex: str | None = Field(None, description="eval_answer_extractor: regex: the answer is its first group.")
+    eval_metrics: list[str] = Field(
+        ["exact_match", "token_f1", "rouge_l", "bleu", "chrf", "perplexity"],
+        description="`lmforge eval`: task metrics on held-out rows (exact_match, token_f1, rouge_l, bleu/sacrebleu, chrf, ter, perplexity).",
+    )
+    eval_general_text: str | None = Field(
+        "data/tinyshakespeare/input.txt",
+        description="`lmforge eval`: general text not in the training data, whose perplexity shows forgetting (null: skip).",
+    )
+    eval_general_tokens: int = Field(4096, gt=0, description="`lmforge eval`: tokens of eval_general_text scored (from its end).")
+    eval_general_tasks: list[str] = Field(
+        ["mmlu_dev_local"], description="`lmforge eval`: lm-eval tasks scored before and after, to show forgetting.")
+    do_causal_lm_eval: bool = Field(False, description="At each eval step, generate answers to held-out rows and score them.")
+    eval_causal_lm_metrics: list[str] = Field(
+        ["sacrebleu", "chrf", "ter", "perplexity", "exact_match"],
+        description="do_causal_lm_eval: sacrebleu, chrf, ter, perplexity, exact_match, rouge, token_f1.",
+    )
+    eval_max_new_tokens: int = Field(128, gt=0, description="do_causal_lm_eval: most tokens generated per held-out answer.")
+    eval_causal_lm_examples: int = Field(16, gt=0, description="do_causal_lm_eval: held-out rows generated at each eval step.")
+    lm_eval_tasks: list[str] = Field([], description="lm-eval tasks run at the end of `train` and by `lmforge eval` "
+                                     "(gsm8k_local and mmlu_dev_local ship with lmforge; others need the Hub).")
+    lm_eval_batch_size: int = Field(8, gt=0, description="lm-eval batch size.")
+    lm_eval_limit: float | None = Field(None, gt=0, description="lm-eval: documents per task (a count, or a share below 1).")
+
+
 class SpeedSection(Section):
     """How the model runs: precision extras, compile, activation memory, fused-kernel plugins (GPU)."""
 
@@ -800,6 +833,7 @@ SECTIONS: dict[str, type[Section]] = {
     "logging": LoggingSection,
     "pretrain": PretrainSection,
     "inference": InferenceSection,
+    "evaluation": EvaluationSection,
     "speed": SpeedSection,
     "distributed": DistributedSection,
 }

@@ -91,6 +91,16 @@ class PromptBuilder:
             return self._with_bos(text)
         return self._with_bos(self.fmt.prompt(text))
 
+    def wrap(self, prompt: str) -> str:
+        """A prompt already rendered in the training format (a held-out row's prompt segments), with BOS where
+        training adds it: what :meth:`single` returns for a user's text."""
+        return self._with_bos(prompt)
+
+    @property
+    def end_markers(self) -> list[str]:
+        """Texts that end an answer in this format (a chat template's end-of-turn, else the known markers)."""
+        return list(self.chat.end_of_turn) if self.chat is not None else list(KNOWN_END_OF_TURN)
+
     def conversation(self, messages: list[dict[str, str]]) -> str:
         """The prompt that asks for the next assistant turn of ``messages`` (OpenAI roles)."""
         chat = self.chat

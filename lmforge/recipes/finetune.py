@@ -22,7 +22,11 @@ from lmforge.device import release_free_memory
 
 def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     """Train as configured; returns the run summary (also written to output_dir/summary.json)."""
-    t, d = cfg.training, cfg.data
+    t, d, e = cfg.training, cfg.data, cfg.evaluation
+    if e.lm_eval_tasks:  # an unknown task or a Hub task offline is refused now, not after the training
+        from lmforge.eval.harness import check_tasks
+
+        check_tasks(e.lm_eval_tasks, where="lm_eval_tasks")
     with TrainingRun(cfg, "train") as run:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
         tokenizer = config_tokenizer(cfg, say=say)
@@ -54,7 +58,8 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
             return run.evaluate(model, (pad_batch(b, pad_to, pad_id) for b in batches) if pad_to else batches, objective)
 
         outcome = run.train(model, tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,
-                            invariants={"train_examples": len(data.train)})
+                            invariants={"train_examples": len(data.train)},
+                            generation_eval=_generation_eval(cfg, run, model, tokenizer, data.eval))
 
         start, end = outcome.eval_start, outcome.eval_end
         if end is not None:
@@ -63,7 +68,49 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         run.publish(model, tokenizer, outcome)
         summary = {**run.summary(outcome, model), "truncated_rows": data.stats.truncated,
                    "skipped_rows_no_response": data.stats.no_trainable_tokens}
+        if e.lm_eval_tasks and run.engine.is_main:
+            summary["lm_eval"] = _lm_eval_after_training(cfg, run, model, tokenizer, outcome.result.steps)
         run.write_summary(summary, outcome)
     say(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s, {summary['tokens_per_s']:.0f} tokens/s, "
         f"peak memory {summary['peak_memory_mb']:.0f} MB; saved to {run.output_dir}")
     return summary
+
+
+def _generation_eval(cfg: LmforgeConfig, run: TrainingRun, model: Any, tokenizer: Any, eval_examples: list) -> Any:
+    """do_causal_lm_eval: the function that scores generations at each eval step (None when off)."""
+    e = cfg.evaluation
+    if not e.do_causal_lm_eval:
+        return None
+    if run.engine.distributed:
+        say("note: do_causal_lm_eval runs in one process only; this run has several ranks, so it is skipped")
+        return None
+    from lmforge.eval.during import causal_lm_metrics, eval_rows
+    from lmforge.eval.metrics import metric_names
+    from lmforge.infer.prompts import PromptBuilder
+
+    metrics = metric_names(e.eval_causal_lm_metrics, "eval_causal_lm_metrics")
+    rows = eval_rows(eval_examples, e.eval_causal_lm_examples)
+    prompts = PromptBuilder.from_config(cfg, tokenizer, model)
+    batch = cfg.training.eval_batch_size or cfg.training.micro_batch_size
+    say(f"do_causal_lm_eval: {', '.join(metrics)} of greedy answers to {len(rows)} eval rows "
+        f"(up to {e.eval_max_new_tokens} tokens each) at each eval")
+    return lambda: causal_lm_metrics(model, tokenizer, prompts, rows, metrics, e.eval_max_new_tokens, batch,
+                                     e.eval_answer_extractor, e.eval_answer_regex)
+
+
+def _lm_eval_after_training(cfg: LmforgeConfig, run: TrainingRun, model: Any, tokenizer: Any, step: int) -> dict[str, Any]:
+    """lm_eval_tasks on the trained model, into summary.json and the trackers (lm_eval/<task>/<metric>)."""
+    from lmforge.eval.harness import headline, run_lm_eval
+
+    e = cfg.evaluation
+    say(f"lm-eval: {', '.join(e.lm_eval_tasks)} on the trained model")
+    was_training = model.training
+    results = run.call(model, lambda m: run_lm_eval(m, tokenizer, e.lm_eval_tasks, batch_size=e.lm_eval_batch_size,
+                                                    limit=e.lm_eval_limit, seed=cfg.training.seed))
+    model.train(was_training)
+    scores = headline(results)
+    flat = {f"lm_eval/{task}/{metric}": v["value"] for task, values in scores.items() for metric, v in values.items()}
+    for name, value in flat.items():
+        say(f"{name}: {value:.4f}")
+    run.log(step, flat)
+    return scores

@@ -35,7 +35,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +120,20 @@ class TrainOutcome:
     eval_end: float | None  # eval loss of the weights the run ends with (the best, with load_best_model_at_end)
     wall_seconds: float
     settings: LoopSettings
+    # do_causal_lm_eval: (step, {causal_lm/<metric>: value}) at each eval, step 0 included
+    generation_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 class _RunCallbacks(Callbacks):
-    def __init__(self, loggers: list, save: Callable[[int], None], on_best: Callable[[int, float], None]) -> None:
-        self.loggers, self.save, self.best = loggers, save, on_best
+    def __init__(self, loggers: list, save: Callable[[int], None], on_best: Callable[[int, float], None],
+                 after_eval: Callable[[int], None] | None = None) -> None:
+        self.loggers, self.save, self.best, self.after_eval = loggers, save, on_best, after_eval
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         for logger in self.loggers:
             logger.log(step, metrics)
+        if "eval_loss" in metrics and self.after_eval is not None:  # each eval, step 0 too: the generation metrics
+            self.after_eval(step)
 
     def on_save(self, step: int) -> None:
         self.save(step)
@@ -338,6 +343,7 @@ class TrainingRun:
         objective: Objective,
         eval_fn: Callable[[], float] | None = None,
         invariants: dict[str, Any],
+        generation_eval: Callable[[], dict[str, float]] | None = None,
     ) -> TrainOutcome:
         """Train `objective` (usually ``self.objective()``) to plan.total_steps (or early stopping), resuming
         when asked, checkpointing as configured.
@@ -416,7 +422,18 @@ class TrainingRun:
             for logger in loggers:
                 logger.log_model(folder, name)
 
-        callbacks = _RunCallbacks(loggers, save, remember_best)
+        generation_history: list[tuple[int, dict[str, float]]] = []
+
+        def after_eval(step: int) -> None:
+            """do_causal_lm_eval: generation metrics after each eval loss, logged beside it."""
+            metrics = self.call(model, lambda _model: generation_eval())
+            generation_history.append((step, metrics))
+            if metrics:
+                say("eval generations at step {}: {}".format(step, ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())))
+            for logger in loggers:
+                logger.log(step, metrics)
+
+        callbacks = _RunCallbacks(loggers, save, remember_best, after_eval if generation_eval is not None and eval_fn else None)
         started = time.perf_counter()
         try:
             with stop_on_signals(callbacks):
@@ -452,7 +469,7 @@ class TrainingRun:
                         param.copy_(best[name])
             eval_end = result.best_eval_loss
             say(f"restored the best weights: step {result.best_step}, eval loss {result.best_eval_loss:.4f}")
-        return TrainOutcome(result, eval_start, eval_end, wall, settings)
+        return TrainOutcome(result, eval_start, eval_end, wall, settings, generation_history)
 
     # -- save ----------------------------------------------------------------------------------------
 
@@ -475,6 +492,11 @@ class TrainingRun:
         if self.cfg.logging.wandb_log_model == "end":
             for logger in self._loggers:
                 logger.log_model(self.output_dir, "model")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics computed after the loop (lm_eval_tasks at the end of `train`) into the run's trackers (rank 0)."""
+        for logger in self._loggers:
+            logger.log(step, metrics)
 
     def summary(self, outcome: TrainOutcome, model: Any) -> dict[str, Any]:
         """The summary fields every training recipe reports."""
@@ -499,6 +521,8 @@ class TrainingRun:
             "best_checkpoint": str(best_checkpoint) if result.best_step and best_checkpoint.is_dir() else (
                 str(output_dir) if (self.t.load_best_model_at_end or result.best_step == result.steps) and result.best_step else None),
             "eval_history": result.eval_history,
+            **({"causal_lm_eval_history": outcome.generation_history,
+                "causal_lm_eval_end": outcome.generation_history[-1][1]} if outcome.generation_history else {}),
             "skipped_steps": result.skipped_steps,
             "peak_memory_mb": peak_memory_mb(self.device),
             "trainable_parameters": trainable,
