@@ -278,6 +278,20 @@ def test_loading_classes_and_checkpointing_arguments_are_read(write) -> None:  #
     assert "gradient_checkpointing_kwargs.use_reentrent" in text and "use_reentrant" in text
 
 
+@pytest.mark.parametrize("mapping, entry, allowed", [
+    ("gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrent: true\n",
+     "gradient_checkpointing_kwargs.use_reentrent", "use_reentrant"),
+    ("adapter: qlora\nload_in_4bit: true\nbnb_config_kwargs:\n  llm_int8_threshold: 6.0\n",
+     "bnb_config_kwargs.llm_int8_threshold", "bnb_4bit_quant_type"),
+    ("model_quantization_config: Mxfp4Config\nmodel_quantization_config_kwargs:\n  group_size: 32\n  dequantize: true\n",
+     "model_quantization_config_kwargs.group_size", "dequantize, modules_to_not_convert"),
+])
+def test_an_argument_mapping_refuses_an_entry_it_does_not_take_by_name(write, mapping: str, entry: str,  # noqa: ANN001
+                                                                         allowed: str) -> None:
+    text = refused(write(mapping))
+    assert "is not supported yet" in text and f"({entry}" in text and f"nearest supported: {allowed}" in text, text
+
+
 def test_satellite_keys_change_nothing_while_their_key_is_off(write) -> None:  # noqa: ANN001
     cfg = load_config(write("liger_use_token_scaling: true\ntorch_compile_options:\n  max_autotune: true\n"), gpu=False)
     assert all("which is not set: nothing changes" in n.text for n in cfg.notices) and len(cfg.notices) == 2

@@ -270,17 +270,18 @@ def save_strategies(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def unknown_entry(value: Any, key: str, allowed: tuple[str, ...], why: str = "") -> Verdict | None:
+    """For a mapping of arguments (`key`: {...}): the refusal of its first entry outside `allowed`, naming them."""
+    unknown = [k for k in value if k not in allowed] if isinstance(value, Mapping) else []
+    return Verdict(Kind.NOT_YET, f"{key}.{unknown[0]}{why}", nearest=", ".join(allowed)) if unknown else None
+
+
 CHECKPOINT_KWARGS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug")
 
 
 def checkpointing_kwargs(value: Any, facts: Facts) -> Verdict | None:
     """entries other than torch.utils.checkpoint's own arguments refused"""
-    if isinstance(value, Mapping):
-        unknown = [k for k in value if k not in CHECKPOINT_KWARGS]
-        if unknown:
-            return Verdict(Kind.NOT_YET, f"gradient_checkpointing_kwargs.{unknown[0]} (not an argument of torch.utils.checkpoint)",
-                           nearest=", ".join(CHECKPOINT_KWARGS))
-    return None
+    return unknown_entry(value, "gradient_checkpointing_kwargs", CHECKPOINT_KWARGS, " (not an argument of torch.utils.checkpoint)")
 
 
 def wandb_off(value: Any, facts: Facts) -> Verdict | None:
@@ -386,9 +387,8 @@ def checkpoint_quantization_kwargs(value: Any, facts: Facts) -> Verdict | None:
     """entries other than transformers' Mxfp4Config arguments (dequantize, modules_to_not_convert) refused"""
     if not isinstance(value, Mapping):
         return None
-    unknown = [k for k in value if k not in MXFP4_KWARGS]
-    if unknown:
-        return Verdict(Kind.NOT_YET, f"model_quantization_config_kwargs.{unknown[0]}", nearest=", ".join(MXFP4_KWARGS))
+    if refused := unknown_entry(value, "model_quantization_config_kwargs", MXFP4_KWARGS):
+        return refused
     if not facts.config.get("model_quantization_config"):
         return Verdict(Kind.NOTICE, "only used with model_quantization_config, which is not set: nothing changes")
     return None
@@ -440,9 +440,8 @@ def bnb_kwargs(value: Any, facts: Facts) -> Verdict | None:
     """other entries refused"""
     if not isinstance(value, Mapping):
         return None
-    unknown = [k for k in value if k not in BNB_KWARGS]
-    if unknown:
-        return Verdict(Kind.NOT_YET, f"bnb_config_kwargs.{unknown[0]}", nearest=", ".join(BNB_KWARGS))
+    if refused := unknown_entry(value, "bnb_config_kwargs", BNB_KWARGS):
+        return refused
     clash = [k for k in value if k in facts.config and facts.config[k] != value[k]]
     if clash:
         return Verdict(Kind.NOT_YET, f"bnb_config_kwargs.{clash[0]} contradicts {clash[0]}", nearest=clash[0])
