@@ -36,7 +36,7 @@ class DatasetSpec(Section):
     type: str | UserDefinedFormat = Field(
         "alpaca",
         description="Prompt format: alpaca, alpaca_w_system, completion, input_output, chat_template, "
-        "module.function / file.py:function (your converter), or a user-defined mapping.",
+        "axolotl's BASE:STYLE (alpaca:chat, alpaca:phi, jeopardy, ...), module.function / file.py:function (your converter), or a user-defined mapping.",
     )
     ds_type: Literal["json", "jsonl", "csv", "parquet", "text"] | None = Field(
         None, description="File type when the extension does not say."
@@ -159,7 +159,8 @@ class DataSection(Section):
     sequence_len: int = Field(2048, gt=0, description="Maximum tokens per example; longer rows are truncated.")
     train_on_inputs: bool = Field(False, description="Also compute loss on prompt tokens.")
     chat_template: str | None = Field(
-        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma), "
+        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma, or any of axolotl's: gemma3, qwen3, "
+        "llama4, phi_3, ... listed in lmforge/config/formats.py), "
         "tokenizer_default_fallback_NAME, 'jinja' (with chat_template_jinja) or a Jinja template string."
     )
     chat_template_jinja: str | None = Field(
