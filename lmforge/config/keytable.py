@@ -227,6 +227,14 @@ def on_gpu_only(text: str) -> Rule:
     return rule
 
 
+def experts_kernel(value: Any, facts: Facts) -> Verdict | None:
+    """eager, grouped_mm and batched_mm are transformers' own; a kernel lmforge does not ship (scattermoe, sonicmoe,
+    deepgemm...) runs as transformers' default, with a notice"""
+    if value in (None, "eager", "grouped_mm", "batched_mm"):
+        return None
+    return Verdict(Kind.NOTICE, f"experts_implementation: {value} is {MOE_KERNEL_NOT_SHIPPED}", value=None, replaces=True)
+
+
 def offloading(value: Any, facts: Facts) -> Verdict | None:
     """legacy means true; disk refused; a notice for true on a machine without a GPU"""
     if value == "disk":
@@ -450,6 +458,8 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
 MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it trains text models"
 MOE_KERNELS = "MoE expert kernels and expert quantization are out of lmforge's scope"
+MOE_KERNEL_NOT_SHIPPED = ("a CUDA MoE kernel lmforge does not ship: transformers' own experts code runs instead "
+                          "(grouped_mm where it can, the same result)")
 PARALLEL = "tensor, context, sequence and expert parallelism are out of lmforge's scope (lmforge scales out with DDP, FSDP2 and DeepSpeed ZeRO)"
 INTERNAL = "axolotl fills this in at run time; it is not a setting"
 REMOVED = "axolotl removed this key (its current schema ignores or refuses it)"
@@ -493,7 +503,8 @@ KEYS: tuple[Key, ...] = (
     done("trust_remote_code", MODEL),
     note("experimental_skip_move_to_device", "an axolotl loading-order detail for sharded training; the result is the same",
          quiet=(None,)),
-    out("use_kernels", f"Hub kernels (MegaBlocks): {MOE_KERNELS}"),
+    note("use_kernels", "transformers' Hub kernels (MegaBlocks and others, downloaded from the Hub by the kernels "
+         "package) are not used: the model's own PyTorch layers run (the same result)"),
     later("model_quantization_config", "loading Mxfp4 / FP8 checkpoints", nearest="load_in_4bit"),
     later("model_quantization_config_kwargs", "loading Mxfp4 / FP8 checkpoints", nearest="load_in_4bit"),
     out("use_onebitllms", "1.58-bit (BitNet) training is out of lmforge's scope"),
@@ -689,7 +700,8 @@ KEYS: tuple[Key, ...] = (
          rule=on_gpu_only("the Liger kernels plugin (liger-kernel)")),
     note("cut_cross_entropy", "the Cut Cross-Entropy plugin: cut_cross_entropy: true turns it on", scope=PLUGIN,
          rule=on_gpu_only("the Cut Cross-Entropy plugin")),
-    out("kernels", MOE_KERNELS, scope=PLUGIN),
+    note("kernels", "axolotl's MoE kernels plugin: its keys (use_scattermoe, use_sonicmoe) each say what they change",
+         scope=PLUGIN),
     out("expert_parallel", PARALLEL, scope=PLUGIN),
     out("densemixer", MOE_KERNELS, scope=PLUGIN),
     out("diffusion", "diffusion language-model training is out of lmforge's scope", scope=PLUGIN),
@@ -719,15 +731,16 @@ KEYS: tuple[Key, ...] = (
     done("torch_compile_backend", KERNELS),
     done("torch_compile_mode", KERNELS),
     later("torch_compile_options", "inductor options for torch.compile", nearest="torch_compile_mode", only_with="torch_compile"),
-    out("experts_implementation", MOE_KERNELS),
-    out("quantize_moe_experts", MOE_KERNELS),
-    out("llama4_linearized_experts", MOE_KERNELS),
+    done("experts_implementation", MODEL, rule=experts_kernel),
+    done("quantize_moe_experts", MODEL),
+    note("llama4_linearized_experts", "axolotl's Llama 4 variant with one nn.Linear per expert (for its kernels and "
+         "expert quantization); lmforge loads transformers' Llama 4, whose fused experts compute the same"),
     out("dense_mixer", MOE_KERNELS),
     out("expert_backend", MOE_KERNELS),
     out("nonexpert_quantization", MOE_KERNELS),
     out("moe_*", MOE_KERNELS),
-    out("use_scattermoe", MOE_KERNELS),
-    out("use_sonicmoe", MOE_KERNELS),
+    note("use_scattermoe", f"ScatterMoE is {MOE_KERNEL_NOT_SHIPPED}"),
+    note("use_sonicmoe", f"SonicMoE is {MOE_KERNEL_NOT_SHIPPED}"),
     out("use_dsv4_kernels", MOE_KERNELS),
     out("use_glm_dsa_kernels", MOE_KERNELS),
     out("dsv4_*", MOE_KERNELS),

@@ -138,6 +138,10 @@ class ModelSection(Section):
         None, description="Attention backend (default: transformers' choice, sdpa where supported). Without CUDA, "
         "flash_attention_2 and flex_attention run as sdpa. Packed rows never attend across examples on any backend."
     )
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
+        None, description="How a mixture-of-experts model runs its experts (transformers' experts_implementation; default "
+        "grouped_mm where it can, else eager). Kernels lmforge does not ship (scattermoe, sonicmoe) run as the default."
+    )
 
 
 def _jinja_choice(data: Any) -> Any:
@@ -197,6 +201,10 @@ class QuantizationSection(Section):
     bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the 4-bit matmuls compute in; auto: bfloat16 where the run trains in bf16, "
         "else float32 (a CPU without native bf16 emulates bf16 matmuls, over 10x slower)."
+    )
+    quantize_moe_experts: bool = Field(
+        False, description="With load_in_4bit: also hold a mixture-of-experts model's expert weights (3D tensors, which "
+        "load_in_4bit skips) in 4 bit, through bitsandbytes' parametrization (the model's largest weights)."
     )
 
     @model_validator(mode="after")

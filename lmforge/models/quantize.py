@@ -142,6 +142,26 @@ def disable_cpu_weight_packing(model: torch.nn.Module) -> int:
     return len(modules)
 
 
+def quantize_experts(model: torch.nn.Module, quant_type: str = "nf4", double_quant: bool = True) -> int:
+    """Hold every mixture-of-experts expert weight in 4 bit; return how many were quantized (config quantize_moe_experts).
+
+    transformers stores a MoE layer's experts as 3D parameters (experts x out x in), which
+    ``load_in_4bit`` leaves in full precision since it only replaces ``nn.Linear``; yet they are most of
+    the model. bitsandbytes' ``replace_parameter_4bit`` stores each in 4 bit and dequantizes it on
+    access (a parametrization), as axolotl's quantize_moe_experts does. The experts are frozen (the
+    adapter trains beside them).
+    """
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    count = 0
+    for module in model.modules():
+        for name, weight in list(module.named_parameters(recurse=False)):
+            if weight.ndim == 3 and weight.is_floating_point():
+                replace_parameter_4bit(module, name, compress_statistics=double_quant, quant_type=quant_type)
+                count += 1
+    return count
+
+
 def is_kbit_model(model: torch.nn.Module) -> bool:
     """True when ``model`` was loaded in 4 or 8 bit through bitsandbytes."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
