@@ -149,3 +149,18 @@ def test_moe_kernel_switches_are_accepted_with_a_notice_each(tiny_mixtral_dir: A
     for key in ("use_scattermoe", "use_sonicmoe", "use_kernels", "llama4_linearized_experts"):
         assert key in notices and "same" in notices[key], key
     assert any("kernels" in key for key in notices if key.startswith("plugins"))
+
+
+@pytest.mark.parametrize("keys, refused", [
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size"), ({"context_parallel_size": 2}, "context_parallel_size"),
+    ({"expert_parallel_size": 2}, "expert_parallel_size"), ({"ebft": {"mode": "strided"}}, "ebft"),
+    ({"diffusion": {"mask_token_id": 3}}, "diffusion"),
+])
+def test_what_stays_out_is_refused_in_one_line_naming_the_tool(tiny_mixtral_dir: Any, alpaca_file: Any, tmp_path: Any,
+                                                               keys: dict, refused: str) -> None:
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError) as error:
+        moe_cfg(tiny_mixtral_dir, alpaca_file, tmp_path, **keys)
+    line = str(error.value)
+    assert refused in line and "out of scope" in line and "axolotl" in line and "\n" not in line

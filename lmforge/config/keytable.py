@@ -457,10 +457,14 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
 
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
 MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it trains text models"
+DIFFUSION = "diffusion language-model training is out of lmforge's scope (a denoising objective, not next-token); axolotl's diffusion plugin does it"
+EBFT = ("EBFT (energy-based fine-tuning: REINFORCE on rollouts against a frozen feature network's feature-matching "
+        "loss, Jelassi et al. 2026) is out of lmforge's scope; axolotl does it")
 MOE_KERNELS = "MoE expert kernels and expert quantization are out of lmforge's scope"
 MOE_KERNEL_NOT_SHIPPED = ("a CUDA MoE kernel lmforge does not ship: transformers' own experts code runs instead "
                           "(grouped_mm where it can, the same result)")
-PARALLEL = "tensor, context, sequence and expert parallelism are out of lmforge's scope (lmforge scales out with DDP, FSDP2 and DeepSpeed ZeRO)"
+PARALLEL = ("tensor, context, sequence and expert parallelism are out of lmforge's scope (lmforge scales out with DDP, "
+            "FSDP2 and DeepSpeed ZeRO); axolotl, torchtitan or Megatron-LM do them")
 INTERNAL = "axolotl fills this in at run time; it is not a setting"
 REMOVED = "axolotl removed this key (its current schema ignores or refuses it)"
 GPU_KERNEL = "a Triton/CUDA kernel"
@@ -704,7 +708,7 @@ KEYS: tuple[Key, ...] = (
          scope=PLUGIN),
     out("expert_parallel", PARALLEL, scope=PLUGIN),
     out("densemixer", MOE_KERNELS, scope=PLUGIN),
-    out("diffusion", "diffusion language-model training is out of lmforge's scope", scope=PLUGIN),
+    out("diffusion", DIFFUSION, scope=PLUGIN),
     out("kd", "knowledge distillation from teacher logits is out of lmforge's scope", scope=PLUGIN),
     out("nemo_gym", RL, scope=PLUGIN),
     out("hatchery", "training on a remote service is out of lmforge's scope", scope=PLUGIN),
@@ -1023,13 +1027,13 @@ KEYS: tuple[Key, ...] = (
     done("repetition_penalty", INFERENCE), done("truncate_prompt", INFERENCE),
 
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
-    out("rl", RL), out("trl", RL), out("vllm", RL), out("ebft", RL), out("rl_beta", RL), out("dpo_*", RL),
+    out("rl", RL), out("trl", RL), out("vllm", RL), out("ebft", EBFT), out("rl_beta", RL), out("dpo_*", RL),
     out("orpo_alpha", RL), out("simpo_gamma", RL), out("cpo_alpha", RL), out("kto_desirable_weight", RL),
     out("kto_undesirable_weight", RL), out("rpo_alpha", RL), out("max_prompt_len", RL), out("precompute_ref_log_probs", RL),
     out("reward_model", RL), out("process_reward_model", RL), out("center_rewards_coefficient", RL), out("num_labels", RL),
     out("nemo_gym_*", RL), out("hatchery", "training on a remote service is out of lmforge's scope"),
     out("kd_*", "knowledge distillation from teacher logits is out of lmforge's scope"),
-    out("diffusion", "diffusion language-model training is out of lmforge's scope"),
+    out("diffusion", DIFFUSION),
     out("llmcompressor", "sparsity and compression recipes are out of lmforge's scope"),
     out("qat", "quantization-aware training is out of lmforge's scope"),
     out("quantization", "post-training quantization (torchao) is out of lmforge's scope; `lmforge export --quant` writes GGUF"),
