@@ -164,3 +164,19 @@ def test_what_stays_out_is_refused_in_one_line_naming_the_tool(tiny_mixtral_dir:
         moe_cfg(tiny_mixtral_dir, alpaca_file, tmp_path, **keys)
     line = str(error.value)
     assert refused in line and "out of scope" in line and "axolotl" in line and "\n" not in line
+
+
+def test_a_lora_target_modules_string_is_a_regex_as_in_axolotl(tiny_mixtral_dir: Any, alpaca_file: Any, tmp_path: Any) -> None:
+    """axolotl hands a string to peft as is: a regex over full module names (34 of its examples use one)."""
+    from lmforge.models.load import load_tokenizer
+    from lmforge.models.setup import training_model
+
+    regex = r"model.layers.[\d]+.(mlp|cross_attn|self_attn).(q|v)_proj"
+    cfg = moe_cfg(tiny_mixtral_dir, alpaca_file, tmp_path, lora_target_linear=False, lora_target_modules=regex)
+    model = training_model(cfg, load_tokenizer(str(tiny_mixtral_dir)), torch.device("cpu"), bf16=False)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert adapted and all(n.endswith(("self_attn.q_proj", "self_attn.v_proj")) for n in adapted)
+    assert len(adapted) == 4  # 2 layers x (q, v): the regex, not a layer named like it
+    plain = moe_cfg(tiny_mixtral_dir, alpaca_file, tmp_path, lora_target_linear=False, lora_target_modules="q_proj")
+    named = training_model(plain, load_tokenizer(str(tiny_mixtral_dir)), torch.device("cpu"), bf16=False)
+    assert len({n for n, _ in named.named_parameters() if ".lora_A" in n}) == 2
