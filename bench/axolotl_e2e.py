@@ -227,8 +227,9 @@ def rewrite(values: dict[str, Any], work: Path, models: TinyModels, cache: dict[
     folder, note = models.get(kind)
     out = dict(values)
     out["base_model"] = str(folder)
+    # batch_size is axolotl's micro_batch_size x gradient_accumulation_steps, both set below
     for key in ("base_model_config", "tokenizer_config", "lora_model_dir", "resume_from_checkpoint", "hub_model_id",
-                "dataset_prepared_path", "wandb_name", "wandb_run_id"):
+                "dataset_prepared_path", "wandb_name", "wandb_run_id", "batch_size"):
         out.pop(key, None)
     for key in ("datasets", "test_datasets"):
         entries = []

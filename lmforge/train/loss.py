@@ -129,7 +129,8 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         # coef * aux * count, so the token-weighted mean the loop takes equals transformers' loss.
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_router_logits=True, **extra)
         loss_sum = F.cross_entropy(outputs.logits[rows, columns].float(), targets, reduction="sum", label_smoothing=label_smoothing)
-        return loss_sum + aux_coef * outputs.aux_loss.float() * count, count
+        aux = getattr(outputs, "aux_loss", None)
+        return (loss_sum if aux is None else loss_sum + aux_coef * aux.float() * count), count
     if uses_fast_path(model):
         base = _unwrap(model)
         backbone = getattr(base, base.base_model_prefix)
