@@ -78,6 +78,7 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "gemma3n_text": dict(num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0], vocab_size_per_layer_input=49152,
                          hidden_size_per_layer_input=8,
                          layer_types=["sliding_attention", "full_attention"]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
 }
 
 
