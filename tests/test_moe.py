@@ -118,6 +118,23 @@ def test_quantize_moe_experts_holds_the_experts_in_4_bit(tiny_mixtral_dir: Any, 
     assert float(close) < 0.05
 
 
+def test_quantize_moe_experts_with_an_8_bit_base_holds_the_experts_in_int8(tiny_mixtral_dir: Any, alpaca_file: Any, tmp_path: Any) -> None:
+    from lmforge.models.load import load_tokenizer
+    from lmforge.models.setup import training_model
+
+    tokenizer = load_tokenizer(str(tiny_mixtral_dir))
+    lora8 = dict(adapter="lora", load_in_8bit=True, lora_target_linear=True)
+    plain = training_model(moe_cfg(tiny_mixtral_dir, alpaca_file, tmp_path, **lora8), tokenizer, torch.device("cpu"), bf16=False)
+    said: list[str] = []
+    cfg = moe_cfg(tiny_mixtral_dir, alpaca_file, tmp_path, quantize_moe_experts=True, **lora8)
+    model = training_model(cfg, tokenizer, torch.device("cpu"), bf16=False, say=said.append)
+    assert {dtype for _, dtype in expert_weights(model)} == {torch.int8} and len(expert_weights(model)) == 4
+    assert said == ["quantize_moe_experts: 4 expert weight tensors held in 8 bit"]
+    ids = torch.tensor([[1, 5, 6, 7, 8, 2]])
+    with torch.no_grad():
+        assert float((model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max()) < 0.02
+
+
 def test_quantize_moe_experts_without_a_4_bit_base_is_refused_in_validate(tiny_mixtral_dir: Any, alpaca_file: Any, tmp_path: Any) -> None:
     from lmforge.errors import LmforgeError
 

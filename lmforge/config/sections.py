@@ -203,8 +203,8 @@ class QuantizationSection(Section):
         "else float32 (a CPU without native bf16 emulates bf16 matmuls, over 10x slower)."
     )
     quantize_moe_experts: bool = Field(
-        False, description="With load_in_4bit: also hold a mixture-of-experts model's expert weights (3D tensors, which "
-        "load_in_4bit skips) in 4 bit, through bitsandbytes' parametrization (the model's largest weights)."
+        False, description="With load_in_4bit or load_in_8bit: also hold a mixture-of-experts model's expert weights (3D "
+        "tensors, which those skip) in 4 or 8 bit, through bitsandbytes, dequantized on access (the model's largest weights)."
     )
 
     @model_validator(mode="after")

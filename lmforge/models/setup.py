@@ -90,8 +90,9 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         if cfg.quantization.quantize_moe_experts:
             from lmforge.models.quantize import quantize_experts
 
-            count = quantize_experts(model, cfg.quantization.bnb_4bit_quant_type, cfg.quantization.bnb_4bit_use_double_quant)
-            say(f"quantize_moe_experts: {count} expert weight tensors held in 4 bit" if count else
+            bits = 4 if cfg.quantization.load_in_4bit else 8
+            count = quantize_experts(model, bits, cfg.quantization.bnb_4bit_quant_type, cfg.quantization.bnb_4bit_use_double_quant)
+            say(f"quantize_moe_experts: {count} expert weight tensors held in {bits} bit" if count else
                 "quantize_moe_experts: this model has no 3D expert weights (not a mixture of experts): nothing quantized")
     rows = model.get_input_embeddings().num_embeddings
     fit_embeddings_to_tokenizer(model, tokenizer, 32 if cfg.model.resize_token_embeddings_to_32x else None)
