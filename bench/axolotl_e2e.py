@@ -278,8 +278,9 @@ def run(source: Path, root: Path, work_root: Path, models: TinyModels, cache: di
         done = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", str(path)], capture_output=True, text=True,
                               timeout=timeout, env=env, cwd=work)
         passed, line = done.returncode == 0, one_line(done.stdout + done.stderr)
-    except subprocess.TimeoutExpired:
-        passed, line = False, f"timed out after {timeout} s"
+    except subprocess.TimeoutExpired:  # say how far it got: a loaded machine can be slow after the steps, not stuck
+        steps_done = (work / "out" / "checkpoint-2").is_dir()
+        passed, line = False, f"timed out after {timeout} s ({'after' if steps_done else 'before'} its 2 steps were saved)"
     return Outcome(name, kind, passed, ("" if passed else line) + (f" [{note}]" if note else ""), time.perf_counter() - start)
 
 
@@ -305,7 +306,7 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], help="only configs whose path contains this (repeatable)")
     parser.add_argument("--configs", nargs="*", type=Path, default=None, help="these config files, passing validate or not")
     parser.add_argument("--jobs", type=int, default=1, help="configs trained at once")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per config")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per config")
     parser.add_argument("--work", type=Path, default=None, help="keep the rewritten configs and outputs here")
     args = parser.parse_args()
     configs = [args.axolotl / c if not c.is_absolute() else c for c in args.configs] if args.configs else passing_configs(args.axolotl, args.only)
