@@ -278,6 +278,8 @@ def run(source: Path, root: Path, work_root: Path, models: TinyModels, cache: di
         done = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", str(path)], capture_output=True, text=True,
                               timeout=timeout, env=env, cwd=work)
         passed, line = done.returncode == 0, one_line(done.stdout + done.stderr)
+        if done.returncode < 0:  # killed by a signal (a crash in native code, or the OOM killer): no error line
+            line = f"killed by signal {-done.returncode}; last output: {line}"
     except subprocess.TimeoutExpired:  # say how far it got: a loaded machine can be slow after the steps, not stuck
         steps_done = (work / "out" / "checkpoint-2").is_dir()
         passed, line = False, f"timed out after {timeout} s ({'after' if steps_done else 'before'} its 2 steps were saved)"
