@@ -254,10 +254,11 @@ def rewrite(values: dict[str, Any], work: Path, models: TinyModels, cache: dict[
 
 
 def one_line(output: str) -> str:
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    pieces = re.split(r"[\r\n]", output)  # a progress bar's carriage returns can put an error mid-line
+    errors = [piece[piece.index("error:"):] for piece in pieces if "error:" in piece]
     if errors:
         return errors[-1]
-    lines = [line for line in output.splitlines() if line.strip()]
+    lines = [piece for piece in pieces if piece.strip()]
     return lines[-1][:300] if lines else "(no output)"
 
 
