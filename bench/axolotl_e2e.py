@@ -57,7 +57,7 @@ FAMILIES = (
     ("magistral", "mistral"), ("devstral", "mistral"), ("ministral", "mistral"), ("gemma-3n", "gemma3n_text"),
     ("gemma-3", "gemma3_text"), ("gemma3", "gemma3_text"), ("gemma-2", "gemma2"), ("gemma", "gemma"),
     ("phi-3", "phi3"), ("phi-4", "phi3"), ("phi-2", "phi"), ("phi-1", "phi"), ("falcon-h1", "falcon_h1"),
-    ("falcon", "falcon"), ("jamba", "jamba"), ("mamba", "mamba"), ("glm-4.5", "glm4_moe"), ("glm-4.6", "glm4_moe"),
+    ("falcon", "falcon"), ("jamba", "jamba"), ("mamba", "mamba"), ("glm-4.7-flash", "glm4_moe_lite"), ("glm-4.5", "glm4_moe"), ("glm-4.6", "glm4_moe"),
     ("glm-4.7", "glm4_moe"), ("glm-4", "glm4"), ("deepseek-v3", "deepseek_v3"), ("deepseek-v2", "deepseek_v2"),
     ("dbrx", "dbrx"), ("hunyuan", "hunyuan_v1_dense"), ("apertus", "apertus"), ("nemotron", "nemotron"),
     ("granite-4", "granitemoehybrid"), ("granite", "granite"), ("olmo-3", "olmo3"), ("olmo-2", "olmo2"), ("olmo", "olmo"),
@@ -79,6 +79,8 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                          hidden_size_per_layer_input=8,
                          layer_types=["sliding_attention", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    # multi-head latent attention: the rotary part of a head is head_dim
+    **{kind: dict(head_dim=8) for kind in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")},
 }
 
 
