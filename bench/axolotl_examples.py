@@ -128,16 +128,22 @@ def remove(values: dict[str, Any], path: tuple[str | int, ...]) -> bool:
 
 def data_time_refusals(values: dict[str, Any]) -> list[str]:
     """What `train` would refuse when it reads the data, though validate does not check it yet."""
-    from lmforge.data.formats import BUILTIN_TYPES, NAMED_TEMPLATES, looks_like_hook
+    from lmforge.config.formats import type_problem
+    from lmforge.data.formats import NAMED_TEMPLATES, looks_like_hook
+
+    def unknown_name(setting: object) -> bool:  # a name the data step has no template for
+        name = setting.removeprefix("tokenizer_default_fallback_") if isinstance(setting, str) else None
+        return bool(name) and "{" not in name and name not in (*NAMED_TEMPLATES, "tokenizer_default", "jinja")
 
     found = []
-    for entry in values.get("datasets") or []:
-        kind = entry.get("type") if isinstance(entry, dict) else None
-        if isinstance(kind, str) and kind not in BUILTIN_TYPES and not looks_like_hook(kind):
+    entries = [e for e in values.get("datasets") or [] if isinstance(e, dict)]
+    for entry in entries:
+        kind = entry.get("type")
+        if isinstance(kind, str) and not looks_like_hook(kind) and type_problem(kind):
             found.append(f"type: {kind}")
-    template = values.get("chat_template")
-    if isinstance(template, str) and "{" not in template and template not in (*NAMED_TEMPLATES, "tokenizer_default"):
-        found.append(f"chat_template: {template}")
+    for setting in [values.get("chat_template")] + [e.get("chat_template") for e in entries]:
+        if unknown_name(setting):
+            found.append(f"chat_template: {setting}")
     return found
 
 

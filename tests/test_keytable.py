@@ -264,8 +264,8 @@ def test_plugins_are_decided_one_by_one(write) -> None:  # noqa: ANN001
     liger = "plugins:\n  - axolotl.integrations.liger.LigerPlugin\n"
     cfg = load_config(write(liger + "liger_rms_norm: true\n"), gpu=False)
     assert [n.key for n in cfg.notices] == ["plugins: liger", "liger_rms_norm"]
-    text = refused(write(liger + "  - axolotl.integrations.kernels.KernelsPlugin\n"))
-    assert "config.yml:8: 'plugins: axolotl.integrations.kernels.KernelsPlugin' is out of scope: MoE" in text
+    text = refused(write(liger + "  - axolotl.integrations.diffusion.DiffusionPlugin\n"))
+    assert "config.yml:8: 'plugins: axolotl.integrations.diffusion.DiffusionPlugin' is out of scope: diffusion" in text
 
 
 def test_loading_classes_and_checkpointing_arguments_are_read(write) -> None:  # noqa: ANN001

@@ -101,6 +101,10 @@ def _model_and_adapter(c: _Checker) -> None:
         if unused:
             c.warn(unused[0], f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without an adapter "
                               "(set adapter: lora, or remove them)")
+    if q.quantize_moe_experts and not quantized:
+        raise c.error("quantize_moe_experts", "quantize_moe_experts holds the experts in 4 or 8 bit beside a quantized "
+                      "base, and the base is not quantized here", "add load_in_4bit: true (or load_in_8bit) with an adapter, "
+                      "or remove quantize_moe_experts")
     if not q.load_in_4bit:
         unused = [k for k in FOUR_BIT_KEYS if c.given(k)]
         if unused:

@@ -242,6 +242,14 @@ def on_gpu_only(text: str) -> Rule:
     return rule
 
 
+def experts_kernel(value: Any, facts: Facts) -> Verdict | None:
+    """eager, grouped_mm and batched_mm are transformers' own; a kernel lmforge does not ship (scattermoe, sonicmoe,
+    deepgemm...) runs as transformers' default, with a notice"""
+    if value in (None, "eager", "grouped_mm", "batched_mm"):
+        return None
+    return Verdict(Kind.NOTICE, f"experts_implementation: {value} is {MOE_KERNEL_NOT_SHIPPED}", value=None, replaces=True)
+
+
 def offloading(value: Any, facts: Facts) -> Verdict | None:
     """legacy means true; disk refused; a notice for true on a machine without a GPU"""
     if value == "disk":
@@ -513,8 +521,14 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
 
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
 MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it trains text models"
+DIFFUSION = "diffusion language-model training is out of lmforge's scope (a denoising objective, not next-token); axolotl's diffusion plugin does it"
+EBFT = ("EBFT (energy-based fine-tuning: REINFORCE on rollouts against a frozen feature network's feature-matching "
+        "loss, Jelassi et al. 2026) is out of lmforge's scope; axolotl does it")
 MOE_KERNELS = "MoE expert kernels and expert quantization are out of lmforge's scope"
-PARALLEL = "tensor, context, sequence and expert parallelism are out of lmforge's scope (lmforge scales out with DDP, FSDP2 and DeepSpeed ZeRO)"
+MOE_KERNEL_NOT_SHIPPED = ("a CUDA MoE kernel lmforge does not ship: transformers' own experts code runs instead "
+                          "(grouped_mm where it can, the same result)")
+PARALLEL = ("tensor, context, sequence and expert parallelism are out of lmforge's scope (lmforge scales out with DDP, "
+            "FSDP2 and DeepSpeed ZeRO); axolotl, torchtitan or Megatron-LM do them")
 INTERNAL = "axolotl fills this in at run time; it is not a setting"
 REMOVED = "axolotl removed this key (its current schema ignores or refuses it)"
 GPU_KERNEL = "a Triton/CUDA kernel"
@@ -558,7 +572,8 @@ KEYS: tuple[Key, ...] = (
     done("trust_remote_code", MODEL),
     note("experimental_skip_move_to_device", "an axolotl loading-order detail for sharded training; the result is the same",
          quiet=(None,)),
-    out("use_kernels", f"Hub kernels (MegaBlocks): {MOE_KERNELS}"),
+    note("use_kernels", "transformers' Hub kernels (MegaBlocks and others, downloaded from the Hub by the kernels "
+         "package) are not used: the model's own PyTorch layers run (the same result)"),
     done("model_quantization_config", MODEL, rule=checkpoint_quantization),
     done("model_quantization_config_kwargs", MODEL, rule=checkpoint_quantization_kwargs),
     out("use_onebitllms", "1.58-bit (BitNet) training is out of lmforge's scope"),
@@ -724,10 +739,11 @@ KEYS: tuple[Key, ...] = (
          rule=on_gpu_only("the Liger kernels plugin (liger-kernel)")),
     note("cut_cross_entropy", "the Cut Cross-Entropy plugin: cut_cross_entropy: true turns it on", scope=PLUGIN,
          rule=on_gpu_only("the Cut Cross-Entropy plugin")),
-    out("kernels", MOE_KERNELS, scope=PLUGIN),
+    note("kernels", "axolotl's MoE kernels plugin: its keys (use_scattermoe, use_sonicmoe) each say what they change",
+         scope=PLUGIN),
     out("expert_parallel", PARALLEL, scope=PLUGIN),
     out("densemixer", MOE_KERNELS, scope=PLUGIN),
-    out("diffusion", "diffusion language-model training is out of lmforge's scope", scope=PLUGIN),
+    out("diffusion", DIFFUSION, scope=PLUGIN),
     out("kd", "knowledge distillation from teacher logits is out of lmforge's scope", scope=PLUGIN),
     out("nemo_gym", RL, scope=PLUGIN),
     out("hatchery", "training on a remote service is out of lmforge's scope", scope=PLUGIN),
@@ -753,10 +769,14 @@ KEYS: tuple[Key, ...] = (
     done("torch_compile", KERNELS, rule=compile_switch),
     *each(done, ("torch_compile_backend", "torch_compile_mode"), KERNELS),
     later("torch_compile_options", "inductor options for torch.compile", nearest="torch_compile_mode", only_with="torch_compile"),
-    *each(out, ("experts_implementation", "quantize_moe_experts", "llama4_linearized_experts", "dense_mixer",
-                "expert_backend", "nonexpert_quantization", "moe_*", "use_scattermoe", "use_sonicmoe",
-                "use_dsv4_kernels", "use_glm_dsa_kernels", "dsv4_*", "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert",
-                "nvfp4_merge_aware"), MOE_KERNELS),
+    done("experts_implementation", MODEL, rule=experts_kernel),
+    done("quantize_moe_experts", MODEL),
+    note("llama4_linearized_experts", "axolotl's Llama 4 variant with one nn.Linear per expert (for its kernels and "
+         "expert quantization); lmforge loads transformers' Llama 4, whose fused experts compute the same"),
+    *each(note, ("use_scattermoe", "use_sonicmoe"), f"this MoE kernel is {MOE_KERNEL_NOT_SHIPPED}"),
+    *each(out, ("dense_mixer", "expert_backend", "nonexpert_quantization", "moe_*", "use_dsv4_kernels",
+                "use_glm_dsa_kernels", "dsv4_*", "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert", "nvfp4_merge_aware"),
+          MOE_KERNELS),
     out("nvfp4_merge_aware_start_step", MOE_KERNELS, only_with="nvfp4_merge_aware"),
 
     # --- scale-out ------------------------------------------------------------------------------------------------
@@ -975,13 +995,13 @@ KEYS: tuple[Key, ...] = (
     done("repetition_penalty", INFERENCE), done("truncate_prompt", INFERENCE),
 
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
-    out("rl", RL), out("trl", RL), out("vllm", RL), out("ebft", RL), out("rl_beta", RL), out("dpo_*", RL),
+    out("rl", RL), out("trl", RL), out("vllm", RL), out("ebft", EBFT), out("rl_beta", RL), out("dpo_*", RL),
     out("orpo_alpha", RL), out("simpo_gamma", RL), out("cpo_alpha", RL), out("kto_desirable_weight", RL),
     out("kto_undesirable_weight", RL), out("rpo_alpha", RL), out("max_prompt_len", RL), out("precompute_ref_log_probs", RL),
     out("reward_model", RL), out("process_reward_model", RL), out("center_rewards_coefficient", RL), out("num_labels", RL),
     out("nemo_gym_*", RL), out("hatchery", "training on a remote service is out of lmforge's scope"),
     out("kd_*", "knowledge distillation from teacher logits is out of lmforge's scope"),
-    out("diffusion", "diffusion language-model training is out of lmforge's scope"),
+    out("diffusion", DIFFUSION),
     out("llmcompressor", "sparsity and compression recipes are out of lmforge's scope"),
     done("qat", MODEL, TRAINING, rule=qat_formats),
     out("quantization", "post-training quantization (torchao) is out of lmforge's scope; `lmforge export --quant` writes GGUF"),

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmforge.config.compat import Notice, screen
 from lmforge.config.checks import check_cross_keys
+from lmforge.config.formats import (
+    BUILTIN_TYPES, CHAT_TEMPLATE_NAMES, FALLBACK_PREFIX, LEGACY_BASES, LEGACY_STYLES, template_problem, type_problem,
+)
 from lmforge.config.hooks import is_hook, resolve_hook
 from lmforge.config.loader import KeyPath, RawConfig, apply_overrides, read_config
 from lmforge.config.sections import (
@@ -132,6 +135,7 @@ def build_config(raw: RawConfig, *, gpu: bool | None = None) -> LmforgeConfig:
             raise _explain(raw, best, name) from exc
     cfg = LmforgeConfig(**sections, notices=notices)
     _check_model_and_data(cfg, raw)
+    _check_formats(cfg, raw)
     _resolve_hooks(cfg, raw)
     cfg.warnings = check_cross_keys(cfg, raw)
     return cfg
@@ -145,6 +149,24 @@ def _resolve_hooks(cfg: LmforgeConfig, raw: RawConfig) -> None:
         for index, spec in enumerate(getattr(cfg.data, key) or []):
             if is_hook(spec.type):
                 spec.type = resolve_hook(spec.type, config_dir, raw.where((key, index, "type")))
+
+
+def _check_formats(cfg: LmforgeConfig, raw: RawConfig) -> None:
+    """Dataset types and chat template names are checked here, not when the data is read minutes later."""
+    choices = [(("chat_template",), cfg.data.chat_template)]
+    for key in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(cfg.data, key) or []):
+            choices.append(((key, index, "chat_template"), spec.chat_template))
+            if isinstance(spec.type, str) and not is_hook(spec.type) and (problem := type_problem(spec.type)):
+                raise LmforgeError(problem, where=raw.where((key, index, "type")),
+                                   fix=f"use one of: {', '.join(BUILTIN_TYPES)}, axolotl's BASE:STYLE "
+                                   f"({'/'.join(LEGACY_BASES)} : {'/'.join(LEGACY_STYLES)}), module.function, "
+                                   "file.py:function, or a mapping with field_instruction/field_output/format")
+    for path, setting in choices:
+        if problem := template_problem(setting):
+            raise LmforgeError(problem, where=raw.where(path),
+                               fix=f"use tokenizer_default, {FALLBACK_PREFIX}NAME, jinja (with chat_template_jinja), "
+                               f"a Jinja string, or one of: {', '.join(CHAT_TEMPLATE_NAMES)}")
 
 
 def _check_model_and_data(cfg: LmforgeConfig, raw: RawConfig) -> None:

@@ -36,7 +36,7 @@ class DatasetSpec(Section):
     type: str | UserDefinedFormat = Field(
         "alpaca",
         description="Prompt format: alpaca, alpaca_w_system, completion, input_output, chat_template, "
-        "module.function / file.py:function (your converter), or a user-defined mapping.",
+        "axolotl's BASE:STYLE (alpaca:chat, alpaca:phi, jeopardy, ...), module.function / file.py:function (your converter), or a user-defined mapping.",
     )
     ds_type: Literal["json", "jsonl", "csv", "parquet", "text"] | None = Field(
         None, description="File type when the extension does not say."
@@ -177,6 +177,10 @@ class ModelSection(Section):
         None, description="Attention backend (default: transformers' choice, sdpa where supported). Without CUDA, "
         "flash_attention_2 and flex_attention run as sdpa. Packed rows never attend across examples on any backend."
     )
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
+        None, description="How a mixture-of-experts model runs its experts (transformers' experts_implementation; default "
+        "grouped_mm where it can, else eager). Kernels lmforge does not ship (scattermoe, sonicmoe) run as the default."
+    )
 
 
 def _jinja_choice(data: Any) -> Any:
@@ -198,7 +202,8 @@ class DataSection(Section):
     sequence_len: int = Field(2048, gt=0, description="Maximum tokens per example; longer rows are truncated.")
     train_on_inputs: bool = Field(False, description="Also compute loss on prompt tokens.")
     chat_template: str | None = Field(
-        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma), "
+        None, description="'tokenizer_default', a name (chatml, llama3, mistral, gemma, or any of axolotl's: gemma3, qwen3, "
+        "llama4, phi_3, ... listed in lmforge/config/formats.py), "
         "tokenizer_default_fallback_NAME, 'jinja' (with chat_template_jinja) or a Jinja template string."
     )
     chat_template_jinja: str | None = Field(
@@ -280,6 +285,10 @@ class QuantizationSection(Section):
     bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the 4-bit matmuls compute in; auto: bfloat16 where the run trains in bf16, "
         "else float32 (a CPU without native bf16 emulates bf16 matmuls, over 10x slower)."
+    )
+    quantize_moe_experts: bool = Field(
+        False, description="With load_in_4bit or load_in_8bit: also hold a mixture-of-experts model's expert weights (3D "
+        "tensors, which those skip) in 4 or 8 bit, through bitsandbytes, dequantized on access (the model's largest weights)."
     )
 
     @model_validator(mode="after")

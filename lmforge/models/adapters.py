@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,11 +31,17 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 
 
 def lora_targets(settings: AdapterSection) -> Any:
-    """peft's target_modules for the config: "all-linear", a list of names, or None (peft's default)."""
+    r"""peft's target_modules for the config: "all-linear", a list of names, a regex, or None (peft's default).
+
+    A single string is what axolotl hands peft as is: a regular expression each module's full name must
+    match (``model.layers.[\d]+.(mlp|self_attn).(up|down)_proj``); a plain layer name (``q_proj``) matches
+    as a name, as in a list.
+    """
     if settings.lora_target_linear:
         return "all-linear"
     if isinstance(settings.lora_target_modules, str):
-        return [settings.lora_target_modules]
+        name = settings.lora_target_modules
+        return [name] if re.fullmatch(r"[\w]+", name) else name
     return settings.lora_target_modules
 
 

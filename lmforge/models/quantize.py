@@ -142,6 +142,55 @@ def disable_cpu_weight_packing(model: torch.nn.Module) -> int:
     return len(modules)
 
 
+class _Int8Experts(torch.nn.Module):
+    """Dequantizes a row-wise int8 expert weight on access (bitsandbytes' int8 vectorwise format)."""
+
+    def __init__(self, row_stats: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("row_stats", row_stats)
+        self.dtype = dtype
+
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        rows = bnb.functional.int8_vectorwise_dequant(quantized.reshape(-1, quantized.shape[-1]), self.row_stats)
+        return rows.reshape(quantized.shape).to(self.dtype)
+
+
+def _replace_parameter_8bit(module: torch.nn.Module, name: str) -> None:
+    import bitsandbytes as bnb
+    from torch.nn.utils import parametrize
+
+    weight = getattr(module, name)
+    flat = weight.data.reshape(-1, weight.shape[-1]).to(torch.float16)
+    quantized, row_stats, _ = bnb.functional.int8_vectorwise_quant(flat)
+    setattr(module, name, torch.nn.Parameter(quantized.reshape(weight.shape), requires_grad=False))
+    parametrize.register_parametrization(module, name, _Int8Experts(row_stats, weight.dtype), unsafe=True)
+
+
+def quantize_experts(model: torch.nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True) -> int:
+    """Hold every mixture-of-experts expert weight in 4 or 8 bit; return how many were quantized (quantize_moe_experts).
+
+    transformers stores a MoE layer's experts as 3D parameters (experts x out x in), which
+    ``load_in_4bit``/``load_in_8bit`` leave in full precision since they only replace ``nn.Linear``; yet
+    they are most of the model. Each is stored quantized and dequantized on access (a parametrization):
+    4 bit through bitsandbytes' ``replace_parameter_4bit``, 8 bit in bitsandbytes' row-wise int8, as
+    axolotl's quantize_moe_experts does. The experts are frozen (the adapter trains beside them).
+    """
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    count = 0
+    for module in model.modules():
+        for name, weight in list(module.named_parameters(recurse=False)):
+            if weight.ndim == 3 and weight.is_floating_point():
+                if bits == 4:
+                    replace_parameter_4bit(module, name, compress_statistics=double_quant, quant_type=quant_type)
+                else:
+                    _replace_parameter_8bit(module, name)
+                count += 1
+    return count
+
+
 def is_kbit_model(model: torch.nn.Module) -> bool:
     """True when ``model`` was loaded in 4 or 8 bit through bitsandbytes."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))

@@ -86,11 +86,20 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             extra["quantization_config"] = Mxfp4Config(**(cfg.model.model_quantization_config_kwargs or {}))
         if attention is not None:
             extra["attn_implementation"] = attention
+        if cfg.model.experts_implementation is not None:
+            extra["experts_implementation"] = cfg.model.experts_implementation
         model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                            masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                            model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
                            config_overrides=cfg.model.overrides_of_model_config, reinit_weights=cfg.model.reinit_weights,
                            **({"revision": cfg.model.revision_of_model} if cfg.model.revision_of_model else {}), **extra)
+        if cfg.quantization.quantize_moe_experts:
+            from lmforge.models.quantize import quantize_experts
+
+            bits = 4 if cfg.quantization.load_in_4bit else 8
+            count = quantize_experts(model, bits, cfg.quantization.bnb_4bit_quant_type, cfg.quantization.bnb_4bit_use_double_quant)
+            say(f"quantize_moe_experts: {count} expert weight tensors held in {bits} bit" if count else
+                "quantize_moe_experts: this model has no 3D expert weights (not a mixture of experts): nothing quantized")
     rows = model.get_input_embeddings().num_embeddings
     fit_embeddings_to_tokenizer(model, tokenizer, 32 if cfg.model.resize_token_embeddings_to_32x else None)
     new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]

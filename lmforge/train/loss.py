@@ -29,6 +29,15 @@ def uses_fast_path(model: Any) -> bool:
     return getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS and hasattr(base, "base_model_prefix")
 
 
+def router_aux_loss_coef(model: Any) -> float | None:
+    """The router load-balancing loss weight of a mixture-of-experts model whose config asks for it
+    (``output_router_logits: true``, e.g. through model_config), else None."""
+    config = _unwrap(model).config
+    if not getattr(config, "output_router_logits", False) or not hasattr(config, "router_aux_loss_coef"):
+        return None
+    return float(config.router_aux_loss_coef or 0.0)
+
+
 def flash_segments(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Flash-attention's variable-length arguments for a packed batch under a flash backend, else nothing.
 
@@ -112,6 +121,16 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
     count = positions.shape[0]
     rows, columns = positions.unbind(1)
     targets = labels[:, 1:][rows, columns]
+    aux_coef = router_aux_loss_coef(model)
+    if aux_coef is not None:
+        # A mixture-of-experts model computes its router's load-balancing loss itself (transformers'
+        # load_balancing_loss_func, from the router logits it records): its full forward gives it.
+        # transformers adds coef * aux to the mean token loss; as a sum over `count` tokens that is
+        # coef * aux * count, so the token-weighted mean the loop takes equals transformers' loss.
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_router_logits=True, **extra)
+        loss_sum = F.cross_entropy(outputs.logits[rows, columns].float(), targets, reduction="sum", label_smoothing=label_smoothing)
+        aux = getattr(outputs, "aux_loss", None)
+        return (loss_sum if aux is None else loss_sum + aux_coef * aux.float() * count), count
     if uses_fast_path(model):
         base = _unwrap(model)
         backbone = getattr(base, base.base_model_prefix)

@@ -1,7 +1,7 @@
 """Dataset formats (`type:`): each turns one row into text segments marked trainable or not.
 
 One module per format: alpaca (+ alpaca_w_system), completion, input_output, chat
-(chat_template), user_defined (a mapping), hook (a user's function). A format knows nothing of
+(chat_template), user_defined (a mapping), hook (a user's function), legacy (axolotl's `BASE:STYLE`). A format knows nothing of
 token ids; `lmforge.data.prepare.tokenize_rows` turns segments into ids and labels, so "loss only
 on the response" is decided once, by the `train` flag of each segment.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmforge.config.formats import BUILTIN_TYPES
 from lmforge.config.sections import UserDefinedFormat
 from lmforge.data.formats.alpaca import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca, alpaca_w_system
 from lmforge.data.formats.base import PromptFormat, Segment
@@ -17,11 +18,11 @@ from lmforge.data.formats.chat import DEFAULT_ROLES, RESERVED_VARIABLES, ChatTem
 from lmforge.data.formats.completion import CompletionFormat
 from lmforge.data.formats.hook import HookFormat, SkipRow, looks_like_hook
 from lmforge.data.formats.input_output import InputOutputFormat
+from lmforge.data.formats.legacy import legacy_format
 from lmforge.data.formats.templates import NAMED_TEMPLATES, has_generation_blocks, prepare_chat_tokenizer, resolve_template
 from lmforge.data.formats.user_defined import TemplateFormat, user_defined
 from lmforge.errors import LmforgeError
 
-BUILTIN_TYPES = ("alpaca", "alpaca_w_system", "completion", "input_output", "chat_template", "sharegpt")
 
 __all__ = [
     "ALPACA_NO_INPUT", "ALPACA_WITH_INPUT", "BUILTIN_TYPES", "NAMED_TEMPLATES", "ChatTemplateFormat", "CompletionFormat",
@@ -112,6 +113,8 @@ def get_format(
         return CompletionFormat(getattr(spec, "field", None) or "text")
     if kind == "input_output":
         return InputOutputFormat(getattr(spec, "field", None) or "segments")
+    if isinstance(kind, str) and (legacy := legacy_format(kind)) is not None:
+        return legacy
     if kind in ("chat_template", "sharegpt"):
         return chat_format(spec, tokenizer, chat_template, where, data)
     if isinstance(kind, str) and looks_like_hook(kind):

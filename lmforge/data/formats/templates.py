@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from lmforge.config.formats import FALLBACK_PREFIX
 from lmforge.errors import LmforgeError
 
 
@@ -58,13 +60,61 @@ NAMED_TEMPLATES = {
     ),
 }
 
+# The model families' published templates, shipped as lmforge/data/formats/chat_templates/NAME.jinja
+# (see the README there for where each comes from): the marker tokens each needs as single tokens,
+# and the token that ends a turn (None: the tokenizer's eos_token).
+CHATML = ("<|im_start|>", "<|im_end|>")
+COHERE = ("<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>")
+COMMAND_A = COHERE + ("<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_THINKING|>", "<|END_THINKING|>")
+LLAMA3 = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+GEMMA = ("<start_of_turn>", "<end_of_turn>")
+PHI3 = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+MISTRAL = ("[INST]", "[/INST]")
+FILE_TEMPLATES: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "alpaca": ((), None),
+    "aya": (COHERE, "<|END_OF_TURN_TOKEN|>"),
+    "cohere": (COHERE, "<|END_OF_TURN_TOKEN|>"),
+    "command_a": (COMMAND_A, "<|END_OF_TURN_TOKEN|>"),
+    "command_a_rag": (COMMAND_A, "<|END_OF_TURN_TOKEN|>"),
+    "command_a_tool_use": (COMMAND_A, "<|END_OF_TURN_TOKEN|>"),
+    "deepseek_v2": (("<｜User｜>", "<｜Assistant｜>"), None),
+    "deepseek_v3": (("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), "<｜end▁of▁sentence｜>"),
+    "exaone": (("[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]"), "[|endofturn|]"),
+    "exaone4": (("[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]"), "[|endofturn|]"),
+    "falcon_h1": (CHATML, "<|im_end|>"),
+    "gemma3": (GEMMA, "<end_of_turn>"),
+    "gemma3n": (GEMMA, "<end_of_turn>"),
+    "gemma4": (("<|turn>", "<turn|>"), "<turn|>"),
+    "gemma4_unified": (("<|turn>", "<turn|>"), "<turn|>"),
+    "jamba": (("<|bom|>", "<|eom|>"), "<|eom|>"),
+    "llama3_2_vision": (LLAMA3, "<|eot_id|>"),
+    "llama4": (("<|header_start|>", "<|header_end|>", "<|eot|>"), "<|eot|>"),
+    "llava": ((), None),
+    "metharme": (("<|system|>", "<|user|>", "<|model|>"), None),
+    "mistral_v1": ((), None),
+    "mistral_v2v3": (MISTRAL, None),
+    "mistral_v3_tekken": (MISTRAL, None),
+    "mistral_v7_tekken": (MISTRAL + ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"), None),
+    "nemotron_h": (CHATML, "<|im_end|>"),
+    "phi_3": (PHI3, "<|end|>"),
+    "phi_35": (PHI3, "<|end|>"),
+    "phi_4": (("<|im_start|>", "<|im_sep|>", "<|im_end|>"), "<|im_end|>"),
+    "pixtral": (MISTRAL, None),
+    "qwen2_vl": (CHATML, "<|im_end|>"),
+    "qwen3": (CHATML, "<|im_end|>"),
+    "qwen3_5": (CHATML, "<|im_end|>"),
+    "qwen_25": (CHATML, "<|im_end|>"),
+}
+TEMPLATE_FOLDER = Path(__file__).parent / "chat_templates"
+for _name, (_markers, _end) in FILE_TEMPLATES.items():
+    NAMED_TEMPLATES[_name] = NamedTemplate((TEMPLATE_FOLDER / f"{_name}.jinja").read_text(encoding="utf-8"), _markers, _end)
+
 # End-of-turn markers of common templates, tried when the template is not a named one (those the
 # template's text contains, plus EOS when it writes it).
 KNOWN_END_OF_TURN = (
     "<|im_end|>", "<|eot_id|>", "<|eot|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>", "<|end▁of▁sentence|>",
     "<|return|>", "<|endoftext|>", "</s>",
 )
-FALLBACK_PREFIX = "tokenizer_default_fallback_"
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
