@@ -447,6 +447,24 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
 
 # --- the table ---------------------------------------------------------------------------------------------------
 
+PREFERENCE_OBJECTIVES = "lmforge/train/preference.py"
+PREFERENCE_DATA = "lmforge/data/preference.py"
+# axolotl's rl: values lmforge does not train, and the nearest method that works.
+RL_REFUSED = {
+    "ebft": ("energy-based fine-tuning", "rl: dpo"),
+    "gdpo": ("group DPO (online generation per group)", "rl: dpo"),
+    "ppo": ("PPO with a learned value model", "rl: dpo (or rl: grpo for rewards from functions)"),
+}
+
+
+def rl_method(value: Any, facts: Facts) -> Verdict | None:
+    """ebft, gdpo and ppo refused, naming the nearest method that works"""
+    if isinstance(value, str) and value in RL_REFUSED:
+        what, nearest = RL_REFUSED[value]
+        return Verdict(Kind.NOT_YET, f"rl: {value} ({what})", nearest=nearest)
+    return None
+
+
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
 MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it trains text models"
 MOE_KERNELS = "MoE expert kernels and expert quantization are out of lmforge's scope"
@@ -878,8 +896,8 @@ KEYS: tuple[Key, ...] = (
     later("revision", "a Hub revision of a dataset", nearest="path (a local copy)", scope=DATASET),
     out("logprobs_field", "distillation from teacher log-probabilities is out of lmforge's scope", scope=DATASET),
     out("temperature", "distillation from teacher log-probabilities is out of lmforge's scope", scope=DATASET),
-    out("field_chosen", RL, scope=DATASET),
-    out("field_rejected", RL, scope=DATASET),
+    done("field_chosen", PREFERENCE_DATA, scope=DATASET),
+    done("field_rejected", PREFERENCE_DATA, scope=DATASET),
     out("step_separator", RL, scope=DATASET),
     out("max_completion_length", RL, scope=DATASET),
     out("train_on_last_step_only", RL, scope=DATASET),
@@ -898,12 +916,12 @@ KEYS: tuple[Key, ...] = (
     done("format", USER_DEFINED, scope=DATASET_TYPE),
     done("no_input_format", USER_DEFINED, scope=DATASET_TYPE),
     later("system_format", "a separate system template", nearest="format (with {system})", scope=DATASET_TYPE),
-    out("field_prompt", RL, scope=DATASET_TYPE),
-    out("field_chosen", RL, scope=DATASET_TYPE),
-    out("field_rejected", RL, scope=DATASET_TYPE),
-    out("prompt_format", RL, scope=DATASET_TYPE),
-    out("chosen_format", RL, scope=DATASET_TYPE),
-    out("rejected_format", RL, scope=DATASET_TYPE),
+    done("field_prompt", PREFERENCE_DATA, scope=DATASET_TYPE),
+    done("field_chosen", PREFERENCE_DATA, scope=DATASET_TYPE),
+    done("field_rejected", PREFERENCE_DATA, scope=DATASET_TYPE),
+    done("prompt_format", PREFERENCE_DATA, scope=DATASET_TYPE),
+    done("chosen_format", PREFERENCE_DATA, scope=DATASET_TYPE),
+    done("rejected_format", PREFERENCE_DATA, scope=DATASET_TYPE),
     out("field_label", RL, scope=DATASET_TYPE),
     out("field_completion", RL, scope=DATASET_TYPE),
     out("completion_format", RL, scope=DATASET_TYPE),
@@ -1010,10 +1028,21 @@ KEYS: tuple[Key, ...] = (
     done("repetition_penalty", INFERENCE), done("truncate_prompt", INFERENCE),
 
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
-    out("rl", RL), out("trl", RL), out("vllm", RL), out("ebft", RL), out("rl_beta", RL), out("dpo_*", RL),
-    out("orpo_alpha", RL), out("simpo_gamma", RL), out("cpo_alpha", RL), out("kto_desirable_weight", RL),
-    out("kto_undesirable_weight", RL), out("rpo_alpha", RL), out("max_prompt_len", RL), out("precompute_ref_log_probs", RL),
-    out("reward_model", RL), out("process_reward_model", RL), out("center_rewards_coefficient", RL), out("num_labels", RL),
+    # rl: dpo | ipo | orpo | simpo | kto (lmforge/train/preference.py); rl: grpo and the trl: section are GRPO's rows.
+    done("rl", PREFERENCE_OBJECTIVES, PREFERENCE_DATA, "lmforge/config/checks.py", rule=rl_method),
+    out("trl", RL), out("vllm", RL), out("ebft", RL, nearest="rl: dpo"),
+    done("rl_beta", PREFERENCE_OBJECTIVES), done("dpo_loss_type", PREFERENCE_OBJECTIVES),
+    done("dpo_loss_weights", PREFERENCE_OBJECTIVES), done("dpo_label_smoothing", PREFERENCE_OBJECTIVES),
+    done("dpo_use_weighting", PREFERENCE_OBJECTIVES), done("dpo_norm_loss", PREFERENCE_OBJECTIVES),
+    later("dpo_*", "this DPO option", nearest="dpo_loss_type, dpo_label_smoothing, dpo_use_weighting"),
+    done("orpo_alpha", PREFERENCE_OBJECTIVES), done("simpo_gamma", PREFERENCE_OBJECTIVES), done("cpo_alpha", PREFERENCE_OBJECTIVES),
+    done("kto_desirable_weight", PREFERENCE_OBJECTIVES), done("kto_undesirable_weight", PREFERENCE_OBJECTIVES),
+    done("rpo_alpha", PREFERENCE_OBJECTIVES), done("max_prompt_len", PREFERENCE_DATA),
+    done("precompute_ref_log_probs", PREFERENCE_OBJECTIVES, "lmforge/recipes/finetune.py"),
+    later("reward_model", "reward-model training (a sequence-classification head)", nearest="rl: dpo (the policy is its own reward model)"),
+    out("process_reward_model", "process reward models (a score per reasoning step) are out of lmforge's scope",
+        nearest="rl: dpo on step-level preference pairs"),
+    out("center_rewards_coefficient", RL), later("num_labels", "reward-model training", nearest="rl: dpo"),
     out("nemo_gym_*", RL), out("hatchery", "training on a remote service is out of lmforge's scope"),
     out("kd_*", "knowledge distillation from teacher logits is out of lmforge's scope"),
     out("diffusion", "diffusion language-model training is out of lmforge's scope"),

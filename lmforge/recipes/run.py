@@ -120,13 +120,22 @@ class TrainOutcome:
     eval_end: float | None  # eval loss of the weights the run ends with (the best, with load_best_model_at_end)
     wall_seconds: float
     settings: LoopSettings
+    objective_metrics: dict[str, float] | None = None  # the objective's own numbers at the last log (DPO's rewards/...)
+
+
+# What the loop logs of its own; any other logged name is the objective's (summary.json keeps its last values).
+LOOP_METRICS = frozenset({"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "peak_memory_mb", "eval_loss", "eval_perplexity"})
 
 
 class _RunCallbacks(Callbacks):
     def __init__(self, loggers: list, save: Callable[[int], None], on_best: Callable[[int, float], None]) -> None:
         self.loggers, self.save, self.best = loggers, save, on_best
+        self.objective_metrics: dict[str, float] | None = None
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        objective_metrics = {k: v for k, v in metrics.items() if k not in LOOP_METRICS}
+        if objective_metrics:
+            self.objective_metrics = objective_metrics
         for logger in self.loggers:
             logger.log(step, metrics)
 
@@ -277,6 +286,23 @@ class TrainingRun:
             objective = replace(objective, fused=fused)  # type: ignore[type-var]
         return objective
 
+    def with_reference(self, objective: Objective, model: Any) -> Objective:
+        """The objective with its reference model: none needed when the batches carry precomputed reference
+        log-probabilities or the policy is a LoRA/QLoRA model (its adapter switched off is the reference);
+        else a frozen copy of the starting weights (taken before any checkpoint is loaded)."""
+        if getattr(objective, "reference", None) is not None or self.cfg.rl.precompute_ref_log_probs \
+                or hasattr(getattr(model, "module", model), "disable_adapter"):
+            return objective
+        if self.engine.distributed:
+            raise LmforgeError(f"rl: {self.cfg.rl.rl} with full fine-tuning on several ranks needs a reference copy, which "
+                               "lmforge does not shard yet", where="rl",
+                               fix="use adapter: lora (the reference is the base), or precompute_ref_log_probs: true")
+        import copy
+
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        say(f"reference model: a frozen copy of the starting weights ({sum(p.numel() for p in reference.parameters()):,} parameters)")
+        return objective.with_reference(reference)  # type: ignore[attr-defined]
+
     def evaluate(self, model: Any, batches: Iterable[Batch], objective: LossFn) -> float:
         """Mean per-token loss of `objective` (for_evaluation: no label smoothing), with the run's device and
         precision, over all ranks."""
@@ -347,8 +373,7 @@ class TrainingRun:
         if t.eval_strategy == "no":
             eval_fn = None
         if objective.needs_reference_model:
-            raise LmforgeError(f"objective {objective.name} needs a reference model, which TrainingRun does not load yet",
-                               where="objective", fix="choose another objective")
+            objective = self.with_reference(objective, model)
         flat = self.cfg.flat()
         invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, **invariants}
         optimizer, scheduler = self.optimizer(model, plan)
@@ -444,7 +469,7 @@ class TrainingRun:
                         param.copy_(best[name])
             eval_end = result.best_eval_loss
             say(f"restored the best weights: step {result.best_step}, eval loss {result.best_eval_loss:.4f}")
-        return TrainOutcome(result, eval_start, eval_end, wall, settings)
+        return TrainOutcome(result, eval_start, eval_end, wall, settings, callbacks.objective_metrics)
 
     # -- save ----------------------------------------------------------------------------------------
 
@@ -491,6 +516,7 @@ class TrainingRun:
             "total_parameters": total,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             **(self.peak_check.finish() if self.peak_check else {}),  # predicted vs measured peak (lmforge.plan)
+            **({"train_metrics": outcome.objective_metrics} if outcome.objective_metrics else {}),
             "ranks": self.engine.world_size,
             "engine": self.engine.name,
         }
