@@ -82,3 +82,220 @@ def test_kto_equals_trl(trl: dict) -> None:
     reference = _model(trl["reference_weights"]).eval().requires_grad_(False)
     objective = KTO(beta=0.1, desirable_weight=settings["desirable_weight"], undesirable_weight=settings["undesirable_weight"])
     _check(trl["kto"], objective.with_reference(reference), collate_completions(rows, 0), _model(trl["weights"]), count_of=4)
+
+
+# --- every rl key acts ---------------------------------------------------------------------------------------------
+
+def _objective(tmp_path: Path, **keys: object):  # noqa: ANN202
+    from conftest import write_config
+
+    from lmforge.config.schema import load_config
+    from lmforge.train.objectives import objective_from_config
+
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    config = {"base_model": str(tmp_path / "m"), "datasets": [{"path": str(tmp_path / "d.jsonl"), "type": "chatml.prompt_pairs"}], **keys}
+    return objective_from_config(load_config(str(write_config(tmp_path / "c.yml", config))))
+
+
+def _loss(trl: dict, objective: object) -> float:
+    if isinstance(objective, KTO):
+        batch = collate_completions([LabelledCompletion(p, a, d) for p, a, d in trl["kto_rows"]], 0)
+    else:
+        batch = _pairs(trl)
+    if hasattr(objective, "with_reference") and objective.needs_reference_model:
+        objective = objective.with_reference(_model(trl["reference_weights"]).eval().requires_grad_(False))
+    with torch.no_grad():
+        loss_sum, count, _ = objective(_model(trl["weights"]), batch)
+    return float(loss_sum) / count
+
+
+@pytest.mark.parametrize("base, key, value", [
+    ({"rl": "dpo"}, "rl_beta", 0.5),
+    ({"rl": "dpo"}, "dpo_loss_type", ["hinge"]),
+    ({"rl": "dpo", "dpo_loss_type": ["sigmoid", "hinge"]}, "dpo_loss_weights", [1.0, 3.0]),
+    ({"rl": "dpo"}, "dpo_label_smoothing", 0.2),
+    ({"rl": "dpo"}, "dpo_use_weighting", True),
+    ({"rl": "dpo"}, "dpo_norm_loss", True),
+    ({"rl": "dpo"}, "rpo_alpha", 1.0),
+    ({"rl": "dpo"}, "rl", "ipo"),
+    ({"rl": "dpo", "dpo_loss_type": ["robust"]}, "dpo_label_smoothing", 0.2),
+    ({"rl": "orpo"}, "orpo_alpha", 0.5),
+    ({"rl": "simpo"}, "simpo_gamma", 1.5),
+    ({"rl": "simpo"}, "cpo_alpha", 1.0),
+    ({"rl": "simpo"}, "rl_beta", 2.0),
+    ({"rl": "kto"}, "kto_desirable_weight", 2.0),
+    ({"rl": "kto"}, "kto_undesirable_weight", 2.0),
+    ({"rl": "kto"}, "rl_beta", 0.5),
+])
+def test_every_rl_key_changes_the_loss(trl: dict, tmp_path: Path, base: dict, key: str, value: object) -> None:
+    without = _loss(trl, _objective(tmp_path, **base))
+    with_key = _loss(trl, _objective(tmp_path, **{**base, key: value}))
+    assert abs(with_key - without) > 1e-4, (key, without, with_key)
+
+
+def test_ipo_is_dpo_with_the_ipo_loss(trl: dict, tmp_path: Path) -> None:
+    assert _objective(tmp_path, rl="ipo").loss_types == ("ipo",)
+    assert _loss(trl, _objective(tmp_path, rl="ipo")) == pytest.approx(trl["ipo"]["loss"], abs=1e-5)
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def test_truncation_keeps_the_prompt_tail_and_the_answer_heads() -> None:
+    from lmforge.data.preference import fit
+
+    prompt, answers, truncated = fit(list(range(10)), [[100, 101, 102, 103], [200, 201]], sequence_len=8, max_prompt_len=5)
+    assert truncated and prompt == [5, 6, 7, 8, 9] and answers == [[100, 101, 102], [200, 201]]
+    assert fit([1, 2], [[3], [4]], 8, 4) == ([1, 2], [[3], [4]], False)
+
+
+def test_labels_fall_on_the_answers_only() -> None:
+    batch = collate_pairs([PreferencePair([5, 6], [7, 8], [9]), PreferencePair([5], [10], [11, 12, 13])], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 10, 0, 0], [5, 6, 9, 0], [5, 11, 12, 13]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100], [-100, -100, 9, -100], [-100, 11, 12, 13]]
+
+
+def _prepare(tmp_path: Path, rows: list[dict], type_: object, **keys: object):  # noqa: ANN202
+    from conftest import write_config, write_jsonl
+
+    from lmforge.config.schema import load_config
+    from lmforge.data.preference import prepare_preferences
+    from lmforge.models.load import config_tokenizer
+
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    config = {"base_model": str(REPO_TINY[0]), "datasets": [{"path": str(data), "type": type_}], "rl": "dpo", "sequence_len": 64, **keys}
+    cfg = load_config(str(write_config(tmp_path / "c.yml", config)))
+    tokenizer = config_tokenizer(cfg)
+    return prepare_preferences(cfg.data, tokenizer, 0, max_prompt_len=cfg.rl.max_prompt_len), tokenizer
+
+
+REPO_TINY: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _tiny(tiny_model_dir: Path) -> None:
+    REPO_TINY[:] = [tiny_model_dir]
+
+
+def test_identical_pairs_are_counted_and_skipped(tmp_path: Path) -> None:
+    rows = [{"prompt": "what is one plus two ?", "chosen": "three", "rejected": "four"},
+            {"prompt": "what is one plus one ?", "chosen": "two", "rejected": "two"}]
+    prepared, _ = _prepare(tmp_path, rows, {"field_prompt": "prompt"})
+    assert len(prepared.train) == 1 and prepared.stats.identical_skipped == 1
+    assert "1 pairs with chosen == rejected skipped" in prepared.stats.summary()
+
+
+def test_max_prompt_len_keeps_the_prompt_tail(tmp_path: Path) -> None:
+    rows = [{"prompt": " ".join(["one"] * 40 + ["two", "three"]), "chosen": "four five", "rejected": "six"}]
+    prepared, tok = _prepare(tmp_path, rows, {"field_prompt": "prompt"}, max_prompt_len=10, sequence_len=24)
+    pair = prepared.train[0]
+    assert len(pair.prompt_ids) == 10 and tok.decode(pair.prompt_ids[-2:]) == "two three"
+    assert prepared.stats.truncated == 1
+
+
+def test_user_defined_formats(tmp_path: Path) -> None:
+    rows = [{"q": "what is one plus two ?", "good": "three", "bad": "four"}]
+    mapping = {"field_prompt": "q", "field_chosen": "good", "field_rejected": "bad", "prompt_format": "question {prompt} answer",
+               "chosen_format": "{chosen} .", "rejected_format": "{rejected} !"}
+    prepared, tok = _prepare(tmp_path, rows, mapping)
+    pair = prepared.train[0]
+    assert tok.decode(pair.prompt_ids, skip_special_tokens=True).startswith("question what is one plus two ? answer")
+    assert tok.decode(pair.chosen_ids, skip_special_tokens=True) == "three ."
+    assert tok.decode(pair.rejected_ids, skip_special_tokens=True) == "four !"
+
+
+def test_chat_template_default_renames_columns_and_renders_the_template(tmp_path: Path) -> None:
+    from lmforge.data.formats.preference import preference_format
+
+    class Tok:  # the template is rendered by the tokenizer's own apply_chat_template
+        def apply_chat_template(self, messages, chat_template, tokenize, add_generation_prompt):  # noqa: ANN001, ANN202
+            text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+            return text + ("<assistant>" if add_generation_prompt else "")
+
+    class Spec:
+        field_messages, field_chosen, field_rejected = "conv", "yes", "no"
+        message_property_mappings = {"role": "from", "content": "value"}
+        roles = None
+        type = "chat_template.default"
+
+    fmt = preference_format("chat_template.default", "t", spec=Spec(), tokenizer=Tok(), template="x", completion=False)
+    text = fmt({"conv": [{"from": "user", "value": "hi"}], "yes": {"from": "assistant", "value": "hello"},
+                "no": {"from": "assistant", "value": "go away"}}, "f:1")
+    assert (text.prompt, text.chosen, text.rejected) == ("<user>hi</><assistant>", "hello</>", "go away</>")
+
+
+@pytest.mark.parametrize("kind, row, expected", [
+    ("chatml.intel", {"system": "be brief", "question": "q", "chosen": "a", "rejected": "b"},
+     ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>", "b<|im_end|>")),
+    ("chatml.argilla_chat", {"chosen": [{"content": "q"}, {"content": "a"}], "rejected": [{"content": "q"}, {"content": "b"}]},
+     ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>", "b<|im_end|>")),
+    ("chatml.ultra", {"prompt": "q", "chosen": [{"content": "q"}, {"content": "a"}], "rejected": [{"content": "q"}, {"content": "b"}]},
+     ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>", "b<|im_end|>")),
+    ("llama3.prompt_pairs", {"prompt": "q", "chosen": "a", "rejected": "b"},
+     ("<|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", "a<|eot_id|>", "b<|eot_id|>")),
+    ("zephyr.nectar", {"prompt": "q", "answers": [{"answer": "x", "rank": 1}, {"answer": "y", "rank": 2}, {"answer": "z", "rank": 3}]},
+     ("<|system|>\n</s>\n<|user|>\nq</s>\n<|assistant|>\n", "z", "y")),
+])
+def test_axolotl_fixed_types(kind: str, row: dict, expected: tuple) -> None:
+    from lmforge.data.formats.preference import preference_format
+
+    text = preference_format(kind, "t", spec=None, tokenizer=None, template=None, completion=False)(row, "f:1")
+    assert (text.prompt, text.chosen, text.rejected) == expected
+
+
+# --- bad input: one line, non-zero exit, no traceback ----------------------------------------------------------------
+
+def _cli_config(tmp_path: Path, tiny_model_dir: Path, rows: list[dict], **keys: object) -> Path:
+    from conftest import tiny_config, write_config, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "out", **{"max_steps": 1, "rl": "dpo",
+                         "datasets": [{"path": str(data), "type": {"field_prompt": "prompt"}}], **keys})
+    return write_config(tmp_path / "c.yml", config)
+
+
+PAIR = {"prompt": "what is one plus two ?", "chosen": "three", "rejected": "four"}
+
+
+def test_row_missing_rejected_is_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR, {"prompt": "what is two ?", "chosen": "two"}])
+    assert_one_clear_line(run_cli("train", str(config), cwd=tmp_path), "pairs.jsonl:2", "'rejected'")
+
+
+def test_only_identical_pairs_is_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    config = _cli_config(tmp_path, tiny_model_dir, [{**PAIR, "rejected": PAIR["chosen"]}])
+    assert_one_clear_line(run_cli("train", str(config), cwd=tmp_path), "1 with chosen == rejected")
+
+
+def test_rl_with_sample_packing_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR], sample_packing=True)
+    assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "c.yml:", "sample_packing", "rl: dpo")
+
+
+def test_rl_with_pretraining_dataset_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    (tmp_path / "text.txt").write_text("one two three\n")
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR], pretraining_dataset=[str(tmp_path / "text.txt")])
+    assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "pretraining_dataset", "rl: dpo")
+
+
+@pytest.mark.parametrize("value, nearest", [("ebft", "rl: dpo"), ("gdpo", "rl: dpo")])
+def test_rl_methods_left_out_name_the_nearest(tmp_path: Path, tiny_model_dir: Path, value: str, nearest: str) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR], rl=value)
+    assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), f"rl: {value}", nearest)
+
+
+def test_process_reward_model_is_refused_naming_dpo(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR], process_reward_model=True)
+    assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "process_reward_model", "rl: dpo")

@@ -77,7 +77,7 @@ def _preference(c: _Checker) -> None:
         return
     if c.cfg.pretrain.pretraining_dataset or c.cfg.is_pretraining:
         key = "pretraining_dataset" if c.given("pretraining_dataset") else "rl"
-        raise c.error(key, f"rl: {rl.rl} trains on preference rows of `datasets`, not on raw-text pretraining data",
+        raise c.error(key, f"rl: {rl.rl} trains on preference rows of `datasets`; pretraining_dataset (raw text) has no pairs",
                       "pretrain (or fine-tune) first, then run rl: with datasets: of preference pairs")
     if c.cfg.data.sample_packing:
         raise c.error("sample_packing", f"rl: {rl.rl} compares whole answers per row; sample_packing does not apply to preference pairs",

@@ -448,7 +448,7 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
 # --- the table ---------------------------------------------------------------------------------------------------
 
 PREFERENCE_OBJECTIVES = "lmforge/train/preference.py"
-PREFERENCE_DATA = "lmforge/data/preference.py"
+PREFERENCE_DATA = "lmforge/data/formats/preference.py"
 # axolotl's rl: values lmforge does not train, and the nearest method that works.
 RL_REFUSED = {
     "ebft": ("energy-based fine-tuning", "rl: dpo"),
@@ -1029,7 +1029,7 @@ KEYS: tuple[Key, ...] = (
 
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
     # rl: dpo | ipo | orpo | simpo | kto (lmforge/train/preference.py); rl: grpo and the trl: section are GRPO's rows.
-    done("rl", PREFERENCE_OBJECTIVES, PREFERENCE_DATA, "lmforge/config/checks.py", rule=rl_method),
+    done("rl", PREFERENCE_OBJECTIVES, "lmforge/recipes/finetune.py", rule=rl_method),
     out("trl", RL), out("vllm", RL), out("ebft", RL, nearest="rl: dpo"),
     done("rl_beta", PREFERENCE_OBJECTIVES), done("dpo_loss_type", PREFERENCE_OBJECTIVES),
     done("dpo_loss_weights", PREFERENCE_OBJECTIVES), done("dpo_label_smoothing", PREFERENCE_OBJECTIVES),
@@ -1037,8 +1037,8 @@ KEYS: tuple[Key, ...] = (
     later("dpo_*", "this DPO option", nearest="dpo_loss_type, dpo_label_smoothing, dpo_use_weighting"),
     done("orpo_alpha", PREFERENCE_OBJECTIVES), done("simpo_gamma", PREFERENCE_OBJECTIVES), done("cpo_alpha", PREFERENCE_OBJECTIVES),
     done("kto_desirable_weight", PREFERENCE_OBJECTIVES), done("kto_undesirable_weight", PREFERENCE_OBJECTIVES),
-    done("rpo_alpha", PREFERENCE_OBJECTIVES), done("max_prompt_len", PREFERENCE_DATA),
-    done("precompute_ref_log_probs", PREFERENCE_OBJECTIVES, "lmforge/recipes/finetune.py"),
+    done("rpo_alpha", PREFERENCE_OBJECTIVES), done("max_prompt_len", "lmforge/recipes/finetune.py"),
+    done("precompute_ref_log_probs", "lmforge/recipes/finetune.py", "lmforge/recipes/run.py"),
     later("reward_model", "reward-model training (a sequence-classification head)", nearest="rl: dpo (the policy is its own reward model)"),
     out("process_reward_model", "process reward models (a score per reasoning step) are out of lmforge's scope",
         nearest="rl: dpo on step-level preference pairs"),
