@@ -84,6 +84,28 @@ def build(split_file: Path, out_file: Path, want: int, batch_size: int, max_new_
     progress_file.unlink(missing_ok=True)
 
 
+def kto_rows(pairs_file: Path, kto_file: Path) -> int:
+    """KTO's unpaired layout of the same pairs: each answer on its own row, label true (chosen) or false (rejected)."""
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+    with kto_file.open("w") as out:
+        for row in rows:
+            for key, label in (("chosen", True), ("rejected", False)):
+                out.write(json.dumps({"messages": row["messages"], "completion": row[key], "label": label}, ensure_ascii=False) + "\n")
+    return 2 * len(rows)
+
+
+def finalize(out: Path, hold_out: int) -> None:
+    """Without a test.jsonl (generation stopped before GSM8K's test questions): the last `hold_out` train pairs
+    become the held-out set (their questions are in no other pair). Then the KTO files."""
+    train, test = out / "train.jsonl", out / "test.jsonl"
+    if not test.exists() or not test.read_text().strip():
+        lines = train.read_text().splitlines()
+        train.write_text("".join(line + "\n" for line in lines[:-hold_out]))
+        test.write_text("".join(line + "\n" for line in lines[-hold_out:]))
+    for split in ("train", "test"):
+        print(f"kto_{split}.jsonl: {kto_rows(out / f'{split}.jsonl', out / f'kto_{split}.jsonl')} rows")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=1000, help="pairs to keep from data/gsm8k/train.jsonl")
@@ -92,9 +114,14 @@ def main() -> int:
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--source", default="data/gsm8k", help="folder with train.jsonl and test.jsonl")
     parser.add_argument("--out", default="data/gsm8k_preferences")
+    parser.add_argument("--finalize", type=int, metavar="N", default=None,
+                        help="no generation: hold out the last N train pairs as test.jsonl when there is none, write the KTO files")
     parser.add_argument("--train_first", action="store_true", help="answer the train questions before the test ones")
     parser.add_argument("--bf16", default="false", help="bf16 key for the model (false: fp32, the shipped files' setting)")
     args = parser.parse_args()
+    if args.finalize is not None:
+        finalize(Path(args.out), args.finalize)
+        return 0
 
     from lmforge.config.schema import load_config
     from lmforge.infer.generate import Sampling
@@ -114,6 +141,7 @@ def main() -> int:
     for split, want in (("train", args.train), ("test", args.test)) if args.train_first else (("test", args.test), ("train", args.train)):
         if want:
             build(source / f"{split}.jsonl", out / f"{split}.jsonl", want, args.batch_size, args.max_new_tokens, gen, sampling)
+    finalize(out, args.test)
     return 0
 
 

@@ -299,3 +299,24 @@ def test_process_reward_model_is_refused_naming_dpo(tmp_path: Path, tiny_model_d
 
     config = _cli_config(tmp_path, tiny_model_dir, [PAIR], process_reward_model=True)
     assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "process_reward_model", "rl: dpo")
+
+
+def test_the_planner_counts_the_reference_copy_and_the_pair_rows(tmp_path: Path) -> None:
+    from conftest import write_config
+
+    from lmforge.config.schema import load_config
+    from lmforge.plan.inputs import PlanInputs
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+
+    def inputs(**keys: object) -> PlanInputs:
+        config = {"base_model": str(tmp_path / "m"), "datasets": [{"path": str(tmp_path / "d.jsonl"), "type": "chatml.prompt_pairs"}],
+                  "micro_batch_size": 3, **keys}
+        return PlanInputs.from_config(load_config(str(write_config(tmp_path / "c.yml", config))))
+
+    full = inputs(rl="dpo")
+    assert full.reference_copy and full.micro_batch_size == 6
+    assert not inputs(rl="dpo", adapter="lora").reference_copy  # the adapter switched off is the reference
+    assert not inputs(rl="dpo", precompute_ref_log_probs=True).reference_copy
+    assert not inputs(rl="orpo").reference_copy and inputs(rl="kto", adapter="lora").micro_batch_size == 3
