@@ -320,3 +320,52 @@ def test_the_planner_counts_the_reference_copy_and_the_pair_rows(tmp_path: Path)
     assert not inputs(rl="dpo", adapter="lora").reference_copy  # the adapter switched off is the reference
     assert not inputs(rl="dpo", precompute_ref_log_probs=True).reference_copy
     assert not inputs(rl="orpo").reference_copy and inputs(rl="kto", adapter="lora").micro_batch_size == 3
+
+
+# --- the run: the reference model three ways, metrics in summary.json, the data report --------------------------------
+
+ROWS = [{"prompt": f"what is {a} plus {b} ?", "chosen": f"{a} plus {b} equals {a + b}", "rejected": f"{a} plus {b} equals {a + b + 1}"}
+        for a in range(1, 6) for b in range(1, 4)]
+
+
+def _train(tmp_path: Path, tiny_model_dir: Path, name: str, **keys: object) -> dict:
+    from conftest import tiny_config, write_config, write_jsonl
+
+    from lmforge.config.schema import load_config
+    from lmforge.recipes.finetune import run_train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    config = tiny_config(tiny_model_dir, data, tmp_path / name, **{
+        "rl": "dpo", "datasets": [{"path": str(data), "type": {"field_prompt": "prompt"}}], "val_set_size": 4,
+        "max_steps": 3, "logging_steps": 1, "eval_steps": 3, "learning_rate": 0.01, **keys})
+    return run_train(load_config(str(write_config(tmp_path / f"{name}.yml", config))))
+
+
+@pytest.mark.parametrize("adapter", ["lora", None])
+def test_precomputed_reference_equals_the_live_one(tmp_path: Path, tiny_model_dir: Path, adapter: str | None) -> None:
+    """LoRA: the adapter switched off; full fine-tuning: a frozen copy; either equals log-probabilities computed once."""
+    keys = {"adapter": adapter} if adapter else {"adapter": None, "learning_rate": 0.001}
+    live = _train(tmp_path, tiny_model_dir, "live", **keys)
+    once = _train(tmp_path, tiny_model_dir, "once", precompute_ref_log_probs=True, **keys)
+    assert live["final_train_loss"] == pytest.approx(once["final_train_loss"], abs=1e-5)
+    assert live["eval_loss_end"] == pytest.approx(once["eval_loss_end"], abs=1e-5)
+    assert live["eval_metrics_end"]["rewards/margins"] == pytest.approx(once["eval_metrics_end"]["rewards/margins"], abs=1e-5)
+    # The policy moved away from the reference: rewards are no longer all zero (a reference that followed the
+    # policy, or no reference, would leave them at 0).
+    assert abs(live["eval_metrics_end"]["rewards/chosen"]) > 1e-6
+    saved = json.loads((tmp_path / "live" / "summary.json").read_text())
+    assert set(saved["train_metrics"]) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    assert saved["eval_metrics_start"]["rewards/margins"] == 0.0  # step 0: the policy is the reference
+
+
+def test_data_report_has_chosen_and_rejected_histograms(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from conftest import tiny_config, write_config, write_jsonl
+
+    from lmforge.config.schema import load_config
+    from lmforge.recipes.data_report import run_data_report
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS + [{**ROWS[0], "rejected": ROWS[0]["chosen"]}])
+    config = tiny_config(tiny_model_dir, data, tmp_path / "out", rl="dpo", datasets=[{"path": str(data), "type": {"field_prompt": "prompt"}}])
+    report = run_data_report(load_config(str(write_config(tmp_path / "c.yml", config)))).read_text()
+    assert "chosen answer tokens (n=15" in report and "rejected answer tokens (n=15" in report
+    assert "1 pairs with chosen == rejected skipped" in report
