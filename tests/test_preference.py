@@ -328,13 +328,13 @@ ROWS = [{"prompt": f"what is {a} plus {b} ?", "chosen": f"{a} plus {b} equals {a
         for a in range(1, 6) for b in range(1, 4)]
 
 
-def _train(tmp_path: Path, tiny_model_dir: Path, name: str, **keys: object) -> dict:
+def _train(tmp_path: Path, tiny_model_dir: Path, name: str, rows: list[dict] = ROWS, **keys: object) -> dict:
     from conftest import tiny_config, write_config, write_jsonl
 
     from lmforge.config.schema import load_config
     from lmforge.recipes.finetune import run_train
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     config = tiny_config(tiny_model_dir, data, tmp_path / name, **{
         "rl": "dpo", "datasets": [{"path": str(data), "type": {"field_prompt": "prompt"}}], "val_set_size": 4,
         "max_steps": 3, "logging_steps": 1, "eval_steps": 3, "learning_rate": 0.01, **keys})
@@ -369,3 +369,26 @@ def test_data_report_has_chosen_and_rejected_histograms(tmp_path: Path, tiny_mod
     report = run_data_report(load_config(str(write_config(tmp_path / "c.yml", config)))).read_text()
     assert "chosen answer tokens (n=15" in report and "rejected answer tokens (n=15" in report
     assert "1 pairs with chosen == rejected skipped" in report
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_reward_model_learns_the_pairs_and_loads_in_plain_transformers(tmp_path: Path, tiny_model_dir: Path, adapter: str | None) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    keys = {"rl": None, "reward_model": True, "num_labels": 1, "adapter": adapter, "max_steps": 24, "eval_steps": 24,
+            "learning_rate": 0.003 if adapter is None else 0.03, "val_set_size": 6, "logging_steps": 24}
+    rows = [{**r, "rejected": "i do not know"} for r in ROWS] * 2  # a rule a tiny random model's score head can learn
+    summary = _train(tmp_path, tiny_model_dir, "rm", rows, **keys)
+    assert summary["rl"] == "reward_model"
+    assert summary["eval_metrics_start"]["rewards/accuracies"] < 0.75  # held-out pairwise accuracy: before ...
+    assert summary["eval_metrics_end"]["rewards/accuracies"] >= 0.99  # ... and after
+    if adapter is None:  # the saved folder is a plain sequence-classification model
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+        assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1
+
+
+def test_reward_model_with_rl_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR], reward_model=True)
+    assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "reward_model", "rl: dpo")

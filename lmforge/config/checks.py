@@ -73,6 +73,14 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
 def _preference(c: _Checker) -> None:
     """rl: trains on pairs (or labelled completions) of prompt + answer: no packing, no raw-text pretraining."""
     rl = c.cfg.rl
+    if rl.reward_model and rl.rl:
+        raise c.error("reward_model", f"reward_model: true trains a scorer, rl: {rl.rl} a policy; one run does one",
+                      "remove rl (train the reward model first), or remove reward_model")
+    if rl.num_labels is not None and not rl.reward_model:
+        c.warn("num_labels", "num_labels only shapes a reward model's head (reward_model: true): it changes nothing here")
+    if rl.reward_model and c.cfg.data.sample_packing:
+        raise c.error("sample_packing", "reward_model scores whole answers per row; sample_packing does not apply to preference pairs",
+                      "remove sample_packing (or set it to false)")
     if rl.rl is None:
         return
     if c.cfg.pretrain.pretraining_dataset or c.cfg.is_pretraining:

@@ -724,6 +724,11 @@ class RLSection(Section):
         False, description="Compute the reference model's log-probabilities once before training (stored with the "
         "prepared data): no reference model is held while training."
     )
+    reward_model: bool = Field(
+        False, description="Train a reward model on preference pairs: a sequence-classification head scoring each answer, "
+        "Bradley-Terry loss -log σ(score(chosen) - score(rejected)); it saves as AutoModelForSequenceClassification."
+    )
+    num_labels: int | None = Field(None, ge=1, le=1, description="reward_model: scores per sequence (1, the only value).")
     max_prompt_len: int | None = Field(
         None, gt=0, description="Preference rows: keep at most this many prompt tokens (the tail); default sequence_len // 2."
     )

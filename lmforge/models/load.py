@@ -201,6 +201,8 @@ def load_model(
     `model_type` names the transformers class to load with (default the Auto class); `config_source`
     (base_model_config) is where the model config is read from instead of base_model."""
     default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForCausalLM"
+    if kwargs.get("num_labels"):  # reward_model: the same weights under a sequence-classification head
+        default = "AutoModelForSequenceClassification"
     auto_class = transformers_class(model_type, default, "model", "model_type")
     source = local_model_dir(base_model)
     if config_source is not None:

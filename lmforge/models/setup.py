@@ -82,6 +82,8 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         extra = {"quantization_config": quantization} if quantization is not None else {}
         if attention is not None:
             extra["attn_implementation"] = attention
+        if cfg.rl.reward_model:  # a score head on the last answer token; padding is found through pad_token_id
+            extra.update(num_labels=cfg.rl.num_labels or 1, pad_token_id=tokenizer.pad_token_id)
         model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                            masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                            model_type=cfg.model.model_type, config_source=cfg.model.base_model_config, **extra)
@@ -103,7 +105,10 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     apply_liger(model, cfg.speed, runs_on, say)
     if cfg.adapter.adapter:
-        model = apply_lora(model, cover_new_token_rows(cfg.adapter, model, new_tokens, say))
+        adapter = cover_new_token_rows(cfg.adapter, model, new_tokens, say)
+        if cfg.rl.reward_model and "score" not in (adapter.lora_modules_to_save or []):
+            adapter = adapter.model_copy(update={"lora_modules_to_save": [*(adapter.lora_modules_to_save or []), "score"]})
+        model = apply_lora(model, adapter)
         if quantization is not None:
             from lmforge.models.quantize import disable_cpu_weight_packing
 

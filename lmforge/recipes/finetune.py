@@ -55,7 +55,8 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     with TrainingRun(cfg, "train") as run:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
         tokenizer = config_tokenizer(cfg, say=say)
-        rl = cfg.rl.rl  # preference tuning: pairs (or KTO rows) instead of examples, the same run otherwise
+        # preference tuning (or a reward model): pairs (or KTO rows) instead of examples, the same run otherwise
+        rl = cfg.rl.rl or ("reward_model" if cfg.rl.reward_model else None)
         with run.main_first():  # under several ranks rank 0 prepares and caches the data; the others read the cache
             # ... in the run's own output folder unless dataset_prepared_path names a place (not the current folder)
             shared = run.output_dir / "prepared_data" if run.engine.distributed else None

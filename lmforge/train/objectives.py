@@ -173,7 +173,7 @@ def objective_from_config(cfg: Any) -> Objective:
     """The objective a config trains: causal LM, or masked LM for ``objective: mlm`` pretraining, with
     label_smoothing_factor and chunked_cross_entropy (the fused head depends on the device: TrainingRun adds it)."""
     t = cfg.training
-    if getattr(cfg, "rl", None) is not None and cfg.rl.rl in ("dpo", "ipo", "orpo", "simpo", "kto"):
+    if getattr(cfg, "rl", None) is not None and (cfg.rl.rl in ("dpo", "ipo", "orpo", "simpo", "kto") or cfg.rl.reward_model):
         from lmforge.train.preference import preference_objective  # it builds on this module
 
         return preference_objective(cfg.rl)
