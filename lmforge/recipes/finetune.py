@@ -79,7 +79,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         pad_to = d.sequence_len if d.pad_to_sequence_len else None
         stream = EpochStream(data.train, t.micro_batch_size, pad_id, t.seed, t.group_by_length,
                              sequence_len=d.sequence_len if d.sample_packing else None, pad_to=pad_to, **run.data_shard,
-                             collate=collate_examples if rl else None)
+                             collate_fn=collate_examples if rl else None)
         eval_packing = d.sample_packing if d.eval_sample_packing is None else d.eval_sample_packing
         eval_size, eval_len = t.eval_batch_size or t.micro_batch_size, d.sequence_len if eval_packing else None
         objective = run.objective()  # label smoothing and the output-head choice come with it
