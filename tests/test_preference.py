@@ -414,3 +414,14 @@ def test_lora_dpo_raises_held_out_reward_accuracy_on_gsm8k_pairs(tmp_path: Path,
     start, end = summary["eval_metrics_start"], summary["eval_metrics_end"]
     assert start["rewards/margins"] == 0.0  # step 0: the policy is its reference
     assert end["rewards/accuracies"] >= 0.75 and end["rewards/margins"] > 0, end
+
+
+def test_validate_checks_every_pair(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_cli_errors import assert_one_clear_line, run_cli
+
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR, {**PAIR, "rejected": PAIR["chosen"]}, PAIR])
+    proc = run_cli("validate", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 rows, fields checked, 1 pairs with chosen == rejected will be skipped" in proc.stdout + proc.stderr
+    config = _cli_config(tmp_path, tiny_model_dir, [PAIR, {**PAIR, "chosen": " "}])
+    assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "pairs.jsonl:2", "'chosen'")
