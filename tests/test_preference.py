@@ -268,7 +268,7 @@ def test_only_identical_pairs_is_one_line(tmp_path: Path, tiny_model_dir: Path) 
     from test_cli_errors import assert_one_clear_line, run_cli
 
     config = _cli_config(tmp_path, tiny_model_dir, [{**PAIR, "rejected": PAIR["chosen"]}])
-    assert_one_clear_line(run_cli("train", str(config), cwd=tmp_path), "1 with chosen == rejected")
+    assert_one_clear_line(run_cli("train", str(config), cwd=tmp_path), "chosen == rejected")
 
 
 def test_rl_with_sample_packing_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
