@@ -67,7 +67,38 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _speed(c)
     _distributed(c)
     _remote_code(c)
+    _preference(c)
     return c.warnings
+
+
+def _preference(c: _Checker) -> None:
+    """rl: trains on pairs (or labelled completions) of prompt + answer: no packing, no raw-text pretraining."""
+    rl = c.cfg.rl
+    if rl.reward_model and rl.rl:
+        raise c.error("reward_model", f"reward_model: true trains a scorer, rl: {rl.rl} a policy; one run does one",
+                      "remove rl (train the reward model first), or remove reward_model")
+    if rl.num_labels is not None and not rl.reward_model:
+        c.warn("num_labels", "num_labels only shapes a reward model's head (reward_model: true): it changes nothing here")
+    if rl.reward_model and c.cfg.data.sample_packing:
+        raise c.error("sample_packing", "reward_model scores whole answers per row; sample_packing does not apply to preference pairs",
+                      "remove sample_packing (or set it to false)")
+    if rl.rl is None:
+        return
+    if c.cfg.pretrain.pretraining_dataset or c.cfg.is_pretraining:
+        key = "pretraining_dataset" if c.given("pretraining_dataset") else "rl"
+        raise c.error(key, f"rl: {rl.rl} trains on preference rows of `datasets`; pretraining_dataset (raw text) has no pairs",
+                      "pretrain (or fine-tune) first, then run rl: with datasets: of preference pairs")
+    if c.cfg.data.sample_packing:
+        raise c.error("sample_packing", f"rl: {rl.rl} compares whole answers per row; sample_packing does not apply to preference pairs",
+                      "remove sample_packing (or set it to false)")
+    if rl.precompute_ref_log_probs and rl.rl in ("orpo", "simpo"):
+        c.warn("precompute_ref_log_probs", f"rl: {rl.rl} uses no reference model: precompute_ref_log_probs changes nothing")
+    if rl.precompute_ref_log_probs and rl.rl == "kto":
+        raise c.error("precompute_ref_log_probs", "rl: kto's KL rows pair each prompt with another row's answer of the same "
+                      "micro-batch, so their reference log-probabilities cannot be computed before batching",
+                      "remove precompute_ref_log_probs (LoRA runs use the policy with its adapter off: no second copy)")
+    if rl.dpo_loss_type and rl.rl != "dpo":
+        raise c.error("dpo_loss_type", f"dpo_loss_type chooses rl: dpo's loss, and rl is {rl.rl}", "remove dpo_loss_type, or set rl: dpo")
 
 
 def _remote_code(c: _Checker) -> None:

@@ -519,6 +519,24 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
 
 # --- the table ---------------------------------------------------------------------------------------------------
 
+PREFERENCE_OBJECTIVES = "lmforge/train/preference.py"
+PREFERENCE_DATA = "lmforge/data/formats/preference.py"
+# axolotl's rl: values lmforge does not train, and the nearest method that works.
+RL_REFUSED = {
+    "ebft": ("energy-based fine-tuning", "rl: dpo"),
+    "gdpo": ("group DPO (online generation per group)", "rl: dpo"),
+    "ppo": ("PPO with a learned value model", "rl: dpo (or rl: grpo for rewards from functions)"),
+}
+
+
+def rl_method(value: Any, facts: Facts) -> Verdict | None:
+    """ebft, gdpo and ppo refused, naming the nearest method that works"""
+    if isinstance(value, str) and value in RL_REFUSED:
+        what, nearest = RL_REFUSED[value]
+        return Verdict(Kind.NOT_YET, f"rl: {value} ({what})", nearest=nearest)
+    return None
+
+
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
 MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it trains text models"
 DIFFUSION = "diffusion language-model training is out of lmforge's scope (a denoising objective, not next-token); axolotl's diffusion plugin does it"
@@ -891,8 +909,8 @@ KEYS: tuple[Key, ...] = (
     later("revision", "a Hub revision of a dataset", nearest="path (a local copy)", scope=DATASET),
     *each(out, ("logprobs_field", "temperature"),
           "distillation from teacher log-probabilities is out of lmforge's scope", scope=DATASET),
-    *each(out, ("field_chosen", "field_rejected", "step_separator", "max_completion_length", "train_on_last_step_only"),
-          RL, scope=DATASET),
+    *each(done, ("field_chosen", "field_rejected"), PREFERENCE_DATA, scope=DATASET),
+    *each(out, ("step_separator", "max_completion_length", "train_on_last_step_only"), RL, scope=DATASET),
     *each(later, ("length", "sequence_length", "min_input_id", "max_input_id"), "synthetic datasets", scope=DATASET),
     later("seed", "synthetic datasets", nearest="the top-level seed", scope=DATASET),
 
@@ -900,8 +918,9 @@ KEYS: tuple[Key, ...] = (
     *each(done, ("system_prompt", "field_system", "field_instruction", "field_input", "field_output", "format",
                  "no_input_format"), USER_DEFINED, scope=DATASET_TYPE),
     later("system_format", "a separate system template", nearest="format (with {system})", scope=DATASET_TYPE),
-    *each(out, ("field_prompt", "field_chosen", "field_rejected", "prompt_format", "chosen_format", "rejected_format",
-                "field_label", "field_completion", "completion_format"), RL, scope=DATASET_TYPE),
+    *each(done, ("field_prompt", "field_chosen", "field_rejected", "prompt_format", "chosen_format", "rejected_format"),
+          PREFERENCE_DATA, scope=DATASET_TYPE),
+    *each(out, ("field_label", "field_completion", "completion_format"), RL, scope=DATASET_TYPE),
 
     # --- a pretraining_dataset: entry ------------------------------------------------------------------------------------
     done("path", PRETRAIN, scope=PRETRAINING),
@@ -995,10 +1014,21 @@ KEYS: tuple[Key, ...] = (
     done("repetition_penalty", INFERENCE), done("truncate_prompt", INFERENCE),
 
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
-    out("rl", RL), out("trl", RL), out("vllm", RL), out("ebft", EBFT), out("rl_beta", RL), out("dpo_*", RL),
-    out("orpo_alpha", RL), out("simpo_gamma", RL), out("cpo_alpha", RL), out("kto_desirable_weight", RL),
-    out("kto_undesirable_weight", RL), out("rpo_alpha", RL), out("max_prompt_len", RL), out("precompute_ref_log_probs", RL),
-    out("reward_model", RL), out("process_reward_model", RL), out("center_rewards_coefficient", RL), out("num_labels", RL),
+    # rl: dpo | ipo | orpo | simpo | kto (lmforge/train/preference.py); rl: grpo and the trl: section are GRPO's rows.
+    done("rl", PREFERENCE_OBJECTIVES, "lmforge/recipes/finetune.py", rule=rl_method),
+    out("trl", RL), out("vllm", RL), out("ebft", EBFT, nearest="rl: dpo"),
+    done("rl_beta", PREFERENCE_OBJECTIVES), done("dpo_loss_type", PREFERENCE_OBJECTIVES),
+    done("dpo_loss_weights", PREFERENCE_OBJECTIVES), done("dpo_label_smoothing", PREFERENCE_OBJECTIVES),
+    done("dpo_use_weighting", PREFERENCE_OBJECTIVES), done("dpo_norm_loss", PREFERENCE_OBJECTIVES),
+    later("dpo_*", "this DPO option", nearest="dpo_loss_type, dpo_label_smoothing, dpo_use_weighting"),
+    done("orpo_alpha", PREFERENCE_OBJECTIVES), done("simpo_gamma", PREFERENCE_OBJECTIVES), done("cpo_alpha", PREFERENCE_OBJECTIVES),
+    done("kto_desirable_weight", PREFERENCE_OBJECTIVES), done("kto_undesirable_weight", PREFERENCE_OBJECTIVES),
+    done("rpo_alpha", PREFERENCE_OBJECTIVES), done("max_prompt_len", "lmforge/recipes/finetune.py"),
+    done("precompute_ref_log_probs", "lmforge/recipes/finetune.py", "lmforge/recipes/run.py"),
+    done("reward_model", PREFERENCE_OBJECTIVES, "lmforge/models/setup.py", "lmforge/recipes/finetune.py"),
+    out("process_reward_model", "process reward models (a score per reasoning step) are out of lmforge's scope",
+        nearest="rl: dpo on step-level preference pairs"),
+    out("center_rewards_coefficient", RL), done("num_labels", "lmforge/models/setup.py"),
     out("nemo_gym_*", RL), out("hatchery", "training on a remote service is out of lmforge's scope"),
     out("kd_*", "knowledge distillation from teacher logits is out of lmforge's scope"),
     out("diffusion", DIFFUSION),

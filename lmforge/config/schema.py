@@ -20,6 +20,7 @@ from lmforge.config.sections import (
     DatasetSpec,
     DataSection,
     DistributedSection,
+    RLSection,
     InferenceSection,
     EvaluationSection,
     LoggingSection,
@@ -55,6 +56,7 @@ class LmforgeConfig(BaseModel):
     evaluation: EvaluationSection = EvaluationSection()
     speed: SpeedSection = SpeedSection()
     distributed: DistributedSection = DistributedSection()
+    rl: RLSection = RLSection()
     notices: list[Notice] = []  # axolotl keys accepted because they change nothing here (`lmforge validate` prints them)
     warnings: list[str] = []  # cross-key settings that run but likely not as meant ('file:line: what'); see config.checks
 
@@ -141,13 +143,18 @@ def build_config(raw: RawConfig, *, gpu: bool | None = None) -> LmforgeConfig:
     return cfg
 
 
+# The families of axolotl's preference types (family.variant), read by lmforge/data/formats/preference.py.
+PREFERENCE_FAMILIES = ("chat_template", "chatml", "llama3", "zephyr", "user_defined")
+
+
 def _resolve_hooks(cfg: LmforgeConfig, raw: RawConfig) -> None:
     """Each dataset hook (`type: module.function`) checked to come from the config's folder or an installed
     package (config.hooks), and pinned to the file it runs."""
     config_dir = None if raw.source.startswith(("http://", "https://")) else raw.base_dir
     for key in ("datasets", "test_datasets"):
         for index, spec in enumerate(getattr(cfg.data, key) or []):
-            if is_hook(spec.type):
+            # rl: axolotl's preference types are written like hooks (chatml.intel, chat_template.default)
+            if is_hook(spec.type) and not ((cfg.rl.rl or cfg.rl.reward_model) and spec.type.split(".")[0] in PREFERENCE_FAMILIES):
                 spec.type = resolve_hook(spec.type, config_dir, raw.where((key, index, "type")))
 
 

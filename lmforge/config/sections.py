@@ -27,6 +27,13 @@ class UserDefinedFormat(Section):
     field_output: str = Field("output", description="Column holding the response (the only part trained on).")
     format: str = Field("{instruction}\n", description="Prompt template with {instruction}, {input}, {system}.")
     no_input_format: str | None = Field(None, description="Template used when the row has no input.")
+    # Preference pairs (rl:, axolotl's user_defined.default): {prompt}, {system}, {chosen}, {rejected} in the formats.
+    field_prompt: str | None = Field(None, description="rl: column holding the prompt (default prompt).")
+    field_chosen: str | None = Field(None, description="rl: column holding the preferred answer (default chosen).")
+    field_rejected: str | None = Field(None, description="rl: column holding the dispreferred answer (default rejected).")
+    prompt_format: str | None = Field(None, description="rl: prompt template with {prompt} and {system} (default {prompt}).")
+    chosen_format: str | None = Field(None, description="rl: chosen-answer template with {chosen} (default {chosen}).")
+    rejected_format: str | None = Field(None, description="rl: rejected-answer template with {rejected} (default {rejected}).")
 
 
 class DatasetSpec(Section):
@@ -80,6 +87,8 @@ class DatasetSpec(Section):
         None, description="chat_template: train the reasoning of assistant turns (default true); false trains from the answer on."
     )
     drop_system_message: bool | None = Field(None, description="chat_template: drop a conversation's leading system turn.")
+    field_chosen: str | None = Field(None, description="rl, chat_template.default: column with the preferred answer (default chosen).")
+    field_rejected: str | None = Field(None, description="rl, chat_template.default: column with the dispreferred answer (default rejected).")
     message_field_role: str | None = Field(
         None, description="chat_template: deprecated (axolotl); same as message_property_mappings: {role: ...}."
     )
@@ -833,6 +842,61 @@ def resolve_fsdp(fsdp: list[str] | None, fsdp_config: dict[str, Any] | None, fsd
     )
 
 
+PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "simpo", "kto")  # rl: grpo (generation in training) is built beside these
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+
+class RLSection(Section):
+    """Preference tuning after SFT (axolotl's `rl:` keys and defaults, which are TRL's): one objective each in
+    lmforge/train/preference.py, the pairs read by lmforge/data/preference.py."""
+
+    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto"] | None = Field(
+        None, description="Preference method: dpo (with dpo_loss_type), ipo, orpo, simpo or kto. Empty: supervised fine-tuning."
+    )
+    rl_beta: float | None = Field(
+        None, gt=0, description="beta: the KL strength of DPO/IPO/KTO, SimPO's reward scale (default 0.1, as TRL's)."
+    )
+    dpo_loss_type: list[Literal["sigmoid", "hinge", "ipo", "robust"]] | None = Field(
+        None, min_length=1, description="rl: dpo losses, summed with dpo_loss_weights (default [sigmoid])."
+    )
+    dpo_loss_weights: list[float] | None = Field(None, min_length=1, description="Weight of each dpo_loss_type (default 1 each).")
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO / robust DPO: the assumed share of flipped preference labels."
+    )
+    dpo_use_weighting: bool = Field(
+        False, description="WPO: weigh each pair's loss by the policy's own (length-normalised) probability of both answers."
+    )
+    dpo_norm_loss: bool = Field(
+        False, description="Length-normalised DPO: the log-ratios are averaged over each answer's tokens, not summed."
+    )
+    rpo_alpha: float | None = Field(
+        None, ge=0, description="RPO: add this times the NLL of the chosen answers (per token) to the DPO loss."
+    )
+    orpo_alpha: float = Field(0.1, gt=0, description="rl: orpo: weight of the odds-ratio term beside the chosen NLL.")
+    simpo_gamma: float = Field(0.5, ge=0, description="rl: simpo: target reward margin.")
+    cpo_alpha: float = Field(0.0, ge=0, description="rl: simpo: weight of the chosen NLL (behaviour cloning) term.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="rl: kto: weight of the desirable rows' loss.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="rl: kto: weight of the undesirable rows' loss.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference model's log-probabilities once before training (stored with the "
+        "prepared data): no reference model is held while training."
+    )
+    reward_model: bool = Field(
+        False, description="Train a reward model on preference pairs: a sequence-classification head scoring each answer, "
+        "Bradley-Terry loss -log σ(score(chosen) - score(rejected)); it saves as AutoModelForSequenceClassification."
+    )
+    num_labels: int | None = Field(None, ge=1, le=1, description="reward_model: scores per sequence (1, the only value).")
+    max_prompt_len: int | None = Field(
+        None, gt=0, description="Preference rows: keep at most this many prompt tokens (the tail); default sequence_len // 2."
+    )
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "RLSection":
+        if self.dpo_loss_weights is not None and len(self.dpo_loss_weights) != len(self.dpo_loss_type or ["sigmoid"]):
+            raise ValueError("dpo_loss_weights needs one weight per dpo_loss_type")
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -845,6 +909,7 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluation": EvaluationSection,
     "speed": SpeedSection,
     "distributed": DistributedSection,
+    "rl": RLSection,
 }
 
 

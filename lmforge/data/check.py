@@ -43,12 +43,39 @@ def _row_checker(spec: DatasetSpec, where: str) -> Any:
     return get_format(kind, f"{where}.type", spec=spec).segments
 
 
-def check_dataset(spec: DatasetSpec, where: str, data: DataSection) -> str:
-    """Parse every row of one local dataset entry and check its fields; a line saying what was read."""
+class _RenderTurns:
+    """A stand-in tokenizer for checking preference rows: renders turns as plain text (the real template is applied
+    when training); enough to find missing fields, empty answers and identical pairs."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> str:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def _preference_checker(spec: DatasetSpec, where: str, kto: bool, identical: list[int]) -> Any:
+    """rl: each row formatted as a pair (or KTO row): both answers present and non-empty; identical pairs counted."""
+    from lmforge.data.formats.preference import PreferenceText, preference_format
+
+    fmt = preference_format(spec.type, f"{where}.type", spec=spec, tokenizer=_RenderTurns(), template="", completion=kto)
+
+    def check(values: dict[str, Any], row_where: str) -> None:
+        text = fmt(values, row_where)
+        if isinstance(text, PreferenceText) and text.chosen.strip() == text.rejected.strip():
+            identical[0] += 1
+
+    return check
+
+
+def check_dataset(spec: DatasetSpec, where: str, data: DataSection, preference: str | None = None) -> str:
+    """Parse every row of one local dataset entry and check its fields; a line saying what was read.
+    `preference` (rl: dpo | kto | ..., or reward_model): rows are pairs (KTO: labelled answers)."""
     if local_files(spec.path, spec.ds_type, spec.data_files) is None:
         return f"{where}: {spec.path} is a Hub dataset, read when training"
+    identical = [0]
     try:
-        check, unchecked = _row_checker(spec, where), ""
+        if preference:
+            check, unchecked = _preference_checker(spec, where, preference == "kto", identical), ""
+        else:
+            check, unchecked = _row_checker(spec, where), ""
     except Unchecked as exc:
         check, unchecked = None, str(exc)
     rows = bad = 0
@@ -73,7 +100,10 @@ def check_dataset(spec: DatasetSpec, where: str, data: DataSection) -> str:
         raise LmforgeError(f"all {rows} rows are bad (first: {first_bad})", where=spec.path, fix="check the data and its type")
     checked = "fields checked" if check is not None else (
         f"rows parsed; the format is checked when training: {unchecked}" if unchecked else "rows parsed (the format is checked when training)")
-    return f"{where}: {spec.path}: {rows:,} rows, {checked}" + (f", {bad:,} bad rows will be skipped" if bad else "")
+    if identical[0] == rows:
+        raise LmforgeError(f"all {rows} pairs have chosen == rejected: nothing to prefer", where=spec.path, fix="check the data and its fields")
+    return (f"{where}: {spec.path}: {rows:,} rows, {checked}" + (f", {bad:,} bad rows will be skipped" if bad else "")
+            + (f", {identical[0]:,} pairs with chosen == rejected will be skipped" if identical[0] else ""))
 
 
 def check_text_source(source: PretrainingSource, where: str) -> str:
@@ -101,10 +131,12 @@ def check_text_source(source: PretrainingSource, where: str) -> str:
 def check_data_files(cfg: Any) -> list[str]:
     """Every local data file of the config read and checked (no tokenizer); one line per entry."""
     data, lines = cfg.data, []
+    rl = getattr(cfg, "rl", None)
+    preference = (rl.rl or ("reward_model" if rl.reward_model else None)) if rl is not None else None
     pretraining_text = cfg.pretrain.pretraining_dataset
     for index, source in enumerate(pretraining_text or []):
         lines.append(check_text_source(source, f"pretraining_dataset[{index}]"))
     for key, specs in (("datasets", [] if pretraining_text else data.datasets or []), ("test_datasets", data.test_datasets or [])):
         for index, spec in enumerate(specs):
-            lines.append(check_dataset(spec, f"{key}[{index}]", data))
+            lines.append(check_dataset(spec, f"{key}[{index}]", data, preference))
     return lines

@@ -120,11 +120,12 @@ def _modules_named(model: torch.nn.Module, leaves: list[str]) -> list[torch.nn.M
 
 
 def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
-    """A peft LoraConfig for a causal LM from the adapter section."""
+    """A peft LoraConfig for a causal LM (or a reward model's sequence classifier) from the adapter section."""
     from peft import LoraConfig, TaskType
 
+    scorer = type(model).__name__.endswith("ForSequenceClassification")  # reward_model: peft keeps its score head
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if scorer else TaskType.CAUSAL_LM,
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,

@@ -207,6 +207,8 @@ def load_model(
     (overrides_of_model_config) are fields set on that config before the weights load; `reinit_weights` builds
     the model from its config with freshly initialised weights instead of reading them (axolotl's reinit_weights)."""
     default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForCausalLM"
+    if kwargs.get("num_labels"):  # reward_model: the same weights under a sequence-classification head
+        default = "AutoModelForSequenceClassification"
     auto_class = transformers_class(model_type, default, "model", "model_type")
     source = local_model_dir(base_model)
     if config_source is not None or config_overrides:

@@ -88,6 +88,8 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             extra["attn_implementation"] = attention
         if cfg.model.experts_implementation is not None:
             extra["experts_implementation"] = cfg.model.experts_implementation
+        if cfg.rl.reward_model:  # a score head on the last answer token; padding is found through pad_token_id
+            extra.update(num_labels=cfg.rl.num_labels or 1, pad_token_id=tokenizer.pad_token_id)
         model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                            masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                            model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
@@ -123,6 +125,8 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
     apply_liger(model, cfg.speed, runs_on, say)
     if cfg.adapter.adapter:
         settings = cover_new_token_rows(cfg.adapter, model, new_tokens, say)
+        if cfg.rl.reward_model and "score" not in (settings.lora_modules_to_save or []):
+            settings = settings.model_copy(update={"lora_modules_to_save": [*(settings.lora_modules_to_save or []), "score"]})
         if cfg.training.unfrozen_parameters:
             settings = unfrozen_beside_adapter(settings, model, cfg.training.unfrozen_parameters, say)
         model = apply_lora(model, settings)

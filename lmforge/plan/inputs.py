@@ -61,6 +61,9 @@ class PlanInputs:
     max_steps: int | None = None
     seed: int = 42
     group_by_length: bool = True
+    # Preference tuning (rl:): a frozen reference copy of the weights, held beside the policy (full fine-tuning of
+    # dpo/ipo/kto without precompute_ref_log_probs; LoRA's reference is the base with the adapter off: no copy).
+    reference_copy: bool = False
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -112,6 +115,10 @@ class PlanInputs:
         )
         if cfg.model.attn_implementation:
             values["attn_implementation"] = cfg.model.attn_implementation
+        rl = cfg.rl
+        if rl.rl in ("dpo", "ipo", "orpo", "simpo"):  # a pair is two rows (chosen, rejected) in one forward
+            values["micro_batch_size"] = 2 * t.micro_batch_size
+        values["reference_copy"] = rl.rl in ("dpo", "ipo", "kto") and method == "full" and not rl.precompute_ref_log_probs
         from_keys, notes = scale_out(cfg.distributed)
         values.update(from_keys)
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -444,6 +444,9 @@ def estimate(inputs: PlanInputs, shape: ModelShape, device: Device, batch: Batch
     }
     breakdowns = {name: {"weights": weights, "adapter": adapter, "optimizer_states": states, **parts}
                   for name, parts in in_phases.items()}
+    if inputs.reference_copy:  # rl: the frozen reference model, held all run
+        for parts in breakdowns.values():
+            parts["reference_model"] = pm.base
     for parts in breakdowns.values():
         parts["workspace"] = parts.get("workspace", 0) + comm
     if device.kind == "cpu":
@@ -474,7 +477,7 @@ def estimate(inputs: PlanInputs, shape: ModelShape, device: Device, batch: Batch
             parts["framework_overhead"] = CUDA_CONTEXT_BYTES + int(GPU_ALLOCATOR_SLACK * sum(parts.values()))
     totals = {name: sum(parts.values()) for name, parts in breakdowns.items()}
     phase = max(totals, key=totals.__getitem__)
-    keys = ("weights", "adapter", "gradients", "optimizer_states", "activations", "logits_and_loss",
+    keys = ("weights", *(("reference_model",) if inputs.reference_copy else ()), "adapter", "gradients", "optimizer_states", "activations", "logits_and_loss",
             "autocast_weight_copies", "workspace", "checkpoint_pages", "framework_overhead")
     breakdown = {k: breakdowns[phase].get(k, 0) for k in keys}
     peak = totals[phase]

@@ -10,14 +10,43 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lmforge.config import LmforgeConfig
 from lmforge.data.batching import eval_batches, packing_efficiency, pad_batch
+from lmforge.data.batching import Batch
 from lmforge.data.prepare import prepare
+from lmforge.data.preference import collate_examples, prepare_preferences
+from lmforge.train.preference import precompute_reference
 from lmforge.models.load import config_tokenizer
 from lmforge.recipes.console import say
 from lmforge.recipes.run import TrainingRun
 from lmforge.train.stream import EpochStream
 from lmforge.device import release_free_memory
+
+
+@torch.no_grad()
+def _score(model: Any, batches: list[Batch], objective: Any, device: torch.device) -> tuple[float, int, dict[str, float]]:
+    loss_total, count, sums = 0.0, 0, {}
+    for batch in batches:
+        loss_sum, n, metrics = objective(model, {k: v.to(device) for k, v in batch.items()})
+        loss_total, count = loss_total + float(loss_sum), count + n
+        for name, value in metrics.items():  # per-batch means, weighted by the batch's pairs
+            sums[name] = sums.get(name, 0.0) + float(value) * n
+    return loss_total, count, sums
+
+
+def preference_eval(run: TrainingRun, model: Any, objective: Any, examples: list[Any], batch_size: int,
+                    pad_id: int) -> tuple[float, dict[str, float]]:
+    """Held-out mean loss of a preference objective and its metrics (rewards/accuracies, margins), in a fixed order."""
+    batches = [collate_examples(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        loss_total, count, sums = run.call(model, _score, batches, objective, run.device)
+    finally:
+        model.train(was_training)
+    return loss_total / max(count, 1), {name: value / max(count, 1) for name, value in sums.items()}
 
 
 def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
@@ -30,10 +59,15 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     with TrainingRun(cfg, "train") as run:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
         tokenizer = config_tokenizer(cfg, say=say)
+        # preference tuning (or a reward model): pairs (or KTO rows) instead of examples, the same run otherwise
+        rl = cfg.rl.rl or ("reward_model" if cfg.rl.reward_model else None)
         with run.main_first():  # under several ranks rank 0 prepares and caches the data; the others read the cache
             # ... in the run's own output folder unless dataset_prepared_path names a place (not the current folder)
             shared = run.output_dir / "prepared_data" if run.engine.distributed else None
-            data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None, default_root=shared)
+            if rl:
+                data = prepare_preferences(d, tokenizer, t.seed, kto=rl == "kto", max_prompt_len=cfg.rl.max_prompt_len)
+            else:
+                data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None, default_root=shared)
         say(f"data: {data.stats.summary()}; {len(data.train)} train / {len(data.eval)} eval examples")
         run.predict_peak(data)
         rows = len(data.train)
@@ -48,14 +82,27 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         pad_id = tokenizer.pad_token_id
         pad_to = d.sequence_len if d.pad_to_sequence_len else None
         stream = EpochStream(data.train, t.micro_batch_size, pad_id, t.seed, t.group_by_length,
-                             sequence_len=d.sequence_len if d.sample_packing else None, pad_to=pad_to, **run.data_shard)
+                             sequence_len=d.sequence_len if d.sample_packing else None, pad_to=pad_to, **run.data_shard,
+                             collate_fn=collate_examples if rl else None)
         eval_packing = d.sample_packing if d.eval_sample_packing is None else d.eval_sample_packing
         eval_size, eval_len = t.eval_batch_size or t.micro_batch_size, d.sequence_len if eval_packing else None
         objective = run.objective()  # label smoothing and the output-head choice come with it
+        eval_metrics: list[dict[str, float]] = []  # preference runs: held-out rewards/accuracies per evaluation
 
         def eval_fn() -> float:
+            if rl:
+                loss, metrics = preference_eval(run, model, objective, data.eval, eval_size, pad_id)
+                eval_metrics.append(metrics)
+                say("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                return loss
             batches = eval_batches(data.eval, eval_size, pad_id, eval_len)
             return run.evaluate(model, (pad_batch(b, pad_to, pad_id) for b in batches) if pad_to else batches, objective)
+
+        if rl and objective.needs_reference_model:
+            if cfg.rl.precompute_ref_log_probs:  # once, before any update: no reference model while training
+                say(f"precompute_ref_log_probs: reference log-probabilities of {len(data.train) + len(data.eval)} pairs")
+                run.call(model, precompute_reference, data.train + data.eval, collate_examples, eval_size, run.device)
+            objective = run.with_reference(objective, model)
 
         outcome = run.train(model, tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,
                             invariants={"train_examples": len(data.train)},
@@ -70,6 +117,11 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
                    "skipped_rows_no_response": data.stats.no_trainable_tokens}
         if e.lm_eval_tasks and run.engine.is_main:
             summary["lm_eval"] = _lm_eval_after_training(cfg, run, model, tokenizer, outcome.result.steps)
+        if rl:
+            summary.update(rl=rl, skipped_identical_pairs=data.stats.identical_skipped,
+                           skipped_prompt_fills_sequence_len=data.stats.too_long_skipped,
+                           eval_metrics_start=eval_metrics[0] if eval_metrics else None,
+                           eval_metrics_end=eval_metrics[-1] if eval_metrics else None)
         run.write_summary(summary, outcome)
     say(f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s, {summary['tokens_per_s']:.0f} tokens/s, "
         f"peak memory {summary['peak_memory_mb']:.0f} MB; saved to {run.output_dir}")

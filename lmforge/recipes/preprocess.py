@@ -15,6 +15,13 @@ from lmforge.recipes.console import say
 def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
     tokenizer = config_tokenizer(cfg, say=say)  # the tokenizer train uses: the same prepared-data cache key
     started = time.perf_counter()
+    if cfg.rl.rl or cfg.rl.reward_model:  # preference rows are checked and counted here; train prepares them again in memory
+        from lmforge.data.preference import prepare_preferences, report_lines
+
+        pairs = prepare_preferences(cfg.data, tokenizer, cfg.training.seed, kto=cfg.rl.rl == "kto", max_prompt_len=cfg.rl.max_prompt_len)
+        for line in report_lines(pairs.stats):
+            say(line)
+        return pairs  # type: ignore[return-value]
     data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
     seconds = time.perf_counter() - started
     say(f"{data.stats.summary()}")

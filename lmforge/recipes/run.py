@@ -122,14 +122,23 @@ class TrainOutcome:
     settings: LoopSettings
     # do_causal_lm_eval: (step, {causal_lm/<metric>: value}) at each eval, step 0 included
     generation_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    objective_metrics: dict[str, float] | None = None  # the objective's own numbers at the last log (DPO's rewards/...)
+
+
+# What the loop logs of its own; any other logged name is the objective's (summary.json keeps its last values).
+LOOP_METRICS = frozenset({"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "peak_memory_mb", "eval_loss", "eval_perplexity"})
 
 
 class _RunCallbacks(Callbacks):
     def __init__(self, loggers: list, save: Callable[[int], None], on_best: Callable[[int, float], None],
                  after_eval: Callable[[int], None] | None = None) -> None:
         self.loggers, self.save, self.best, self.after_eval = loggers, save, on_best, after_eval
+        self.objective_metrics: dict[str, float] | None = None
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        objective_metrics = {k: v for k, v in metrics.items() if k not in LOOP_METRICS}
+        if objective_metrics:
+            self.objective_metrics = objective_metrics
         for logger in self.loggers:
             logger.log(step, metrics)
         if "eval_loss" in metrics and self.after_eval is not None:  # each eval, step 0 too: the generation metrics
@@ -282,6 +291,23 @@ class TrainingRun:
             objective = replace(objective, fused=fused)  # type: ignore[type-var]
         return objective
 
+    def with_reference(self, objective: Objective, model: Any) -> Objective:
+        """The objective with its reference model: none needed when the batches carry precomputed reference
+        log-probabilities or the policy is a LoRA/QLoRA model (its adapter switched off is the reference);
+        else a frozen copy of the starting weights (taken before any checkpoint is loaded)."""
+        if getattr(objective, "reference", None) is not None or self.cfg.rl.precompute_ref_log_probs \
+                or hasattr(getattr(model, "module", model), "disable_adapter"):
+            return objective
+        if self.engine.distributed:
+            raise LmforgeError(f"rl: {self.cfg.rl.rl} with full fine-tuning on several ranks needs a reference copy, which "
+                               "lmforge does not shard yet", where="rl",
+                               fix="use adapter: lora (the reference is the base), or precompute_ref_log_probs: true")
+        import copy
+
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        say(f"reference model: a frozen copy of the starting weights ({sum(p.numel() for p in reference.parameters()):,} parameters)")
+        return objective.with_reference(reference)  # type: ignore[attr-defined]
+
     def evaluate(self, model: Any, batches: Iterable[Batch], objective: LossFn) -> float:
         """Mean per-token loss of `objective` (for_evaluation: no label smoothing), with the run's device and
         precision, over all ranks."""
@@ -356,8 +382,7 @@ class TrainingRun:
         if t.eval_strategy == "no":
             eval_fn = None
         if objective.needs_reference_model:
-            raise LmforgeError(f"objective {objective.name} needs a reference model, which TrainingRun does not load yet",
-                               where="objective", fix="choose another objective")
+            objective = self.with_reference(objective, model)
         flat = self.cfg.flat()
         invariants = {**{k: flat.get(k) for k in RESUME_INVARIANTS}, **invariants}
         optimizer, scheduler = self.optimizer(model, plan)
@@ -469,7 +494,7 @@ class TrainingRun:
                         param.copy_(best[name])
             eval_end = result.best_eval_loss
             say(f"restored the best weights: step {result.best_step}, eval loss {result.best_eval_loss:.4f}")
-        return TrainOutcome(result, eval_start, eval_end, wall, settings, generation_history)
+        return TrainOutcome(result, eval_start, eval_end, wall, settings, generation_history, callbacks.objective_metrics)
 
     # -- save ----------------------------------------------------------------------------------------
 
@@ -529,6 +554,7 @@ class TrainingRun:
             "total_parameters": total,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             **(self.peak_check.finish() if self.peak_check else {}),  # predicted vs measured peak (lmforge.plan)
+            **({"train_metrics": outcome.objective_metrics} if outcome.objective_metrics else {}),
             "ranks": self.engine.world_size,
             "engine": self.engine.name,
         }

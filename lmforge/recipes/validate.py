@@ -30,6 +30,14 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
         tokenizer = config_tokenizer(cfg, say=say)
     except LmforgeError as exc:  # e.g. a Hub tokenizer while offline: the rows were checked, the tokens cannot be
         return f"tokens: not checked, the tokenizer does not load here ({exc.format()})"
+    if cfg.rl.rl or cfg.rl.reward_model:  # pairs: truncated and too-long rows counted, as train prepares them
+        from lmforge.data.preference import prepare_preferences
+
+        pairs = prepare_preferences(cfg.data, tokenizer, cfg.training.seed, kto=cfg.rl.rl == "kto", max_prompt_len=cfg.rl.max_prompt_len)
+        s = pairs.stats
+        return (f"tokens: {len(pairs.train):,} train / {len(pairs.eval):,} eval pairs at sequence_len {cfg.data.sequence_len}; "
+                f"{s.truncated} truncated to fit, {s.too_long_skipped} skipped (the prompt alone fills it), "
+                f"{s.identical_skipped} with chosen == rejected skipped")
     data = prepare(cfg.data, tokenizer, cfg.training.seed, save=False)
     return f"tokens: {len(data.train):,} train / {len(data.eval):,} eval examples at sequence_len {cfg.data.sequence_len}"
 

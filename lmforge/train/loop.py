@@ -269,6 +269,9 @@ def train_loop(
                disable=not settings.show_progress)
     say = bar.write if settings.show_progress else (lambda text: None)
     window_tokens, window_start = 0, time.perf_counter()
+    # The objective's own numbers (DPO's rewards/accuracies, ...): the mean over the micro-batches since the last log.
+    window_metrics: dict[str, Any] = {}
+    window_metric_counts: dict[str, int] = {}
     scaler = settings.grad_scaler
     steps_over_threshold = 0
     for step in range(start_step, settings.total_steps):
@@ -287,13 +290,16 @@ def train_loop(
             batch = _to_device(batch, settings.device)
             with sync.accumulating(model, i + 1 < len(step_batches)) if sync else contextlib.nullcontext():
                 with _autocast(settings), _offload(settings):
-                    loss_sum, *_ = objective(model, batch)
+                    loss_sum, _, objective_metrics = objective(model, batch)
                 # DDP and FSDP average gradients over ranks: times the rank count, that is the global per-token mean.
                 scaled = loss_sum / (max(label_count, 1) / (sync.world_size if sync else 1))
                 if scaler is not None:
                     scaled = scaler.scale(scaled)
                 sync.backward(scaled) if sync else scaled.backward()
             step_loss_sum = step_loss_sum + loss_sum.detach().float()
+            for name, value in objective_metrics.items():  # summed on the device; read back only when logged
+                window_metrics[name] = window_metrics.get(name, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
+                window_metric_counts[name] = window_metric_counts.get(name, 0) + 1
         stop = callbacks.stop_requested
         if sync:  # one host sum: the step's loss, and a stop request every rank acts on at the same step
             step_loss, stop = sync.sum_loss(float(step_loss_sum), stop)
@@ -349,6 +355,10 @@ def train_loop(
                 "tokens_seen": result.total_tokens,
                 "peak_memory_mb": peak_memory_mb(settings.device),
             }
+            for name, total in window_metrics.items():
+                metrics[name] = float(total) / window_metric_counts[name]
+            window_metrics.clear()
+            window_metric_counts.clear()
             window_tokens, window_start = 0, now
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             callbacks.on_log(step + 1, metrics)

@@ -173,6 +173,10 @@ def objective_from_config(cfg: Any) -> Objective:
     """The objective a config trains: causal LM, or masked LM for ``objective: mlm`` pretraining, with
     label_smoothing_factor and chunked_cross_entropy (the fused head depends on the device: TrainingRun adds it)."""
     t = cfg.training
+    if getattr(cfg, "rl", None) is not None and (cfg.rl.rl in ("dpo", "ipo", "orpo", "simpo", "kto") or cfg.rl.reward_model):
+        from lmforge.train.preference import preference_objective  # it builds on this module
+
+        return preference_objective(cfg.rl)
     if cfg.is_pretraining and cfg.pretrain.objective == "mlm":
         return MaskedLM(label_smoothing=t.label_smoothing_factor)
     chunks = t.chunked_cross_entropy_num_chunks if t.chunked_cross_entropy else 1

@@ -47,9 +47,10 @@ class EpochStream:
     def __init__(
         self, examples: Sequence[Any], batch_size: int, pad_token_id: int, seed: int, group_by_length: bool,
         epoch: int = 0, consumed: int = 0, sequence_len: int | None = None, pad_to: int | None = None,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, collate_fn: Callable[[list[Any], int], Batch] | None = None,
     ) -> None:
         self.examples, self.batch_size, self.pad_token_id = examples, batch_size, pad_token_id
+        self.collate = collate_fn or collate  # another kind of example (preference pairs) brings its own
         self.seed, self.group_by_length = seed, group_by_length
         self.epoch, self.consumed = epoch, consumed
         self.sequence_len = sequence_len  # set: sample packing into rows of this many tokens
@@ -78,7 +79,7 @@ class EpochStream:
             if self.sequence_len is not None:
                 batch = collate_packed([[self.examples[i] for i in row] for row in picked], self.pad_token_id)
             else:
-                batch = collate([self.examples[i] for i in picked], self.pad_token_id)
+                batch = self.collate([self.examples[i] for i in picked], self.pad_token_id)
             yield pad_batch(batch, self.pad_to, self.pad_token_id) if self.pad_to else batch
 
     def position(self) -> dict[str, int]:
