@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 from lmforge.config.keytable import (
-    DATASET, DATASET_TYPE, KEYS, MODEL_CONFIG, PLUGIN, PRETRAINING, SCOPES, SPECIAL_TOKENS, SPREAD, TOKENIZER_TRAIN, TOP, Key, Kind,
+    DATASET, DATASET_TYPE, KEYS, MODEL_CONFIG, PLUGIN, PRETRAINING, SCOPES, SPECIAL_TOKENS, SPREAD, TOKENIZER_TRAIN, TOP, TRL, Key, Kind,
 )
 from lmforge.config.sections import (
-    SECTIONS, DatasetSpec, ModelConfigSpec, PretrainingSource, TokenizerTrainSpec, UserDefinedFormat, key_owners,
+    SECTIONS, DatasetSpec, ModelConfigSpec, PretrainingSource, TokenizerTrainSpec, TrlSettings, UserDefinedFormat, key_owners,
 )
 
 SCOPE_TITLES = {
@@ -21,6 +21,7 @@ SCOPE_TITLES = {
     TOKENIZER_TRAIN: "Keys of `tokenizer_train:` (lmforge's own: train a tokenizer before pretraining)",
     MODEL_CONFIG: "Keys of `model_config:` (lmforge's own: a model built from scratch; any field of its transformers "
                   "config is accepted too)",
+    TRL: "Keys of `trl:` (GRPO's settings, with `rl: grpo`)",
 }
 CLASS_NAMES = {
     Kind.IMPLEMENTED: "implemented",
@@ -32,7 +33,7 @@ CLASS_NAMES = {
 
 def _description(row: Key) -> str:
     models = {DATASET: DatasetSpec, DATASET_TYPE: UserDefinedFormat, PRETRAINING: PretrainingSource,
-              TOKENIZER_TRAIN: TokenizerTrainSpec, MODEL_CONFIG: ModelConfigSpec}
+              TOKENIZER_TRAIN: TokenizerTrainSpec, MODEL_CONFIG: ModelConfigSpec, TRL: TrlSettings}
     if row.scope == TOP:
         owner = key_owners().get(row.name)
         fields = {info.alias or name: info for name, info in SECTIONS[owner].model_fields.items()} if owner else {}

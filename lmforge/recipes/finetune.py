@@ -22,6 +22,10 @@ from lmforge.device import release_free_memory
 
 def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     """Train as configured; returns the run summary (also written to output_dir/summary.json)."""
+    if cfg.rl.rl == "grpo":  # prompts and generated completions instead of examples: the same run, another stream
+        from lmforge.recipes.grpo import run_grpo
+
+        return run_grpo(cfg)
     t, d = cfg.training, cfg.data
     with TrainingRun(cfg, "train") as run:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
