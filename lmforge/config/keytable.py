@@ -476,6 +476,14 @@ def use_vllm(value: Any, facts: Facts) -> Verdict | None:
                    nearest="use_vllm: false (lmforge generates in-process with transformers' generate and a KV cache)")
 
 
+def vllm_block(value: Any, facts: Facts) -> Verdict | None:
+    """a notice while trl.use_vllm is off (nothing reads it); with it on, trl.use_vllm is what gets refused"""
+    trl = facts.config.get("trl")
+    if not (isinstance(trl, dict) and trl.get("use_vllm") is True):
+        return Verdict(Kind.NOTICE, "only used with trl.use_vllm, which is off: lmforge generates in-process")
+    return use_vllm(True, facts)
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
 
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
@@ -1090,7 +1098,8 @@ KEYS: tuple[Key, ...] = (
 
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
     done("rl", TRAIN, GRPO_RECIPE, rule=rl_method), done("trl", GRPO_RECIPE),
-    later("vllm", "a vLLM server or colocated vLLM engine for generation", nearest="trl.use_vllm: false (in-process generation)"), out("ebft", RL), out("rl_beta", RL), out("dpo_*", RL),
+    later("vllm", "a vLLM server or colocated vLLM engine for generation", nearest="trl.use_vllm: false (in-process generation)",
+          rule=vllm_block), out("ebft", RL), out("rl_beta", RL), out("dpo_*", RL),
     out("orpo_alpha", RL), out("simpo_gamma", RL), out("cpo_alpha", RL), out("kto_desirable_weight", RL),
     out("kto_undesirable_weight", RL), out("rpo_alpha", RL), out("max_prompt_len", RL), out("precompute_ref_log_probs", RL),
     out("reward_model", RL), out("process_reward_model", RL), out("center_rewards_coefficient", RL), out("num_labels", RL),
