@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-INSTRUCTION = "Solve the problem in a few short steps, then give the final answer on the last line as: #### <number>"
+# Short answers keep a CPU run to minutes; the rewards read a worked solution just as well (its last number, its last line).
+INSTRUCTION = "Reply with the final answer only, as: #### <number>"
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 FINAL = re.compile(r"####\s*(-?\d[\d,]*(?:\.\d+)?)\s*$")
 
