@@ -166,6 +166,7 @@ class RolloutStream:
         return [self.prompts[int(i)] for i in mine]
 
     def __iter__(self) -> Iterator[Batch]:
+        self.window_start = time.perf_counter()  # the first log's training time starts with training, not setup
         while True:
             if self.buffer is None or self.passes >= self.trl.num_iterations:
                 self.buffer = self._generate(self._next_prompts())
