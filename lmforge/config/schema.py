@@ -29,10 +29,12 @@ from lmforge.config.sections import (
     PretrainingSource,
     PretrainSection,
     QuantizationSection,
+    RLSection,
     SECTIONS,
     SpeedSection,
     TokenizerTrainSpec,
     TrainingSection,
+    TrlSettings,
     UserDefinedFormat,
     describe,
     key_owners,
@@ -88,6 +90,8 @@ def _nested_model(path: tuple[str | int, ...]) -> type[BaseModel] | None:
         return PretrainingSource
     if path == ("tokenizer_train",):
         return TokenizerTrainSpec
+    if path == ("trl",):
+        return TrlSettings
     return None
 
 
@@ -96,6 +100,7 @@ def _explain(raw: RawConfig, err: dict[str, Any], section: str) -> LmforgeError:
     # pydantic adds union member names ('str', 'UserDefinedFormat', ...) to loc; keep only real keys.
     known = set(key_owners()) | set(DatasetSpec.model_fields) | set(UserDefinedFormat.model_fields)
     known |= set(PretrainingSource.model_fields) | set(TokenizerTrainSpec.model_fields) | set(ModelConfigSpec.model_fields)
+    known |= set(TrlSettings.model_fields)
     keep_last = err["type"] == "extra_forbidden"
     path: KeyPath = tuple(
         p for i, p in enumerate(loc) if isinstance(p, int) or p in known or (keep_last and i == len(loc) - 1)
@@ -139,6 +144,7 @@ def build_config(raw: RawConfig, *, gpu: bool | None = None) -> LmforgeConfig:
     _check_model_and_data(cfg, raw)
     _check_formats(cfg, raw)
     _resolve_hooks(cfg, raw)
+    _check_grpo(cfg, raw)
     cfg.warnings = check_cross_keys(cfg, raw)
     return cfg
 
@@ -156,6 +162,45 @@ def _resolve_hooks(cfg: LmforgeConfig, raw: RawConfig) -> None:
             # rl: axolotl's preference types are written like hooks (chatml.intel, chat_template.default)
             if is_hook(spec.type) and not ((cfg.rl.rl or cfg.rl.reward_model) and spec.type.split(".")[0] in PREFERENCE_FAMILIES):
                 spec.type = resolve_hook(spec.type, config_dir, raw.where((key, index, "type")))
+    trl = cfg.rl.trl
+    for index, name in enumerate(trl.reward_funcs or []):
+        where = raw.where(("trl", "reward_funcs", index))
+        if not is_hook(name):  # TRL also takes a reward model's Hub id here
+            raise LmforgeError(f"reward function '{name}' is not a Python function (a reward model as a reward function is "
+                               "not supported yet)", where=where, fix="name a function: rewards.py:my_reward or module.my_reward")
+        trl.reward_funcs[index] = resolve_hook(name, config_dir, where)
+
+
+def _check_grpo(cfg: LmforgeConfig, raw: RawConfig) -> None:
+    """rl: grpo's cross-key rules: reward functions and their weights, groups that fit a step, prompt datasets."""
+    if cfg.rl.rl != "grpo":
+        return
+    trl, t = cfg.rl.trl, cfg.training
+    if cfg.is_pretraining:
+        raise LmforgeError("rl: grpo trains on prompt datasets, not pretraining_dataset", where=raw.where(("rl",)),
+                           fix="give the prompts as datasets: with a transform (type: rewards.py:prompt_transform)")
+    if not trl.reward_funcs:
+        raise LmforgeError("rl: grpo needs reward functions", where=raw.where(("trl",)) if "trl" in raw.values else raw.where(("rl",)),
+                           fix="add trl: {reward_funcs: [rewards.py:my_reward]}")
+    if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs):
+        raise LmforgeError(f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs)} reward functions",
+                           where=raw.where(("trl", "reward_weights")), fix="give one weight per reward function")
+    completions = t.micro_batch_size * t.gradient_accumulation_steps
+    if completions % trl.num_generations:
+        raise LmforgeError(
+            f"a step's {completions} completions (micro_batch_size {t.micro_batch_size} x gradient_accumulation_steps "
+            f"{t.gradient_accumulation_steps}) are not whole groups of num_generations {trl.num_generations}",
+            where=raw.where(("trl", "num_generations")) if "trl" in raw.values else raw.where(("rl",)),
+            fix="make micro_batch_size x gradient_accumulation_steps a multiple of trl.num_generations")
+    if cfg.data.sample_packing:
+        raise LmforgeError("sample_packing does not apply to rl: grpo (each completion is scored on its own)",
+                           where=raw.where(("sample_packing",)), fix="remove sample_packing")
+    for key in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(cfg.data, key) or []):
+            if not is_hook(spec.type):
+                raise LmforgeError(f"rl: grpo reads prompts through a transform, and this dataset's type is {spec.type!r}",
+                                   where=raw.where((key, index, "type")) if "type" in (raw.values[key][index] or {}) else raw.where((key, index)),
+                                   fix="type: rewards.py:prompt_transform (a function returning the row transform, as in axolotl)")
 
 
 def _check_formats(cfg: LmforgeConfig, raw: RawConfig) -> None:

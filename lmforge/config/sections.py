@@ -842,17 +842,54 @@ def resolve_fsdp(fsdp: list[str] | None, fsdp_config: dict[str, Any] | None, fsd
     )
 
 
+class TrlSettings(Section):
+    """``trl:`` GRPO's settings: axolotl's TRLConfig keys, with TRL's GRPOConfig defaults."""
+
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference model (0, TRL's default: no reference model is used).")
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (one group; advantages are relative within it).")
+    max_completion_length: int = Field(512, gt=0, description="Most tokens a completion may have.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also divides the logits the loss's log-probabilities come from).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty for tokens already in the prompt or completion (1: off).")
+    reward_funcs: list[str] | None = Field(
+        None, description="Reward functions: file.py:function or module.function (same rules as dataset hooks), called as "
+        "fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None].")
+    reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1).")
+    epsilon: float = Field(0.2, ge=0, description="Clip range: the probability ratio is clipped to [1 - epsilon, 1 + epsilon_high].")
+    epsilon_high: float | None = Field(None, ge=0, description="Upper clip range (default: epsilon).")
+    num_iterations: int = Field(1, ge=1, description="Optimizer steps per generated batch (GRPO's mu).")
+    scale_rewards: bool | Literal["group", "batch", "none"] = Field(
+        True, description="Divide advantages by the reward std of the group (true/group), of the whole batch, or not (false/none).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="How per-token losses are averaged: per completion then over completions (grpo), over the "
+        "micro-batch's tokens (bnpo), over completions x max_completion_length (dr_grpo), over the step's tokens (dapo).")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Probability ratios per token, or one per completion (GSPO).")
+    mask_truncated_completions: bool = Field(False, description="Leave completions cut at max_completion_length out of the loss.")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize", description="Weighted rewards summed then normalised per group, or each reward normalised first.")
+    use_bias_correction_kl: bool = Field(False, description="Multiply the per-token KL by the probability ratio.")
+    skip_zero_advantage_batches: bool = Field(
+        True, description="Skip the forward and backward of a micro-batch whose advantages are all zero (one process only).")
+    log_completions: bool = Field(False, description="Print sample completions with their rewards at each logging step.")
+    num_completions_to_print: int | None = Field(None, ge=1, description="How many completions log_completions prints (default 1).")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the chat template that renders prompts.")
+
+
 PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "simpo", "kto")  # rl: grpo (generation in training) is built beside these
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
 
 class RLSection(Section):
-    """Preference tuning after SFT (axolotl's `rl:` keys and defaults, which are TRL's): one objective each in
+    """Preference tuning and RL after SFT (axolotl's `rl:` keys and defaults, which are TRL's): one objective each in
     lmforge/train/preference.py, the pairs read by lmforge/data/preference.py."""
 
-    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto"] | None = Field(
-        None, description="Preference method: dpo (with dpo_loss_type), ipo, orpo, simpo or kto. Empty: supervised fine-tuning."
+    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto", "grpo"] | None = Field(
+        None, description="Preference method: dpo (with dpo_loss_type), ipo, orpo, simpo or kto; grpo: generate completions "
+        "while training and learn from their rewards (the trl: block). Empty: supervised fine-tuning."
     )
+    trl: TrlSettings = Field(TrlSettings(), description="GRPO's settings (axolotl's trl: block).")
     rl_beta: float | None = Field(
         None, gt=0, description="beta: the KL strength of DPO/IPO/KTO, SimPO's reward scale (default 0.1, as TRL's)."
     )

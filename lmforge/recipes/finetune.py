@@ -51,6 +51,10 @@ def preference_eval(run: TrainingRun, model: Any, objective: Any, examples: list
 
 def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     """Train as configured; returns the run summary (also written to output_dir/summary.json)."""
+    if cfg.rl.rl == "grpo":  # prompts and generated completions instead of examples: the same run, another stream
+        from lmforge.recipes.grpo import run_grpo
+
+        return run_grpo(cfg)
     t, d, e = cfg.training, cfg.data, cfg.evaluation
     if e.lm_eval_tasks:  # an unknown task or a Hub task offline is refused now, not after the training
         from lmforge.eval.harness import check_tasks

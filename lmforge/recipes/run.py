@@ -131,11 +131,15 @@ LOOP_METRICS = frozenset({"loss", "lr", "grad_norm", "tokens_per_s", "tokens_see
 
 class _RunCallbacks(Callbacks):
     def __init__(self, loggers: list, save: Callable[[int], None], on_best: Callable[[int, float], None],
-                 after_eval: Callable[[int], None] | None = None) -> None:
+                 after_eval: Callable[[int], None] | None = None,
+                 extra_metrics: Callable[[], dict[str, float]] | None = None) -> None:
         self.loggers, self.save, self.best, self.after_eval = loggers, save, on_best, after_eval
+        self.extra_metrics = extra_metrics
         self.objective_metrics: dict[str, float] | None = None
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.extra_metrics is not None and "loss" in metrics:  # a training step's log: add the recipe's own numbers
+            metrics = {**metrics, **self.extra_metrics()}
         objective_metrics = {k: v for k, v in metrics.items() if k not in LOOP_METRICS}
         if objective_metrics:
             self.objective_metrics = objective_metrics
@@ -370,13 +374,15 @@ class TrainingRun:
         eval_fn: Callable[[], float] | None = None,
         invariants: dict[str, Any],
         generation_eval: Callable[[], dict[str, float]] | None = None,
+        extra_metrics: Callable[[], dict[str, float]] | None = None,
     ) -> TrainOutcome:
         """Train `objective` (usually ``self.objective()``) to plan.total_steps (or early stopping), resuming
         when asked, checkpointing as configured.
 
         `invariants` are the recipe's facts the data position depends on (beside the RESUME_INVARIANTS config
         keys); a resume refuses a checkpoint saved under others. On SIGTERM/SIGINT: a checkpoint, then
-        KeyboardInterrupt (exit 130).
+        KeyboardInterrupt (exit 130). `extra_metrics` (GRPO's rewards, KL, timings) is read at each training log
+        and logged with the loop's numbers.
         """
         t, output_dir, engine = self.t, self.output_dir, self.engine
         if t.eval_strategy == "no":
@@ -403,7 +409,8 @@ class TrainingRun:
             if t.load_best_model_at_end:
                 best = load_best(self.resume_from) or (engine.trainable_state(model) if result.best_step == result.steps else None)
             resumed_at = result.steps
-            position = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in state["data_position"].items())
+            position = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in state["data_position"].items()
+                                 if not isinstance(v, (list, dict)))  # a stored generation (GRPO) is no reading
             say(f"resumed from {self.resume_from} at step {result.steps} ({position})")
             if state.get("rng_note") and engine.is_main:
                 say(f"note: {state['rng_note']}")
@@ -458,7 +465,8 @@ class TrainingRun:
             for logger in loggers:
                 logger.log(step, metrics)
 
-        callbacks = _RunCallbacks(loggers, save, remember_best, after_eval if generation_eval is not None and eval_fn else None)
+        callbacks = _RunCallbacks(loggers, save, remember_best, after_eval if generation_eval is not None and eval_fn else None,
+                                   extra_metrics)
         started = time.perf_counter()
         try:
             with stop_on_signals(callbacks):

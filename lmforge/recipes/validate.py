@@ -30,6 +30,13 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
         tokenizer = config_tokenizer(cfg, say=say)
     except LmforgeError as exc:  # e.g. a Hub tokenizer while offline: the rows were checked, the tokens cannot be
         return f"tokens: not checked, the tokenizer does not load here ({exc.format()})"
+    if cfg.rl.rl == "grpo":  # prompts through their transform, and the reward functions imported, as train does
+        from lmforge.data.prompt_sets import prepare_prompts
+        from lmforge.train.rewards import load_reward_functions
+
+        load_reward_functions(cfg.rl.trl.reward_funcs or [])
+        prompts = prepare_prompts(cfg.data, tokenizer, cfg.training.seed, cfg.flat(), cfg.rl.trl.chat_template_kwargs)
+        return f"prompts: {prompts.summary()}"
     if cfg.rl.rl or cfg.rl.reward_model:  # pairs: truncated and too-long rows counted, as train prepares them
         from lmforge.data.preference import prepare_preferences
 

@@ -1,0 +1,140 @@
+"""GRPO's objective: the clipped policy-gradient loss on sampled completions, with a KL term to the reference.
+
+Shao et al. 2024 (DeepSeekMath, §4.1), as TRL's GRPOTrainer computes it (``_compute_loss``): for each completion
+token, the probability ratio r = π(t) / π_old(t) of the policy now to the policy that sampled it, and the loss
+
+    -min(r·A, clip(r, 1-ε, 1+ε_high)·A) + β·KL,   KL = exp(ref - logp) - (ref - logp) - 1  (k3, Schulman 2020)
+
+where A is the completion's group-normalised advantage (lmforge.train.rollouts). With one optimizer step per
+generation (num_iterations 1), π_old is the policy itself (detached), r = 1 and only the gradient of r·A acts.
+
+``loss_type`` says what the per-token losses are averaged over; each is a sum over this micro-batch plus a
+count the loop divides the step's sum by, so gradient accumulation gives what TRL gives:
+- dapo (TRL's default): the step's completion tokens (count: tokens);
+- grpo: each completion's token mean, then the mean over completions (count: completions);
+- bnpo: the micro-batch's token mean, averaged over micro-batches (count: 1 per micro-batch);
+- dr_grpo: completions x max_completion_length (count: that product).
+
+Log-probabilities come from logits divided by the sampling temperature, as TRL does, and positions follow
+the attention mask (left-padded prompts), as generation assigned them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from lmforge.data.batching import Batch, host_batch
+from lmforge.train.objectives import Objective, ObjectiveOutput
+
+
+class MetricSums:
+    """Named sums and counts kept on the device while training (no sync), read back as means at logging time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+
+    def add(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
+        old = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (old[0] + (total.detach() if isinstance(total, torch.Tensor) else total),
+                           old[1] + (count.detach() if isinstance(count, torch.Tensor) else count))
+
+    def drain(self) -> dict[str, float]:
+        means = {name: float(total) / max(float(count), 1e-12) for name, (total, count) in self.sums.items()}
+        self.sums = {}
+        return means
+
+
+def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,
+                     temperature: float) -> torch.Tensor:
+    """log π(token) of the last `width` tokens of each row [rows, width], from logits / temperature.
+
+    Only the completion's logits are computed (logits_to_keep), in fp32; logsumexp saves the full log-softmax copy.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: as generate numbered them
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -width:]
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+@dataclass(frozen=True)
+class GRPO(Objective):
+    """GRPO's loss on a micro-batch of completions (fields made by lmforge.train.rollouts.RolloutStream)."""
+
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    max_completion_length: int = 512
+    temperature: float = 1.0
+    use_bias_correction_kl: bool = False
+    skip_zero_advantage: bool = False
+    metrics: MetricSums = field(default_factory=MetricSums, compare=False)
+    name: ClassVar[str] = "grpo"
+    batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "completion_mask", "advantages")
+
+    @classmethod
+    def from_settings(cls, trl: Any, skip_zero_advantage: bool) -> "GRPO":
+        """From the config's trl: block (TrlSettings)."""
+        return cls(beta=trl.beta, epsilon_low=trl.epsilon,
+                   epsilon_high=trl.epsilon if trl.epsilon_high is None else trl.epsilon_high,
+                   loss_type=trl.loss_type, importance_sampling_level=trl.importance_sampling_level,
+                   max_completion_length=trl.max_completion_length, temperature=trl.temperature,
+                   use_bias_correction_kl=trl.use_bias_correction_kl, skip_zero_advantage=skip_zero_advantage)
+
+    def count_tokens(self, batch: Batch) -> int:
+        mask = batch["completion_mask"]
+        if self.loss_type == "grpo":
+            return int(mask.shape[0])
+        if self.loss_type == "bnpo":
+            return 1
+        if self.loss_type == "dr_grpo":
+            return int(mask.shape[0]) * self.max_completion_length
+        return int(mask.sum())
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        host = host_batch(batch)
+        mask = batch["completion_mask"].float()
+        count = self.count_tokens(host)
+        if self.skip_zero_advantage and not bool(host["advantages"].any()):
+            # No learning signal (every completion in these groups scored the same): no forward, no gradient.
+            self.metrics.add("skipped_zero_adv_batches", 1.0, 1.0)
+            return torch.zeros((), device=mask.device, requires_grad=True), count, {}
+        if self.skip_zero_advantage:
+            self.metrics.add("skipped_zero_adv_batches", 0.0, 1.0)
+        logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], mask.shape[1], self.temperature)
+        advantages = batch["advantages"].float().unsqueeze(1)
+        old = batch.get("old_logps")
+        old = logps.detach() if old is None else old
+        log_ratio = logps - old
+        if self.importance_sampling_level == "sequence":  # GSPO: one ratio per completion, its tokens' mean
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        ratio = torch.exp(log_ratio)
+        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        tokens = mask.sum()
+        if self.beta != 0.0:
+            ref = batch["ref_logps"]
+            kl = torch.exp(ref - logps) - (ref - logps) - 1
+            if self.use_bias_correction_kl:
+                kl = kl * ratio
+            per_token = per_token + self.beta * kl
+            self.metrics.add("kl", (kl * mask).sum(), tokens)
+        if self.loss_type == "grpo":
+            loss_sum = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+        elif self.loss_type == "bnpo":
+            loss_sum = (per_token * mask).sum() / tokens.clamp(min=1.0)
+        else:  # dapo, dr_grpo: a plain sum, divided by the count
+            loss_sum = (per_token * mask).sum()
+        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float() * mask
+        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float() * mask
+        self.metrics.add("clip_ratio/low_mean", low.sum(), tokens)
+        self.metrics.add("clip_ratio/high_mean", high.sum(), tokens)
+        self.metrics.add("clip_ratio/region_mean", (low + high).sum(), tokens)
+        return loss_sum, count, {}
