@@ -469,6 +469,19 @@ def test_kquant_bytes_equal_ggml_and_dequantize(kind: str) -> None:
     assert rel < {"Q2_K": 0.45, "Q3_K": 0.3, "Q4_K": 0.13, "Q5_K": 0.065, "Q6_K": 0.04}[kind], rel
 
 
+@pytest.mark.parametrize("kind", sorted(GGML_GOLDEN))
+def test_kquant_bytes_do_not_depend_on_chunking_or_threads(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from lmforge.export import kquants
+
+    # one 256-block per chunk, spread over several threads: still ggml's bytes
+    monkeypatch.setattr(kquants, "_CHUNK_BLOCKS", 1)
+    monkeypatch.setattr(kquants, "_THREADS", 3)
+    q = kquants.quantize_k(golden_input(), kind)
+    assert hashlib.sha256(q.tobytes()).hexdigest() == GGML_GOLDEN[kind]
+
+
 def gguf_types(path: Path) -> dict[str, str]:
     import gguf
 

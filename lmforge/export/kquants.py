@@ -16,6 +16,9 @@ vectorised across all (sub-)blocks of a tensor at once; only the fixed search st
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 QK_K = 256
@@ -94,8 +97,10 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
         np.multiply(weights, work, out=work)
         return _seq_sum(work)
 
-    levels = levels_for(iscale, low, np.empty_like(x))
-    best_error = error(scale, low, levels)
+    # A masked copy of the (n, blocks) levels at every better step costs ~20 plain passes in numpy;
+    # the levels are a pure function of (iscale, min), so keep those per column and round once.
+    best_iscale, best_low = iscale, low
+    best_error = error(scale, low, levels_for(iscale, low, trial))
     for step in range(nstep + 1):
         iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + top) / np.where(flat, _F32(1), high - low)
         levels_for(iscale, low, trial)
@@ -115,10 +120,12 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
         cur_error = error(this_scale, this_min, trial)
         better = (det > 0) & (cur_error < best_error) & ~flat
         if better.any():
-            np.copyto(levels, trial, where=better)
+            best_iscale = np.where(better, iscale, best_iscale)
+            best_low = np.where(better, low, best_low)  # the min these levels were rounded from
             best_error = np.where(better, cur_error, best_error)
             scale = np.where(better, this_scale, scale)
             low = np.where(better, this_min, low)
+    levels = levels_for(best_iscale, best_low, trial)
     scale = np.where(flat, _F32(0), scale)
     levels[:, flat] = 0
     return scale.astype(_F32), (-low).astype(_F32), levels.astype(np.int32)
@@ -152,19 +159,23 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         np.multiply(work, lv, out=work)
         return lv, sumlx, _seq_sum(work)
 
-    levels, sumlx, suml2 = trial(_F32(-nmax) / safe)
+    best_iscale = _F32(-nmax) / safe
+    _, sumlx, suml2 = trial(best_iscale)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0)).astype(_F32)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        lv, slx, sl2 = trial(-(_F32(nmax) + _F32(0.1) * _F32(step)) / safe)
+        iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / safe
+        _, slx, sl2 = trial(iscale)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        np.copyto(levels, lv, where=better)
+        # as in _make_qkx2_quants: keep the winning iscale per column, round the levels once
+        best_iscale = np.where(better, iscale, best_iscale)
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where(better, slx / sl2, scale)
         best = np.where(better, scale * slx, best)
+    levels = trial(best_iscale)[0]
     levels = np.where(zero, 0, levels.astype(np.int32) + nmax)
     return np.where(zero, _F32(0), scale).astype(_F32), levels
 
@@ -356,6 +367,7 @@ _QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4
                "Q6_K": quantize_q6_k}
 # Sub-blocks per numpy call: large enough to amortise the loops, small enough to stay in cache.
 _CHUNK_BLOCKS = 256
+_THREADS = min(4, os.cpu_count() or 1)
 
 
 def quantize_k(data: np.ndarray, ggml_type: str) -> np.ndarray:
@@ -365,8 +377,17 @@ def quantize_k(data: np.ndarray, ggml_type: str) -> np.ndarray:
         raise ValueError(f"{ggml_type} needs rows that divide into {QK_K}, not {cols}")
     blocks = np.ascontiguousarray(data, dtype=_F32).reshape(-1, QK_K)
     quantizer = _QUANTIZERS[ggml_type]
-    out = np.concatenate([quantizer(blocks[i:i + _CHUNK_BLOCKS]) for i in range(0, len(blocks), _CHUNK_BLOCKS)])
-    return out.reshape(rows, -1)
+    chunks = [blocks[i:i + _CHUNK_BLOCKS] for i in range(0, len(blocks), _CHUNK_BLOCKS)]
+    # Chunks are independent and numpy releases the GIL inside each array operation, so threads
+    # use the other cores (llama-quantize runs its quantizer on several threads too); bytes are
+    # the same in any order, as each chunk is concatenated in place.
+    workers = min(len(chunks), _THREADS)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(quantizer, chunks))
+    else:
+        parts = [quantizer(chunk) for chunk in chunks]
+    return np.concatenate(parts).reshape(rows, -1)
 
 
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:
