@@ -482,6 +482,46 @@ def test_kquant_bytes_do_not_depend_on_chunking_or_threads(kind: str, monkeypatc
     assert hashlib.sha256(q.tobytes()).hexdigest() == GGML_GOLDEN[kind]
 
 
+def golden_importance() -> np.ndarray:
+    """One importance value per column of golden_input() (a zero among them), exact in float32."""
+    j = np.arange(512)
+    qw = (((j * 7919) % 1009) / 1009.0 + 0.01).astype(np.float32) ** 2
+    qw[5] = 0
+    return qw
+
+
+# sha256 of ggml's ggml_quantize_chunk(type, golden_input(), ..., imatrix=golden_importance()) (what
+# llama-quantize --imatrix runs per tensor: quantize_row_*_impl) from libggml-base.so of the
+# llama-cpp-python 0.3.36 build (llama.cpp 0c1e57098).
+GGML_GOLDEN_IMATRIX = {
+    "Q2_K": "c5bd2e1ee74eee7bb077289d16d7fc06fba1988e9af6dfd5b0f4dcbc4579b5df",
+    "Q3_K": "e2430049fe41c6ac213ca5fb44c7bdf55b77d43d80f2274349252152b755b3ee",
+    "Q4_K": "ad5f7a28a5c261d5a8c3557b14c774af3def9a5a5f6cdb1e37e81d3d5927add4",
+    "Q5_K": "79e4b1c9316c5145856d366e28101d4a23493d2f0a2040378272c6ec1a838682",
+    "Q6_K": "d39f20bc5f46e7861a904fb2336dc9c355a7cda10c389f1c014bd872a927e661",
+    "Q4_0": "7783017047f7665372881a3b4b54076971f792ca855af626b0fff410c0160b2e",
+    "Q4_1": "1bee1ff34fdb3f9bcd8a934be8a2ff810a186a040909d2a98a3b21dfcbb6f6e0",
+    "Q5_0": "ef4d4f8c1bf57d27207dc36f143da305893ad4b4459ac64a02393be624ef3f35",
+    "Q5_1": "5a52723ffca29073347fe738b1d635c9049fc7925360356c507681b994d5aaa1",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GGML_GOLDEN_IMATRIX))
+def test_imatrix_quantization_bytes_equal_ggml(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from lmforge.export import kquants
+
+    monkeypatch.setattr(kquants, "_CHUNK_BLOCKS", 3)  # chunks that start mid-row still take their columns' weights
+    x, qw = golden_input(), golden_importance()
+    if kind.endswith("_K"):
+        q = kquants.quantize_k(x, kind, qw)
+        assert hashlib.sha256(kquants.quantize_k(x, kind).tobytes()).hexdigest() == GGML_GOLDEN[kind]
+    else:
+        q = kquants.quantize_legacy_weighted(x, kind, qw)
+    assert hashlib.sha256(q.tobytes()).hexdigest() == GGML_GOLDEN_IMATRIX[kind]
+
+
 def gguf_types(path: Path) -> dict[str, str]:
     import gguf
 
