@@ -349,7 +349,7 @@ def identity_run(args: argparse.Namespace) -> None:
     from lmforge.export.gguf import pre_tokenizer_for, write_gguf
     from lmforge.export.kquants import KQUANT_PRESETS
     from lmforge.models.load import local_model_dir
-    from lmforge.models.serving import load_tokenizer_for
+    from lmforge.models.trained import load_tokenizer_for
 
     RUNS.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
@@ -516,7 +516,7 @@ def lora_check(args: argparse.Namespace, adapter: Path, prompts: list[dict], sto
     from lmforge.config import load_config
     from lmforge.export.gguf import pre_tokenizer_for, write_gguf
     from lmforge.models.load import local_model_dir
-    from lmforge.models.serving import load_tokenizer_for
+    from lmforge.models.trained import load_tokenizer_for
 
     cfg = load_config(str(CONFIG), [], check_paths=False)
     base_name = cfg.model.base_model
