@@ -185,11 +185,20 @@ def train_adapter(folder: Path, steps: int) -> None:
 
 
 def export(adapter: Path, quant: str, target: Path) -> tuple[str, str]:
-    """``lmforge export`` as a user runs it; (the fidelity line or the error, 'ok' or 'refused')."""
-    done = run([LMFORGE, "export", CONFIG, "--lora_model_dir", adapter, "--quant", quant,
-                "--output", target], cwd=REPO)
-    lines = (done.stdout + done.stderr).splitlines()
-    if done.returncode != 0:
+    """``lmforge export CONFIG --lora_model_dir ADAPTER --quant QUANT --output TARGET`` (the CLI's entry point,
+    in this process: a new process per file would import torch again each time); (the fidelity line or the
+    error, 'ok' or 'refused')."""
+    import contextlib
+    import io
+
+    from lmforge.cli import main as lmforge_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = lmforge_main(["export", str(CONFIG), "--lora_model_dir", str(adapter), "--quant", quant,
+                             "--output", str(target)])
+    lines = out.getvalue().splitlines()
+    if code:
         return next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "?"), "refused"
     return next((line for line in lines if "fidelity vs" in line), "?"), "ok"
 
