@@ -382,7 +382,7 @@ def identity_run(args: argparse.Namespace) -> None:
         from lmforge.export.imatrix import compute_imatrix, read_imatrix, training_chunks, write_imatrix
 
         if not args.imatrix.exists():
-            chunks, size = training_chunks(cfg, tokenizer, 32)
+            chunks, size = training_chunks(cfg, tokenizer, args.imatrix_chunks)
             sums, counts = compute_imatrix(model, chunks)
             write_imatrix(args.imatrix, sums, counts, [str(d.path) for d in cfg.data.datasets], len(chunks), size)
         entries = read_imatrix(args.imatrix)
@@ -718,6 +718,7 @@ def main() -> None:
     parser.add_argument("--identity-quants", default=",".join(IDENTITY_QUANTS))
     parser.add_argument("--imatrix", type=Path, default=None,
                         help="--identity with this llama.cpp imatrix on both sides (computed from the config's data when missing)")
+    parser.add_argument("--imatrix-chunks", type=int, default=32, help="--identity: windows of training tokens for the imatrix")
     parser.add_argument("--timing-rounds", type=int, default=3, help="--identity: alternating q4_0 / q4_k_m export timings")
     parser.add_argument("--heldout", type=int, default=12, help="held-out GSM8K examples for the fidelity vs f16")
     parser.add_argument("--no-chat", action="store_true", help="skip the GGUF LoRA and create_chat_completion checks")
