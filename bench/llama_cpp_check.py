@@ -688,6 +688,7 @@ def render_table(rows: list[dict], prompts: list[dict]) -> list[str]:
         identical = sum(r["generated"] == p["generated"] for r, p in zip(got["results"], prompts))
         same_as_file = sum(common_prefix(r["generated"], f) for r, f in zip(got["results"], row["file_in_transformers"]))
         total_file = sum(len(f) for f in row["file_in_transformers"])
+        vs_file = f"{same_as_file}/{total_file} = {same_as_file / max(total_file, 1):.0%}" if total_file else "not run"
         per_prompt = ", ".join(f"{common_prefix(r['generated'], p['generated'])}/{len(p['generated'])}"
                                for r, p in zip(got["results"], prompts))
         table.append(f"| {row['quant']} | {row['mib']:.1f} | {short} | {row['vs_f16']} | {row['llama_cpp_top1_vs_f16']}"
@@ -695,7 +696,7 @@ def render_table(rows: list[dict], prompts: list[dict]) -> list[str]:
                      f" | {matching}/{total} = {matching / max(total, 1):.0%} ({per_prompt})"
                      f" | {'yes' if identical == len(prompts) else 'no'} ({identical}/{len(prompts)})"
                      f" | {', '.join('-' if m is None else f'{m:.2f}' for m in row['margins'])}"
-                     f" | {same_as_file}/{total_file} = {same_as_file / max(total_file, 1):.0%}"
+                     f" | {vs_file}"
                      f" | {row.get('reference', '-')} |")
     return table
 
@@ -722,6 +723,8 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=3, help="--identity: alternating q4_0 / q4_k_m export timings")
     parser.add_argument("--heldout", type=int, default=12, help="held-out GSM8K examples for the fidelity vs f16")
     parser.add_argument("--no-chat", action="store_true", help="skip the GGUF LoRA and create_chat_completion checks")
+    parser.add_argument("--no-file-greedy", action="store_true",
+                        help="skip transformers' greedy decoding on each file's de-quantized weights")
     parser.add_argument("--only-lora-chat", action="store_true", help="only the GGUF LoRA and create_chat_completion checks")
     parser.add_argument("--chat-tokens", type=int, default=200, help="answer length cap in the chat check")
     args = parser.parse_args()
@@ -769,8 +772,8 @@ def main() -> None:
         merged.model.save_pretrained(merged_dir)
         merged.tokenizer.save_pretrained(merged_dir)
 
-    # f16 first (the fidelity reference), then f32 (llama.cpp's quantizer's input)
-    quants = ["f16", "f32", *(q for q in args.quants.split(",") if q not in ("f16", "f32"))]
+    # f16 first: the fidelity reference
+    quants = ["f16", *(q for q in args.quants.split(",") if q != "f16")]
     rows, build, f16_weights, f16_top1 = [], None, None, None
     for quant in quants:
         if rows:  # what is done so far, in case the run is cut short
@@ -799,7 +802,8 @@ def main() -> None:
             f16_top1 = got["top1"]
         row["llama_cpp_top1_vs_f16"] = agreement(got["top1"], f16_top1)
         # the file's own weights in transformers: tells what quantization changes from what llama.cpp does
-        row["file_in_transformers"] = [greedy(weights, p["ids"], stop_ids, args.max_new_tokens, pad_id) for p in prompts]
+        row["file_in_transformers"] = [] if args.no_file_greedy else [
+            greedy(weights, p["ids"], stop_ids, args.max_new_tokens, pad_id) for p in prompts]
         if weights is not f16_weights:
             del weights
         row["margins"] = []
@@ -809,7 +813,12 @@ def main() -> None:
             row["margins"].append(margin)
         reference: Path | str | None = None
         if quant in KQUANT_PRESETS:
-            reference, info = llama_cpp_quantized(RUNS / "model-f32.gguf", quant, args.threads)
+            # llama.cpp's quantizer reads an f32 GGUF of the same merged model (this run's, or --identity's)
+            f32 = next((f for f in (RUNS / "model-f32.gguf", RUNS / "identity-f32.gguf") if f.is_file()), None)
+            if f32 is None:
+                export(adapter, "f32", RUNS / "model-f32.gguf")
+                f32 = RUNS / "model-f32.gguf"
+            reference, info = llama_cpp_quantized(f32, quant, args.threads)
             build = build or info
         elif merged_dir is not None and quant in REFERENCE_QUANTS:
             reference = reference_file(merged_dir, quant)
