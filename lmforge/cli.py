@@ -145,7 +145,8 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.recipes.export import run_export
 
     run_export(_config(args, overrides, check_paths=False), args.format, args.quant, args.lora_model_dir, args.output,
-               tokenizer_pre=args.tokenizer_pre, keep_merged=args.keep_merged)
+               tokenizer_pre=args.tokenizer_pre, keep_merged=args.keep_merged, imatrix=args.imatrix,
+               imatrix_chunks=args.imatrix_chunks)
 
 
 def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -305,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the merged model as a safetensors folder (default DIR: ADAPTER/merged)")
     p.add_argument("--tokenizer_pre", "--tokenizer-pre", default=None, metavar="NAME",
                    help="llama.cpp pre-tokenizer name, when it cannot be carried over from a GGUF base or identified")
+    p.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="K-quants: quantize with this llama.cpp importance matrix; computed from the training data"
+                   " and written there (llama.cpp's format) when FILE does not exist")
+    p.add_argument("--imatrix_chunks", "--imatrix-chunks", type=int, default=32, metavar="N",
+                   help="windows of sequence_len training tokens to compute the imatrix from (default 32)")
     p = add("inspect", cmd_inspect, "show a model's architecture and its lora_target_modules candidates", config=False)
     p.add_argument("model", help="model folder, .gguf file, pkg://PACKAGE/FILE or Hub id")
     p.add_argument("--config", default=None, help="a config whose LoRA settings to count trainable parameters for")

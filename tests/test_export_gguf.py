@@ -469,6 +469,59 @@ def test_kquant_bytes_equal_ggml_and_dequantize(kind: str) -> None:
     assert rel < {"Q2_K": 0.45, "Q3_K": 0.3, "Q4_K": 0.13, "Q5_K": 0.065, "Q6_K": 0.04}[kind], rel
 
 
+@pytest.mark.parametrize("kind", sorted(GGML_GOLDEN))
+def test_kquant_bytes_do_not_depend_on_chunking_or_threads(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from lmforge.export import kquants
+
+    # one 256-block per chunk, spread over several threads: still ggml's bytes
+    monkeypatch.setattr(kquants, "_CHUNK_BLOCKS", 1)
+    monkeypatch.setattr(kquants, "_THREADS", 3)
+    q = kquants.quantize_k(golden_input(), kind)
+    assert hashlib.sha256(q.tobytes()).hexdigest() == GGML_GOLDEN[kind]
+
+
+def golden_importance() -> np.ndarray:
+    """One importance value per column of golden_input() (a zero among them), exact in float32."""
+    j = np.arange(512)
+    qw = (((j * 7919) % 1009) / 1009.0 + 0.01).astype(np.float32) ** 2
+    qw[5] = 0
+    return qw
+
+
+# sha256 of ggml's ggml_quantize_chunk(type, golden_input(), ..., imatrix=golden_importance()) (what
+# llama-quantize --imatrix runs per tensor: quantize_row_*_impl) from libggml-base.so of the
+# llama-cpp-python 0.3.36 build (llama.cpp 0c1e57098).
+GGML_GOLDEN_IMATRIX = {
+    "Q2_K": "c5bd2e1ee74eee7bb077289d16d7fc06fba1988e9af6dfd5b0f4dcbc4579b5df",
+    "Q3_K": "e2430049fe41c6ac213ca5fb44c7bdf55b77d43d80f2274349252152b755b3ee",
+    "Q4_K": "ad5f7a28a5c261d5a8c3557b14c774af3def9a5a5f6cdb1e37e81d3d5927add4",
+    "Q5_K": "79e4b1c9316c5145856d366e28101d4a23493d2f0a2040378272c6ec1a838682",
+    "Q6_K": "d39f20bc5f46e7861a904fb2336dc9c355a7cda10c389f1c014bd872a927e661",
+    "Q4_0": "7783017047f7665372881a3b4b54076971f792ca855af626b0fff410c0160b2e",
+    "Q4_1": "1bee1ff34fdb3f9bcd8a934be8a2ff810a186a040909d2a98a3b21dfcbb6f6e0",
+    "Q5_0": "ef4d4f8c1bf57d27207dc36f143da305893ad4b4459ac64a02393be624ef3f35",
+    "Q5_1": "5a52723ffca29073347fe738b1d635c9049fc7925360356c507681b994d5aaa1",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GGML_GOLDEN_IMATRIX))
+def test_imatrix_quantization_bytes_equal_ggml(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from lmforge.export import kquants
+
+    monkeypatch.setattr(kquants, "_CHUNK_BLOCKS", 3)  # chunks that start mid-row still take their columns' weights
+    x, qw = golden_input(), golden_importance()
+    if kind.endswith("_K"):
+        q = kquants.quantize_k(x, kind, qw)
+        assert hashlib.sha256(kquants.quantize_k(x, kind).tobytes()).hexdigest() == GGML_GOLDEN[kind]
+    else:
+        q = kquants.quantize_legacy_weighted(x, kind, qw)
+    assert hashlib.sha256(q.tobytes()).hexdigest() == GGML_GOLDEN_IMATRIX[kind]
+
+
 def gguf_types(path: Path) -> dict[str, str]:
     import gguf
 
@@ -619,3 +672,77 @@ def test_gguf_carries_the_trained_prompt_format_and_end_of_turn(tmp_path: Path, 
         assert "### Response:" in rendered and template != TEMPLATE
     stops = {read_gguf_metadata(target, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")}
     assert set(builder.stop_token_ids) <= stops
+
+
+def test_export_computes_an_imatrix_from_the_training_data_in_llama_cpp_format_and_quantizes_with_it(
+        tmp_path: Path) -> None:
+    import gguf
+
+    from lmforge.export.imatrix import read_imatrix
+    from lmforge.export.kquants import quantize_k
+
+    src = make_model(tmp_path / "src", hidden=256, layers=2, std=0.05)
+    rows = "".join(f'{{"instruction": "add {i} and {i + 1}", "input": "", "output": "{2 * i + 1}"}}\n' for i in range(40))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    short_format = {"field_instruction": "instruction", "field_output": "output", "format": "Q: {instruction}\nA: "}
+    config = {"base_model": src, "datasets": [{"path": str(tmp_path / "rows.jsonl"), "type": short_format}],
+              "sequence_len": 64}
+    imatrix, plain, weighted = tmp_path / "m.imatrix.gguf", tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
+    code, _, err = run_export_cli(tmp_path, config, "--quant", "q4_k_m", "--output", str(plain), "--tokenizer_pre", "gpt-2")
+    assert code == 0, err
+    code, out, err = run_export_cli(tmp_path, config, "--quant", "q4_k_m", "--output", str(weighted), "--tokenizer_pre",
+                                    "gpt-2", "--imatrix", str(imatrix), "--imatrix_chunks", "4")
+    assert code == 0, err
+    assert "computing an importance matrix" in out and imatrix.is_file()
+    # llama.cpp's layout: <tensor>.in_sum2 (1 x columns) and <tensor>.counts, and the imatrix.* keys
+    reader = gguf.GGUFReader(imatrix)
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts", "blk.1.ffn_down.weight.in_sum2"} <= names
+    assert not any(n.startswith(("token_embd", "output")) for n in names)  # llama-imatrix's default: blocks only
+    assert reader.get_field("general.type").contents() == "imatrix"
+    assert reader.get_field("imatrix.chunk_size").contents() == 64 and reader.get_field("imatrix.chunk_count").contents() == 4
+    entries = read_imatrix(imatrix)
+    assert entries["blk.0.ffn_down.weight"].shape == (512,) and np.all(entries["blk.0.attn_q.weight"] > 0)
+    # q and k read the same normed input: the same importance
+    np.testing.assert_array_equal(entries["blk.1.attn_q.weight"], entries["blk.1.attn_k.weight"])
+    # the file's K-quant tensors are ggml's imatrix quantization of the same weights; without, the reference one
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    by_name = {t.name: t for t in gguf.GGUFReader(weighted).tensors}
+    assert by_name["blk.0.ffn_up.weight"].tensor_type.name == "Q4_K"
+    got = np.asarray(by_name["blk.0.ffn_up.weight"].data).view(np.uint8).reshape(-1)
+    np.testing.assert_array_equal(got, quantize_k(up, "Q4_K", entries["blk.0.ffn_up.weight"]).reshape(-1))
+    plain_up = {t.name: t for t in gguf.GGUFReader(plain).tensors}["blk.0.ffn_up.weight"]
+    assert not np.array_equal(np.asarray(plain_up.data).view(np.uint8).reshape(-1), got)
+
+
+def test_imatrix_reads_llama_cpp_legacy_dat_files(tmp_path: Path) -> None:
+    import struct
+
+    from lmforge.export.imatrix import read_imatrix
+
+    values = np.array([2.0, 4.0, 6.0], np.float32)  # the .dat layout stores sum / count * ncall
+    name = b"blk.0.attn_q.weight"
+    blob = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 2, 3) + values.tobytes()
+    (tmp_path / "old.dat").write_bytes(blob + struct.pack("<i", 10) + struct.pack("<i", 4) + b"wiki")
+    np.testing.assert_array_equal(read_imatrix(tmp_path / "old.dat")["blk.0.attn_q.weight"], values / 2)
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "f16"])
+def test_imatrix_with_a_type_that_does_not_use_one_is_refused_in_one_line(tmp_path: Path, quant: str) -> None:
+    src = make_model(tmp_path / "src")
+    target = tmp_path / "m.gguf"
+    code, _, err = run_export_cli(tmp_path, {"base_model": src}, "--quant", quant, "--imatrix", str(tmp_path / "x.gguf"),
+                                  "--output", str(target))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "--imatrix applies to the K-quant presets" in lines[0], err
+    assert not target.exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_imatrix_that_is_not_one_is_refused_in_one_line(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    (tmp_path / "junk.dat").write_bytes(b"\x01\x00\x00\x00junk")
+    code, _, err = run_export_cli(tmp_path, {"base_model": src}, "--quant", "q4_k_m", "--imatrix",
+                                  str(tmp_path / "junk.dat"), "--tokenizer_pre", "gpt-2")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "not an importance matrix in llama.cpp's format" in lines[0], err

@@ -56,14 +56,17 @@ def check_quant(quant: str) -> None:
         raise LmforgeError(f"unknown GGUF quantization '{quant}'", where="--quant", fix=f"use one of {', '.join(QUANTS)}")
 
 
-def _quantized(data: np.ndarray, kind: str) -> np.ndarray:
-    """``data`` in GGML type ``kind`` as the file's raw bytes (K-quants by lmforge's port of ggml's)."""
+def _quantized(data: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """``data`` in GGML type ``kind`` as the file's raw bytes (K-quants by lmforge's port of ggml's);
+    ``importance``: the tensor's imatrix entry, used as ggml's quantizers use it (Q8_0 ignores it, as in ggml)."""
     import gguf
 
-    from lmforge.export.kquants import quantize_k
+    from lmforge.export.kquants import quantize_k, quantize_legacy_weighted
 
     if kind.endswith("_K"):
-        return quantize_k(data, kind)
+        return quantize_k(data, kind, importance)
+    if importance is not None and kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        return quantize_legacy_weighted(data, kind, importance)
     return gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, kind))
 
 
@@ -320,6 +323,7 @@ def write_gguf(
     name: str | None = None,
     where: str = "model",
     chat: ChatFormat | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write an in-memory Llama model and its tokenizer as one GGUF file (atomically).
 
@@ -330,10 +334,14 @@ def write_gguf(
     it, see :func:`lmforge.export.kquants.tensor_types`).
     ``tokenizer_pre``: llama.cpp's pre-tokenizer name (see :func:`pre_tokenizer_for`).
     ``chat``: the trained prompt format to write (default: the tokenizer's chat template).
+    ``imatrix``: GGUF tensor name -> per-column importance (:mod:`lmforge.export.imatrix`), K-quant presets only.
     """
     import gguf
 
     check_quant(quant)
+    if imatrix is not None and quant not in KQUANT_PRESETS:
+        raise LmforgeError(f"--imatrix applies to the K-quant presets, not {quant}", where="--imatrix",
+                           fix=f"use it with one of {', '.join(KQUANT_PRESETS)}, or drop --imatrix")
     config = model.config
     check_llama_config(config, where)
     state = model.state_dict()
@@ -395,7 +403,12 @@ def write_gguf(
                 writer.add_tensor(gguf_name, data.astype(np.float16))
             else:
                 qtype = getattr(gguf.GGMLQuantizationType, kind)
-                writer.add_tensor(gguf_name, _quantized(data, kind), raw_dtype=qtype)
+                importance = None if imatrix is None else imatrix.get(gguf_name)
+                if importance is not None and importance.size != data.shape[-1]:
+                    raise LmforgeError(f"the importance matrix has {importance.size} values for {gguf_name},"
+                                       f" whose rows are {data.shape[-1]} wide", where="--imatrix",
+                                       fix="use an imatrix computed for this model (e.g. let lmforge compute one)")
+                writer.add_tensor(gguf_name, _quantized(data, kind, importance), raw_dtype=qtype)
 
     return write_gguf_file(out_file, fill)
 

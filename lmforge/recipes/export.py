@@ -37,11 +37,16 @@ def run_export(
     *,
     tokenizer_pre: str | None = None,
     keep_merged: str | bool | None = None,
+    imatrix: str | None = None,
+    imatrix_chunks: int = 32,
 ) -> Path:
     """Export the model (adapter merged in memory) to GGUF, then check the file against it.
 
     ``keep_merged``: also save the merged model as a safetensors folder there (``True``:
-    ``ADAPTER/merged``, where ``merge-lora`` writes it). Raises
+    ``ADAPTER/merged``, where ``merge-lora`` writes it). ``imatrix``: llama.cpp importance-matrix
+    file for the K-quant presets; when it does not exist yet, it is computed from the config's
+    training data on the merged model (``imatrix_chunks`` windows of sequence_len tokens) and
+    written there in llama.cpp's format first. Raises
     LmforgeError (after removing the file) when the written file's next-token
     distributions are far from the unquantized model's.
     """
@@ -51,13 +56,27 @@ def run_export(
         raise LmforgeError(f"unknown export format '{fmt}'", where="--format", fix="use --format gguf or gguf-lora")
     check_quant(quant)
     if fmt == "gguf-lora":
+        if imatrix:
+            raise LmforgeError("--imatrix quantizes a model; a LoRA GGUF is not quantized with one", where="--imatrix",
+                               fix="drop --imatrix, or use --format gguf with a K-quant --quant")
         return _export_gguf_lora(cfg, quant, lora_model_dir, output)
+    from lmforge.export.kquants import KQUANT_PRESETS
+
+    if imatrix and quant not in KQUANT_PRESETS:
+        raise LmforgeError(f"--imatrix applies to the K-quant presets, not {quant}", where="--imatrix",
+                           fix=f"use it with one of {', '.join(KQUANT_PRESETS)}, or drop --imatrix")
     base = cfg.model.base_model
     target = Path(output or Path(cfg.training.output_dir) / f"model-{quant}.gguf")
     adapter = _adapter_dir(cfg, lora_model_dir) if lora_model_dir or cfg.adapter.adapter else None
     if adapter is None and keep_merged:
         raise LmforgeError("--keep_merged needs an adapter to merge", where="--keep_merged",
                            fix="pass --lora_model_dir DIR, or drop --keep_merged")
+    # a given imatrix file is read (and refused) before the weights load; a missing one is computed below
+    importance = None
+    if imatrix and Path(imatrix).exists():
+        from lmforge.export.imatrix import read_imatrix
+
+        importance = read_imatrix(imatrix)
     # the tokenizer decides whether llama.cpp can run the file at all: settle it before loading weights
     from lmforge.models.trained import load_tokenizer_for
 
@@ -78,7 +97,12 @@ def run_export(
         model = load_model(base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
         name = Path(base).stem
     chat = _trained_chat_format(cfg, tokenizer, model)
-    write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}", chat=chat)
+    if imatrix and importance is None:
+        importance = _compute_importance_matrix(cfg, model, tokenizer, imatrix, imatrix_chunks)
+    if importance is not None:
+        say(f"quantizing with the importance matrix {imatrix} ({len(importance)} matrices)")
+    write_gguf(model, tokenizer, target, quant, tokenizer_pre=pre, name=name, where=f"base_model: {base}", chat=chat,
+               imatrix=importance)
     say(f"wrote {target} ({target.stat().st_size / 2**20:.0f} MiB, {quant}, pre-tokenizer {pre})")
     fidelity = check_fidelity(model, tokenizer, target, quant)
     say(fidelity.summary())
@@ -97,6 +121,21 @@ def run_export(
         folder = save_merged(merged, Path(adapter) / "merged" if keep_merged is True else keep_merged)
         say(f"kept the merged model: {folder}")
     return target
+
+
+def _compute_importance_matrix(cfg: LmforgeConfig, model: Any, tokenizer: Any, path: str, n_chunks: int) -> Any:
+    """An imatrix computed from the config's training data on ``model``, written to ``path`` in llama.cpp's format."""
+    from lmforge.export.imatrix import compute_imatrix, read_imatrix, training_chunks, write_imatrix
+
+    if not cfg.data.datasets:
+        raise LmforgeError(f"{path} does not exist, and this config has no training data to compute it from",
+                           where="--imatrix", fix="pass an existing imatrix file, or a config with datasets:")
+    chunks, size = training_chunks(cfg, tokenizer, n_chunks)
+    say(f"computing an importance matrix from the training data ({len(chunks)} windows of up to {size} tokens)")
+    sums, counts = compute_imatrix(model, chunks)
+    write_imatrix(path, sums, counts, [str(d.path) for d in cfg.data.datasets], len(chunks), size)
+    say(f"wrote {path} (llama.cpp's imatrix format, {len(sums)} matrices; llama-quantize --imatrix reads it too)")
+    return read_imatrix(path)
 
 
 def _trained_chat_format(cfg: LmforgeConfig, tokenizer: Any, model: Any) -> Any:
