@@ -63,8 +63,49 @@ def compile_layers(model: Any, speed: SpeedSection, device: torch.device, say: C
     options = {k: v for k, v in (("backend", speed.torch_compile_backend), ("mode", speed.torch_compile_mode)) if v}
     for layer in layers:
         layer.compile(**options)
-    say(f"torch_compile: {len(layers)} decoder layers compiled ({options.get('backend', 'inductor')})")
+        layer._compiled_call_impl = _sequence_length_dynamic(layer._compiled_call_impl)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and not any(p.requires_grad for p in embeddings.parameters()):
+        # A frozen embedding (LoRA) hands the first layer hidden states without requires_grad and every later
+        # layer ones with it: two graphs for one code. Asking for the input's gradient (only layer 0's
+        # backward computes one more, unused) keeps every layer on one graph and halves the compile time.
+        model.enable_input_require_grads()
+    say(f"torch_compile: {len(layers)} decoder layers compiled ({options.get('backend', 'inductor')}, "
+        "sequence length dynamic)")
     return len(layers)
+
+
+def _sequence_length_dynamic(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled`, with the sequence-length dimension of its tensor arguments marked dynamic before each call.
+
+    Unmarked, dynamo specialises the first batch's length, recompiles at the second length, and only then
+    goes dynamic; mixed in with the other guards (attention mask present or not, one row or several) that
+    spent a minutes-long inductor compile per new length and ran into the recompile limit. Marked, one
+    graph serves every length. The marking happens here, outside the compiled frame, where it takes effect.
+    """
+    def call(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 and hidden.shape[1] > 1:
+            length = hidden.shape[1]
+            for value in (*args, *kwargs.values()):
+                for tensor in value if isinstance(value, tuple) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        for dim in _length_dims(tensor):
+                            if tensor.shape[dim] == length:
+                                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+def _length_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Where a decoder layer's argument keeps the sequence length, by its rank. Never a feature dim: a length
+    that equals the hidden size or the head dim must not make those dynamic too (that is another graph)."""
+    if tensor.dim() == 4:
+        return (2, 3)  # the attention mask: (batch, heads, query, key)
+    if tensor.dim() == 1:
+        return (0,)  # cache positions
+    return (1,)  # hidden states, rotary cos/sin, position ids: (batch, length, ...)
 
 
 def apply_liger(model: Any, speed: SpeedSection, device: torch.device, say: Callable[[str], None]) -> list[str]:
