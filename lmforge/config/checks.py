@@ -66,7 +66,24 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _speed(c)
     _distributed(c)
     _remote_code(c)
+    _images(c)
     return c.warnings
+
+
+def _images(c: _Checker) -> None:
+    """Image-text training (processor_type): what it cannot combine with, refused before anything loads."""
+    cfg = c.cfg
+    if not cfg.model.processor_type:
+        for key in ("image_size", "image_resize_algorithm", "processor_kwargs"):
+            if c.given(key) and c.raw.values.get(key) not in (None, {}, ""):
+                c.warn(key, f"{key} has no effect without processor_type (an image-text model)")
+        return
+    if cfg.data.sample_packing:
+        raise c.error("sample_packing", "sample_packing: true packs token rows, and image-text rows carry pixel "
+                      "tensors that cannot be packed with them", "set sample_packing: false (image chats are padded per batch)")
+    if cfg.is_pretraining:
+        raise c.error("processor_type", "processor_type trains on image chats (datasets:), not on pretraining text",
+                      "remove processor_type, or use datasets: with type: chat_template")
 
 
 def _remote_code(c: _Checker) -> None:

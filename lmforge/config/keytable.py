@@ -448,7 +448,7 @@ def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
 # --- the table ---------------------------------------------------------------------------------------------------
 
 RL = "preference and RL training (DPO, KTO, ORPO, GRPO, EBFT, reward models) is out of lmforge's scope; TRL does it"
-MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it trains text models"
+IMAGES = "lmforge/data/images.py"  # image-text rows: images read, resized, processed with the tokens
 MOE_KERNELS = "MoE expert kernels and expert quantization are out of lmforge's scope"
 PARALLEL = "tensor, context, sequence and expert parallelism are out of lmforge's scope (lmforge scales out with DDP, FSDP2 and DeepSpeed ZeRO)"
 INTERNAL = "axolotl fills this in at run time; it is not a setting"
@@ -486,8 +486,9 @@ KEYS: tuple[Key, ...] = (
           "Face tokenizer, whose ids and chat template may differ from it", nearest="tokenizer_use_mistral_common: false "
           "(the model's Hugging Face tokenizer)"),
     done("tokenizer_type", LOAD),
-    out("processor_type", MULTIMODAL),
-    out("processor_kwargs", MULTIMODAL),
+    done("processor_type", LOAD, MODEL),
+    done("processor_kwargs", LOAD),
+    done("freeze_mm_modules", MODEL),
     later("tokenizer_save_jinja_files", "saving the chat template inside tokenizer_config.json", quiet=(None,),
           same={True: "the tokenizer is saved with transformers' defaults (chat template in its own .jinja file)"}),
     done("trust_remote_code", MODEL),
@@ -819,7 +820,8 @@ KEYS: tuple[Key, ...] = (
     note("dataloader_num_workers", "a data-loader speed setting; lmforge's loop batches in process and the batches are the same"),
     note("dataloader_prefetch_factor", "a data-loader speed setting; lmforge's loop batches in process and the batches are the same"),
     later("dataloader_drop_last", "dropping the last partial batch"),
-    note("remove_unused_columns", "lmforge keeps only the tokenized columns anyway"),
+    note("remove_unused_columns", "lmforge keeps the columns a row needs (with processor_type: its images, what "
+         "remove_unused_columns: false asks axolotl for) and drops the rest after tokenizing anyway"),
     later("preprocess_iterable", "preparing datasets as iterables", nearest="dataset_prepared_path"),
     out("is_preprocess", INTERNAL),
     out("total_num_tokens", INTERNAL),
@@ -1020,8 +1022,9 @@ KEYS: tuple[Key, ...] = (
     out("llmcompressor", "sparsity and compression recipes are out of lmforge's scope"),
     out("qat", "quantization-aware training is out of lmforge's scope"),
     out("quantization", "post-training quantization (torchao) is out of lmforge's scope; `lmforge export --quant` writes GGUF"),
-    out("image_size", MULTIMODAL), out("image_resize_algorithm", MULTIMODAL), out("role_boundaries", MULTIMODAL),
-    out("freeze_mm_modules", MULTIMODAL),
+    done("image_size", IMAGES), done("image_resize_algorithm", IMAGES),
+    note("role_boundaries", "lmforge finds the assistant turns of image chats by rendering the chat template (its "
+         "{% generation %} blocks, else each turn's prefix), not by scanning tokens for role markers"),
 
     # --- keys axolotl's examples still carry but its schema dropped ----------------------------------------------------
     out("rope_scaling", REMOVED, nearest="model_config overrides (not supported yet)"),

@@ -16,6 +16,9 @@ IGNORE_INDEX = -100  # the label of a position no loss is computed for (torch cr
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # An image chat's pixel tensors (pixel_values, and image_sizes / image_grid_thw / pixel_attention_mask where the
+    # processor makes them), each with the row's images along dim 0; None for text.
+    images: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -23,7 +23,8 @@ import numpy as np
 
 from lmforge.config.sections import DataSection, DatasetSpec
 from lmforge.data.examples import IGNORE_INDEX, Example, PreparedData, PrepareStats
-from lmforge.data.formats import Segment, SkipRow, get_format
+from lmforge.data.formats import ChatTemplateFormat, Segment, SkipRow, get_format
+from lmforge.data.images import has_images, image_examples
 from lmforge.data.sources import no_rows, read_rows
 from lmforge.errors import LmforgeError
 
@@ -131,6 +132,7 @@ ROW_FIX = "fix the row, or set skip_bad_rows: true to skip and count such rows"
 
 def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | None]], skip_bad_rows: bool, stats: PrepareStats) -> list[list[Segment]]:
     out = []
+    chat = isinstance(fmt, ChatTemplateFormat)
     for values, where, error in rows:
         if error is not None:
             if not skip_bad_rows:
@@ -138,6 +140,10 @@ def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | No
             stats.bad(where, error)
             continue
         try:
+            if chat and has_images(values):  # a text template would drop the image parts and train on the words alone
+                raise LmforgeError("this row has images, and the model is trained as a text-only model",
+                                   where=where, fix="set processor_type: AutoProcessor with an image-text base_model, "
+                                   "or remove the image rows (skip_bad_rows: true skips and counts them)")
             out.append(fmt.segments(values, where))
         except SkipRow:
             stats.hook_skipped += 1
@@ -171,15 +177,28 @@ def _work(job: tuple) -> tuple[list[Example], PrepareStats]:
 
 
 def prepare_specs(
-    specs: list[DatasetSpec], data: DataSection, tokenizer: Any, key: str = "datasets", processes: int | None = None
+    specs: list[DatasetSpec], data: DataSection, tokenizer: Any, key: str = "datasets", processes: int | None = None,
+    processor: Any = None,
 ) -> tuple[list[Example], PrepareStats, list[int]]:
-    """Read, format and tokenize dataset entries; returns examples, stats and each example's entry index."""
+    """Read, format and tokenize dataset entries; returns examples, stats and each example's entry index.
+    With a `processor` (an image-text model's), the rows are image chats (lmforge.data.images)."""
     stats = PrepareStats()
     examples: list[Example] = []
     origin: list[int] = []
     processes = processes or data.dataset_processes or 1
     for index, spec in enumerate(specs):
         where = f"{key}[{index}]"
+        if processor is not None:
+            rows = _read(spec)
+            if not rows:
+                raise no_rows(spec.path)
+            spec_stats = PrepareStats()
+            spec_stats.rows[spec.path] += len(rows)
+            spec_examples = image_examples(spec, where, rows, data, processor, spec_stats)
+            stats.add(spec_stats)
+            examples += spec_examples
+            origin += [index] * len(spec_examples)
+            continue
         fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, data=data)
         rows = _read(spec)
         if not rows:
@@ -244,9 +263,9 @@ def _no_examples(stats: PrepareStats, data: DataSection) -> LmforgeError:
     )
 
 
-def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
+def build(data: DataSection, tokenizer: Any, seed: int, processor: Any = None) -> PreparedData:
     """Every dataset entry read, formatted, tokenized, mixed and split into train and eval (no cache)."""
-    examples, stats, _ = prepare_specs(data.datasets, data, tokenizer)
+    examples, stats, _ = prepare_specs(data.datasets, data, tokenizer, processor=processor)
     if not examples:
         raise _no_examples(stats, data)
     if data.shuffle_merged_datasets and len(data.datasets) > 1:
@@ -254,7 +273,7 @@ def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     if data.test_datasets:
         if data.val_set_size:
             raise LmforgeError("set either val_set_size or test_datasets, not both", where="val_set_size", fix="remove one")
-        held_out, eval_stats, _ = prepare_specs(data.test_datasets, data, tokenizer, key="test_datasets")
+        held_out, eval_stats, _ = prepare_specs(data.test_datasets, data, tokenizer, key="test_datasets", processor=processor)
         if not held_out:
             raise _no_examples(eval_stats, data)
         return PreparedData(examples, held_out, stats)
@@ -263,7 +282,7 @@ def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
 
 
 def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = None,
-            default_root: str | os.PathLike | None = None) -> PreparedData:
+            default_root: str | os.PathLike | None = None, processor: Any = None) -> PreparedData:
     """Prepared data for a config: from the prepared-data cache when one matches, else built.
 
     The cache (``dataset_prepared_path``, else `default_root`, else ``last_run_prepared``) is read
@@ -272,6 +291,10 @@ def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = No
     """
     from lmforge.data import cache
 
+    if processor is not None:  # the cache stores token ids only: image chats are prepared for each run
+        prepared = build(data, tokenizer, seed, processor)
+        prepared.stats.note = "image chats prepared in memory (the prepared-data cache holds token ids only)"
+        return prepared
     if data.skip_prepare_dataset:  # this run's rows only, in memory: no cache read or written
         prepared = build(data, tokenizer, seed)
         prepared.stats.note = "prepared in memory (skip_prepare_dataset: the prepared-data cache is not used)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,9 @@ def lora_targets(settings: AdapterSection) -> Any:
     if settings.lora_target_linear:
         return "all-linear"
     if isinstance(settings.lora_target_modules, str):
-        return [settings.lora_target_modules]
+        # axolotl's regex form ('model.language_model.layers.[\d]+.(mlp|self_attn).(q|k|v)_proj'): peft full-matches a
+        # string against each module's path; a plain name stays a one-item list (matched as a name suffix)
+        return settings.lora_target_modules if re.search(r"[\[\]()|*+?\\]", settings.lora_target_modules) else [settings.lora_target_modules]
     return settings.lora_target_modules
 
 

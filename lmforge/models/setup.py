@@ -11,7 +11,7 @@ from lmforge.models.adapters import apply_lora, cover_new_token_rows
 from lmforge.models.fast_dropout import use_fast_dropout
 from lmforge.models.kernels import apply_liger, attention_backend, compile_layers
 from lmforge.models.load import fit_embeddings_to_tokenizer, load_model
-from lmforge.models.params import freeze_except, set_dropout
+from lmforge.models.params import freeze_all_but_language_model, freeze_except, language_model_linear_names, set_dropout
 
 
 def _quantization_config(cfg: LmforgeConfig, bf16: bool) -> Any:
@@ -84,7 +84,8 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             extra["attn_implementation"] = attention
         model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                            masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
-                           model_type=cfg.model.model_type, config_source=cfg.model.base_model_config, **extra)
+                           model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
+                           image_text=bool(cfg.model.processor_type), **extra)
     rows = model.get_input_embeddings().num_embeddings
     fit_embeddings_to_tokenizer(model, tokenizer, 32 if cfg.model.resize_token_embeddings_to_32x else None)
     new_tokens = [t for t in tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer)))) if t != tokenizer.pad_token]
@@ -92,6 +93,10 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         set_dropout(model, cfg.training.dropout)
     if cfg.training.unfrozen_parameters:
         freeze_except(model, cfg.training.unfrozen_parameters)
+    elif cfg.model.processor_type and cfg.model.freeze_mm_modules is not False and not cfg.adapter.adapter:
+        # A full fine-tune of an image-text model trains its language model; the vision tower and projector stay as
+        # pretrained unless unfrozen_parameters (or freeze_mm_modules: false) asks for them.
+        freeze_all_but_language_model(model)
     # torch.utils.checkpoint's arguments; lmforge's default is the non-reentrant form torch recommends.
     checkpointing = {"use_reentrant": False, **(cfg.speed.gradient_checkpointing_kwargs or {})}
     if quantization is not None:
@@ -103,7 +108,11 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     apply_liger(model, cfg.speed, runs_on, say)
     if cfg.adapter.adapter:
-        model = apply_lora(model, cover_new_token_rows(cfg.adapter, model, new_tokens, say))
+        settings = cfg.adapter
+        if cfg.model.processor_type and settings.lora_target_linear:  # the language model's layers, not the vision tower's
+            settings = settings.model_copy(update={"lora_target_linear": False,
+                                                   "lora_target_modules": language_model_linear_names(model)})
+        model = apply_lora(model, cover_new_token_rows(settings, model, new_tokens, say))
         if quantization is not None:
             from lmforge.models.quantize import disable_cpu_weight_packing
 

@@ -13,7 +13,7 @@ from typing import Any
 from lmforge.config import LmforgeConfig
 from lmforge.data.batching import eval_batches, packing_efficiency, pad_batch
 from lmforge.data.prepare import prepare
-from lmforge.models.load import config_tokenizer
+from lmforge.models.load import config_processor, config_tokenizer
 from lmforge.recipes.console import say
 from lmforge.recipes.run import TrainingRun
 from lmforge.train.stream import EpochStream
@@ -26,10 +26,14 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
     with TrainingRun(cfg, "train") as run:
         say(f"device {run.device.type}, {'bf16' if run.bf16 else 'fp32'} compute, output in {run.output_dir}")
         tokenizer = config_tokenizer(cfg, say=say)
+        # an image-text model's processor turns images into its pixel inputs; it holds this same tokenizer, and is
+        # what checkpoints and the output save (tokenizer, image processor, chat template), so inference finds it
+        processor = config_processor(cfg, tokenizer) if cfg.model.processor_type else None
         with run.main_first():  # under several ranks rank 0 prepares and caches the data; the others read the cache
             # ... in the run's own output folder unless dataset_prepared_path names a place (not the current folder)
             shared = run.output_dir / "prepared_data" if run.engine.distributed else None
-            data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None, default_root=shared)
+            data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None, default_root=shared,
+                           processor=processor)
         say(f"data: {data.stats.summary()}; {len(data.train)} train / {len(data.eval)} eval examples")
         run.predict_peak(data)
         rows = len(data.train)
@@ -53,14 +57,14 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
             batches = eval_batches(data.eval, eval_size, pad_id, eval_len)
             return run.evaluate(model, (pad_batch(b, pad_to, pad_id) for b in batches) if pad_to else batches, objective)
 
-        outcome = run.train(model, tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,
+        outcome = run.train(model, processor or tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,
                             invariants={"train_examples": len(data.train)})
 
         start, end = outcome.eval_start, outcome.eval_end
         if end is not None:
             say(f"eval loss after step {outcome.result.steps}: {end:.4f}"
                 + (f" (was {start:.4f}, {1 - end / start:.1%} lower)" if start else ""))
-        run.publish(model, tokenizer, outcome)
+        run.publish(model, processor or tokenizer, outcome)
         summary = {**run.summary(outcome, model), "truncated_rows": data.stats.truncated,
                    "skipped_rows_no_response": data.stats.no_trainable_tokens}
         run.write_summary(summary, outcome)

@@ -114,6 +114,31 @@ class CausalLM(Objective):
         return replace(self, label_smoothing=0.0) if self.label_smoothing else self
 
 
+# Batch fields a causal LM reads itself; an image-text batch's other tensors (pixel_values, image_sizes,
+# image_grid_thw, pixel_attention_mask) are the images', passed to the model as they are.
+TEXT_BATCH_FIELDS = ("input_ids", "labels", "attention_mask", "position_ids", "cu_seq_lens")
+
+
+@dataclass(frozen=True)
+class ImageTextCLM(CausalLM):
+    """Causal LM with pixel inputs (image-text models): next-token cross-entropy over the labelled text positions,
+    the model given the batch's images beside its tokens. Image tokens never carry labels (lmforge.data.images)."""
+
+    name: ClassVar[str] = "image_text_clm"
+    batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "attention_mask", "pixel_values")
+    supports_fused_head: ClassVar[bool] = False  # the head runs inside the model's own forward
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        labels, host = batch["labels"], host_batch(batch)
+        rows, columns = _labelled_positions(labels[:, 1:], host["labels"][:, 1:])
+        images = {k: v for k, v in batch.items() if k not in TEXT_BATCH_FIELDS and isinstance(v, torch.Tensor)}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                       **images).logits[rows, columns]
+        loss_sum = F.cross_entropy(logits.float(), labels[:, 1:][rows, columns], reduction="sum",
+                                   label_smoothing=self.label_smoothing)
+        return loss_sum, int(rows.shape[0]), {}
+
+
 @dataclass(frozen=True)
 class LossFunction(Objective):
     """A bare ``(model, batch) -> (loss_sum, count)`` function taken as a causal-LM objective (counted like
@@ -175,6 +200,8 @@ def objective_from_config(cfg: Any) -> Objective:
     t = cfg.training
     if cfg.is_pretraining and cfg.pretrain.objective == "mlm":
         return MaskedLM(label_smoothing=t.label_smoothing_factor)
+    if cfg.model.processor_type:
+        return ImageTextCLM(label_smoothing=t.label_smoothing_factor)
     chunks = t.chunked_cross_entropy_num_chunks if t.chunked_cross_entropy else 1
     return CausalLM(label_smoothing=t.label_smoothing_factor, loss_chunks=chunks)
 
