@@ -23,14 +23,16 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
     if any(local_files(spec.path, spec.ds_type, spec.data_files) is None for spec in specs):
         return "tokens: checked when training (a Hub dataset is read then, not here)"
     from lmforge.data.prepare import prepare
-    from lmforge.models.load import config_tokenizer
+    from lmforge.models.load import config_processor, config_tokenizer
     from lmforge.recipes.console import say
 
     try:
         tokenizer = config_tokenizer(cfg, say=say)
+        # image chats: every image opened and checked, and counted against its placeholders, as train will
+        processor = config_processor(cfg, tokenizer) if cfg.model.processor_type else None
     except LmforgeError as exc:  # e.g. a Hub tokenizer while offline: the rows were checked, the tokens cannot be
         return f"tokens: not checked, the tokenizer does not load here ({exc.format()})"
-    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=False)
+    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=False, processor=processor)
     return f"tokens: {len(data.train):,} train / {len(data.eval):,} eval examples at sequence_len {cfg.data.sequence_len}"
 
 
