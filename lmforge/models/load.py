@@ -296,7 +296,8 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
                                                                     and issubclass(processor_class, transformers.ProcessorMixin))):
         raise LmforgeError(f"processor_type: {name} is not a transformers processor class", where="processor_type",
                            fix="use processor_type: AutoProcessor")
-    folder = local_model_dir(source or model.base_model)
+    # a training output (an adapter folder has no config.json) holds processor_config.json beside its tokenizer
+    folder = local_model_dir(source, marker="processor_config.json") if source else local_model_dir(model.base_model)
     try:
         processor = processor_class.from_pretrained(folder, trust_remote_code=model.trust_remote_code,
                                                     **(model.processor_kwargs or {}))
