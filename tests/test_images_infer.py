@@ -149,3 +149,44 @@ def test_gguf_export_of_an_image_text_model_is_refused_in_one_line(tmp_path: Pat
     assert main(["export", str(config), "--output", str(tmp_path / "m.gguf")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert any("mmproj" in line for line in err)
+
+
+def test_gradio_chat_takes_an_uploaded_image_in_headless_chromium(tmp_path: Path, tiny_vlm_dir: Path) -> None:
+    pytest.importorskip("gradio")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from test_web_ui import _bot_text, _browser, _wait
+
+    from lmforge.config import load_config
+    from lmforge.infer.web import launch
+    from lmforge.recipes.inference import SamplingFlags, build_generator
+
+    image, _ = digit_png(tmp_path)
+    expected = reference_answer(tiny_vlm_dir, image).strip()
+    driver = _browser(tmp_path)
+    app = None
+    try:
+        gen = build_generator(load_config(str(vl_config(tmp_path, tiny_vlm_dir)), [], check_paths=False),
+                              flags=SamplingFlags(max_new_tokens=4, temperature=0))
+        port = free_port()
+        app = launch(gen, port=port, block=False)
+        driver.get(f"http://127.0.0.1:{port}/")
+        upload = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, '#image input[type="file"]'), 30, "the image upload")[0]
+        upload.send_keys(str(image))
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#image img"), 30, "the uploaded image's preview")
+        box = driver.find_elements(By.CSS_SELECTOR, "#message textarea")[0]
+        box.send_keys(QUESTION)
+        box.send_keys(Keys.ENTER)
+        _wait(lambda: _bot_text(driver) == expected, 60, f"the answer {expected!r} (page shows {_bot_text(driver)!r})")
+        assert driver.find_elements(By.CSS_SELECTOR, '#chat [data-testid="user"] img')  # the image is in the chat
+        shot = tmp_path / "gradio-image-chat.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("LMFORGE_TEST_ARTIFACTS"):
+            import shutil
+
+            shutil.copy(shot, Path(os.environ["LMFORGE_TEST_ARTIFACTS"]) / shot.name)
+    finally:
+        driver.quit()
+        if app is not None:
+            app.close()
