@@ -210,8 +210,8 @@ def test_not_yet_key_names_the_nearest_supported_key(write) -> None:  # noqa: AN
 
 
 def test_out_of_scope_key_refused_with_reason(write) -> None:  # noqa: ANN001
-    text = refused(write("processor_type: AutoProcessor\n"))
-    assert "config.yml:6: 'processor_type' is out of scope: multimodal" in text
+    text = refused(write("rl: dpo\n"))
+    assert "config.yml:6: 'rl' is out of scope: preference and RL training" in text
 
 
 def test_dataset_entry_keys_are_screened_with_their_path(write) -> None:  # noqa: ANN001
@@ -318,7 +318,7 @@ EXPECTED = {  # copied axolotl example → None (validates) or the key its one-l
     "archived-tiny-llama-lora.yml": None,
     "llama-3-lora-1b.yml": None,
     "llama-3-fft-8b-liger-fsdp.yaml": None,  # FSDP (issue 11): runs under torchrun; liger keys: a notice on CPU
-    "llama-3-vision-lora-11b.yaml": "'processor_type' is out of scope",
+    "llama-3-vision-lora-11b.yaml": None,  # image-text (issue 25): processor_type, skip_prepare_dataset, remove_unused_columns
 }
 
 
