@@ -319,3 +319,19 @@ def test_image_stats_count_rows(tmp_path: Path, tiny_vlm_dir: Path) -> None:
     rows = [(row, f"f:{i}", None) for i, row in enumerate(digit_rows(n=4))]
     examples = image_examples(cfg.data.datasets[0], "datasets[0]", rows, cfg.data, config_processor(cfg, tokenizer), stats)
     assert len(examples) == 4 and stats.label_tokens == 8  # the digit and <|im_end|> per row
+
+
+def test_the_planner_counts_the_vision_tower_image_tokens_and_pixels(tmp_path: Path, tiny_vlm_dir: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from lmforge.cli import main
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir)
+    vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.vision_tower", "model.multi_modal_projector")))
+    data = write_jsonl(tmp_path / "rows.jsonl", digit_rows(n=20))
+    assert main(["plan", str(write_config(tmp_path / "c.yml", vl_config(tiny_vlm_dir, data, tmp_path / "o")))]) == 0
+    out = capsys.readouterr().out
+    assert f"vision tower and projector {vision:,} parameters, 16 image tokens per 32x32 image" in out
+    assert "pixel tensors 0.2 MiB per micro-batch (16 images)" in out  # 16 x 3 x 32 x 32 fp32
+    assert "longest 28" in out  # 16 image tokens + the chat's 12 text tokens: the prepared lengths hold them
