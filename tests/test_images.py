@@ -335,3 +335,20 @@ def test_the_planner_counts_the_vision_tower_image_tokens_and_pixels(tmp_path: P
     assert f"vision tower and projector {vision:,} parameters, 16 image tokens per 32x32 image" in out
     assert "pixel tensors 0.2 MiB per micro-batch (16 images)" in out  # 16 x 3 x 32 x 32 fp32
     assert "longest 28" in out  # 16 image tokens + the chat's 12 text tokens: the prepared lengths hold them
+
+
+@pytest.mark.parametrize("name", ["llava-lora-7b.yaml", "qwen2-vl-lora-7b.yaml", "smolvlm2-smolvlm2-2B-lora.yaml"])
+def test_axolotl_image_text_examples_validate_with_the_tiny_model_and_shipped_digits(
+        name: str, tmp_path: Path, tiny_vlm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """axolotl's own configs (tests/data/axolotl_examples), only base_model and datasets swapped: every key accepted
+    (processor_type, skip_prepare_dataset, remove_unused_columns, their chat_template names) and every image read."""
+    import yaml
+
+    from lmforge.cli import main
+
+    config = yaml.safe_load((Path(__file__).parent / "data" / "axolotl_examples" / name).read_text())
+    assert config["processor_type"] == "AutoProcessor" and config["remove_unused_columns"] is False
+    config.update(base_model=str(tiny_vlm_dir), output_dir=str(tmp_path / "out"),
+                  datasets=[{"path": str(write_jsonl(tmp_path / "rows.jsonl", digit_rows(n=30))), "type": "chat_template"}])
+    assert main(["validate", str(write_config(tmp_path / name, config))]) == 0
+    assert "30 train" in capsys.readouterr().err

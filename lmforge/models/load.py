@@ -186,7 +186,14 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
             tokenizer.pad_token = tokenizer.eos_token
     if model.tokens:
         tokenizer.add_tokens(list(model.tokens))
-    added = prepare_chat_tokenizer(tokenizer, cfg.data)
+    data = cfg.data
+    if model.processor_type and data.chat_template not in (None, "jinja"):
+        # image chats render with the processor's own template (or chat_template_jinja): axolotl's names for VLM
+        # templates (llava, qwen2_vl, gemma3, llama3_2_vision ...) stand for exactly that one
+        if say is not None:
+            say(f"chat_template: {data.chat_template}: image chats render with the model's own (processor's) chat template")
+        data = data.model_copy(update={"chat_template": None})
+    added = prepare_chat_tokenizer(tokenizer, data)
     if added and say is not None:
         say(f"chat_template: added {', '.join(added)} to the tokenizer as special tokens (the embeddings grow to match)")
     return tokenizer
