@@ -176,14 +176,14 @@ def blanked(rows: list[dict]) -> list[dict]:
 
 # What trains: the projector and the language model (embeddings, layers, head); the vision tower is a frozen random
 # CLIP. From random weights LoRA alone cannot learn the task in minutes; a pretrained VLM would need only LoRA.
-LEARNING = {"max_steps": 400, "unfrozen_parameters": [r"model\.multi_modal_projector", r"model\.language_model", "lm_head"]}
+LEARNING = {"max_steps": 300, "unfrozen_parameters": [r"model\.multi_modal_projector", r"model\.language_model", "lm_head"]}
 
 
 @pytest.mark.learning
 def test_tiny_vlm_learns_held_out_digits_from_their_images(tmp_path: Path, tiny_vlm_dir: Path) -> None:
     out = tmp_path / "out"
     summary = run_train(loaded(tmp_path, vl_config(tiny_vlm_dir, DIGITS_VL / "train.jsonl", out, **LEARNING)))
-    assert summary["steps"] == 400
+    assert summary["steps"] == 300
     held_out = digit_rows()
     assert held_out_accuracy(tiny_vlm_dir, held_out) < 0.3  # before: chance
     assert held_out_accuracy(out, held_out) >= 0.8
@@ -352,3 +352,14 @@ def test_axolotl_image_text_examples_validate_with_the_tiny_model_and_shipped_di
                   datasets=[{"path": str(write_jsonl(tmp_path / "rows.jsonl", digit_rows(n=30))), "type": "chat_template"}])
     assert main(["validate", str(write_config(tmp_path / name, config))]) == 0
     assert "30 train" in capsys.readouterr().err
+
+
+def test_qlora_trains_a_4bit_image_text_model_on_this_cpu(tmp_path: Path, tiny_vlm_dir: Path) -> None:
+    """bitsandbytes quantizes the linear layers to 4 bits (it runs on CPUs); LoRA adapts the language model's."""
+    data = write_jsonl(tmp_path / "rows.jsonl", digit_rows(n=16))
+    config = vl_config(tiny_vlm_dir, data, tmp_path / "out", adapter="qlora", load_in_4bit=True, lora_r=4, lora_alpha=8,
+                       lora_target_linear=True, max_steps=2, micro_batch_size=8)
+    summary = run_train(loaded(tmp_path, config))
+    assert summary["steps"] == 2 and summary["final_train_loss"] is not None
+    targets = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"]
+    assert targets and all(t.startswith("model.language_model.") for t in targets)

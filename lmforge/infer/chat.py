@@ -126,7 +126,7 @@ class ChatSession:
         elif name == "/image":
             from lmforge.data.images import open_image
 
-            if self.gen.processor is None:
+            if getattr(self.gen, "processor", None) is None:
                 self.say("this model reads text only: /image needs an image-text model (trained with processor_type)")
             elif not arg:
                 self.say("usage: /image PATH")

@@ -291,7 +291,7 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
         body = await read_body(request)
         sampling, stop = _sampling(gen, body, _CHAT, max_tokens)
         images = None
-        if gen.processor is not None and _has_image_parts(body.get("messages")):  # an image-text model, asked about images
+        if getattr(gen, "processor", None) is not None and _has_image_parts(body.get("messages")):  # an image-text model, asked about images
             messages, images = _image_messages(body["messages"])
             prompt = gen.image_prompt(messages)
         else:

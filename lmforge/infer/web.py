@@ -101,7 +101,7 @@ def build_app(gen: Generator, title: str | None = None, max_new_tokens: int | No
             repetition_penalty=float(repetition), seed=None if seed is None or seed < 0 else int(seed),
         )
         try:
-            if gen.processor is not None and any(_image_path(m["content"]) for m in history if m["role"] == "user"):
+            if getattr(gen, "processor", None) is not None and any(_image_path(m["content"]) for m in history if m["role"] == "user"):
                 parts, images = _image_conversation(history)
                 if system:
                     parts = [{"role": "system", "content": [{"type": "text", "text": system}]}] + parts
@@ -142,7 +142,7 @@ def build_app(gen: Generator, title: str | None = None, max_new_tokens: int | No
             clear_button = gr.Button("Clear", elem_id="clear", scale=1, min_width=70)
         # an image-text model's chat takes an image with the next message (sent with Send, before the text)
         image = gr.Image(type="filepath", label="image (sent with your next message)", elem_id="image", height=160,
-                         visible=gen.processor is not None, sources=["upload"])
+                         visible=getattr(gen, "processor", None) is not None, sources=["upload"])
         with gr.Accordion("Sampling", open=False):
             system = gr.Textbox(label="system message", visible=gen.prompts.multi_turn, elem_id="system")
             with gr.Row():
