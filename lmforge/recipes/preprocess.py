@@ -8,14 +8,16 @@ from lmforge.config import LmforgeConfig
 from lmforge.data.batching import packing_efficiency
 from lmforge.data.examples import PreparedData
 from lmforge.data.prepare import prepare
-from lmforge.models.load import config_tokenizer
+from lmforge.models.load import config_processor, config_tokenizer
 from lmforge.recipes.console import say
 
 
 def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
     tokenizer = config_tokenizer(cfg, say=say)  # the tokenizer train uses: the same prepared-data cache key
+    # image chats (processor_type): every image read and checked; they are not cached (prepared per run)
+    processor = config_processor(cfg, tokenizer) if cfg.model.processor_type else None
     started = time.perf_counter()
-    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
+    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True, processor=processor)
     seconds = time.perf_counter() - started
     say(f"{data.stats.summary()}")
     say(f"{len(data.train)} train / {len(data.eval)} eval examples in {seconds:.1f}s ({data.stats.tokens / max(seconds, 1e-9):,.0f} tokens/s)")
