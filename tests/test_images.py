@@ -176,14 +176,16 @@ def blanked(rows: list[dict]) -> list[dict]:
 
 # What trains: the projector and the language model (embeddings, layers, head); the vision tower is a frozen random
 # CLIP. From random weights LoRA alone cannot learn the task in minutes; a pretrained VLM would need only LoRA.
-LEARNING = {"max_steps": 300, "unfrozen_parameters": [r"model\.multi_modal_projector", r"model\.language_model", "lm_head"]}
+# Measured held-out accuracy (2026-12-07): 75.7% after 300 steps of this setting; 81.0% after 400 steps with the
+# language model alone trained; 600 steps (about 6 epochs) leave a margin. Blanked images: the loss stays at ln(10)/2.
+LEARNING = {"max_steps": 600, "unfrozen_parameters": [r"model\.multi_modal_projector", r"model\.language_model", "lm_head"]}
 
 
 @pytest.mark.learning
 def test_tiny_vlm_learns_held_out_digits_from_their_images(tmp_path: Path, tiny_vlm_dir: Path) -> None:
     out = tmp_path / "out"
     summary = run_train(loaded(tmp_path, vl_config(tiny_vlm_dir, DIGITS_VL / "train.jsonl", out, **LEARNING)))
-    assert summary["steps"] == 300
+    assert summary["steps"] == 600
     held_out = digit_rows()
     assert held_out_accuracy(tiny_vlm_dir, held_out) < 0.3  # before: chance
     assert held_out_accuracy(out, held_out) >= 0.8
