@@ -93,7 +93,7 @@ def cmd_inference(args: argparse.Namespace, overrides: list[str]) -> None:
         _config(args, overrides, check_paths=False), args.lora_model_dir, args.prompt, model=args.model,
         flags=_sampling_flags(args), jsonl=args.jsonl, input_path=args.input, output_path=args.output,
         batch_size=args.batch_size, chat=args.chat, save_path=args.save, system=args.system, gradio=args.gradio,
-        host=args.host, port=args.port, share=args.share,
+        host=args.host, port=args.port, share=args.share, image=args.image,
     )
 
 
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("inference", cmd_inference, "generate answers with the base model, a trained adapter, a merged folder or a GGUF file")
     add_model_flags(p)
     p.add_argument("--prompt", default=None, help="one prompt; without it, prompts are read from stdin, one per line")
+    p.add_argument("--image", default=None, help="--prompt: an image file the prompt is about (image-text models)")
     p.add_argument("--jsonl", action="store_true",
                    help='batch mode: JSON lines in ({"prompt": ...} or {"messages": [...]}), one JSON line out per input')
     p.add_argument("--input", default=None, help="read prompts from this file instead of stdin")

@@ -154,3 +154,24 @@ def real_model_available() -> bool:
 
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+DIGITS_VL = DATA / "digits_vl"  # scikit-learn's handwritten digits as image chats (scripts/build_digits_vl.py)
+
+
+def load_script(name: str):  # noqa: ANN201
+    """A module from scripts/ (the builders tests share with users), imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight LLaVA (CLIP tower, projector, 2-layer Llama) saved with its processor, like a Hub VLM."""
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    load_script("build_tiny_vlm").build_tiny_vlm(folder)
+    return folder

@@ -68,6 +68,7 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _distributed(c)
     _remote_code(c)
     _preference(c)
+    _images(c)
     return c.warnings
 
 
@@ -99,6 +100,22 @@ def _preference(c: _Checker) -> None:
                       "remove precompute_ref_log_probs (LoRA runs use the policy with its adapter off: no second copy)")
     if rl.dpo_loss_type and rl.rl != "dpo":
         raise c.error("dpo_loss_type", f"dpo_loss_type chooses rl: dpo's loss, and rl is {rl.rl}", "remove dpo_loss_type, or set rl: dpo")
+
+
+def _images(c: _Checker) -> None:
+    """Image-text training (processor_type): what it cannot combine with, refused before anything loads."""
+    cfg = c.cfg
+    if not cfg.model.processor_type:
+        for key in ("image_size", "image_resize_algorithm", "processor_kwargs"):
+            if c.given(key) and c.raw.values.get(key) not in (None, {}, ""):
+                c.warn(key, f"{key} has no effect without processor_type (an image-text model)")
+        return
+    if cfg.data.sample_packing:
+        raise c.error("sample_packing", "sample_packing: true packs token rows, and image-text rows carry pixel "
+                      "tensors that cannot be packed with them", "set sample_packing: false (image chats are padded per batch)")
+    if cfg.is_pretraining:
+        raise c.error("processor_type", "processor_type trains on image chats (datasets:), not on pretraining text",
+                      "remove processor_type, or use datasets: with type: chat_template")
 
 
 def _remote_code(c: _Checker) -> None:

@@ -563,6 +563,7 @@ MULTIMODAL = "multimodal models (images, audio) are out of lmforge's scope: it t
 DIFFUSION = "diffusion language-model training is out of lmforge's scope (a denoising objective, not next-token); axolotl's diffusion plugin does it"
 EBFT = ("EBFT (energy-based fine-tuning: REINFORCE on rollouts against a frozen feature network's feature-matching "
         "loss, Jelassi et al. 2026) is out of lmforge's scope; axolotl does it")
+IMAGES = "lmforge/data/images.py"  # image-text rows: images read, resized, processed with the tokens
 MOE_KERNELS = "MoE expert kernels and expert quantization are out of lmforge's scope"
 MOE_KERNEL_NOT_SHIPPED = ("a CUDA MoE kernel lmforge does not ship: transformers' own experts code runs instead "
                           "(grouped_mm where it can, the same result)")
@@ -608,7 +609,9 @@ KEYS: tuple[Key, ...] = (
           "mistral-common>=1.11.5, which caps numpy below the 2.4 lmforge pins", nearest="tokenizer_use_mistral_common: false "
           "(the model's Hugging Face tokenizer and its chat template, chat_template: tokenizer_default)"),
     done("tokenizer_type", LOAD),
-    *each(out, ("processor_type", "processor_kwargs"), MULTIMODAL),
+    done("processor_type", LOAD, MODEL),
+    done("processor_kwargs", LOAD),
+    done("freeze_mm_modules", MODEL),
     later("tokenizer_save_jinja_files", "saving the chat template inside tokenizer_config.json", quiet=(None,),
           same={True: "the tokenizer is saved with transformers' defaults (chat template in its own .jinja file)"}),
     done("trust_remote_code", MODEL),
@@ -895,7 +898,8 @@ KEYS: tuple[Key, ...] = (
     *each(note, ("dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor"),
           "a data-loader speed setting; lmforge's loop batches in process and the batches are the same"),
     later("dataloader_drop_last", "dropping the last partial batch"),
-    note("remove_unused_columns", "lmforge keeps only the tokenized columns anyway"),
+    note("remove_unused_columns", "lmforge keeps the columns a row needs (with processor_type: its images, what "
+         "remove_unused_columns: false asks axolotl for) and drops the rest after tokenizing anyway"),
     later("preprocess_iterable", "preparing datasets as iterables", nearest="dataset_prepared_path"),
     *each(out, ("is_preprocess", "total_num_tokens", "total_supervised_tokens"), INTERNAL),
     *each(done, ("chat_template", "chat_template_jinja"), FORMATS, "lmforge/data/formats/templates.py"),
@@ -1105,8 +1109,9 @@ KEYS: tuple[Key, ...] = (
     out("llmcompressor", "sparsity and compression recipes are out of lmforge's scope"),
     done("qat", MODEL, TRAINING, rule=qat_formats),
     out("quantization", "post-training quantization (torchao) is out of lmforge's scope; `lmforge export --quant` writes GGUF"),
-    out("image_size", MULTIMODAL), out("image_resize_algorithm", MULTIMODAL), out("role_boundaries", MULTIMODAL),
-    out("freeze_mm_modules", MULTIMODAL),
+    done("image_size", IMAGES), done("image_resize_algorithm", IMAGES),
+    note("role_boundaries", "lmforge finds the assistant turns of image chats by rendering the chat template (its "
+         "{% generation %} blocks, else each turn's prefix), not by scanning tokens for role markers"),
 
     # --- keys axolotl's examples still carry but its schema dropped ----------------------------------------------------
     out("rope_scaling", REMOVED, nearest="model_config overrides (not supported yet)"),

@@ -160,7 +160,7 @@ def _resolve_hooks(cfg: LmforgeConfig, raw: RawConfig) -> None:
     for key in ("datasets", "test_datasets"):
         for index, spec in enumerate(getattr(cfg.data, key) or []):
             # rl: axolotl's preference types are written like hooks (chatml.intel, chat_template.default)
-            if is_hook(spec.type) and not ((cfg.rl.rl or cfg.rl.reward_model) and spec.type.split(".")[0] in PREFERENCE_FAMILIES):
+            if is_hook(spec.type) and not (cfg.rl.preference and spec.type.split(".")[0] in PREFERENCE_FAMILIES):
                 spec.type = resolve_hook(spec.type, config_dir, raw.where((key, index, "type")))
     trl = cfg.rl.trl
     for index, name in enumerate(trl.reward_funcs or []):

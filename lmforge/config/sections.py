@@ -182,6 +182,17 @@ class ModelSection(Section):
     resize_token_embeddings_to_32x: bool = Field(
         False, description="Pad the embedding rows to a multiple of 32 (faster matmuls on GPUs); the extra rows are never used."
     )
+    processor_type: str | None = Field(
+        None, description="An image-text model: the transformers processor class (AutoProcessor) that turns images and "
+        "text into the model's inputs; the model then loads with AutoModelForImageTextToText (unless model_type names a class)."
+    )
+    processor_kwargs: dict[str, Any] | None = Field(
+        None, description="Keyword arguments for the processor's from_pretrained (e.g. image_seq_len, min_pixels)."
+    )
+    freeze_mm_modules: bool | None = Field(
+        None, description="Image-text models: keep the vision tower and projector frozen (the default without "
+        "unfrozen_parameters); false trains them too in a full fine-tune."
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
         None, description="Attention backend (default: transformers' choice, sdpa where supported). Without CUDA, "
         "flash_attention_2 and flex_attention run as sdpa. Packed rows never attend across examples on any backend."
@@ -237,10 +248,19 @@ class DataSection(Section):
     min_sample_len: int | None = Field(None, ge=1, description="Drop examples of fewer tokens than this.")
     dataset_exact_deduplication: bool = Field(
         False, description="Keep one of identical tokenized examples (eval examples the training data holds are dropped).")
+    image_size: int | tuple[int, int] | None = Field(
+        None, description="Image-text data: resize every image to this size first: N pads it to a square, then N×N; "
+        "[W, H] resizes to W×H (default: as read; the processor then applies its own size)."
+    )
+    image_resize_algorithm: Literal["bilinear", "bicubic", "lanczos", "nearest"] | None = Field(
+        None, description="Pillow's resampling filter for image_size (default bilinear)."
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _inline_template(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("image_resize_algorithm"), str):  # axolotl takes any case
+            data = {**data, "image_resize_algorithm": data["image_resize_algorithm"].lower()}
         return _jinja_choice(data)
 
 
@@ -926,6 +946,11 @@ class RLSection(Section):
     max_prompt_len: int | None = Field(
         None, gt=0, description="Preference rows: keep at most this many prompt tokens (the tail); default sequence_len // 2."
     )
+
+    @property
+    def preference(self) -> str | None:
+        """What trains on preference rows: the rl: method of the DPO family or KTO, "reward_model", or None (SFT, GRPO)."""
+        return self.rl if self.rl in PREFERENCE_METHODS else "reward_model" if self.reward_model else None
 
     @model_validator(mode="after")
     def _weights_match(self) -> "RLSection":

@@ -63,7 +63,26 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any(e.images for e in examples):
+        batch.update(collate_images([e.images for e in examples if e.images]))
+    return batch
+
+
+def collate_images(rows: Sequence[dict[str, torch.Tensor]]) -> Batch:
+    """The image tensors of a batch's rows joined along dim 0, as the model reads them (LLaVA's pixel_values
+    [images, 3, H, W], Qwen2-VL's patches and image_grid_thw); where rows differ past dim 0 (Idefics3's
+    [1, images, 3, H, W] with a different image count per row), padded with zeros, which such models skip."""
+    out: Batch = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        tensors = [row[key] for row in rows if key in row]
+        widest = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            pad = [amount for d in reversed(range(1, t.dim())) for amount in (0, widest[d - 1] - t.shape[d])]
+            padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+        out[key] = torch.cat(padded)
+    return out
 
 
 def segment_boundaries(position_ids: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ def check_data_files(cfg: Any) -> list[str]:
     """Every local data file of the config read and checked (no tokenizer); one line per entry."""
     data, lines = cfg.data, []
     rl = getattr(cfg, "rl", None)
-    preference = (rl.rl or ("reward_model" if rl.reward_model else None)) if rl is not None else None
+    preference = rl.preference if rl is not None else None
     pretraining_text = cfg.pretrain.pretraining_dataset
     for index, source in enumerate(pretraining_text or []):
         lines.append(check_text_source(source, f"pretraining_dataset[{index}]"))

@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 IGNORE_INDEX = -100  # the label of a position no loss is computed for (torch cross_entropy's ignore_index)
 
 
@@ -16,6 +18,9 @@ IGNORE_INDEX = -100  # the label of a position no loss is computed for (torch cr
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # An image chat's pixel tensors (pixel_values, and image_sizes / image_grid_thw / pixel_attention_mask where the
+    # processor makes them), each with the row's images along dim 0; None for text.
+    images: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -84,3 +89,25 @@ class PreparedData:
     train: list[Example]
     eval: list[Example]
     stats: PrepareStats
+
+
+# How a bad row is fixed: the end of every row error while preparing data.
+ROW_FIX = "fix the row, or set skip_bad_rows: true to skip and count such rows"
+
+
+def trained_token_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens overlap a trained character span: transformers' rule for ``return_assistant_tokens_mask``.
+
+    transformers walks tokens and sorted spans once and marks a token when it ends after the start
+    of the first span that ends after the token's start; a binary search per token is the same rule.
+    """
+    tokens = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if not spans:
+        return np.zeros(len(tokens), dtype=bool)
+    starts = np.fromiter((s for s, _ in spans), dtype=np.int64, count=len(spans))
+    ends = np.fromiter((e for _, e in spans), dtype=np.int64, count=len(spans))
+    index = np.searchsorted(ends, tokens[:, 0], side="right")
+    inside = index < len(spans)
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[inside] = tokens[inside, 1] > starts[index[inside]]
+    return mask

@@ -28,7 +28,8 @@ from lmforge.data.batching import Batch
 from lmforge.data.examples import IGNORE_INDEX, PrepareStats
 from lmforge.data.formats.preference import CompletionText, PreferenceText, preference_format
 from lmforge.data.formats.templates import resolve_template
-from lmforge.data.prepare import ROW_FIX, _read, adds_bos, split_eval
+from lmforge.data.examples import ROW_FIX
+from lmforge.data.prepare import adds_bos, spec_rows, split_eval
 from lmforge.data.sources import no_rows
 from lmforge.errors import LmforgeError
 
@@ -137,7 +138,7 @@ def preference_rows(specs: list[Any], data: Any, tokenizer: Any, kto: bool, stat
             jinja = spec.chat_template_jinja if spec.chat_template else data.chat_template_jinja
             template, _ = resolve_template(setting, tokenizer, where="chat_template", jinja=jinja)
         fmt = preference_format(spec.type, where, spec=spec, tokenizer=tokenizer, template=template, completion=kto)
-        rows = _read(spec)
+        rows = spec_rows(spec)
         if not rows:
             raise no_rows(spec.path)
         stats.rows[spec.path] += len(rows)

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from lmforge.config.sections import DataSection, DatasetSpec
-from lmforge.data.examples import IGNORE_INDEX, Example, PreparedData, PrepareStats
-from lmforge.data.formats import Segment, SkipRow, get_format
+from lmforge.data.examples import IGNORE_INDEX, ROW_FIX, Example, PrepareStats, PreparedData, trained_token_mask
+from lmforge.data.formats import ChatTemplateFormat, Segment, SkipRow, get_format
+from lmforge.data.images import has_images, image_examples
 from lmforge.data.sources import no_rows, read_rows
 from lmforge.errors import LmforgeError
 
@@ -46,24 +47,6 @@ def _finish(ids: list[int], labels: list[int], sequence_len: int, stats: Prepare
     stats.tokens += len(ids)
     stats.label_tokens += sum(label != IGNORE_INDEX for label in labels[1:])
     out.append(Example(ids, labels))
-
-
-def trained_token_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Which tokens overlap a trained character span: transformers' rule for ``return_assistant_tokens_mask``.
-
-    transformers walks tokens and sorted spans once and marks a token when it ends after the start
-    of the first span that ends after the token's start; a binary search per token is the same rule.
-    """
-    tokens = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    if not spans:
-        return np.zeros(len(tokens), dtype=bool)
-    starts = np.fromiter((s for s, _ in spans), dtype=np.int64, count=len(spans))
-    ends = np.fromiter((e for _, e in spans), dtype=np.int64, count=len(spans))
-    index = np.searchsorted(ends, tokens[:, 0], side="right")
-    inside = index < len(spans)
-    mask = np.zeros(len(tokens), dtype=bool)
-    mask[inside] = tokens[inside, 1] > starts[index[inside]]
-    return mask
 
 
 def _trained_spans(segments: list[Segment]) -> list[tuple[int, int]]:
@@ -126,11 +109,11 @@ def tokenize_rows(
     return examples
 
 
-ROW_FIX = "fix the row, or set skip_bad_rows: true to skip and count such rows"
 
 
 def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | None]], skip_bad_rows: bool, stats: PrepareStats) -> list[list[Segment]]:
     out = []
+    chat = isinstance(fmt, ChatTemplateFormat)
     for values, where, error in rows:
         if error is not None:
             if not skip_bad_rows:
@@ -138,6 +121,10 @@ def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | No
             stats.bad(where, error)
             continue
         try:
+            if chat and has_images(values):  # a text template would drop the image parts and train on the words alone
+                raise LmforgeError("this row has images, and the model is trained as a text-only model",
+                                   where=where, fix="set processor_type: AutoProcessor with an image-text base_model, "
+                                   "or remove the image rows (skip_bad_rows: true skips and counts them)")
             out.append(fmt.segments(values, where))
         except SkipRow:
             stats.hook_skipped += 1
@@ -149,7 +136,7 @@ def _format_rows(fmt: Any, rows: list[tuple[dict[str, Any] | None, str, str | No
     return out
 
 
-def _read(spec: DatasetSpec) -> list[tuple[dict[str, Any] | None, str, str | None]]:
+def spec_rows(spec: DatasetSpec) -> list[tuple[dict[str, Any] | None, str, str | None]]:
     return [(row.values, row.where, row.error) for row in read_rows(spec.path, spec.ds_type, spec.data_files, spec.split, spec.name)]
 
 
@@ -171,17 +158,30 @@ def _work(job: tuple) -> tuple[list[Example], PrepareStats]:
 
 
 def prepare_specs(
-    specs: list[DatasetSpec], data: DataSection, tokenizer: Any, key: str = "datasets", processes: int | None = None
+    specs: list[DatasetSpec], data: DataSection, tokenizer: Any, key: str = "datasets", processes: int | None = None,
+    processor: Any = None,
 ) -> tuple[list[Example], PrepareStats, list[int]]:
-    """Read, format and tokenize dataset entries; returns examples, stats and each example's entry index."""
+    """Read, format and tokenize dataset entries; returns examples, stats and each example's entry index.
+    With a `processor` (an image-text model's), the rows are image chats (lmforge.data.images)."""
     stats = PrepareStats()
     examples: list[Example] = []
     origin: list[int] = []
     processes = processes or data.dataset_processes or 1
     for index, spec in enumerate(specs):
         where = f"{key}[{index}]"
+        if processor is not None:
+            rows = spec_rows(spec)
+            if not rows:
+                raise no_rows(spec.path)
+            spec_stats = PrepareStats()
+            spec_stats.rows[spec.path] += len(rows)
+            spec_examples = image_examples(spec, where, rows, data, processor, spec_stats)
+            stats.add(spec_stats)
+            examples += spec_examples
+            origin += [index] * len(spec_examples)
+            continue
         fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, data=data)
-        rows = _read(spec)
+        rows = spec_rows(spec)
         if not rows:
             raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
         spec_stats = PrepareStats()
@@ -210,7 +210,7 @@ def prepare_specs(
 def rows_to_segments(spec: DatasetSpec, index: int, stats: PrepareStats, tokenizer: Any = None, chat_template: str | None = None, skip_bad_rows: bool = False) -> list[list[Segment]]:
     """Read one dataset entry and apply its format; a bad row raises with its file:line (or is counted)."""
     fmt = get_format(spec.type, where=f"datasets[{index}].type", spec=spec, tokenizer=tokenizer, chat_template=chat_template)
-    rows = _read(spec)
+    rows = spec_rows(spec)
     if not rows:
         raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
     stats.rows[spec.path] += len(rows)
@@ -265,9 +265,9 @@ def _keep(examples: list[Example], data: DataSection, stats: PrepareStats, seen:
     return kept
 
 
-def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
+def build(data: DataSection, tokenizer: Any, seed: int, processor: Any = None) -> PreparedData:
     """Every dataset entry read, formatted, tokenized, mixed and split into train and eval (no cache)."""
-    examples, stats, _ = prepare_specs(data.datasets, data, tokenizer)
+    examples, stats, _ = prepare_specs(data.datasets, data, tokenizer, processor=processor)
     examples = _keep(examples, data, stats)
     if not examples:
         raise _no_examples(stats, data)
@@ -276,7 +276,7 @@ def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     if data.test_datasets:
         if data.val_set_size:
             raise LmforgeError("set either val_set_size or test_datasets, not both", where="val_set_size", fix="remove one")
-        held_out, eval_stats, _ = prepare_specs(data.test_datasets, data, tokenizer, key="test_datasets")
+        held_out, eval_stats, _ = prepare_specs(data.test_datasets, data, tokenizer, key="test_datasets", processor=processor)
         held_out = _keep(held_out, data, eval_stats, seen={_identity(e) for e in examples})
         if not held_out:
             raise _no_examples(eval_stats, data)
@@ -286,7 +286,7 @@ def build(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
 
 
 def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = None,
-            default_root: str | os.PathLike | None = None) -> PreparedData:
+            default_root: str | os.PathLike | None = None, processor: Any = None) -> PreparedData:
     """Prepared data for a config: from the prepared-data cache when one matches, else built.
 
     The cache (``dataset_prepared_path``, else `default_root`, else ``last_run_prepared``) is read
@@ -295,6 +295,10 @@ def prepare(data: DataSection, tokenizer: Any, seed: int, save: bool | None = No
     """
     from lmforge.data import cache
 
+    if processor is not None:  # the cache stores token ids only: image chats are prepared for each run
+        prepared = build(data, tokenizer, seed, processor)
+        prepared.stats.note = "image chats prepared in memory (the prepared-data cache holds token ids only)"
+        return prepared
     if data.skip_prepare_dataset:  # this run's rows only, in memory: no cache read or written
         prepared = build(data, tokenizer, seed)
         prepared.stats.note = "prepared in memory (skip_prepare_dataset: the prepared-data cache is not used)"

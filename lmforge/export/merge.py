@@ -44,12 +44,16 @@ class MergedModel:
     resized_vocab: int | None
 
 
-def merge_lora_in_memory(base_model: str, lora_dir: str | os.PathLike[str], *, tolerance: float = 1e-3) -> MergedModel:
-    """Merge ``lora_dir`` into ``base_model`` in float32, in memory, checked like :func:`merge_lora`."""
+def merge_lora_in_memory(base_model: str, lora_dir: str | os.PathLike[str], *, tolerance: float = 1e-3,
+                         processor: Any = None) -> MergedModel:
+    """Merge ``lora_dir`` into ``base_model`` in float32, in memory, checked like :func:`merge_lora`.
+
+    `processor` (an image-text model's config, ``processor_type``): the image-text model is merged, and its
+    processor (from the adapter folder when training saved one there) is saved with it in place of the tokenizer."""
     lora_dir = Path(lora_dir)
     check = check_adapter(base_model, lora_dir)
     tokenizer = load_tokenizer_for(base_model, lora_dir)
-    model = load_lora_model(base_model, lora_dir, dtype=torch.float32, check=check)
+    model = load_lora_model(base_model, lora_dir, dtype=torch.float32, check=check, image_text=processor is not None)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise LmforgeError(
@@ -85,6 +89,11 @@ def merge_lora_in_memory(base_model: str, lora_dir: str | os.PathLike[str], *, t
         config.tie_word_embeddings = False
         if hasattr(config, "get_text_config"):
             config.get_text_config().tie_word_embeddings = False
+    if processor is not None:
+        from lmforge.models.load import config_processor
+
+        own = (lora_dir / "processor_config.json").is_file()
+        tokenizer = config_processor(processor, tokenizer, source=str(lora_dir) if own else base_model)
     return MergedModel(model=merged, tokenizer=tokenizer, max_abs_diff=diff, resized_vocab=check.resize_to)
 
 
@@ -95,6 +104,7 @@ def merge_lora(
     dtype: torch.dtype | str | None = None,
     *,
     tolerance: float = 1e-3,
+    processor: Any = None,
 ) -> MergeResult:
     """Merge ``lora_dir`` into ``base_model`` and write a safetensors model folder to ``out_dir``.
 
@@ -107,7 +117,7 @@ def merge_lora(
     if out_dir.resolve() == lora_dir.resolve():
         raise LmforgeError("the merged model would overwrite the adapter", where=str(out_dir),
                            fix="choose another output folder")
-    result = merge_lora_in_memory(base_model, lora_dir, tolerance=tolerance)
+    result = merge_lora_in_memory(base_model, lora_dir, tolerance=tolerance, processor=processor)
     save_merged(result, out_dir, dtype)
     return MergeResult(out_dir=out_dir, max_abs_diff=result.max_abs_diff, resized_vocab=result.resized_vocab)
 

@@ -28,6 +28,7 @@ HELP = (
     "/undo   remove the last exchange\n"
     "/save [FILE]  append this conversation to FILE (chat JSONL, default {save})\n"
     "/system TEXT  set the system message (chat templates only; empty clears it)\n"
+    "/image PATH  attach an image to your next message (image-text models)\n"
     "/exit   leave (also Ctrl-D)"
 )
 
@@ -44,6 +45,7 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.current: GenerationStream | None = None
         self.retries = 0
+        self.pending_images: list[str] = []  # /image paths, attached to the next user message
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -53,10 +55,28 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system and self.gen.prompts.multi_turn else []
         return head + self.messages
 
+    def _start(self, sampling: Sampling | None) -> GenerationStream:
+        """The answer's stream: through the processor's template when the conversation holds images (each user
+        message's images before its text, as the image chats trained), else the training format."""
+        if self.pending_images and self.messages and self.messages[-1]["role"] == "user":
+            self.messages[-1]["images"] = self.pending_images  # type: ignore[assignment]
+            self.pending_images = []
+        conversation = self.conversation()
+        if not any(m.get("images") for m in conversation):
+            return self.gen.stream(self.gen.prompts.conversation(conversation), sampling, where="this message")
+        from lmforge.data.images import open_image
+
+        parts, images = [], []
+        for m in conversation:
+            paths = list(m.get("images") or [])
+            images += [open_image(p, where=f"/image {p}") for p in paths]
+            parts.append({"role": m["role"], "content": [{"type": "image"} for _ in paths] + [{"type": "text", "text": m["content"]}]})
+        return self.gen.stream(self.gen.image_prompt(parts), sampling, where="this message", images=images)
+
     def answer(self, sampling: Sampling | None = None) -> None:
         """Stream the assistant's answer to the conversation so far and append it."""
         try:
-            self.current = self.gen.stream(self.gen.prompts.conversation(self.conversation()), sampling, where="this message")
+            self.current = self._start(sampling)
         except LmforgeError as exc:
             self.messages.pop()  # the user's message did not fit; leave the conversation as it was
             self.say(f"error: {exc.format()}" + (" (/undo earlier turns to make room)" if self.messages else ""))
@@ -103,6 +123,21 @@ class ChatSession:
                 if self.messages[-1]["role"] == "assistant":
                     self.messages.pop()
                 self.answer(self.retry_sampling())
+        elif name == "/image":
+            from lmforge.data.images import open_image
+
+            if getattr(self.gen, "processor", None) is None:
+                self.say("this model reads text only: /image needs an image-text model (trained with processor_type)")
+            elif not arg:
+                self.say("usage: /image PATH")
+            else:
+                try:
+                    open_image(arg, where=f"/image {arg}")  # checked now, read again when answered
+                except LmforgeError as exc:
+                    self.say(f"error: {exc.format()}")
+                else:
+                    self.pending_images.append(arg)
+                    self.say(f"attached {arg} to your next message")
         elif name == "/save":
             self.save(arg or self.save_path)
         elif name == "/system":

@@ -131,8 +131,9 @@ class GenerationStream:
     """
 
     def __init__(self, generator: "Generator", ids: list[int], sampling: Sampling, stop: list[str],
-                 time_limit: float | None = None) -> None:
+                 time_limit: float | None = None, images: dict[str, Any] | None = None) -> None:
         self._generator = generator
+        self._images = images  # an image prompt's pixel tensors (Generator.encode_images)
         self._time_limit = time_limit
         self.timed_out = False
         self._ids = ids
@@ -209,7 +210,7 @@ class GenerationStream:
                 deadline = None if self._time_limit is None else time.monotonic() + self._time_limit
                 cancel = _Cancel(self._cancel, deadline)
                 try:
-                    gen.generate_ids([self._ids], self._sampling, streamer=streamer, cancel=cancel)
+                    gen.generate_ids([self._ids], self._sampling, streamer=streamer, cancel=cancel, images=self._images)
                 finally:
                     self.timed_out = cancel.expired
         except BaseException as exc:  # surfaced to the consumer after the stream ends
@@ -222,9 +223,10 @@ class Generator:
     """A loaded model, its tokenizer and prompt builder, and the lock that serialises generation."""
 
     def __init__(self, model: Any, tokenizer: Any, prompts: Any, sampling: Sampling | None = None,
-                 truncate_prompt: bool = False, name: str = "lmforge") -> None:
+                 truncate_prompt: bool = False, name: str = "lmforge", processor: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor  # an image-text model's: prompts with images go through it
         self.prompts = prompts
         self.sampling = (sampling or Sampling()).check()
         self.truncate_prompt = truncate_prompt
@@ -258,8 +260,33 @@ class Generator:
 
     # -- generation ---------------------------------------------------------------------------------
 
+    def image_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt for a conversation whose messages hold content parts (``{"type": "image"}`` where each image
+        goes), rendered by the processor's own chat template, as training rendered it."""
+        if self.processor is None:
+            raise LmforgeError("this model reads text only: it cannot take an image", where="image",
+                               fix="load an image-text model (trained with processor_type), or leave the image out")
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_images(self, prompt: str, images: list[Any], sampling: Sampling, where: str = "prompt") -> tuple[list[int], dict[str, Any], Sampling]:
+        """Token ids (image placeholders expanded) and pixel tensors of an image prompt, and the fitted sampling."""
+        from lmforge.data.images import TEXT_FIELDS
+
+        inputs = self.processor(text=[prompt], images=images, add_special_tokens=False, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        dtype = next(self.model.parameters()).dtype
+        pixels = {k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
+                  for k, v in inputs.items() if k not in TEXT_FIELDS and isinstance(v, torch.Tensor)}
+        room = None if self.window is None else self.window - len(ids)
+        if room is not None and room <= 0:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens with its images, the model's context window is {self.window}",
+                                where=where, fix="shorten the prompt or use fewer images")
+        if room is not None and sampling.max_new_tokens > room:
+            sampling = replace(sampling, max_new_tokens=room)
+        return ids, pixels, sampling
+
     def generate_ids(self, rows: list[list[int]], sampling: Sampling, streamer: Any = None,
-                     cancel: threading.Event | _Cancel | None = None) -> torch.Tensor:
+                     cancel: threading.Event | _Cancel | None = None, images: dict[str, Any] | None = None) -> torch.Tensor:
         """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held."""
         from transformers import StoppingCriteriaList
 
@@ -277,13 +304,19 @@ class Generator:
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), streamer=streamer,
-                pad_token_id=pad, eos_token_id=self.stop_token_ids, **kwargs,
+                pad_token_id=pad, eos_token_id=self.stop_token_ids, **(images or {}), **kwargs,
             )
         return out[:, width:].cpu()
 
     def stream(self, prompt: str, sampling: Sampling | None = None, stop: list[str] | None = None,
-               where: str = "prompt", time_limit: float | None = None) -> GenerationStream:
-        """Start streaming the answer to ``prompt`` (already formatted); raises PromptTooLong before starting."""
+               where: str = "prompt", time_limit: float | None = None, images: list[Any] | None = None) -> GenerationStream:
+        """Start streaming the answer to ``prompt`` (already formatted; with `images`, Pillow images for its image
+        placeholders, from :meth:`image_prompt`); raises PromptTooLong before starting."""
+        if images:
+            if self.processor is None:
+                self.image_prompt([])  # the one refusal for a text model
+            ids, pixels, fitted = self.encode_images(prompt, images, (sampling or self.sampling).check(), where)
+            return GenerationStream(self, ids, fitted, stop or [], time_limit, images=pixels)
         ids, fitted = self.encode(prompt, (sampling or self.sampling).check(), where)
         return GenerationStream(self, ids, fitted, stop or [], time_limit)
 

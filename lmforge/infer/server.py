@@ -130,6 +130,26 @@ def _sampling(gen: Generator, body: dict[str, Any], allowed: set[str],
     return sampling, stop
 
 
+def _image_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """OpenAI messages with ``image_url`` parts (data: URLs) as the processor's template reads them, and the images."""
+    from lmforge.data.images import image_chat
+    from lmforge.errors import LmforgeError
+
+    try:
+        chat = image_chat({"messages": [{**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
+                                        for m in messages if isinstance(m, dict)]}, "messages")
+    except LmforgeError as exc:
+        raise BadRequest(exc.message.replace("lmforge reads images from local files", "this server reads data: URLs only")
+                         + (f" ({exc.fix})" if exc.fix else ""), param="messages") from exc
+    return chat.messages, chat.images
+
+
+def _has_image_parts(messages: Any) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"]) for m in messages)
+
+
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -212,9 +232,9 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "lmforge"}]}
 
-    def start(prompt: str, sampling: Sampling, stop: list[str]) -> GenerationStream:
+    def start(prompt: str, sampling: Sampling, stop: list[str], images: list[Any] | None = None) -> GenerationStream:
         try:
-            stream = gen.stream(prompt, sampling, stop, where="request", time_limit=time_limit)
+            stream = gen.stream(prompt, sampling, stop, where="request", time_limit=time_limit, images=images)
         except PromptTooLong as exc:
             raise BadRequest(exc.message + f" ({exc.fix})", param="messages", code="context_length_exceeded") from exc
         live.add(stream)
@@ -270,11 +290,16 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
     async def chat_completions(request: Request) -> Any:
         body = await read_body(request)
         sampling, stop = _sampling(gen, body, _CHAT, max_tokens)
-        try:
-            prompt = gen.prompts.conversation(_messages(body))
-        except ValueError as exc:
-            raise BadRequest(str(exc), param="messages") from exc
-        stream = start(prompt, sampling, stop)
+        images = None
+        if getattr(gen, "processor", None) is not None and _has_image_parts(body.get("messages")):  # an image-text model, asked about images
+            messages, images = _image_messages(body["messages"])
+            prompt = gen.image_prompt(messages)
+        else:
+            try:
+                prompt = gen.prompts.conversation(_messages(body))
+            except ValueError as exc:
+                raise BadRequest(str(exc), param="messages") from exc
+        stream = start(prompt, sampling, stop, images)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
             def choice(piece: str | None, finish: str | None) -> dict[str, Any]:

@@ -41,6 +41,37 @@ def _text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def _image_path(content: Any) -> str | None:
+    """The file path of an image message (gradio hands a file back as {"path": ...}, {"file": {...}} or a list of parts)."""
+    if isinstance(content, dict):
+        return content.get("path") or _image_path(content.get("file")) if "text" not in content else None
+    if isinstance(content, (list, tuple)):
+        return next((p for p in map(_image_path, content) if p), None)
+    return getattr(content, "path", None) if content is not None and not isinstance(content, str) else None
+
+
+def _image_conversation(history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """A chat holding uploaded images as the processor's template reads it: each user text turn with the images
+    uploaded before it (image parts first, as the image chats trained), and the images in order."""
+    from lmforge.data.images import open_image
+
+    messages: list[dict[str, Any]] = []
+    images: list[Any] = []
+    waiting = 0
+    for m in history:
+        path = _image_path(m["content"]) if m["role"] == "user" else None
+        if path:
+            images.append(open_image(path, where="uploaded image"))
+            waiting += 1
+            continue
+        parts = [{"type": "image"}] * waiting if m["role"] == "user" else []
+        waiting = 0 if m["role"] == "user" else waiting
+        messages.append({"role": m["role"], "content": parts + [{"type": "text", "text": _text(m["content"])}]})
+    if waiting:  # images sent with no text after them: asked about as they are
+        messages.append({"role": "user", "content": [{"type": "image"}] * waiting})
+    return messages, images
+
+
 def build_app(gen: Generator, title: str | None = None, max_new_tokens: int | None = None,
               temperature: float | None = None) -> Any:
     """The gradio Blocks app for ``gen`` (not launched)."""
@@ -50,10 +81,11 @@ def build_app(gen: Generator, title: str | None = None, max_new_tokens: int | No
     limit = max(defaults.max_new_tokens, min(gen.window or 4096, 4096))
     active: dict[str, GenerationStream] = {}  # the answer each browser session is streaming
 
-    def add_message(text: str, history: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-        if not text.strip():
-            return text, history
-        return "", history + [{"role": "user", "content": text}]
+    def add_message(text: str, image: str | None, history: list[dict[str, Any]]) -> tuple[str, None, list[dict[str, Any]]]:
+        added = [{"role": "user", "content": {"path": image}}] if image else []
+        if text.strip():
+            added.append({"role": "user", "content": text})
+        return ("", None, history + added) if added else (text, None, history)
 
     def respond(history: list[dict[str, Any]], system: str | None, max_new: float, temp: float, top_p: float, top_k: float,
                 repetition: float, seed: float | None, request: gr.Request) -> Any:
@@ -69,7 +101,13 @@ def build_app(gen: Generator, title: str | None = None, max_new_tokens: int | No
             repetition_penalty=float(repetition), seed=None if seed is None or seed < 0 else int(seed),
         )
         try:
-            stream = gen.stream(gen.prompts.conversation(messages), sampling, where="this message")
+            if getattr(gen, "processor", None) is not None and any(_image_path(m["content"]) for m in history if m["role"] == "user"):
+                parts, images = _image_conversation(history)
+                if system:
+                    parts = [{"role": "system", "content": [{"type": "text", "text": system}]}] + parts
+                stream = gen.stream(gen.image_prompt(parts), sampling, where="this message", images=images)
+            else:
+                stream = gen.stream(gen.prompts.conversation(messages), sampling, where="this message")
         except LmforgeError as exc:
             raise gr.Error(exc.format()) from exc
         key = request.session_hash or "default"
@@ -102,6 +140,9 @@ def build_app(gen: Generator, title: str | None = None, max_new_tokens: int | No
             send_button = gr.Button("Send", variant="primary", elem_id="send", scale=1, min_width=70)
             stop_button = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=70)
             clear_button = gr.Button("Clear", elem_id="clear", scale=1, min_width=70)
+        # an image-text model's chat takes an image with the next message (sent with Send, before the text)
+        image = gr.Image(type="filepath", label="image (sent with your next message)", elem_id="image", height=160,
+                         visible=getattr(gen, "processor", None) is not None, sources=["upload"])
         with gr.Accordion("Sampling", open=False):
             system = gr.Textbox(label="system message", visible=gen.prompts.multi_turn, elem_id="system")
             with gr.Row():
@@ -115,7 +156,7 @@ def build_app(gen: Generator, title: str | None = None, max_new_tokens: int | No
         settings = [system, max_new, temp, top_p, top_k, repetition, seed]
         answers = []
         for trigger in (box.submit, send_button.click):
-            event = trigger(add_message, [box, chatbot], [box, chatbot], queue=False)
+            event = trigger(add_message, [box, image, chatbot], [box, image, chatbot], queue=False)
             answers.append(event.then(respond, [chatbot, *settings], chatbot))
         stop_button.click(stop, None, None, cancels=answers, queue=False)
         clear_button.click(clear, None, [chatbot, box], cancels=answers, queue=False)

@@ -40,8 +40,9 @@ def lora_targets(settings: AdapterSection) -> Any:
     if settings.lora_target_linear:
         return "all-linear"
     if isinstance(settings.lora_target_modules, str):
-        name = settings.lora_target_modules
-        return [name] if re.fullmatch(r"[\w]+", name) else name
+        # axolotl's regex form ('model.language_model.layers.[\d]+.(mlp|self_attn).(q|k|v)_proj'): peft full-matches a
+        # string against each module's path; a plain name stays a one-item list (matched as a name suffix)
+        return settings.lora_target_modules if re.search(r"[\[\]()|*+?\\]", settings.lora_target_modules) else [settings.lora_target_modules]
     return settings.lora_target_modules
 
 

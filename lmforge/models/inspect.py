@@ -82,12 +82,17 @@ def _config_of(path_or_model: Any) -> tuple[Any, str]:
 
 def model_skeleton(config: Any) -> torch.nn.Module:
     """The model's module tree on the meta device: shapes without memory."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except ValueError as exc:
+        try:  # an image-text model (processor_type): its module tree as it trains, vision tower included
+            with torch.device("meta"):
+                return AutoModelForImageTextToText.from_config(config)
+        except ValueError:
+            pass
         raise LmforgeError(
             f"'{type(config).__name__}' is not a causal language model transformers knows: {str(exc).splitlines()[0]}",
             where=getattr(config, "_name_or_path", None) or "model",

@@ -189,7 +189,14 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
             tokenizer.pad_token = tokenizer.eos_token
     if model.tokens:
         tokenizer.add_tokens(list(model.tokens))
-    added = prepare_chat_tokenizer(tokenizer, cfg.data)
+    data = cfg.data
+    if model.processor_type and data.chat_template not in (None, "jinja"):
+        # image chats render with the processor's own template (or chat_template_jinja): axolotl's names for VLM
+        # templates (llava, qwen2_vl, gemma3, llama3_2_vision ...) stand for exactly that one
+        if say is not None:
+            say(f"chat_template: {data.chat_template}: image chats render with the model's own (processor's) chat template")
+        data = data.model_copy(update={"chat_template": None})
+    added = prepare_chat_tokenizer(tokenizer, data)
     if added and say is not None:
         say(f"chat_template: added {', '.join(added)} to the tokenizer as special tokens (the embeddings grow to match)")
     return tokenizer
@@ -198,15 +205,17 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
 def load_model(
     base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, masked_lm: bool = False,
     model_type: str | None = None, config_source: str | None = None, config_overrides: dict[str, Any] | None = None,
-    reinit_weights: bool = False, **kwargs: Any,
+    reinit_weights: bool = False, image_text: bool = False, **kwargs: Any,
 ) -> Any:
-    """Load a causal LM (or, with `masked_lm`, a masked LM) in ``dtype``; raises LmforgeError with a fix for every user mistake.
+    """Load a causal LM (or, with `masked_lm`, a masked LM; with `image_text`, an image-text-to-text model) in
+    ``dtype``; raises LmforgeError with a fix for every user mistake.
 
     `model_type` names the transformers class to load with (default the Auto class); `config_source`
     (base_model_config) is where the model config is read from instead of base_model; `config_overrides`
     (overrides_of_model_config) are fields set on that config before the weights load; `reinit_weights` builds
-    the model from its config with freshly initialised weights instead of reading them (axolotl's reinit_weights)."""
-    default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForCausalLM"
+    the model from its config with freshly initialised weights instead of reading them (axolotl's reinit_weights);
+    `image_text` loads an image-text model (processor_type)."""
+    default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForImageTextToText" if image_text else "AutoModelForCausalLM"
     if kwargs.get("num_labels"):  # reward_model: the same weights under a sequence-classification head
         default = "AutoModelForSequenceClassification"
     auto_class = transformers_class(model_type, default, "model", "model_type")
@@ -246,6 +255,11 @@ def load_model(
                 where=f"base_model: {base_model}",
                 fix="set trust_remote_code: true if you trust it",
             ) from exc
+        if image_text and "Unrecognized configuration class" in str(exc):
+            raise LmforgeError(
+                "processor_type is set, but base_model is not an image-text model (transformers has no "
+                "image-text-to-text class for its config)", where=f"base_model: {base_model}",
+                fix="remove processor_type to train it as a text model, or use an image-text model") from exc
         raise
     except Exception as exc:
         damaged = _damaged_weights(source, exc)
@@ -310,3 +324,36 @@ def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any, multiple_of: int | N
         )
     if len(tokenizer) > rows or (multiple_of and rows % multiple_of):
         model.resize_token_embeddings(max(len(tokenizer), rows), pad_to_multiple_of=multiple_of)
+
+
+def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any:
+    """An image-text model's processor (``processor_type``, ``processor_kwargs``), read from `source` (a trained output)
+    or base_model, holding the config's `tokenizer` (its added tokens and template), so the images, the text and the
+    saved output all go through one tokenizer. Refuses a processor that handles no images (a text model, audio)."""
+    import transformers
+
+    model = cfg.model
+    name = model.processor_type or "AutoProcessor"
+    processor_class = getattr(transformers, name, None)
+    if processor_class is None or not (name == "AutoProcessor" or (isinstance(processor_class, type)
+                                                                    and issubclass(processor_class, transformers.ProcessorMixin))):
+        raise LmforgeError(f"processor_type: {name} is not a transformers processor class", where="processor_type",
+                           fix="use processor_type: AutoProcessor")
+    # a training output (an adapter folder has no config.json) holds processor_config.json beside its tokenizer
+    folder = local_model_dir(source, marker="processor_config.json") if source else local_model_dir(model.base_model)
+    try:
+        processor = processor_class.from_pretrained(folder, trust_remote_code=model.trust_remote_code,
+                                                    **(model.processor_kwargs or {}))
+    except OSError as exc:
+        if os.path.isdir(folder):
+            raise LmforgeError(f"could not load the processor: {str(exc).splitlines()[0]}", where=f"base_model: {folder}",
+                               fix="save the model's processor there (processor.save_pretrained)") from exc
+        raise _hub_error(source or model.base_model, exc) from exc
+    except TypeError as exc:
+        raise LmforgeError(f"processor_kwargs: {exc}", where="processor_kwargs", fix="remove the keys the processor does not take") from exc
+    if getattr(processor, "image_processor", None) is None:
+        raise LmforgeError(f"processor_type is set, but {folder} has no image processor ({type(processor).__name__}): "
+                           "lmforge trains image-text models", where="processor_type",
+                           fix="remove processor_type for a text model; audio models are not supported")
+    processor.tokenizer = tokenizer
+    return processor

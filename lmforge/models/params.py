@@ -73,3 +73,30 @@ def set_dropout(model: torch.nn.Module, p: float) -> list[str]:
             if isinstance(getattr(module, key, None), float | int) and not isinstance(getattr(module, key), bool):
                 setattr(module, key, p)
     return fields
+
+
+def language_model_prefix(model: torch.nn.Module) -> str:
+    """The module path of an image-text model's language model (``model.language_model`` in LLaVA, ``model.text_model``
+    in Idefics3): what trains by default, where its vision tower and projector stay frozen."""
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder)
+
+
+def freeze_all_but_language_model(model: torch.nn.Module) -> int:
+    """Freeze the vision tower and projector (and any other non-language module) of an image-text model: train the
+    language model and its output head. Returns the trainable parameter count."""
+    keep = {id(p) for p in model.get_decoder().parameters()}
+    head = model.get_output_embeddings()
+    keep |= {id(p) for p in head.parameters()} if head is not None else set()
+    trainable = 0
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable
+
+
+def language_model_linear_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the language model's linear layers: lora_target_linear's targets on an image-text model (the
+    vision tower's linear layers stay out, as axolotl's `model.language_model.layers...` regexes keep them)."""
+    prefix = language_model_prefix(model) + "."
+    return [name for name, module in model.named_modules() if name.startswith(prefix) and isinstance(module, torch.nn.Linear)]

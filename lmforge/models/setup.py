@@ -11,7 +11,7 @@ from lmforge.models.adapters import apply_lora, cover_new_token_rows, unfrozen_b
 from lmforge.models.fast_dropout import use_fast_dropout
 from lmforge.models.kernels import apply_liger, attention_backend, compile_layers
 from lmforge.models.load import fit_embeddings_to_tokenizer, load_model
-from lmforge.models.params import freeze_except, set_dropout
+from lmforge.models.params import freeze_all_but_language_model, freeze_except, language_model_linear_names, set_dropout
 
 
 def _quantization_config(cfg: LmforgeConfig, bf16: bool) -> Any:
@@ -94,6 +94,7 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
                            masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                            model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
                            config_overrides=cfg.model.overrides_of_model_config, reinit_weights=cfg.model.reinit_weights,
+                           image_text=bool(cfg.model.processor_type),
                            **({"revision": cfg.model.revision_of_model} if cfg.model.revision_of_model else {}), **extra)
         if cfg.quantization.quantize_moe_experts:
             from lmforge.models.quantize import quantize_experts
@@ -109,6 +110,10 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
         set_dropout(model, cfg.training.dropout)
     if cfg.training.unfrozen_parameters and not cfg.adapter.adapter:
         freeze_except(model, cfg.training.unfrozen_parameters)
+    elif cfg.model.processor_type and cfg.model.freeze_mm_modules is not False and not cfg.adapter.adapter:
+        # A full fine-tune of an image-text model trains its language model; the vision tower and projector stay as
+        # pretrained unless unfrozen_parameters (or freeze_mm_modules: false) asks for them.
+        freeze_all_but_language_model(model)
     if cfg.quantization.qat is not None:
         from lmforge.models.qat import prepare_qat
 
@@ -125,6 +130,9 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
     apply_liger(model, cfg.speed, runs_on, say)
     if cfg.adapter.adapter:
         settings = cover_new_token_rows(cfg.adapter, model, new_tokens, say)
+        if cfg.model.processor_type and settings.lora_target_linear:  # the language model's layers, not the vision tower's
+            settings = settings.model_copy(update={"lora_target_linear": False,
+                                                   "lora_target_modules": language_model_linear_names(model)})
         if cfg.rl.reward_model and "score" not in (settings.lora_modules_to_save or []):
             settings = settings.model_copy(update={"lora_modules_to_save": [*(settings.lora_modules_to_save or []), "score"]})
         if cfg.training.unfrozen_parameters:

@@ -35,6 +35,7 @@ class LoadedModel:
     tokenizer: Any
     source: str  # what was loaded, for messages and the server's model id
     adapter: str | None = None
+    processor: Any = None  # an image-text model's processor (holding `tokenizer`)
 
 
 def load_lora_model(
@@ -44,12 +45,13 @@ def load_lora_model(
     dtype: torch.dtype = torch.float32,
     check: AdapterCheck | None = None,
     trust_remote_code: bool = False,
+    image_text: bool = False,
 ) -> Any:
     """The base model with the adapter applied (checked before any weight is read; embeddings grown if needed)."""
     from lmforge.models.load import load_model
 
     check = check if check is not None else check_adapter(base_model, lora_dir)
-    base = load_model(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+    base = load_model(base_model, dtype=dtype, trust_remote_code=trust_remote_code, image_text=image_text)
     return load_adapter(base, lora_dir, trainable=False, check=check, base_model=base_model)
 
 
@@ -82,19 +84,25 @@ def load_for_generation(
     device: torch.device | str = "cpu",
     tokenizer_config: str | None = None,
     trust_remote_code: bool = False,
+    processor: Any = None,
 ) -> LoadedModel:
     """A model in eval mode on ``device`` with its tokenizer: ``model`` (an HF folder, merged folder, .gguf,
-    pkg:// file or Hub id), plus the LoRA adapter in ``lora_model_dir`` checked against it first."""
-    from lmforge.models.load import fit_embeddings_to_tokenizer, load_model
+    pkg:// file or Hub id), plus the LoRA adapter in ``lora_model_dir`` checked against it first.
 
+    `processor` (an image-text model's config, ``processor_type``): load the image-text-to-text model and its
+    processor, from the adapter folder when training saved one there, else from ``model``."""
+    from lmforge.models.load import config_processor, fit_embeddings_to_tokenizer, load_model
+
+    image_text = processor is not None
     if lora_model_dir:
         check = check_adapter(model, lora_model_dir)  # before any weight is read
         tokenizer = load_tokenizer_for(model, lora_model_dir, tokenizer_config, trust_remote_code)
-        loaded = load_lora_model(model, lora_model_dir, dtype=dtype, check=check, trust_remote_code=trust_remote_code)
+        loaded = load_lora_model(model, lora_model_dir, dtype=dtype, check=check, trust_remote_code=trust_remote_code,
+                                 image_text=image_text)
         source = f"{model} + {lora_model_dir}"
     else:
         tokenizer = load_tokenizer_for(model, None, tokenizer_config, trust_remote_code)
-        loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, image_text=image_text)
         fit_embeddings_to_tokenizer(loaded, tokenizer)
         source = model
     vocab = loaded.get_input_embeddings().weight.shape[0]
@@ -104,6 +112,9 @@ def load_for_generation(
             where=str(lora_model_dir or model),
             fix="the adapter was saved without its grown embeddings; retrain with lora_modules_to_save: [embed_tokens, lm_head]",
         )
+    if image_text:
+        saved_with_adapter = lora_model_dir is not None and (Path(lora_model_dir) / "processor_config.json").is_file()
+        processor = config_processor(processor, tokenizer, source=lora_model_dir if saved_with_adapter else model)
     loaded.to(device)
     loaded.eval()
-    return LoadedModel(model=loaded, tokenizer=tokenizer, source=source, adapter=lora_model_dir)
+    return LoadedModel(model=loaded, tokenizer=tokenizer, source=source, adapter=lora_model_dir, processor=processor)

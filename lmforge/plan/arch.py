@@ -16,7 +16,7 @@ import json
 import os
 import re
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class ModelShape:
     checkpoint_bytes: int = 2  # bytes per parameter of the stored weights (config.json's dtype; GGUF: converted to fp32)
     # Set for model types built on the meta device: their exact parameter list.
     meta_params: tuple[Param, ...] | None = field(default=None, compare=False, repr=False)
+    # An image-text model's vision tower and projector (the language model is the shape above).
+    vision: "VisionShape | None" = None
 
     @property
     def q_dim(self) -> int:
@@ -124,7 +126,53 @@ class ModelShape:
     def describe(self) -> str:
         return (f"{self.model_type}, {self.parameter_count() / 1e9:.2f}B parameters: {self.num_layers} layers, hidden "
                 f"{self.hidden_size}, MLP {self.intermediate_size}, {self.num_heads} heads ({self.num_kv_heads} KV) of "
-                f"{self.head_dim}, vocabulary {self.vocab_size:,}{', tied embeddings' if self.tie_word_embeddings else ''}")
+                f"{self.head_dim}, vocabulary {self.vocab_size:,}{', tied embeddings' if self.tie_word_embeddings else ''}"
+                + (f"; {self.vision.describe()}" if self.vision else ""))
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """An image-text model's parts beside its language model: the vision tower and projector (their parameters),
+    what one image costs in the sequence (image tokens) and as input (its pixel tensor)."""
+
+    parameters: int
+    image_size: int  # pixels per side the vision tower takes
+    image_tokens: int  # tokens one image puts in the sequence (as the processor expands its placeholder)
+
+    def pixel_bytes(self, images: int = 1) -> int:
+        """fp32 pixel_values of `images` images (3 channels)."""
+        return images * 3 * self.image_size * self.image_size * 4
+
+    def describe(self) -> str:
+        return (f"vision tower and projector {self.parameters:,} parameters, {self.image_tokens} image tokens "
+                f"per {self.image_size}x{self.image_size} image")
+
+
+def vision_shape(config: dict[str, Any], source: str) -> VisionShape | None:
+    """The VisionShape of an image-text config (one with a vision_config), from the model built on the meta device."""
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "model_type"}
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(config.get("model_type", ""), **fields))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LmforgeError(f"cannot build the image-text model '{config.get('model_type')}': {str(exc).splitlines()[0]}",
+                           where=source, fix="plan needs an architecture transformers knows") from exc
+    language = {id(p) for p in model.get_decoder().parameters()}
+    head = model.get_output_embeddings()
+    language |= {id(p) for p in head.parameters()} if head is not None else set()
+    parameters = sum(p.numel() for p in model.parameters() if id(p) not in language)
+    size = vision.get("image_size") or 224
+    size = int(size if isinstance(size, int) else max(size) if isinstance(size, (list, tuple)) else size.get("height", 224))
+    patch = int(vision.get("patch_size") or 14)
+    # patches per image, merged by a pixel shuffle where the model has one (Idefics3, SmolVLM)
+    tokens = config.get("mm_tokens_per_image") or (size // patch) ** 2 // int(config.get("scale_factor") or 1) ** 2
+    return VisionShape(parameters, size, int(tokens))
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,7 +187,14 @@ def checkpoint_bytes(config: dict[str, Any]) -> int:
 
 
 def shape_from_config(config: dict[str, Any], source: str) -> ModelShape:
-    """A ModelShape from config.json fields (text_config is used for multimodal wrappers)."""
+    """A ModelShape from config.json fields (text_config is used for multimodal wrappers, and an image-text model's
+    vision tower is counted beside it: ModelShape.vision)."""
+    vision = vision_shape(config, source)
+    shape = _language_shape(config, source)
+    return replace(shape, vision=vision) if vision is not None else shape
+
+
+def _language_shape(config: dict[str, Any], source: str) -> ModelShape:
     if "text_config" in config and "hidden_size" not in config:
         config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
     model_type = str(config.get("model_type", "")).lower()

@@ -183,7 +183,13 @@ def data_stats(cfg: LmforgeConfig, micro_batches: int | None = None, tokenizer: 
         if cfg.data.datasets is None:
             raise LmforgeError("planning from the data needs `datasets`", where="datasets",
                                fix="pretraining configs are planned without data statistics (assumed full rows)")
-        prepared = prepare(cfg.data, tokenizer or tokenizer_without_weights(cfg), cfg.training.seed)
+        tokenizer = tokenizer or tokenizer_without_weights(cfg)
+        processor = None
+        if cfg.model.processor_type:  # image chats: the image tokens each example holds are counted in its length
+            from lmforge.models.load import config_processor
+
+            processor = config_processor(cfg, tokenizer)
+        prepared = prepare(cfg.data, tokenizer, cfg.training.seed, processor=processor)
     t = cfg.training
     lengths = [len(e) for e in prepared.train]
     if not lengths:

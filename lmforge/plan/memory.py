@@ -420,6 +420,17 @@ def estimate(inputs: PlanInputs, shape: ModelShape, device: Device, batch: Batch
         weights, adapter, grads, states, step_scratch, autocast_copies = 0, 0, 0, 0, 0, 0
         workspace += 2 * pm.layer_numel * (2 if bf16 else 4) if not sharded else 0
 
+    if shape.vision is not None:
+        # The vision tower and projector: frozen weights in the held dtype (trained ones are in the language model's
+        # count only if unfrozen_parameters asks, which the planner does not model), run without saved activations;
+        # each row's pixel tensor beside its tokens (one image per row assumed). The image tokens themselves are in
+        # the batch's width already (the prepared examples hold them expanded).
+        vision_weights = shape.vision.parameters * (2 if (bf16 and inputs.method != "full") else 4)
+        weights += vision_weights
+        pixels = shape.vision.pixel_bytes(batch.rows)
+        workspace += pixels
+        notes.append(f"{shape.vision.describe()}: {vision_weights / GiB:.2f} GiB of frozen weights, pixel tensors "
+                     f"{pixels / 2**20:.1f} MiB per micro-batch ({batch.rows} images)")
     saved, recompute = activation_bytes(inputs, shape, bf16, batch, pm)
     logits = logits_bytes(inputs, shape, bf16, batch)
     backward_scratch = backward_scratch_bytes(inputs, shape, bf16, batch)

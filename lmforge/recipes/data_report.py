@@ -12,7 +12,7 @@ from lmforge.recipes.console import say
 
 def run_data_report(cfg: LmforgeConfig) -> Path:
     tokenizer = config_tokenizer(cfg, say=say)
-    if cfg.rl.rl or cfg.rl.reward_model:  # preference rows: counts (skipped, truncated) and the chosen / rejected answer-length histograms
+    if cfg.rl.preference:  # preference rows: counts (skipped, truncated) and the chosen / rejected answer-length histograms
         from lmforge.atomic import write_text
         from lmforge.data.preference import prepare_preferences, report_lines
 

@@ -23,7 +23,7 @@ def run_merge(cfg: LmforgeConfig, lora_model_dir: str | None, output_dir: str | 
 
     adapter = _adapter_dir(cfg, lora_model_dir)
     target = Path(output_dir or Path(adapter) / "merged")
-    result = merge_lora(cfg.model.base_model, adapter, target)
+    result = merge_lora(cfg.model.base_model, adapter, target, processor=cfg if cfg.model.processor_type else None)
     say(f"merged {adapter} into {cfg.model.base_model}: {result.out_dir} (max logit diff vs adapter {result.max_abs_diff:.2e})")
     return result.out_dir
 
@@ -54,6 +54,10 @@ def run_export(
 
     if fmt not in ("gguf", "gguf-lora"):
         raise LmforgeError(f"unknown export format '{fmt}'", where="--format", fix="use --format gguf or gguf-lora")
+    if cfg.model.processor_type:
+        raise LmforgeError("GGUF export of image-text models is not supported: llama.cpp keeps the vision tower and "
+                           "projector in a separate mmproj file, which lmforge does not write", where="processor_type",
+                           fix="merge with lmforge merge-lora, then convert with llama.cpp's convert_hf_to_gguf.py (and --mmproj)")
     check_quant(quant)
     if fmt == "gguf-lora":
         if imatrix:

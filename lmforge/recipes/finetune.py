@@ -18,7 +18,7 @@ from lmforge.data.batching import Batch
 from lmforge.data.prepare import prepare
 from lmforge.data.preference import collate_examples, prepare_preferences
 from lmforge.train.preference import precompute_reference
-from lmforge.models.load import config_tokenizer
+from lmforge.models.load import config_processor, config_tokenizer
 from lmforge.recipes.console import say
 from lmforge.recipes.run import TrainingRun
 from lmforge.train.stream import EpochStream
@@ -65,13 +65,17 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         tokenizer = config_tokenizer(cfg, say=say)
         # preference tuning (or a reward model): pairs (or KTO rows) instead of examples, the same run otherwise
         rl = cfg.rl.rl or ("reward_model" if cfg.rl.reward_model else None)
+        # an image-text model's processor turns images into its pixel inputs; it holds this same tokenizer, and is
+        # what checkpoints and the output save (tokenizer, image processor, chat template), so inference finds it
+        processor = config_processor(cfg, tokenizer) if cfg.model.processor_type else None
         with run.main_first():  # under several ranks rank 0 prepares and caches the data; the others read the cache
             # ... in the run's own output folder unless dataset_prepared_path names a place (not the current folder)
             shared = run.output_dir / "prepared_data" if run.engine.distributed else None
             if rl:
                 data = prepare_preferences(d, tokenizer, t.seed, kto=rl == "kto", max_prompt_len=cfg.rl.max_prompt_len)
             else:
-                data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None, default_root=shared)
+                data = prepare(d, tokenizer, t.seed, save=True if run.engine.distributed else None, default_root=shared,
+                               processor=processor)
         say(f"data: {data.stats.summary()}; {len(data.train)} train / {len(data.eval)} eval examples")
         run.predict_peak(data)
         rows = len(data.train)
@@ -108,7 +112,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
                 run.call(model, precompute_reference, data.train + data.eval, collate_examples, eval_size, run.device)
             objective = run.with_reference(objective, model)
 
-        outcome = run.train(model, tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,
+        outcome = run.train(model, processor or tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,
                             invariants={"train_examples": len(data.train)},
                             generation_eval=_generation_eval(cfg, run, model, tokenizer, data.eval))
 
@@ -116,7 +120,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
         if end is not None:
             say(f"eval loss after step {outcome.result.steps}: {end:.4f}"
                 + (f" (was {start:.4f}, {1 - end / start:.1%} lower)" if start else ""))
-        run.publish(model, tokenizer, outcome)
+        run.publish(model, processor or tokenizer, outcome)
         summary = {**run.summary(outcome, model), "truncated_rows": data.stats.truncated,
                    "skipped_rows_no_response": data.stats.no_trainable_tokens}
         if e.lm_eval_tasks and run.engine.is_main:

@@ -82,18 +82,27 @@ def build_generator(cfg: LmforgeConfig, lora_model_dir: str | None = None, model
     loaded = load_for_generation(
         source, adapter, dtype=dtype, device=device,
         tokenizer_config=None if model else cfg.model.tokenizer_config, trust_remote_code=cfg.model.trust_remote_code,
+        processor=cfg if cfg.model.processor_type else None,
     )
     prompts = PromptBuilder.from_config(cfg, loaded.tokenizer, loaded.model)
     name = Path(adapter).name if adapter else Path(str(source).rstrip("/")).name
     note(f"loaded {loaded.source} ({str(dtype).removeprefix('torch.')}, {device.type}); prompts use {prompts.describe}")
-    return Generator(loaded.model, loaded.tokenizer, prompts, sampling, truncate_prompt=cfg.inference.truncate_prompt, name=name)
+    return Generator(loaded.model, loaded.tokenizer, prompts, sampling, truncate_prompt=cfg.inference.truncate_prompt, name=name,
+                     processor=loaded.processor)
 
 
 # -- one prompt, stdin, JSONL -------------------------------------------------------------------------
 
 
-def answer_stream(gen: Generator, text: str, out: TextIO, where: str = "--prompt") -> str:
-    stream = gen.stream(gen.prompts.single(text), where=where)
+def answer_stream(gen: Generator, text: str, out: TextIO, where: str = "--prompt", image: str | None = None) -> str:
+    if image is not None:  # one user turn: the image, then the text (as the image chats trained on)
+        from lmforge.data.images import open_image
+
+        picture = open_image(image, where=f"--image {image}")
+        prompt = gen.image_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}])
+        stream = gen.stream(prompt, where=where, images=[picture])
+    else:
+        stream = gen.stream(gen.prompts.single(text), where=where)
     for piece in stream:
         out.write(piece)
         out.flush()
@@ -194,13 +203,19 @@ def run_inference(
     host: str | None = None,
     port: int | None = None,
     share: bool | None = None,
+    image: str | None = None,
 ) -> list[str] | None:
-    """Run one of inference's modes (see the module docstring)."""
+    """Run one of inference's modes (see the module docstring); `image` (--image PATH) goes with --prompt."""
     modes = [name for name, on in (("--prompt", prompt is not None), ("--jsonl", jsonl), ("--chat", chat), ("--gradio", gradio)) if on]
     if len(modes) > 1:
         raise LmforgeError(f"{' and '.join(modes)} cannot be combined", where="inference", fix="pick one mode")
     if input_path is not None and not Path(input_path).is_file():
         raise LmforgeError("input file does not exist", where=f"--input {input_path}")
+    if image is not None and prompt is None:
+        raise LmforgeError("--image goes with --prompt", where="--image", fix="add --prompt TEXT (in --chat, attach images with /image PATH)")
+    if image is not None and not cfg.model.processor_type:
+        raise LmforgeError("--image needs an image-text model, and this config has no processor_type", where="--image",
+                           fix="use the config the image-text model was trained with (processor_type: AutoProcessor)")
     gen = build_generator(cfg, lora_model_dir, model, flags)
     if chat:
         from lmforge.infer.chat import run_chat
@@ -219,7 +234,7 @@ def run_inference(
                max_new_tokens=inf.gradio_max_new_tokens, temperature=inf.gradio_temperature)
         return None
     if prompt is not None:
-        return [answer_stream(gen, prompt, sys.stdout)]
+        return [answer_stream(gen, prompt, sys.stdout, image=image)]
     source = input_path or "stdin"
     handle = open(input_path, encoding="utf-8") if input_path else sys.stdin
     try:

@@ -8,21 +8,23 @@ from lmforge.config import LmforgeConfig
 from lmforge.data.batching import packing_efficiency
 from lmforge.data.examples import PreparedData
 from lmforge.data.prepare import prepare
-from lmforge.models.load import config_tokenizer
+from lmforge.models.load import config_processor, config_tokenizer
 from lmforge.recipes.console import say
 
 
 def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
     tokenizer = config_tokenizer(cfg, say=say)  # the tokenizer train uses: the same prepared-data cache key
+    # image chats (processor_type): every image read and checked; they are not cached (prepared per run)
+    processor = config_processor(cfg, tokenizer) if cfg.model.processor_type else None
     started = time.perf_counter()
-    if cfg.rl.rl or cfg.rl.reward_model:  # preference rows are checked and counted here; train prepares them again in memory
+    if cfg.rl.preference:  # preference rows are checked and counted here; train prepares them again in memory
         from lmforge.data.preference import prepare_preferences, report_lines
 
         pairs = prepare_preferences(cfg.data, tokenizer, cfg.training.seed, kto=cfg.rl.rl == "kto", max_prompt_len=cfg.rl.max_prompt_len)
         for line in report_lines(pairs.stats):
             say(line)
         return pairs  # type: ignore[return-value]
-    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True)
+    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=True, processor=processor)
     seconds = time.perf_counter() - started
     say(f"{data.stats.summary()}")
     say(f"{len(data.train)} train / {len(data.eval)} eval examples in {seconds:.1f}s ({data.stats.tokens / max(seconds, 1e-9):,.0f} tokens/s)")

@@ -23,11 +23,13 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
     if any(local_files(spec.path, spec.ds_type, spec.data_files) is None for spec in specs):
         return "tokens: checked when training (a Hub dataset is read then, not here)"
     from lmforge.data.prepare import prepare
-    from lmforge.models.load import config_tokenizer
+    from lmforge.models.load import config_processor, config_tokenizer
     from lmforge.recipes.console import say
 
     try:
         tokenizer = config_tokenizer(cfg, say=say)
+        # image chats: every image opened and checked, and counted against its placeholders, as train will
+        processor = config_processor(cfg, tokenizer) if cfg.model.processor_type else None
     except LmforgeError as exc:  # e.g. a Hub tokenizer while offline: the rows were checked, the tokens cannot be
         return f"tokens: not checked, the tokenizer does not load here ({exc.format()})"
     if cfg.rl.rl == "grpo":  # prompts through their transform, and the reward functions imported, as train does
@@ -37,7 +39,7 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
         load_reward_functions(cfg.rl.trl.reward_funcs or [])
         prompts = prepare_prompts(cfg.data, tokenizer, cfg.training.seed, cfg.flat(), cfg.rl.trl.chat_template_kwargs)
         return f"prompts: {prompts.summary()}"
-    if cfg.rl.rl or cfg.rl.reward_model:  # pairs: truncated and too-long rows counted, as train prepares them
+    if cfg.rl.preference:  # pairs: truncated and too-long rows counted, as train prepares them
         from lmforge.data.preference import prepare_preferences
 
         pairs = prepare_preferences(cfg.data, tokenizer, cfg.training.seed, kto=cfg.rl.rl == "kto", max_prompt_len=cfg.rl.max_prompt_len)
@@ -45,7 +47,7 @@ def check_tokenized(cfg: LmforgeConfig) -> str:
         return (f"tokens: {len(pairs.train):,} train / {len(pairs.eval):,} eval pairs at sequence_len {cfg.data.sequence_len}; "
                 f"{s.truncated} truncated to fit, {s.too_long_skipped} skipped (the prompt alone fills it), "
                 f"{s.identical_skipped} with chosen == rejected skipped")
-    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=False)
+    data = prepare(cfg.data, tokenizer, cfg.training.seed, save=False, processor=processor)
     return f"tokens: {len(data.train):,} train / {len(data.eval):,} eval examples at sequence_len {cfg.data.sequence_len}"
 
 

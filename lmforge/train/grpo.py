@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from lmforge.data.batching import Batch, host_batch
-from lmforge.train.objectives import Objective, ObjectiveOutput
+from lmforge.train.objective_base import Objective, ObjectiveOutput
 
 
 class MetricSums:

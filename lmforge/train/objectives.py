@@ -19,7 +19,6 @@ is taken only on the chosen positions (all other labels are -100).
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -32,52 +31,7 @@ from lmforge.data.batching import Batch, host_batch
 from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.train.loss import causal_lm_loss
-
-# What an objective returns for one micro-batch: the loss summed over its tokens (a device scalar), how many
-# tokens that sum covers, and named extra numbers (device scalars or floats) for logging.
-ObjectiveOutput = tuple[torch.Tensor, int, dict[str, Any]]
-
-
-class Objective(ABC):
-    """What a training run learns: the loss of a batch, and the tokens it counts.
-
-    ``__call__(model, batch)`` runs the model and returns ``(loss_sum, token_count, metrics)``;
-    ``count_tokens(host_batch)`` gives the same count from the batch's CPU copy, read by the loop for
-    the token-weighted mean before the first backward (a count read from the device would be a sync).
-    """
-
-    name: ClassVar[str] = "objective"
-    batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels")  # fields a batch must carry
-    needs_reference_model: ClassVar[bool] = False  # a frozen copy of the starting model (DPO-style objectives)
-    supports_fused_head: ClassVar[bool] = False  # the fused output-head kernels (Liger, Cut Cross-Entropy)
-
-    @abstractmethod
-    def count_tokens(self, batch: Batch) -> int:
-        """How many tokens this batch's loss sums over, read from host (CPU) tensors only."""
-
-    @abstractmethod
-    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput: ...
-
-    def for_evaluation(self) -> "Objective":
-        """The objective an eval loss is measured with (label smoothing off: the eval loss stays plain)."""
-        return self
-
-    def through(self, call: Callable[[Any, Batch], Any]) -> "Objective":
-        """This objective run by `call` (an engine's wrapper that runs it inside DDP/FSDP/DeepSpeed's forward)."""
-        return self if call is self else _CalledThrough(self, call)
-
-
-@dataclass(frozen=True)
-class _CalledThrough(Objective):
-    inner: Objective
-    call: Callable[[Any, Batch], Any]
-
-    def count_tokens(self, batch: Batch) -> int:
-        return self.inner.count_tokens(batch)
-
-    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
-        return self.call(model, batch)
-
+from lmforge.train.objective_base import Objective, ObjectiveOutput
 
 def next_token_count(batch: Batch) -> int:
     """Labelled next-token predictions of a causal-LM batch: labels from position 1 on (the model shifts)."""
@@ -112,6 +66,31 @@ class CausalLM(Objective):
 
     def for_evaluation(self) -> "CausalLM":
         return replace(self, label_smoothing=0.0) if self.label_smoothing else self
+
+
+# Batch fields a causal LM reads itself; an image-text batch's other tensors (pixel_values, image_sizes,
+# image_grid_thw, pixel_attention_mask) are the images', passed to the model as they are.
+TEXT_BATCH_FIELDS = ("input_ids", "labels", "attention_mask", "position_ids", "cu_seq_lens")
+
+
+@dataclass(frozen=True)
+class ImageTextCLM(CausalLM):
+    """Causal LM with pixel inputs (image-text models): next-token cross-entropy over the labelled text positions,
+    the model given the batch's images beside its tokens. Image tokens never carry labels (lmforge.data.images)."""
+
+    name: ClassVar[str] = "image_text_clm"
+    batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "attention_mask", "pixel_values")
+    supports_fused_head: ClassVar[bool] = False  # the head runs inside the model's own forward
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        labels, host = batch["labels"], host_batch(batch)
+        rows, columns = _labelled_positions(labels[:, 1:], host["labels"][:, 1:])
+        images = {k: v for k, v in batch.items() if k not in TEXT_BATCH_FIELDS and isinstance(v, torch.Tensor)}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                       **images).logits[rows, columns]
+        loss_sum = F.cross_entropy(logits.float(), labels[:, 1:][rows, columns], reduction="sum",
+                                   label_smoothing=self.label_smoothing)
+        return loss_sum, int(rows.shape[0]), {}
 
 
 @dataclass(frozen=True)
@@ -179,6 +158,8 @@ def objective_from_config(cfg: Any) -> Objective:
         return preference_objective(cfg.rl)
     if cfg.is_pretraining and cfg.pretrain.objective == "mlm":
         return MaskedLM(label_smoothing=t.label_smoothing_factor)
+    if cfg.model.processor_type:
+        return ImageTextCLM(label_smoothing=t.label_smoothing_factor)
     chunks = t.chunked_cross_entropy_num_chunks if t.chunked_cross_entropy else 1
     return CausalLM(label_smoothing=t.label_smoothing_factor, loss_chunks=chunks)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lmforge.data.batching import Batch
 from lmforge.data.examples import IGNORE_INDEX
 from lmforge.errors import LmforgeError
-from lmforge.train.objectives import Objective, ObjectiveOutput
+from lmforge.train.objective_base import Objective, ObjectiveOutput
 
 
 @dataclass(frozen=True)
