@@ -401,8 +401,9 @@ LEARNING_RUN = ["--max_steps=10", "--eval_steps=10", "--gradient_accumulation_st
                 "--learning_rate=0.001", "--logging_steps=1"]
 
 
+# Not marked `learning`: the AVX2 second pass would run this real-model DPO with emulated bf16 (many minutes);
+# the margin (>= 75% from 0%, measured 100%) is wide enough for either CPU kind.
 @pytest.mark.slow
-@pytest.mark.learning
 @pytest.mark.skipif(not (REPO / "data" / "gsm8k_preferences" / "test.jsonl").is_file(), reason="shipped pairs missing")
 def test_lora_dpo_raises_held_out_reward_accuracy_on_gsm8k_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import real_model_available
