@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+from lmforge.errors import LmforgeError
 
 IGNORE_INDEX = -100  # the label of a position no loss is computed for (torch cross_entropy's ignore_index)
 
@@ -111,3 +114,22 @@ def trained_token_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray
     mask = np.zeros(len(tokens), dtype=bool)
     mask[inside] = tokens[inside, 1] > starts[index[inside]]
     return mask
+
+
+def read_good_rows(rows: list[tuple[dict[str, Any] | None, str, str | None]], read: Callable[[dict[str, Any], str], Any],
+                   skip_bad_rows: bool, stats: "PrepareStats") -> Iterator[tuple[str, Any]]:
+    """``(where, read(values, where))`` for each row, in order. A bad row (one the reader could not parse, or one
+    `read` refuses with an LmforgeError) stops the run with ROW_FIX as its fix, or with skip_bad_rows is counted
+    in `stats` and skipped: the one rule every data path (text, pairs, image chats) follows."""
+    for values, where, error in rows:
+        try:
+            if error is not None:
+                raise LmforgeError(error, where=where)
+            result = read(values or {}, where)
+        except LmforgeError as exc:
+            if not skip_bad_rows:
+                exc.fix = exc.fix or ROW_FIX
+                raise
+            stats.bad(where, exc.message)
+            continue
+        yield where, result

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.examples import IGNORE_INDEX, ROW_FIX, Example, PrepareStats, trained_token_mask
+from lmforge.data.examples import IGNORE_INDEX, Example, PrepareStats, read_good_rows, trained_token_mask
 from lmforge.data.formats.chat import DEFAULT_ROLES, template_errors
 from lmforge.errors import LmforgeError
 
@@ -342,20 +342,13 @@ def image_examples(spec: Any, where: str, rows: list[tuple[dict[str, Any] | None
     roles_to_train = tuple(roles.get(r, r) for r in (getattr(spec, "roles_to_train", None) or ("assistant",)))
     variables = dict(getattr(data, "chat_template_kwargs", None) or {})
     examples = []
-    for values, row_where, error in rows:
-        try:
-            if error is not None:
-                raise LmforgeError(error, where=row_where)
-            chat = image_chat(values or {}, row_where, base_dir=base_dir, size=data.image_size, resample=data.image_resize_algorithm,
-                              field_messages=getattr(spec, "field_messages", None), roles=roles)
-            example = image_example(processor, template, chat, row_where, data.sequence_len, data.train_on_inputs, stats,
-                                    variables, roles_to_train)
-        except LmforgeError as exc:
-            if not data.skip_bad_rows:
-                exc.fix = exc.fix or ROW_FIX
-                raise
-            stats.bad(row_where, exc.message)
-            continue
+    def read(values: dict[str, Any], row_where: str) -> Example | None:
+        chat = image_chat(values, row_where, base_dir=base_dir, size=data.image_size, resample=data.image_resize_algorithm,
+                          field_messages=getattr(spec, "field_messages", None), roles=roles)
+        return image_example(processor, template, chat, row_where, data.sequence_len, data.train_on_inputs, stats,
+                             variables, roles_to_train)
+
+    for _, example in read_good_rows(rows, read, data.skip_bad_rows, stats):
         if example is not None:
             examples.append(example)
     return examples

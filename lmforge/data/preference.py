@@ -28,7 +28,7 @@ from lmforge.data.batching import Batch
 from lmforge.data.examples import IGNORE_INDEX, PrepareStats
 from lmforge.data.formats.preference import CompletionText, PreferenceText, preference_format
 from lmforge.data.formats.templates import resolve_template
-from lmforge.data.examples import ROW_FIX
+from lmforge.data.examples import read_good_rows
 from lmforge.data.prepare import adds_bos, spec_rows, split_eval
 from lmforge.data.sources import no_rows
 from lmforge.errors import LmforgeError
@@ -142,17 +142,7 @@ def preference_rows(specs: list[Any], data: Any, tokenizer: Any, kto: bool, stat
         if not rows:
             raise no_rows(spec.path)
         stats.rows[spec.path] += len(rows)
-        for values, row_where, error in rows:
-            try:
-                if error is not None:
-                    raise LmforgeError(error, where=row_where, fix=ROW_FIX)
-                text = fmt(values, row_where)
-            except LmforgeError as exc:
-                if not data.skip_bad_rows:
-                    exc.fix = exc.fix or ROW_FIX
-                    raise
-                stats.bad(row_where, exc.message)
-                continue
+        for _, text in read_good_rows(rows, fmt, data.skip_bad_rows, stats):
             if isinstance(text, PreferenceText) and text.chosen.strip() == text.rejected.strip():
                 stats.identical_skipped += 1  # documented: counted and skipped, never trained
                 continue
