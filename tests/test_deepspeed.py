@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ARITHMETIC, REPO, write_config, write_jsonl
+from lmforge.config.checks import ZERO_INCOMPATIBLE_OPTIMIZERS
+from lmforge.errors import LmforgeError
 from lmforge.config import load_config
 from lmforge.config.sections import TrainingSection
 from lmforge.recipes.finetune import run_train
@@ -35,7 +37,9 @@ pytestmark = pytest.mark.slow
 
 KINDS = {"zero2-lora": "zero2.json", "zero3-lora": "zero3.json", "zero3-full": "zero3.json"}
 CHECKS = REPO / "tests" / "deepspeed_checks.py"
-OPTIMIZERS = typing.get_args(TrainingSection.model_fields["optimizer"].annotation)
+# Every optimizer DeepSpeed is allowed with (the ones needing each weight's shape are refused: the test below).
+OPTIMIZERS = tuple(o for o in typing.get_args(TrainingSection.model_fields["optimizer"].annotation)
+                   if o not in ZERO_INCOMPATIBLE_OPTIMIZERS)
 # Optimizers whose update is elementwise per weight: on DeepSpeed's flat partitions they compute what they do
 # without ZeRO. bitsandbytes' 8-bit states are quantized in blocks of the flat partition instead of per weight.
 ELEMENTWISE = {"adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "sgd", "lion_32bit"}
@@ -239,3 +243,13 @@ def test_fp16_under_deepspeed_makes_no_grad_scaler(tiny_model_dir: Path, alpaca_
                 assert resolved["fp16"]["enabled"] is True and resolved["bf16"]["enabled"] is False
         finally:
             run.engine.close()
+
+
+@pytest.mark.parametrize("optimizer", sorted(ZERO_INCOMPATIBLE_OPTIMIZERS))
+def test_optimizers_that_need_whole_weights_are_refused_under_zero(optimizer: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text(f"base_model: {tmp_path}\ndatasets:\n  - path: x.jsonl\n    type: alpaca\noutput_dir: {tmp_path / 'o'}\n"
+                    f"optimizer: {optimizer}\ndeepspeed: deepspeed_configs/zero2.json\n")
+    with pytest.raises(LmforgeError) as exc:
+        load_config(str(path))
+    assert f"optimizer {optimizer} cannot step under DeepSpeed ZeRO" in exc.value.message

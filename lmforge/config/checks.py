@@ -289,6 +289,14 @@ def zero_settings(ds: dict) -> ZeroSettings:
                         offload_optimizer=offloaded("offload_optimizer"))
 
 
+# Optimizers whose step needs each weight's own shape: ZeRO's flat partitions break them (measured: both fail to
+# step in tests/test_deepspeed.py's sweep).
+ZERO_INCOMPATIBLE_OPTIMIZERS = {
+    "muon": "Muon orthogonalises each weight matrix as a 2-D whole",
+    "adamw_torch_4bit": "torchao's 4-bit AdamW keeps block-quantized states per weight tensor",
+}
+
+
 def _distributed(c: _Checker) -> None:
     cfg = c.cfg
     d = cfg.distributed
@@ -306,6 +314,11 @@ def _distributed(c: _Checker) -> None:
             raise c.error("deepspeed", "DeepSpeed ZeRO-3 partitions every weight, which a bitsandbytes 4/8-bit base cannot be "
                           "(its packed weights and quantization state would be split apart)",
                           "use ZeRO-2 (deepspeed_configs/zero2.json) or fsdp with QLoRA, or drop load_in_4bit")
+        if cfg.training.optimizer in ZERO_INCOMPATIBLE_OPTIMIZERS:
+            raise c.error("optimizer", f"optimizer {cfg.training.optimizer} cannot step under DeepSpeed ZeRO: "
+                          f"{ZERO_INCOMPATIBLE_OPTIMIZERS[cfg.training.optimizer]}, and ZeRO hands the optimizer flat "
+                          "partitions of many weights", "use adamw_torch under deepspeed, or fsdp_config (FSDP2 keeps "
+                          "each weight a tensor of its own)")
         if cfg.training.nan_policy == "skip":
             raise c.error("nan_policy", "nan_policy: skip cannot skip a step under deepspeed (its engine steps before the "
                           "gradient norm is known)", "use nan_policy: stop")
