@@ -39,7 +39,7 @@ PY
 
 echo
 echo "== GSM8K exact match on $EVAL_QUESTIONS held-out test questions, before and after, and forgetting =="
-lmforge eval "$CONFIG" --lora_model_dir "$OUT" --data data/gsm8k/test.jsonl --limit "$EVAL_QUESTIONS" --max_new_tokens "$EVAL_MAX_NEW_TOKENS"
+lmforge eval "$CONFIG" --lora_model_dir "$OUT" --output "$OUT/eval" --data data/gsm8k/test.jsonl --limit "$EVAL_QUESTIONS" --max_new_tokens "$EVAL_MAX_NEW_TOKENS"
 python - "$OUT/eval/eval.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
