@@ -171,6 +171,13 @@ def same_tensors(ours: Path, reference: Path) -> str:
     return f"{same}/{len(set(a) | set(b))}"
 
 
+def append_results(title: str, report: str) -> None:
+    """One dated section of bench/RESULTS.md: the table a run printed, under `title`."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(REPO / "bench" / "RESULTS.md", "a") as out:
+        out.write(f"\n## {stamp}: {title}\n\n{report}\n")
+
+
 def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
     return subprocess.run(["nice", "-n", "10", *map(str, cmd)], text=True, capture_output=True, **kwargs)
 
@@ -444,10 +451,7 @@ def identity_run(args: argparse.Namespace) -> None:
     report = "\n".join(table + [""] + notes)
     print("\n" + report)
     if not args.no_results:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(REPO / "bench" / "RESULTS.md", "a") as out:
-            out.write(f"\n## {stamp}: lmforge's K-quants vs llama.cpp's quantizer (`bench/llama_cpp_check.py --identity`)"
-                      f"\n\n{report}\n")
+        append_results("lmforge's K-quants vs llama.cpp's quantizer (`bench/llama_cpp_check.py --identity`)", report)
 
 
 def heldout_sequences(merged: object, rows: list[dict], stop_ids: list[int]) -> list[list[int]]:
@@ -758,10 +762,7 @@ def main() -> None:
         report = "\n".join(lines)
         print("\n" + report)
         if not args.no_results:
-            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            with open(REPO / "bench" / "RESULTS.md", "a") as out:
-                out.write(f"\n## {stamp}: GGUF LoRA and the chat format in llama.cpp (`bench/llama_cpp_check.py"
-                          f" --only-lora-chat`)\n\n{report}\n")
+            append_results("GGUF LoRA and the chat format in llama.cpp (`bench/llama_cpp_check.py --only-lora-chat`)", report)
         return
     sequences = heldout_sequences(merged, test_rows[3:3 + args.heldout], stop_ids)
     n_positions = sum(len(ids) for ids in sequences)
@@ -858,9 +859,7 @@ def main() -> None:
     print("\n" + report)
     (RUNS / "results.json").write_text(json.dumps({"rows": rows, "prompts": prompts}, indent=1, default=str))
     if not args.no_results:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(REPO / "bench" / "RESULTS.md", "a") as out:
-            out.write(f"\n## {stamp}: lmforge's GGUF exports in llama.cpp (`bench/llama_cpp_check.py`)\n\n{report}\n")
+        append_results("lmforge's GGUF exports in llama.cpp (`bench/llama_cpp_check.py`)", report)
 
 
 if __name__ == "__main__":

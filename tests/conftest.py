@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,4 +175,19 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight LLaVA (CLIP tower, projector, 2-layer Llama) saved with its processor, like a Hub VLM."""
     folder = tmp_path_factory.mktemp("tiny-llava")
     load_script("build_tiny_vlm").build_tiny_vlm(folder)
+    return folder
+
+
+def train_byte_level_bpe(texts: Any, special_tokens: list[str], folder: Path, **special_names: str) -> Path:
+    """A byte-level BPE tokenizer (1,000 tokens) trained on `texts` with `special_tokens`, saved in `folder`
+    (`special_names`: bos_token, eos_token, ... as PreTrainedTokenizerFast takes them)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special_names).save_pretrained(folder)
     return folder

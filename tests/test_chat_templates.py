@@ -88,16 +88,9 @@ def conversations() -> list[list[dict[str, str]]]:
 @pytest.fixture(scope="module")
 def base_tokenizer_dir(conversations: list, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE (1,000 tokens) trained on the conversations, with every family's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import train_byte_level_bpe
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator((t["value"] for turns in conversations for t in turns), trainer)
-    folder = tmp_path_factory.mktemp("bpe")
-    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(folder)
+    folder = train_byte_level_bpe((t["value"] for turns in conversations for t in turns), SPECIAL, tmp_path_factory.mktemp("bpe"))
     return folder
 
 

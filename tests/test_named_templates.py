@@ -40,17 +40,10 @@ SPECIAL = sorted({"<s>", "</s>", "<|startoftext|>", "<|system|>", "<|user|>", "<
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(conversations: list, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import train_byte_level_bpe
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator((t["value"] for turns in conversations for t in turns), trainer)
-    folder = tmp_path_factory.mktemp("bpe-named")
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
-    return folder
+    return train_byte_level_bpe((t["value"] for turns in conversations for t in turns), SPECIAL,
+                                tmp_path_factory.mktemp("bpe-named"), bos_token="<s>", eos_token="</s>")
 
 
 def runs_of(labels: list[int], ids: list[int]) -> list[list[int]]:
