@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
-python -m pytest -q "$@"
+python -m pytest -q --durations=40 "$@"
 [ $# -eq 0 ] || exit 0
 
 # On a CPU with more than AVX2 (AVX-512, AMX) the second pass caps every kernel library at AVX2: ATen's own

@@ -218,6 +218,30 @@ def test_an_abandoned_huge_request_frees_the_server_for_the_next(long_server, st
     assert _served_in(url) < 2.0
 
 
+def test_an_api_key_server_refuses_a_missing_key_and_still_frees_an_abandoned_stream(
+        endless_model_dir: Path, tmp_path: Path) -> None:
+    """--api_key: 401 without the bearer token; with it, a streamed client that leaves still frees the model at once."""
+    import httpx
+
+    proc, port = _start(tiny_infer_config(tmp_path, endless_model_dir), tmp_path / "server.log", "--max_tokens",
+                        str(LONG_CAP), "--request_timeout", str(LONG_TIMEOUT), "--api_key", "s3cret")
+    try:
+        url, key = f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer s3cret"}
+        for wrong in ({}, {"Authorization": "Bearer guess"}):
+            refused = httpx.post(f"{url}/completions", json={"prompt": "what is", "max_tokens": 2}, headers=wrong)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        with httpx.stream("POST", f"{url}/completions", headers=key, timeout=120,
+                          json={"prompt": "what is", "max_tokens": LONG_CAP, "stream": True}) as response:
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+            time.sleep(1)
+        started = time.monotonic()
+        reply = httpx.post(f"{url}/completions", json={"prompt": "what is", "max_tokens": 2}, headers=key, timeout=120)
+        assert reply.status_code == 200 and time.monotonic() - started < 2.0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_the_request_timeout_ends_a_long_request_and_the_queue_moves_on(long_server) -> None:  # noqa: ANN001
     client = _client(long_server[0])
     started = time.monotonic()

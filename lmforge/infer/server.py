@@ -40,6 +40,7 @@ try:  # at module level: FastAPI resolves the `Request` annotations through this
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 except ImportError:  # pragma: no cover - the serve extra is not installed
     FastAPI = None  # type: ignore[assignment,misc]
+    StreamingResponse = object  # type: ignore[assignment,misc]  # so the classes below still define
 
 from lmforge.infer.generate import Generator, GenerationStream, PromptTooLong, Sampling
 
@@ -183,6 +184,40 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+class _RequireKey:
+    """Answers 401 unless the request carries ``Authorization: Bearer <api_key>``."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = JSONResponse(_error_body("invalid API key", "authentication_error", code="invalid_api_key"),
+                                        status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _EventStream(StreamingResponse):
+    """SSE of one generation that cancels it however the response ends. Starlette cancels a response whose
+    client left while it awaits a send, outside the event generator, so the generator's own ``finally`` would
+    wait for the garbage collector while the model went on generating."""
+
+    def __init__(self, stream: GenerationStream, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.generation = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()
+
+
 def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS,
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> Any:
     """The FastAPI application serving ``gen`` as ``model_id``.
@@ -207,13 +242,11 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
 
     app.state.cancel_all = cancel_all
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Any) -> Any:
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(_error_body("invalid API key", "authentication_error", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key is not None:
+        # A plain ASGI middleware, not @app.middleware("http"): Starlette's BaseHTTPMiddleware relays a streamed
+        # body through a task of its own, and a client that left mid-stream then went unnoticed until the
+        # request timeout (the generation held the model all that time).
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     async def read_body(request: Request) -> dict[str, Any]:
         try:
@@ -308,7 +341,7 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
                 return {"index": 0, "delta": {"content": piece} if piece is not None else {}, "finish_reason": finish}
 
             head = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id}
-            return StreamingResponse(events(stream, head, choice, body), media_type="text/event-stream")
+            return _EventStream(stream, events(stream, head, choice, body))
         await answer(request, stream)
         return {
             "id": ident, "object": "chat.completion", "created": now, "model": model_id,
@@ -336,7 +369,7 @@ def create_app(gen: Generator, model_id: str, api_key: str | None = None, max_to
                 return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
 
             head = {"id": ident, "object": "text_completion", "created": now, "model": model_id}
-            return StreamingResponse(events(stream, head, choice, body), media_type="text/event-stream")
+            return _EventStream(stream, events(stream, head, choice, body))
         await answer(request, stream)
         return {
             "id": ident, "object": "text_completion", "created": now, "model": model_id,
