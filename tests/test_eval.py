@@ -403,3 +403,71 @@ def test_batched_answers_equal_lm_eval_hflm_generate_until(tiny) -> None:  # noq
                                 for i, p in enumerate(prompts)], disable_tqdm=True)
     assert [c.text.strip() for c in ours] == [t.strip() for t in theirs]
     assert len({c.text for c in ours}) > 5  # answers that differ from each other, so the order is checked too
+
+
+# --- a preference or GRPO run is evaluated with the same command ------------------------------------------------------
+
+def _eval_only(config: Path, report: Path) -> list[dict]:
+    """`lmforge eval CONFIG --no-base`: the tuned model from output_dir; its held-out records."""
+    assert main(["eval", str(config), "--output", str(report), "--no-base"]) == 0
+    result = json.loads((report / "eval.json").read_text())
+    assert [row["label"] for row in result["models"]] == ["tuned"]
+    return [json.loads(line) for line in (report / "outputs-tuned.jsonl").read_text().splitlines()]
+
+
+def test_eval_scores_a_dpo_run_on_the_pairs_it_held_out(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    # words the tiny word-level tokenizer decodes back unchanged (it spaces out '####'; a real BPE tokenizer does not)
+    rows = [{"prompt": f"what is {a} plus {b} ?", "chosen": f"{a} plus {b} equals {a + b}",
+             "rejected": f"{a} plus {b} equals {a + b + 1}"} for a in range(1, 6) for b in range(1, 4)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = write_config(tmp_path / "dpo.yml", tiny_config(
+        tiny_model_dir, data, tmp_path / "out", rl="dpo", datasets=[{"path": str(data), "type": {"field_prompt": "prompt"}}],
+        val_set_size=4, max_steps=2, eval_general_tasks=[], eval_general_tokens=64, max_new_tokens=6))
+    assert main(["train", str(config)]) == 0
+    records = _eval_only(config, tmp_path / "report")
+    chosen = {r["chosen"]: r for r in rows}
+    # the 4 pairs training held out (val_set_size), each prompt with its chosen answer as the reference
+    assert len(records) == 4 and all(r["reference"] in chosen for r in records)
+    assert all(r["prompt"].rstrip().endswith(chosen[r["reference"]]["prompt"]) for r in records)
+
+
+def test_eval_scores_a_grpo_run_against_the_answer_its_prompts_carry(tmp_path: Path, tiny_model_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "rewards.py").write_text(
+        "def prompts(cfg, *args, **kwargs):\n"
+        "    return (lambda row: {'prompt': row['question'], 'answer': row['answer']}), {'remove_columns': ['question']}\n\n"
+        "def length(completions, **kwargs):\n"
+        "    return [float(len(c)) for c in completions]\n", encoding="utf-8")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"what is {a} plus {b} ?", "answer": f"#### {a + b}"}
+                                                    for a in range(1, 6) for b in range(1, 4)])
+    config = write_config(tmp_path / "grpo.yml", tiny_config(
+        tiny_model_dir, data, tmp_path / "out", rl="grpo", datasets=[{"path": str(data), "type": "rewards.prompts"}],
+        trl={"num_generations": 4, "max_completion_length": 4, "reward_funcs": ["rewards.length"]},
+        val_set_size=3, max_steps=1, eval_general_tasks=[], eval_general_tokens=64, max_new_tokens=6))
+    assert main(["train", str(config)]) == 0
+    records = _eval_only(config, tmp_path / "report")
+    assert len(records) == 3 and all(re.fullmatch(r"#### \d+", r["reference"]) for r in records)
+    assert all(r["reference_answer"] == r["reference"][5:] for r in records)
+
+
+JINJA = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+         "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def test_a_chat_template_dpo_config_prompts_inference_with_its_template(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`lmforge inference/serve/eval` on a chat_template.default pair config render chats as training rendered prompts."""
+    from transformers import AutoTokenizer
+
+    from lmforge.config import load_config
+    from lmforge.infer.prompts import PromptBuilder
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"messages": [{"role": "user", "content": "hi"}],
+                                                   "chosen": {"role": "assistant", "content": "hello"},
+                                                   "rejected": {"role": "assistant", "content": "bye"}}])
+    config = write_config(tmp_path / "dpo.yml", tiny_config(tiny_model_dir, data, tmp_path / "out", rl="dpo", chat_template="jinja",
+                                                            chat_template_jinja=JINJA, datasets=[{"path": str(data), "type": "chat_template.default"}]))
+    builder = PromptBuilder.from_config(load_config(str(config)), AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert builder.multi_turn
+    assert builder.conversation([{"role": "user", "content": "hi"}]).endswith("user : hi . assistant :")

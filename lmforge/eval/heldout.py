@@ -64,6 +64,13 @@ def held_out_examples(cfg: Any, tokenizer: Any, builder: Any, data_path: str | N
         raise LmforgeError("no held-out data: the config sets neither test_datasets nor val_set_size", where="lmforge eval",
                            fix="pass --data FILE (rows shaped like the training data), or set test_datasets / val_set_size")
     markers = [t for t in (tokenizer.all_special_tokens or []) if t] + list(getattr(builder, "end_markers", []) or [])
+    rl = getattr(cfg, "rl", None)
+    if rl is not None and (rl.preference or rl.rl == "grpo"):
+        # A preference or GRPO run's held-out rows are pairs or prompts: read them as its training read them,
+        # so the held-out split is the one training held out.
+        held = d if key != "--data" else d.model_copy(update={"test_datasets": specs})
+        read = _prompt_set_examples if rl.rl == "grpo" else _preference_examples
+        return read(cfg, held, tokenizer, builder, markers), source
     examples: list[HeldOutExample] = []
     for index, spec in enumerate(specs):
         where_type = f"{key}[{index}].type" if key != "--data" else "datasets[0].type"
@@ -80,6 +87,37 @@ def held_out_examples(cfg: Any, tokenizer: Any, builder: Any, data_path: str | N
     if key == "datasets":
         _, examples = split_eval(examples, d.val_set_size, cfg.training.seed)
     return examples, source
+
+
+def _preference_examples(cfg: Any, data: Any, tokenizer: Any, builder: Any, markers: Sequence[str]) -> list[HeldOutExample]:
+    """Held-out pairs (KTO: its desirable answers): the prompt, and the chosen answer as the reference."""
+    from lmforge.data.preference import PreferencePair, prepare_preferences
+
+    prepared = prepare_preferences(data, tokenizer, cfg.training.seed, kto=cfg.rl.rl == "kto", max_prompt_len=cfg.rl.max_prompt_len)
+    examples = []
+    for index, row in enumerate(prepared.eval):
+        answer = row.chosen_ids if isinstance(row, PreferencePair) else row.completion_ids if row.desirable else None
+        if answer is not None:
+            examples.append(HeldOutExample(f"held-out pair {index + 1}", builder.wrap(tokenizer.decode(row.prompt_ids)),
+                                           _strip_end(tokenizer.decode(answer, skip_special_tokens=True), markers)))
+    return examples
+
+
+REFERENCE_COLUMNS = ("answer", "reference", "solution", "ground_truth", "target")
+
+
+def _prompt_set_examples(cfg: Any, data: Any, tokenizer: Any, builder: Any, markers: Sequence[str]) -> list[HeldOutExample]:
+    """GRPO's held-out prompts, each with the reference its row carries (the first of REFERENCE_COLUMNS)."""
+    from lmforge.data.prompt_sets import prepare_prompts
+
+    prompts = prepare_prompts(data, tokenizer, cfg.training.seed, cfg.flat(), cfg.rl.trl.chat_template_kwargs)
+    name = next((c for c in REFERENCE_COLUMNS if c in prompts.columns), None)
+    if name is None:
+        raise LmforgeError(f"the held-out prompts carry no reference answer (their columns: {', '.join(prompts.columns) or 'none'})",
+                           where="datasets[0].type",
+                           fix=f"have the prompt transform return one of {', '.join(REFERENCE_COLUMNS)}, or run only --tasks")
+    return [HeldOutExample(f"held-out prompt {index + 1}", builder.wrap(tokenizer.decode(list(p.ids))),
+                           _strip_end(str(p.columns[name]), markers)) for index, p in enumerate(prompts.eval)]
 
 
 @dataclass

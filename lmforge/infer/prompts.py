@@ -25,6 +25,19 @@ from lmforge.data.formats import ChatTemplateFormat, HookFormat, get_format
 from lmforge.data.formats.templates import KNOWN_END_OF_TURN
 from lmforge.data.prepare import adds_bos
 
+def _rl_chat_template(cfg: Any, kind: str, tokenizer: Any) -> str | None:
+    """The chat template a preference or GRPO run rendered its prompts with, or None where they were raw text:
+    chat_template.default uses the config's template; axolotl's fixed chatml.* / llama3.* wrappers are those
+    named templates; GRPO's message prompts use the tokenizer's own; user_defined pairs (prompt_format) are raw."""
+    family = kind.split(".")[0]
+    if family == "chat_template":
+        return cfg.data.chat_template or "tokenizer_default"
+    if family in ("chatml", "llama3"):
+        return family
+    if cfg.rl.rl == "grpo" and getattr(tokenizer, "chat_template", None):
+        return "tokenizer_default"
+    return None
+
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
@@ -43,10 +56,21 @@ class PromptBuilder:
         datasets = cfg.data.datasets or []
         if datasets:
             spec = datasets[0]
-            # `data` carries chat_template, chat_template_jinja, chat_template_kwargs and eot_tokens, as in training.
-            fmt = get_format(spec.type, "datasets[0].type", spec=spec, tokenizer=tokenizer, data=cfg.data)
             kind = spec.type if isinstance(spec.type, str) else "user-defined format"
             describe = f"datasets[0].type ({kind})"
+            rl = getattr(cfg, "rl", None)
+            if rl is not None and (rl.preference or rl.rl == "grpo"):
+                # Pairs and GRPO prompts are not SFT formats: chats render as their prompts were rendered in training.
+                template = _rl_chat_template(cfg, kind, tokenizer)
+                if template is not None:
+                    data = cfg.data.model_copy(update={"chat_template": template})
+                    fmt = get_format("chat_template", "datasets[0].type", spec=spec, tokenizer=tokenizer, data=data)
+                    describe = f"{describe}, rendered with chat_template {template}"
+                else:
+                    describe = f"{describe}: raw text"
+            else:
+                # `data` carries chat_template, chat_template_jinja, chat_template_kwargs and eot_tokens, as in training.
+                fmt = get_format(spec.type, "datasets[0].type", spec=spec, tokenizer=tokenizer, data=cfg.data)
         builder = cls(tokenizer=tokenizer, fmt=fmt, describe=describe)
         builder.stop_token_ids = builder._stop_ids(model)
         return builder
