@@ -156,3 +156,11 @@ def test_training_continues_from_an_existing_adapter(tiny_model_dir: Path, alpac
     # The second run starts where the first ended, not from the base model.
     assert abs(second["eval_loss_start"] - first["eval_loss_end"]) < 1e-3
     assert second["eval_loss_start"] < first["eval_loss_start"] - 1e-3
+
+
+def test_a_run_shorter_than_the_timing_warm_up_still_reports_its_tokens_per_second(tiny_model_dir: Path, alpaca_file: Path,
+                                                                                   tmp_path: Path) -> None:
+    """tokens/s leaves out the first steps (one-off costs); a 1-step run has only those, and reports them, not 0."""
+    cfg = load_config(str(write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", max_steps=1))))
+    summary = run_train(cfg)
+    assert summary["steps"] == 1 and summary["tokens_per_s"] > 0

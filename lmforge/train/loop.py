@@ -64,6 +64,8 @@ class LoopResult:
     steps: int = 0
     real_tokens: int = 0  # non-pad tokens in timed steps
     train_seconds: float = 0.0  # timed steps only
+    warmup_tokens: int = 0  # the warm-up steps' own: tokens/s of a run too short to have timed steps
+    warmup_seconds: float = 0.0
     total_tokens: int = 0
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     train_history: list[tuple[int, float]] = field(default_factory=list)
@@ -75,7 +77,9 @@ class LoopResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.real_tokens / self.train_seconds if self.train_seconds else 0.0
+        if self.train_seconds:
+            return self.real_tokens / self.train_seconds
+        return self.warmup_tokens / self.warmup_seconds if self.warmup_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -341,6 +345,9 @@ def train_loop(
         if step - start_step >= settings.timing_warmup_steps:
             result.real_tokens += step_tokens
             result.train_seconds += elapsed
+        else:
+            result.warmup_tokens += step_tokens
+            result.warmup_seconds += elapsed
         result.train_history.append((step + 1, loss))
         window_tokens += step_tokens
         bar.update(1)
