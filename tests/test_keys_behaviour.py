@@ -71,6 +71,26 @@ def test_attn_implementation_is_the_backend_the_model_runs(tiny_model_dir: Path,
                                       "(the same math; packed rows stay apart)"])
 
 
+@pytest.mark.parametrize("requested", ["sdpa", "flash_attention_2"])
+def test_an_architecture_without_sdpa_runs_eager_instead(alpaca_file: Path, tmp_path: Path, requested: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma2 has no sdpa in transformers: sdpa, and flash_attention_2's CPU fallback, load it as eager (axolotl's
+    gemma2/qlora.yml asks for flash_attention_2 and stopped with transformers' ValueError on CPU)."""
+    from conftest import build_tiny_tokenizer
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    monkeypatch.setattr("lmforge.config.checks._installed", lambda module: True)  # the GPU machine has flash-attn
+    folder = tmp_path / "tiny-gemma2"
+    size = len(build_tiny_tokenizer(folder))
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16, attn_implementation="eager")).save_pretrained(folder)
+    cfg = _cfg(folder, alpaca_file, tmp_path, gpu=True, attn_implementation=requested)
+    said: list[str] = []
+    model = training_model(cfg, load_tokenizer(str(folder)), CPU, bf16=False, say=said.append)
+    assert model.get_base_model().config._attn_implementation == "eager"
+    assert "attn_implementation: this architecture has no sdpa attention in transformers: attention runs as eager" in said
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_packed_rows_stay_apart_on_every_backend(tiny_model_dir: Path, backend: str) -> None:
     model = _model(tiny_model_dir, attn_implementation=backend).eval()

@@ -90,12 +90,24 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             extra["experts_implementation"] = cfg.model.experts_implementation
         if cfg.rl.reward_model:  # a score head on the last answer token; padding is found through pad_token_id
             extra.update(num_labels=cfg.rl.num_labels or 1, pad_token_id=tokenizer.pad_token_id)
-        model = load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                           masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
-                           model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
-                           config_overrides=cfg.model.overrides_of_model_config, reinit_weights=cfg.model.reinit_weights,
-                           image_text=bool(cfg.model.processor_type),
-                           **({"revision": cfg.model.revision_of_model} if cfg.model.revision_of_model else {}), **extra)
+
+        def load(extra: dict[str, Any]) -> Any:
+            return load_model(cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                               masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
+                               model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
+                               config_overrides=cfg.model.overrides_of_model_config, reinit_weights=cfg.model.reinit_weights,
+                               image_text=bool(cfg.model.processor_type),
+                               **({"revision": cfg.model.revision_of_model} if cfg.model.revision_of_model else {}), **extra)
+
+        try:
+            model = load(extra)
+        except ValueError as exc:
+            # sdpa (asked for, or what a CUDA-only backend falls back to on this device) is missing from some
+            # architectures in transformers (Gemma2): eager is the same math.
+            if extra.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                raise
+            say("attn_implementation: this architecture has no sdpa attention in transformers: attention runs as eager")
+            model = load({**extra, "attn_implementation": "eager"})
         if cfg.quantization.quantize_moe_experts:
             from lmforge.models.quantize import quantize_experts
 
