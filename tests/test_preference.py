@@ -433,23 +433,29 @@ def test_validate_checks_every_pair(tmp_path: Path, tiny_model_dir: Path) -> Non
 
 
 def test_answer_logps_runs_the_head_on_answer_tokens_only_with_the_same_numbers(trl: dict) -> None:
-    """The fast path (head on labelled positions, logit - logsumexp) equals the full-logits log-softmax path in fp32:
-    sums, counts, WPO's log Σp² and every gradient within 1e-5; the head sees only the answer tokens."""
+    """The fast path (head on labelled positions, logit - logsumexp, no padding mask for right-padded rows) equals
+    the full-logits log-softmax path in fp32: sums, counts, WPO's log Σp² and every gradient within 1e-5; the head
+    sees only the answer tokens."""
     from lmforge.train.preference import answer_logps
 
     batch = _pairs(trl)
     args = (batch["input_ids"], batch["labels"], batch["attention_mask"])
     seen: list[int] = []
+    passed: list[torch.Tensor | None] = []
     results = []
     for keep_logits in (True, False):  # keep_logits takes the full path (ORPO, SimPO and RPO need the logits)
         model = _model(trl["weights"])
         hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:-1].numel()))
+        masks = model.model.register_forward_pre_hook(lambda m, a, kw: passed.append(kw.get("attention_mask")), with_kwargs=True)
         out = answer_logps(model, *args, keep_logits=keep_logits, weighting=True)
         hook.remove()
+        masks.remove()
         (out.sums * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per row: a row mix-up shows
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert seen == [batch["input_ids"].numel(), labelled]  # full: every position; fast: the answers only
+    # right-padded rows need no padding mask under the causal one: SDPA's flash kernel, no attention weights kept
+    assert bool((batch["attention_mask"] == 0).any()) and passed[0] is not None and passed[1] is None
     (full, full_grads), (fast, fast_grads) = results
     assert torch.equal(full.counts, fast.counts)
     assert torch.allclose(full.sums, fast.sums, atol=1e-5, rtol=0)

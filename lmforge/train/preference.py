@@ -65,6 +65,11 @@ def _labelled_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, a
     positions, half or more of a pair's rows, never get vocabulary-sized logits, and the labelled ones get one
     fp32 copy (log p = logit - logsumexp), not a log-softmax beside the logits. Same numbers as the full path."""
     base = _unwrap(model)
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        # Right padding only (the pair collator's): under the causal mask no answer or prompt token attends to the
+        # padding after it, so the padding mask changes none of the labelled positions' outputs. Without it SDPA
+        # takes its causal flash kernel and keeps no [rows, heads, length, length] attention weights for backward.
+        attention_mask = None
     hidden = getattr(base, base.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
                                                     use_cache=False).last_hidden_state
     # (row, column) of every labelled position (on a GPU, nonzero waits for the device: one sync per forward)
