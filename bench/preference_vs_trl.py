@@ -175,7 +175,8 @@ def spread(values: list[float], spec: str = ".1f") -> str:
 def render(method: str, runs: list[dict], tools: list[str], ceiling: dict, fm: dict, ctx: dict, args: argparse.Namespace) -> str:
     total_flops = flops(ctx["spec"], args.warmup, fm)
     grpo = method == "grpo"
-    head = "| tool | runs | real tokens/s, median (min–max) | MFU (bf16 ceiling) | peak RSS MB | loss first → last | load avg |"
+    head = ("| tool | runs | real tokens/s, median (min–max) | real tokens per CPU-s | MFU (bf16 ceiling) | peak RSS MB "
+            "| loss first → last | load avg |")
     if grpo:
         head += " sampling s/step | reference s/step | rest s/step | generated tokens/s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -188,10 +189,13 @@ def render(method: str, runs: list[dict], tools: list[str], ceiling: dict, fm: d
         secs = statistics.median(r["train_seconds"] for r in rows)
         mfu = total_flops / secs / 1e9 / ceiling["gflops"]
         rss = [r["peak_rss_mb"] for r in rows]
-        medians[tool] = {"tps": statistics.median(tps), "rss": statistics.median(rss)}
+        cpu = [r["tokens_per_cpu_s"] for r in rows if r.get("tokens_per_cpu_s")]
+        medians[tool] = {"tps": statistics.median(tps), "rss": statistics.median(rss),
+                         "cpu": statistics.median(cpu) if cpu else None}
         loss = f"{common.fmt(rows[0]['first_loss'], '.3f')} → {common.fmt(rows[0]['last_loss'], '.3f')}"
         loads = f"{min(r['load'] for r in rows):.1f}–{max(r['load_after'] for r in rows):.1f}"
-        line = (f"| {tool} | {len(rows)} | {spread(tps)} | {mfu:.1%} | {spread(rss, ',.0f')} | {loss} | {loads} |")
+        line = (f"| {tool} | {len(rows)} | {spread(tps)} | {spread(cpu) if cpu else 'n/a'} | {mfu:.1%} | {spread(rss, ',.0f')} "
+                f"| {loss} | {loads} |")
         if grpo:
             line += (f" {spread([r['generation_s_per_step'] for r in rows], '.2f')} | {spread([r['reference_s_per_step'] for r in rows], '.2f')} "
                      f"| {spread([r['rest_s_per_step'] for r in rows], '.2f')} | {spread([r['generated_tokens_per_s'] for r in rows])} |")
@@ -206,8 +210,9 @@ def render(method: str, runs: list[dict], tools: list[str], ceiling: dict, fm: d
             b = [r for r in runs if r["tool"] == tool and r["index"] == i]
             if a and b:
                 per_round.append(a[0]["tokens_per_s"] / b[0]["tokens_per_s"])
+        cpu_ratio = f"**{ours['cpu'] / m['cpu']:.2f}×**" if ours["cpu"] and m["cpu"] else ""
         lines.append(f"| **lmforge / {tool}** | | **{ours['tps'] / m['tps']:.2f}×** (per round {', '.join(f'{x:.2f}' for x in per_round)}) "
-                     f"| | **{ours['rss'] / m['rss']:.2f}×** | | |" + (" | | | |" if grpo else ""))
+                     f"| {cpu_ratio} | | **{ours['rss'] / m['rss']:.2f}×** | | |" + (" | | | |" if grpo else ""))
     real, generated, prompt = step_tokens(ctx["spec"], args.warmup)
     steps = len(ctx["spec"]["batches"]) - args.warmup
     notes = [f"- Batches: {ctx['spec']['source']}; {args.warmup} warm-up + {steps} timed steps; {real:,} real tokens timed "
@@ -216,6 +221,18 @@ def render(method: str, runs: list[dict], tools: list[str], ceiling: dict, fm: d
              f"MFU counts {total_flops / 1e12:.2f} TFLOP for the timed steps (policy forward + backward, the reference's forward"
              + (", sampling" if grpo else "") + ")."]
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def rerender(args: argparse.Namespace) -> int:
+    """The tables of a finished run again, from its batches.json and results.json (same --warmup and --rounds)."""
+    fm = common.flops_model(json.loads((common.model_dir() / "config.json").read_text()))
+    for wdir in sorted(p for p in args.rerender.iterdir() if (p / "results.json").exists()):
+        spec = json.loads((wdir / "batches.json").read_text())
+        saved = json.loads((wdir / "results.json").read_text())
+        tools = list(dict.fromkeys(r["tool"] for r in saved["runs"]))
+        tools = ["lmforge", *[t for t in tools if t != "lmforge"]]
+        print(f"### {spec['method']}\n\n{render(spec['method'], saved['runs'], tools, saved['ceiling'], fm, {'spec': spec}, args)}\n")
+    return 0
 
 
 def cpu_flags() -> str:
@@ -241,8 +258,11 @@ def main() -> int:
     ap.add_argument("--ceiling-seconds", type=float, default=3.0)
     ap.add_argument("--lmforge-set", action="append", default=[], help="lmforge config override key=value (a lever)")
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--rerender", type=Path, default=None, help="print the tables of a finished run folder (runs/pref-*) again")
     args = ap.parse_args()
     os.chdir(REPO)
+    if args.rerender:
+        return rerender(args)
     methods = args.method or ["dpo", "grpo"]
     trl_tools = [t for t in args.trl.split(",") if t]
     for t in trl_tools:
