@@ -45,7 +45,8 @@ class AnswerLogps:
 def answer_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                  keep_logits: bool = False, weighting: bool = False) -> AnswerLogps:
     """Log-probabilities of each row's labelled tokens (the model predicts token t+1 at position t)."""
-    if not keep_logits and uses_fast_path(model):
+    # (a DDP/DeepSpeed wrapper (`module`) must see the forward itself: only an unwrapped model takes the fast path)
+    if not keep_logits and not hasattr(model, "module") and uses_fast_path(model):
         return _labelled_logps(model, input_ids, labels, attention_mask, weighting)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]
