@@ -430,3 +430,65 @@ def test_validate_checks_every_pair(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert "3 rows, fields checked, 1 pairs with chosen == rejected will be skipped" in proc.stdout + proc.stderr
     config = _cli_config(tmp_path, tiny_model_dir, [PAIR, {**PAIR, "chosen": " "}])
     assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "pairs.jsonl:2", "'chosen'")
+
+
+def test_answer_logps_runs_the_head_on_answer_tokens_only_with_the_same_numbers(trl: dict) -> None:
+    """The fast path (head on labelled positions, logit - logsumexp, no padding mask for right-padded rows) equals
+    the full-logits log-softmax path in fp32: sums, counts, WPO's log Σp² and every gradient within 1e-5; the head
+    sees only the answer tokens."""
+    from lmforge.train.preference import answer_logps
+
+    batch = _pairs(trl)
+    args = (batch["input_ids"], batch["labels"], batch["attention_mask"])
+    seen: list[int] = []
+    passed: list[torch.Tensor | None] = []
+    results = []
+    for keep_logits in (True, False):  # keep_logits takes the full path (ORPO, SimPO and RPO need the logits)
+        model = _model(trl["weights"])
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:-1].numel()))
+        masks = model.model.register_forward_pre_hook(lambda m, a, kw: passed.append(kw.get("attention_mask")), with_kwargs=True)
+        out = answer_logps(model, *args, keep_logits=keep_logits, weighting=True)
+        hook.remove()
+        masks.remove()
+        (out.sums * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per row: a row mix-up shows
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert seen == [batch["input_ids"].numel(), labelled]  # full: every position; fast: the answers only
+    # right-padded rows need no padding mask under the causal one: SDPA's flash kernel, no attention weights kept
+    assert bool((batch["attention_mask"] == 0).any()) and passed[0] is not None and passed[1] is None
+    (full, full_grads), (fast, fast_grads) = results
+    assert torch.equal(full.counts, fast.counts)
+    assert torch.allclose(full.sums, fast.sums, atol=1e-5, rtol=0)
+    assert torch.allclose(full.log_sum_sq, fast.log_sum_sq, atol=1e-5, rtol=0)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, fast_grads[name], atol=1e-5, rtol=0), name
+
+
+def test_lora_dpo_fast_path_equals_the_full_logits_loss_and_gradients(trl: dict) -> None:
+    """LoRA DPO (the reference: the adapter switched off, through the same fast path) gives the loss and LoRA
+    gradients of the full-logits computation, in fp32 within 1e-5."""
+    from peft import LoraConfig, get_peft_model
+
+    from lmforge.train import preference
+
+    batch = _pairs(trl)
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(_model(trl["weights"]), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                  init_lora_weights=False))
+        original = preference.uses_fast_path
+        preference.uses_fast_path = original if fast else (lambda m: False)
+        try:
+            loss_sum, count, metrics = DPO(beta=0.1)(model, batch)
+        finally:
+            preference.uses_fast_path = original
+        (loss_sum / count).backward()
+        results.append((float(loss_sum.detach()), float(metrics["rewards/margins"]),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (slow_loss, slow_margin, slow_grads), (fast_loss, fast_margin, fast_grads) = results
+    assert abs(slow_margin) > 1e-3  # the adapter moved the policy off its reference: a real ratio is compared
+    assert abs(slow_loss - fast_loss) < 1e-5 and abs(slow_margin - fast_margin) < 1e-5
+    assert set(slow_grads) == set(fast_grads) and slow_grads
+    for name, grad in slow_grads.items():
+        assert torch.allclose(grad, fast_grads[name], atol=1e-5, rtol=0), name

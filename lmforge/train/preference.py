@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from lmforge.data.batching import Batch
 from lmforge.data.examples import IGNORE_INDEX
 from lmforge.errors import LmforgeError
+from lmforge.train.loss import _unwrap, uses_fast_path
 from lmforge.train.objective_base import Objective, ObjectiveOutput
 
 
@@ -44,6 +45,9 @@ class AnswerLogps:
 def answer_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                  keep_logits: bool = False, weighting: bool = False) -> AnswerLogps:
     """Log-probabilities of each row's labelled tokens (the model predicts token t+1 at position t)."""
+    # (a DDP/DeepSpeed wrapper (`module`) must see the forward itself: only an unwrapped model takes the fast path)
+    if not keep_logits and not hasattr(model, "module") and uses_fast_path(model):
+        return _labelled_logps(model, input_ids, labels, attention_mask, weighting)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
@@ -54,6 +58,34 @@ def answer_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, atte
         with torch.no_grad():  # WPO's weights carry no gradient (TRL computes them under no_grad too)
             log_sum_sq = (torch.logsumexp(2 * log_probs, dim=-1) * mask).sum(1)
     return AnswerLogps(token_logps.sum(1), mask.sum(1), logits if keep_logits else None, log_sum_sq)
+
+
+def _labelled_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                    weighting: bool) -> AnswerLogps:
+    """answer_logps with the output head on the answer tokens only (loss.py's fast path): the prompt and padding
+    positions, half or more of a pair's rows, never get vocabulary-sized logits, and the labelled ones get one
+    fp32 copy (log p = logit - logsumexp), not a log-softmax beside the logits. Same numbers as the full path."""
+    base = _unwrap(model)
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        # Right padding only (the pair collator's): under the causal mask no answer or prompt token attends to the
+        # padding after it, so the padding mask changes none of the labelled positions' outputs. Without it SDPA
+        # takes its causal flash kernel and keeps no [rows, heads, length, length] attention weights for backward.
+        attention_mask = None
+    hidden = getattr(base, base.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                                    use_cache=False).last_hidden_state
+    # (row, column) of every labelled position (on a GPU, nonzero waits for the device: one sync per forward)
+    rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero().unbind(1)
+    logits = base.get_output_embeddings()(hidden[rows, columns]).float()
+    log_norm = logits.logsumexp(-1)
+    token_logps = logits.gather(-1, labels[:, 1:][rows, columns].unsqueeze(-1)).squeeze(-1) - log_norm
+    sums = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)
+    counts = torch.bincount(rows, minlength=labels.shape[0])
+    log_sum_sq = None
+    if weighting:
+        with torch.no_grad():  # WPO's weights carry no gradient (TRL computes them under no_grad too)
+            per_token = torch.logsumexp(2 * (logits - log_norm.unsqueeze(-1)), dim=-1)
+            log_sum_sq = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+    return AnswerLogps(sums, counts, None, log_sum_sq)
 
 
 def _unwrapped(model: Any) -> Any:
