@@ -430,3 +430,47 @@ def test_validate_checks_every_pair(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert "3 rows, fields checked, 1 pairs with chosen == rejected will be skipped" in proc.stdout + proc.stderr
     config = _cli_config(tmp_path, tiny_model_dir, [PAIR, {**PAIR, "chosen": " "}])
     assert_one_clear_line(run_cli("validate", str(config), cwd=tmp_path), "pairs.jsonl:2", "'chosen'")
+
+
+# --- checkpoints: a run stopped after a checkpoint and resumed ends as the uninterrupted run ---------------------------
+
+KTO_ROWS = [{"prompt": r["prompt"], "completion": r[answer], "label": answer == "chosen"}
+            for r in ROWS for answer in ("chosen", "rejected")]
+RESUMED = {  # method: (keys, rows); every run 4 steps, a checkpoint every 2
+    "dpo-lora": ({}, ROWS),
+    "dpo-full": ({"adapter": None, "learning_rate": 0.001}, ROWS),  # the frozen copy of the starting weights
+    "dpo-precompute": ({"adapter": None, "learning_rate": 0.001, "precompute_ref_log_probs": True}, ROWS),
+    "dpo-lora-precompute": ({"precompute_ref_log_probs": True}, ROWS),
+    "kto": ({"rl": "kto"}, KTO_ROWS),
+    "reward_model": ({"rl": None, "reward_model": True, "num_labels": 1, "adapter": None, "learning_rate": 0.003}, ROWS),
+}
+
+
+def _history_and_weights(out: Path, step: int) -> tuple[list, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    history = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["loop"]["train_history"]
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return history, load_file(str(out / name))
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
+def test_resume_after_a_checkpoint_is_bit_identical(tmp_path: Path, tiny_model_dir: Path, method: str) -> None:
+    """Stopped after checkpoint-2 (the later checkpoints and outputs gone, as after a kill), resumed with
+    --resume_from_checkpoint=auto: the same per-step losses and the same final weights, bit for bit."""
+    import shutil
+
+    keys, rows = RESUMED[method]
+    keys = {"max_steps": 4, "save_steps": 2, "eval_steps": 2, **keys}
+    straight = _train(tmp_path, tiny_model_dir, "straight", rows, **keys)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = _train(tmp_path, tiny_model_dir, "resumed", rows, resume_from_checkpoint="auto", **keys)
+    assert resumed["resumed_from"] == str(tmp_path / "resumed" / "checkpoint-2") and resumed["steps"] == straight["steps"] == 4
+    history, weights = _history_and_weights(tmp_path / "straight", 4)
+    resumed_history, resumed_weights = _history_and_weights(tmp_path / "resumed", 4)
+    assert [s for s, _ in history] == [1, 2, 3, 4] and history == resumed_history
+    assert len({round(loss, 6) for _, loss in history}) > 1  # the weights moved: each step's loss is its own
+    assert weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights), [k for k in weights if not torch.equal(weights[k], resumed_weights[k])]
+    assert straight["eval_metrics_end"] == resumed["eval_metrics_end"]
