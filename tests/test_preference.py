@@ -337,7 +337,8 @@ def _train(tmp_path: Path, tiny_model_dir: Path, name: str, rows: list[dict] = R
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     config = tiny_config(tiny_model_dir, data, tmp_path / name, **{
         "rl": "dpo", "datasets": [{"path": str(data), "type": {"field_prompt": "prompt"}}], "val_set_size": 4,
-        "max_steps": 3, "logging_steps": 1, "eval_steps": 3, "learning_rate": 0.01, **keys})
+        "max_steps": 3, "logging_steps": 1, "eval_steps": 3, "learning_rate": 0.01,
+        "dataset_prepared_path": str(tmp_path / "prepared"), **keys})
     return run_train(load_config(str(write_config(tmp_path / f"{name}.yml", config))))
 
 
@@ -474,3 +475,34 @@ def test_resume_after_a_checkpoint_is_bit_identical(tmp_path: Path, tiny_model_d
     assert weights.keys() == resumed_weights.keys()
     assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights), [k for k in weights if not torch.equal(weights[k], resumed_weights[k])]
     assert straight["eval_metrics_end"] == resumed["eval_metrics_end"]
+
+
+@pytest.mark.parametrize("adapter", ["lora", None])
+def test_precomputed_reference_is_stored_and_read_back(tmp_path: Path, tiny_model_dir: Path, adapter: str | None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """precompute_ref_log_probs runs the reference once: a second run on the same pairs (or a resume) reads the stored
+    numbers from the prepared-data folder, runs no reference forward, and trains exactly as the first."""
+    import lmforge.recipes.finetune as finetune
+
+    keys = {"precompute_ref_log_probs": True, "max_steps": 2, "save_steps": 2, "eval_steps": 2,
+            **({"adapter": None, "learning_rate": 0.001} if adapter is None else {})}
+    _train(tmp_path, tiny_model_dir, "first", **keys)
+    stored = list((tmp_path / "prepared").glob("reference_logps-*.json"))
+    assert len(stored) == 1 and len(json.loads(stored[0].read_text())["ref_logps"]) == len(ROWS)
+
+    def no_reference(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference model ran again")
+
+    monkeypatch.setattr(finetune, "precompute_reference", no_reference)
+    _train(tmp_path, tiny_model_dir, "second", **keys)
+    _train(tmp_path, tiny_model_dir, "second", resume_from_checkpoint="auto", **{**keys, "max_steps": 3})
+    first, second = _history_and_weights(tmp_path / "first", 2)[0], _history_and_weights(tmp_path / "second", 3)[0]
+    assert first == second[:2] and len(second) == 3
+    # another base model folder (here a copy whose weight file was rewritten): another store, the reference runs again
+    import shutil
+
+    other = Path(shutil.copytree(tiny_model_dir, tmp_path / "other-model"))
+    weights = next(other.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    with pytest.raises(AssertionError, match="reference model ran again"):
+        _train(tmp_path, other, "third", **keys)
