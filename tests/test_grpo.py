@@ -491,3 +491,23 @@ def test_axolotls_grpo_quickstart_trains_two_steps(tmp_path: Path, monkeypatch: 
     assert main(["train", "config.yaml"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and "last_rewards/accuracy_reward/mean" in summary
+
+
+# -- preprocess ---------------------------------------------------------------------------------------------------------
+
+
+def test_preprocess_prepares_the_prompt_set_and_checks_the_reward_functions(grpo_dir: Path, tiny_model_dir: Path,
+                                                                            capsys: pytest.CaptureFixture[str],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lmforge preprocess` with rl: grpo reads the prompts through their transform (not the SFT path) and loads the
+    reward functions, so a broken transform or reward file shows before any training run."""
+    monkeypatch.chdir(grpo_dir)
+    path = write_config(grpo_dir / "c.yml", grpo_config(grpo_dir, tiny_model_dir))
+    assert main(["preprocess", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "prompts: 40 rows → 32 train / 8 eval prompts; reward columns: target; rewards: cat_fraction" in out.out + out.err
+    assert not (grpo_dir / "last_run_prepared").exists()  # no SFT examples written
+    path = write_config(grpo_dir / "c.yml", grpo_config(grpo_dir, tiny_model_dir, {"reward_funcs": ["rewards.missing"]}))
+    assert main(["preprocess", str(path)]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing" in errors[0], errors
