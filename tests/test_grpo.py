@@ -511,3 +511,26 @@ def test_preprocess_prepares_the_prompt_set_and_checks_the_reward_functions(grpo
     assert main(["preprocess", str(path)]) != 0
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing" in errors[0], errors
+
+
+# -- the planner ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_planner_counts_grpos_frozen_reference_only_when_one_is_held(grpo_dir: Path, tiny_model_dir: Path) -> None:
+    """Full fine-tuning with a KL term (beta != 0) holds a frozen copy of the starting weights (rollouts.reference_model);
+    beta 0 holds none, and with LoRA the base (adapter off) is the reference."""
+    from lmforge.plan.predict import predict_run
+
+    def breakdown(trl: dict[str, Any], full: bool) -> dict[str, int]:
+        config = grpo_config(grpo_dir, tiny_model_dir, trl)
+        if full:
+            for key in ("adapter", "lora_r", "lora_alpha", "lora_target_linear"):
+                config.pop(key)
+        return predict_run(load_config(str(write_config(grpo_dir / "c.yml", config)), gpu=False)).memory.breakdown
+
+    with_kl = breakdown({"beta": 0.04}, full=True)
+    assert with_kl["reference_model"] == with_kl["weights"] > 0
+    without_kl = breakdown({"beta": 0.0}, full=True)
+    assert "reference_model" not in without_kl
+    assert sum(with_kl.values()) - sum(without_kl.values()) >= with_kl["weights"]  # the peak grows by the copy
+    assert "reference_model" not in breakdown({"beta": 0.04}, full=False)
