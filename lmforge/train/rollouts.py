@@ -105,6 +105,8 @@ class RolloutStream:
         reference: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,  # yields the reference model
         autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         say: Callable[[str], None] = print,
+        call: Callable[..., Any] | None = None,  # runs fn(model) where the model can (a sharded model: inside its root)
+        lockstep: bool = False,  # a sharded model: every rank generates and scores at once (each forward a collective)
     ) -> None:
         self.model, self.tokenizer, self.prompts, self.rewards, self.trl = model, tokenizer, list(prompts), list(rewards), trl
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
@@ -113,6 +115,8 @@ class RolloutStream:
         self.prompts_per_rank = micro_batch_size * grad_accum // self.group
         self.reference = reference  # beta > 0: a context that yields the reference model (reference_model below)
         self.autocast, self.say = autocast, say
+        self.call: Callable[..., Any] = call or (lambda model, fn, *args: fn(model, *args))
+        self.lockstep = lockstep
         self.weights = torch.tensor(trl.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
         self.scale = {True: "group", False: "none"}.get(trl.scale_rewards, trl.scale_rewards)  # type: ignore[arg-type]
         self.generator = Generator(model, tokenizer, None)
@@ -185,7 +189,7 @@ class RolloutStream:
         try:
             with torch.random.fork_rng(devices=devices), self.autocast(), self.generator.lock:
                 torch.manual_seed(seed)
-                return self.generator.generate_ids(rows, sampling)
+                return self.call(self.model, lambda _model: self.generator.generate_ids(rows, sampling, synced_gpus=self.lockstep))
         finally:
             self.model.train(was_training)
 
@@ -260,8 +264,8 @@ class RolloutStream:
         device = self.model.device
         try:
             with self.autocast():
-                return completion_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                        width, self.trl.temperature).float().cpu()
+                return self.call(self.model, lambda _model: completion_logps(
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), width, self.trl.temperature)).float().cpu()
         finally:
             self.model.train(was_training)
 
@@ -282,10 +286,12 @@ class RolloutStream:
         m.add("completions/max_length", float(lengths.max()), 1.0)
         m.add("completions/clipped_ratio", float(truncated.float().mean()), 1.0)
 
-    def drain(self) -> dict[str, float]:
-        """The window's generation metrics (means over its generations) and its generation / training time split."""
+    def drain(self, sum_over_ranks: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+        """The window's generation metrics (means over its generations; with `sum_over_ranks`, over every rank's:
+        reward means are then the global means, stds the mean of the ranks' group stds) and this rank's generation /
+        training time split."""
         now = time.perf_counter()
-        out = self.metrics.drain()
+        out = self.metrics.drain(sum_over_ranks)
         out["generation_seconds"] = self.window_generation
         out["training_seconds"] = max(now - self.window_start - self.window_generation, 0.0)
         self.window_generation, self.window_start = 0.0, now
