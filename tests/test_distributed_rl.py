@@ -1,11 +1,10 @@
 """Preference tuning and GRPO on several ranks (torchrun, gloo on CPU), as tests/test_distributed.py does for SFT.
 
-DPO: two ranks (DDP and FSDP2, LoRA; DDP full fine-tuning with precomputed reference log-probabilities) train as one
-process with the same global batch: the same per-step loss, the same logged rewards/accuracies and margins (reduced
-over the ranks, not rank 0's), the same weights. GRPO: each rank samples its own prompts' completions (the sampling
-seed includes the rank, so the completions, and so the losses, are not one process's); what is checked is that two
-ranks train, and that the logged reward is the mean over both ranks' completions. One torchrun launch runs all the
-2-rank configs (tests/distributed_runs.py), to pay the start-up once.
+Two ranks train as one process with the same global batch: the same per-step loss, the same logged numbers (reduced
+over the ranks, not rank 0's), the same weights. DPO: DDP and FSDP2 with LoRA, DDP full fine-tuning with precomputed
+reference log-probabilities. GRPO: DDP and FSDP2 with LoRA; each completion samples from its own seeded stream, so the
+two ranks sample the completions one process samples, and FSDP2 generates (and evaluates) with every rank in lockstep.
+One torchrun launch runs all the 2-rank configs (tests/distributed_runs.py), to pay the start-up once.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ DPO_KINDS = {"ddp-lora": {}, "fsdp-lora": {"fsdp_config": FSDP_CONFIG},
 REFERENCE = {"ddp-lora": "one-lora", "fsdp-lora": "one-lora", "ddp-full": "one-full"}
 
 # GRPO's reward: the first completion token mod 7 (varied on a random model), and each call's scores written down
-# per process, so the test can average both ranks' completions itself.
+# per process, to see that both ranks scored completions.
 REWARDS = '''
 import json, os
 
@@ -52,8 +51,7 @@ def first_token(completions, completion_ids, **kwargs):
 '''
 QUESTIONS = ["what is the answer", "is the dog red", "how many fish are there", "give the total of one plus two",
              "tell the name of the bird", "what is blue", "where is the cat", "add one and two"]
-# FSDP2 also evaluates held-out prompts (every rank generates in lockstep): their scores are each file's first and last line
-GRPO_KINDS = {"grpo-ddp": {}, "grpo-fsdp": {"fsdp_config": FSDP_CONFIG, "val_set_size": 4}}
+GRPO_KINDS = {"grpo-ddp": {}, "grpo-fsdp": {"fsdp_config": FSDP_CONFIG}}
 
 
 def _dpo_config(model_dir: Path, data: Path, out: Path, accumulation: int, **extra: object) -> dict:
@@ -68,14 +66,14 @@ def _dpo_config(model_dir: Path, data: Path, out: Path, accumulation: int, **ext
     return {k: v for k, v in config.items() if v is not None}
 
 
-def _grpo_config(folder: Path, model_dir: Path, out: Path, **extra: object) -> dict:
+def _grpo_config(folder: Path, model_dir: Path, out: Path, accumulation: int, **extra: object) -> dict:
     return {
         "base_model": str(model_dir), "rl": "grpo", "seed": 7, "bf16": False, "output_dir": str(out),
         "datasets": [{"path": str(folder / "prompts.jsonl"), "type": "rewards.prompt_transform"}],
         "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["rewards.first_token"], "beta": 0.04,
                 "temperature": 5.0},
-        "val_set_size": 0, "sequence_len": 32, "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,
-        "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2, "learning_rate": 0.02,
+        "val_set_size": 4, "sequence_len": 32, "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,
+        "micro_batch_size": 4, "gradient_accumulation_steps": accumulation, "max_steps": 2, "learning_rate": 0.02,
         "lr_scheduler": "constant", "logging_steps": 1, **extra,
     }
 
@@ -92,13 +90,17 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     for kind, keys in DPO_KINDS.items():
         folders[kind] = root / kind
         configs.append(str(write_config(root / f"{kind}.yml", _dpo_config(tiny_model_dir, data, root / kind, 2, **keys))))
-    for kind, keys in GRPO_KINDS.items():
+    for kind, keys in {"grpo-one": {}, **GRPO_KINDS}.items():
         folder = root / kind
         folder.mkdir()
         (folder / "rewards.py").write_text(REWARDS, encoding="utf-8")
         write_jsonl(folder / "prompts.jsonl", [{"question": q} for q in QUESTIONS * 2])
         folders[kind] = folder
-        configs.append(str(write_config(folder / "c.yml", _grpo_config(folder, tiny_model_dir, folder / "out", **keys))))
+        config = write_config(folder / "c.yml", _grpo_config(folder, tiny_model_dir, folder / "out", 2 if kind == "grpo-one" else 1, **keys))
+        if kind == "grpo-one":  # one process, the same global batch (2 micro-batches a step)
+            run_train(load_config(str(config)))
+        else:
+            configs.append(str(config))
     done = subprocess.run(_torchrun("--standalone", "--nproc_per_node=2", str(REPO / "tests" / "distributed_runs.py"), *configs),
                           cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -131,19 +133,21 @@ def test_dpo_on_two_ranks_trains_as_one_process(kind: str, runs: dict[str, Path]
 
 
 @pytest.mark.parametrize("kind", sorted(GRPO_KINDS))
-def test_grpo_on_two_ranks_logs_the_reward_over_both_ranks(kind: str, runs: dict[str, Path]) -> None:
-    folder = runs[kind]
-    summary = json.loads((folder / "out" / "summary.json").read_text())
-    assert summary["ranks"] == 2 and summary["steps"] == 2 and summary["engine"] == ("FSDP2" if "fsdp" in kind else "DDP")
-    files = sorted(folder.glob("scores-*.jsonl"))
-    assert len(files) == 2  # each rank scored its own prompts' completions
-    evaluated = "val_set_size" in GRPO_KINDS[kind]
-    # each rank's last generation (the last step's), before the held-out prompts' scores when there are some
-    last = [json.loads(f.read_text().splitlines()[-2 if evaluated else -1]) for f in files]
-    assert all(len(scores) == 4 for scores in last)
-    both = [s for scores in last for s in scores]
-    assert summary["last_reward"] == pytest.approx(sum(both) / len(both), abs=1e-6)
-    assert summary["last_rewards/first_token/mean"] == pytest.approx(sum(both) / len(both), abs=1e-6)
-    assert summary["final_train_loss"] is not None and summary["last_kl"] >= 0
-    if evaluated:
-        assert summary["eval_prompts"] == 4 and "eval_reward_start" in summary and "eval_reward_end" in summary
+def test_grpo_on_two_ranks_trains_as_one_process(kind: str, runs: dict[str, Path]) -> None:
+    out, reference = runs[kind] / "out", runs["grpo-one"] / "out"
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
+    assert summary["ranks"] == 2 and summary["engine"] == ("FSDP2" if "fsdp" in kind else "DDP") and summary["steps"] == 2
+    assert len(list(runs[kind].glob("scores-*.jsonl"))) == 2  # each rank scored its own prompts' completions
+    ours, ref = (json.loads((d / "checkpoint-2" / "trainer_state.json").read_text())["loop"]["train_history"] for d in (out, reference))
+    assert [s for s, _ in ours] == [s for s, _ in ref] == [1, 2]
+    worst = max(abs(a - b) for (_, a), (_, b) in zip(ours, ref))
+    assert worst < 1e-4, f"per-step loss differs from one process by {worst:.2e}: {ours} vs {ref}"
+    # the logged numbers are over both ranks' completions: one process's (rank 0's alone would be half of them)
+    for key in ("last_reward", "last_rewards/first_token/mean", "last_completions/mean_length", "last_kl",
+                "eval_reward_start", "eval_reward_end"):
+        assert summary[key] == pytest.approx(ref_summary[key], abs=1e-4), key
+    assert ref_summary["last_reward_std"] > 0 and ref_summary["last_kl"] > 0  # completions differ; the policy moved
+    weights, ref_weights = _weights(out), _weights(reference)
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], atol=1e-4, rtol=1e-3, msg=name)

@@ -252,7 +252,8 @@ def test_skip_zero_advantage_batches_runs_no_forward() -> None:
 # -- generation and the stream --------------------------------------------------------------------------------------------
 
 
-def make_stream(folder: Path, model_dir: Path, trl: dict[str, Any] | None = None, **extra: Any) -> Any:
+def make_stream(folder: Path, model_dir: Path, trl: dict[str, Any] | None = None, shard: dict[str, int] | None = None,
+                **extra: Any) -> Any:
     from lmforge.data.prompt_sets import prepare_prompts
     from lmforge.models.load import config_tokenizer
     from lmforge.train.rewards import load_reward_functions
@@ -267,7 +268,7 @@ def make_stream(folder: Path, model_dir: Path, trl: dict[str, Any] | None = None
     lines: list[str] = []
     stream = RolloutStream(model, tokenizer, prompts.train, load_reward_functions(cfg.rl.trl.reward_funcs), cfg.rl.trl,
                            micro_batch_size=t.micro_batch_size, grad_accum=t.gradient_accumulation_steps, seed=t.seed,
-                           reference=reference_model(model) if cfg.rl.trl.beta else None, say=lines.append)
+                           reference=reference_model(model) if cfg.rl.trl.beta else None, say=lines.append, **(shard or {}))
     stream.lines = lines
     return stream
 
@@ -298,6 +299,20 @@ def test_sampling_keys_shape_the_groups(grpo_dir: Path, tiny_model_dir: Path, tr
     batch = next(iter(stream))
     rows = {tuple(r.tolist()) for r in batch["input_ids"]}  # micro-batch 4 = one prompt's group of 4
     assert (len(rows) == 1) is same
+
+
+def test_a_completion_is_the_same_whichever_rank_samples_it(grpo_dir: Path, tiny_model_dir: Path) -> None:
+    """Each completion draws from its own seeded stream: two ranks (one prompt each) sample exactly the completions
+    one process with the same global batch (two prompts, two micro-batches) samples, though their batches differ."""
+    trl = {"max_completion_length": 6, "temperature": 5.0, "top_k": 50, "top_p": 0.9}
+    one = iter(make_stream(grpo_dir, tiny_model_dir, trl, gradient_accumulation_steps=2))
+    whole = [next(one), next(one)]
+    for rank in (0, 1):
+        part = next(iter(make_stream(grpo_dir, tiny_model_dir, trl, shard={"rank": rank, "world_size": 2},
+                                     gradient_accumulation_steps=1)))
+        assert torch.equal(part["input_ids"], whole[rank]["input_ids"]), rank
+        torch.testing.assert_close(part["advantages"], whole[rank]["advantages"])
+    assert len({tuple(r.tolist()) for r in whole[0]["input_ids"]}) > 1  # sampled, not greedy
 
 
 def test_repetition_penalty_keeps_prompt_tokens_out(grpo_dir: Path, tiny_model_dir: Path) -> None:

@@ -287,7 +287,7 @@ class Generator:
 
     def generate_ids(self, rows: list[list[int]], sampling: Sampling, streamer: Any = None,
                      cancel: threading.Event | _Cancel | None = None, images: dict[str, Any] | None = None,
-                     synced_gpus: bool = False) -> torch.Tensor:
+                     synced_gpus: bool = False, logits_processor: Any = None) -> torch.Tensor:
         """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held.
 
         `synced_gpus`: every rank of a sharded model (FSDP2) generates at once, each forward a collective, so a rank
@@ -305,6 +305,10 @@ class Generator:
         kwargs = sampling.generate_kwargs()
         if synced_gpus:
             kwargs["synced_gpus"] = True
+        if logits_processor is not None:  # GRPO's per-row seeded sampling (lmforge.train.rollouts.RowSampler)
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
         if cancel is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)])
         # (a sharded model's gathered weights must not become inference tensors: the next training forward reuses them)
