@@ -506,3 +506,24 @@ def test_precomputed_reference_is_stored_and_read_back(tmp_path: Path, tiny_mode
     weights.write_bytes(weights.read_bytes())
     with pytest.raises(AssertionError, match="reference model ran again"):
         _train(tmp_path, other, "third", **keys)
+
+
+def test_the_planners_peak_holds_the_reference_copy_only_when_the_run_holds_one(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Full fine-tuning: the frozen copy is in the predicted peak (as large as the weights); LoRA (the adapter off) and
+    precompute_ref_log_probs hold none, nor does ORPO (no reference)."""
+    from conftest import tiny_config, write_config, write_jsonl
+
+    from lmforge.config.schema import load_config
+    from lmforge.plan.predict import predict_run
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+
+    def breakdown(**keys: object) -> dict[str, int]:
+        config = tiny_config(tiny_model_dir, data, tmp_path / "out", **{
+            "rl": "dpo", "datasets": [{"path": str(data), "type": {"field_prompt": "prompt"}}], **keys})
+        return predict_run(load_config(str(write_config(tmp_path / "c.yml", config)))).memory.breakdown
+
+    full = breakdown(adapter=None)
+    assert full["reference_model"] == full["weights"] > 0
+    for keys in ({"adapter": "lora"}, {"adapter": None, "precompute_ref_log_probs": True}, {"adapter": None, "rl": "orpo"}):
+        assert "reference_model" not in breakdown(**keys), keys
