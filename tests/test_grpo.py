@@ -252,7 +252,8 @@ def test_skip_zero_advantage_batches_runs_no_forward() -> None:
 # -- generation and the stream --------------------------------------------------------------------------------------------
 
 
-def make_stream(folder: Path, model_dir: Path, trl: dict[str, Any] | None = None, **extra: Any) -> Any:
+def make_stream(folder: Path, model_dir: Path, trl: dict[str, Any] | None = None, shard: dict[str, int] | None = None,
+                **extra: Any) -> Any:
     from lmforge.data.prompt_sets import prepare_prompts
     from lmforge.models.load import config_tokenizer
     from lmforge.train.rewards import load_reward_functions
@@ -267,7 +268,7 @@ def make_stream(folder: Path, model_dir: Path, trl: dict[str, Any] | None = None
     lines: list[str] = []
     stream = RolloutStream(model, tokenizer, prompts.train, load_reward_functions(cfg.rl.trl.reward_funcs), cfg.rl.trl,
                            micro_batch_size=t.micro_batch_size, grad_accum=t.gradient_accumulation_steps, seed=t.seed,
-                           reference=reference_model(model) if cfg.rl.trl.beta else None, say=lines.append)
+                           reference=reference_model(model) if cfg.rl.trl.beta else None, say=lines.append, **(shard or {}))
     stream.lines = lines
     return stream
 
@@ -298,6 +299,20 @@ def test_sampling_keys_shape_the_groups(grpo_dir: Path, tiny_model_dir: Path, tr
     batch = next(iter(stream))
     rows = {tuple(r.tolist()) for r in batch["input_ids"]}  # micro-batch 4 = one prompt's group of 4
     assert (len(rows) == 1) is same
+
+
+def test_a_completion_is_the_same_whichever_rank_samples_it(grpo_dir: Path, tiny_model_dir: Path) -> None:
+    """Each completion draws from its own seeded stream: two ranks (one prompt each) sample exactly the completions
+    one process with the same global batch (two prompts, two micro-batches) samples, though their batches differ."""
+    trl = {"max_completion_length": 6, "temperature": 5.0, "top_k": 50, "top_p": 0.9}
+    one = iter(make_stream(grpo_dir, tiny_model_dir, trl, gradient_accumulation_steps=2))
+    whole = [next(one), next(one)]
+    for rank in (0, 1):
+        part = next(iter(make_stream(grpo_dir, tiny_model_dir, trl, shard={"rank": rank, "world_size": 2},
+                                     gradient_accumulation_steps=1)))
+        assert torch.equal(part["input_ids"], whole[rank]["input_ids"]), rank
+        torch.testing.assert_close(part["advantages"], whole[rank]["advantages"])
+    assert len({tuple(r.tolist()) for r in whole[0]["input_ids"]}) > 1  # sampled, not greedy
 
 
 def test_repetition_penalty_keeps_prompt_tokens_out(grpo_dir: Path, tiny_model_dir: Path) -> None:
@@ -491,3 +506,46 @@ def test_axolotls_grpo_quickstart_trains_two_steps(tmp_path: Path, monkeypatch: 
     assert main(["train", "config.yaml"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and "last_rewards/accuracy_reward/mean" in summary
+
+
+# -- preprocess ---------------------------------------------------------------------------------------------------------
+
+
+def test_preprocess_prepares_the_prompt_set_and_checks_the_reward_functions(grpo_dir: Path, tiny_model_dir: Path,
+                                                                            capsys: pytest.CaptureFixture[str],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lmforge preprocess` with rl: grpo reads the prompts through their transform (not the SFT path) and loads the
+    reward functions, so a broken transform or reward file shows before any training run."""
+    monkeypatch.chdir(grpo_dir)
+    path = write_config(grpo_dir / "c.yml", grpo_config(grpo_dir, tiny_model_dir))
+    assert main(["preprocess", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "prompts: 40 rows → 32 train / 8 eval prompts; reward columns: target; rewards: cat_fraction" in out.out + out.err
+    assert not (grpo_dir / "last_run_prepared").exists()  # no SFT examples written
+    path = write_config(grpo_dir / "c.yml", grpo_config(grpo_dir, tiny_model_dir, {"reward_funcs": ["rewards.missing"]}))
+    assert main(["preprocess", str(path)]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing" in errors[0], errors
+
+
+# -- the planner ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_planner_counts_grpos_frozen_reference_only_when_one_is_held(grpo_dir: Path, tiny_model_dir: Path) -> None:
+    """Full fine-tuning with a KL term (beta != 0) holds a frozen copy of the starting weights (rollouts.reference_model);
+    beta 0 holds none, and with LoRA the base (adapter off) is the reference."""
+    from lmforge.plan.predict import predict_run
+
+    def breakdown(trl: dict[str, Any], full: bool) -> dict[str, int]:
+        config = grpo_config(grpo_dir, tiny_model_dir, trl)
+        if full:
+            for key in ("adapter", "lora_r", "lora_alpha", "lora_target_linear"):
+                config.pop(key)
+        return predict_run(load_config(str(write_config(grpo_dir / "c.yml", config)), gpu=False)).memory.breakdown
+
+    with_kl = breakdown({"beta": 0.04}, full=True)
+    assert with_kl["reference_model"] == with_kl["weights"] > 0
+    without_kl = breakdown({"beta": 0.0}, full=True)
+    assert "reference_model" not in without_kl
+    assert sum(with_kl.values()) - sum(without_kl.values()) >= with_kl["weights"]  # the peak grows by the copy
+    assert "reference_model" not in breakdown({"beta": 0.04}, full=False)

@@ -337,7 +337,8 @@ def _train(tmp_path: Path, tiny_model_dir: Path, name: str, rows: list[dict] = R
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     config = tiny_config(tiny_model_dir, data, tmp_path / name, **{
         "rl": "dpo", "datasets": [{"path": str(data), "type": {"field_prompt": "prompt"}}], "val_set_size": 4,
-        "max_steps": 3, "logging_steps": 1, "eval_steps": 3, "learning_rate": 0.01, **keys})
+        "max_steps": 3, "logging_steps": 1, "eval_steps": 3, "learning_rate": 0.01,
+        "dataset_prepared_path": str(tmp_path / "prepared"), **keys})
     return run_train(load_config(str(write_config(tmp_path / f"{name}.yml", config))))
 
 
@@ -492,3 +493,98 @@ def test_lora_dpo_fast_path_equals_the_full_logits_loss_and_gradients(trl: dict)
     assert set(slow_grads) == set(fast_grads) and slow_grads
     for name, grad in slow_grads.items():
         assert torch.allclose(grad, fast_grads[name], atol=1e-5, rtol=0), name
+
+# --- checkpoints: a run stopped after a checkpoint and resumed ends as the uninterrupted run ---------------------------
+
+KTO_ROWS = [{"prompt": r["prompt"], "completion": r[answer], "label": answer == "chosen"}
+            for r in ROWS for answer in ("chosen", "rejected")]
+RESUMED = {  # method: (keys, rows); every run 4 steps, a checkpoint every 2
+    "dpo-lora": ({}, ROWS),
+    "dpo-full": ({"adapter": None, "learning_rate": 0.001}, ROWS),  # the frozen copy of the starting weights
+    "dpo-precompute": ({"adapter": None, "learning_rate": 0.001, "precompute_ref_log_probs": True}, ROWS),
+    "dpo-lora-precompute": ({"precompute_ref_log_probs": True}, ROWS),
+    "kto": ({"rl": "kto"}, KTO_ROWS),
+    "reward_model": ({"rl": None, "reward_model": True, "num_labels": 1, "adapter": None, "learning_rate": 0.003}, ROWS),
+}
+
+
+def _history_and_weights(out: Path, step: int) -> tuple[list, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    history = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["loop"]["train_history"]
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return history, load_file(str(out / name))
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
+def test_resume_after_a_checkpoint_is_bit_identical(tmp_path: Path, tiny_model_dir: Path, method: str) -> None:
+    """Stopped after checkpoint-2 (the later checkpoints and outputs gone, as after a kill), resumed with
+    --resume_from_checkpoint=auto: the same per-step losses and the same final weights, bit for bit."""
+    import shutil
+
+    keys, rows = RESUMED[method]
+    keys = {"max_steps": 4, "save_steps": 2, "eval_steps": 2, **keys}
+    straight = _train(tmp_path, tiny_model_dir, "straight", rows, **keys)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = _train(tmp_path, tiny_model_dir, "resumed", rows, resume_from_checkpoint="auto", **keys)
+    assert resumed["resumed_from"] == str(tmp_path / "resumed" / "checkpoint-2") and resumed["steps"] == straight["steps"] == 4
+    history, weights = _history_and_weights(tmp_path / "straight", 4)
+    resumed_history, resumed_weights = _history_and_weights(tmp_path / "resumed", 4)
+    assert [s for s, _ in history] == [1, 2, 3, 4] and history == resumed_history
+    assert len({round(loss, 6) for _, loss in history}) > 1  # the weights moved: each step's loss is its own
+    assert weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights), [k for k in weights if not torch.equal(weights[k], resumed_weights[k])]
+    assert straight["eval_metrics_end"] == resumed["eval_metrics_end"]
+
+
+@pytest.mark.parametrize("adapter", ["lora", None])
+def test_precomputed_reference_is_stored_and_read_back(tmp_path: Path, tiny_model_dir: Path, adapter: str | None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """precompute_ref_log_probs runs the reference once: a second run on the same pairs (or a resume) reads the stored
+    numbers from the prepared-data folder, runs no reference forward, and trains exactly as the first."""
+    import lmforge.recipes.finetune as finetune
+
+    keys = {"precompute_ref_log_probs": True, "max_steps": 2, "save_steps": 2, "eval_steps": 2,
+            **({"adapter": None, "learning_rate": 0.001} if adapter is None else {})}
+    _train(tmp_path, tiny_model_dir, "first", **keys)
+    stored = list((tmp_path / "prepared").glob("reference_logps-*.json"))
+    assert len(stored) == 1 and len(json.loads(stored[0].read_text())["ref_logps"]) == len(ROWS)
+
+    def no_reference(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference model ran again")
+
+    monkeypatch.setattr(finetune, "precompute_reference", no_reference)
+    _train(tmp_path, tiny_model_dir, "second", **keys)
+    _train(tmp_path, tiny_model_dir, "second", resume_from_checkpoint="auto", **{**keys, "max_steps": 3})
+    first, second = _history_and_weights(tmp_path / "first", 2)[0], _history_and_weights(tmp_path / "second", 3)[0]
+    assert first == second[:2] and len(second) == 3
+    # another base model folder (here a copy whose weight file was rewritten): another store, the reference runs again
+    import shutil
+
+    other = Path(shutil.copytree(tiny_model_dir, tmp_path / "other-model"))
+    weights = next(other.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    with pytest.raises(AssertionError, match="reference model ran again"):
+        _train(tmp_path, other, "third", **keys)
+
+
+def test_the_planners_peak_holds_the_reference_copy_only_when_the_run_holds_one(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Full fine-tuning: the frozen copy is in the predicted peak (as large as the weights); LoRA (the adapter off) and
+    precompute_ref_log_probs hold none, nor does ORPO (no reference)."""
+    from conftest import tiny_config, write_config, write_jsonl
+
+    from lmforge.config.schema import load_config
+    from lmforge.plan.predict import predict_run
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+
+    def breakdown(**keys: object) -> dict[str, int]:
+        config = tiny_config(tiny_model_dir, data, tmp_path / "out", **{
+            "rl": "dpo", "datasets": [{"path": str(data), "type": {"field_prompt": "prompt"}}], **keys})
+        return predict_run(load_config(str(write_config(tmp_path / "c.yml", config)))).memory.breakdown
+
+    full = breakdown(adapter=None)
+    assert full["reference_model"] == full["weights"] > 0
+    for keys in ({"adapter": "lora"}, {"adapter": None, "precompute_ref_log_probs": True}, {"adapter": None, "rl": "orpo"}):
+        assert "reference_model" not in breakdown(**keys), keys

@@ -17,13 +17,17 @@ carries the KL rows: each prompt with the batch's previous answer (TRL's cycled 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.atomic import write_json
 from lmforge.data.batching import Batch
 from lmforge.data.examples import IGNORE_INDEX, PrepareStats
 from lmforge.data.formats.preference import CompletionText, PreferenceText, preference_format
@@ -171,6 +175,42 @@ def prepare_preferences(data: Any, tokenizer: Any, seed: int, kto: bool = False,
         train, held_out = split_eval(examples, data.val_set_size, seed)
     stats.note = "prepared in memory (preference rows are not written to the prepared-data cache)"
     return PreparedPreferences(train, held_out, stats)
+
+
+# precompute_ref_log_probs: the reference log-probabilities of every pair, stored beside the prepared data so a
+# resumed run, or a second run on the same pairs and base model, reads them instead of running the reference again.
+REFERENCE_STORE_VERSION = 1
+
+
+def reference_store_path(root: str | Path, pairs: list[PreferencePair], reference: dict[str, Any]) -> Path:
+    """The file holding `pairs`' reference log-probabilities under `reference` (what makes the numbers: base weights,
+    quantization, compute dtype, batch size). The key hashes the pairs' token ids themselves, in order, so the stored
+    values can only ever be paired with the rows they were computed for."""
+    digest = hashlib.sha256(json.dumps({"version": REFERENCE_STORE_VERSION, "reference": reference},
+                                       sort_keys=True, default=str).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return Path(root) / f"reference_logps-{digest.hexdigest()[:16]}.json"
+
+
+def load_reference_logps(path: Path, pairs: list[PreferencePair]) -> bool:
+    """Fill each pair's ref_logps from `path`; False (nothing changed) when there is no usable store."""
+    try:
+        stored = json.loads(path.read_text())["ref_logps"]
+    except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: computed again and rewritten
+        return False
+    if not isinstance(stored, list) or len(stored) != len(pairs) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v) for v in stored):
+        return False
+    for pair, (chosen, rejected) in zip(pairs, stored):
+        pair.ref_logps = (chosen, rejected)
+    return True
+
+
+def save_reference_logps(path: Path, pairs: list[PreferencePair]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"version": REFERENCE_STORE_VERSION, "pairs": len(pairs),
+                      "ref_logps": [list(p.ref_logps) for p in pairs if p.ref_logps is not None]}, indent=0)
 
 
 def _rows(prompts: list[list[int]], answers: list[list[int]], pad_token_id: int) -> Batch:

@@ -286,8 +286,12 @@ class Generator:
         return ids, pixels, sampling
 
     def generate_ids(self, rows: list[list[int]], sampling: Sampling, streamer: Any = None,
-                     cancel: threading.Event | _Cancel | None = None, images: dict[str, Any] | None = None) -> torch.Tensor:
-        """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held."""
+                     cancel: threading.Event | _Cancel | None = None, images: dict[str, Any] | None = None,
+                     synced_gpus: bool = False, logits_processor: Any = None) -> torch.Tensor:
+        """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held.
+
+        `synced_gpus`: every rank of a sharded model (FSDP2) generates at once, each forward a collective, so a rank
+        whose rows are done keeps stepping until all ranks' are (transformers' own switch)."""
         from transformers import StoppingCriteriaList
 
         pad = self.tokenizer.pad_token_id
@@ -299,9 +303,16 @@ class Generator:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         kwargs = sampling.generate_kwargs()
+        if synced_gpus:
+            kwargs["synced_gpus"] = True
+        if logits_processor is not None:  # GRPO's per-row seeded sampling (lmforge.train.rollouts.RowSampler)
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
         if cancel is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)])
-        with torch.inference_mode():
+        # (a sharded model's gathered weights must not become inference tensors: the next training forward reuses them)
+        with torch.no_grad() if synced_gpus else torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), streamer=streamer,
                 pad_token_id=pad, eos_token_id=self.stop_token_ids, **(images or {}), **kwargs,

@@ -118,7 +118,10 @@ class PlanInputs:
         rl = cfg.rl
         if rl.rl in ("dpo", "ipo", "orpo", "simpo"):  # a pair is two rows (chosen, rejected) in one forward
             values["micro_batch_size"] = 2 * t.micro_batch_size
-        values["reference_copy"] = rl.rl in ("dpo", "ipo", "kto") and method == "full" and not rl.precompute_ref_log_probs
+        # The frozen copy a full fine-tuning run holds: the DPO family's and KTO's reference (none with precomputed
+        # log-probabilities), and GRPO's KL reference (beta != 0). With an adapter, the base is the reference.
+        values["reference_copy"] = method == "full" and (
+            (rl.rl in ("dpo", "ipo", "kto") and not rl.precompute_ref_log_probs) or (rl.rl == "grpo" and rl.trl.beta != 0))
         from_keys, notes = scale_out(cfg.distributed)
         values.update(from_keys)
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -8,6 +8,7 @@ final save) comes from :class:`lmforge.recipes.run.TrainingRun`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,8 +16,10 @@ import torch
 from lmforge.config import LmforgeConfig
 from lmforge.data.batching import eval_batches, packing_efficiency, pad_batch
 from lmforge.data.batching import Batch
+from lmforge.data.cache import DEFAULT_PREPARED_PATH
 from lmforge.data.prepare import prepare
-from lmforge.data.preference import collate_examples, prepare_preferences
+from lmforge.data.preference import (collate_examples, load_reference_logps, prepare_preferences, reference_store_path,
+                                     save_reference_logps)
 from lmforge.train.preference import precompute_reference
 from lmforge.models.load import config_processor, config_tokenizer
 from lmforge.recipes.console import say
@@ -47,6 +50,39 @@ def preference_eval(run: TrainingRun, model: Any, objective: Any, examples: list
     finally:
         model.train(was_training)
     return loss_total / max(count, 1), {name: value / max(count, 1) for name, value in sums.items()}
+
+
+def _precomputed_reference(cfg: LmforgeConfig, run: TrainingRun, model: Any, pairs: list[Any], batch_size: int) -> None:
+    """precompute_ref_log_probs: every pair's reference log-probabilities, read from the prepared-data folder when a
+    run on the same pairs and reference (a resume, or a second run) stored them, else computed once and stored.
+
+    The store's key holds what the numbers depend on (the pairs' token ids, the base weights' files, quantization,
+    compute dtype, batch size), so a changed base model or precision computes them again."""
+    d = cfg.data
+    root = None if d.skip_prepare_dataset else (
+        d.dataset_prepared_path or (run.output_dir / "prepared_data" if run.engine.distributed else DEFAULT_PREPARED_PATH))
+    path = reference_store_path(root, pairs, _reference_identity(cfg, run, batch_size)) if root is not None else None
+    # one decision for every rank (rank 0 looks): all of them read, or all of them compute (a sharded forward is collective)
+    found = run.engine.broadcast(bool(path and load_reference_logps(path, pairs)) if run.engine.is_main else None)
+    if found and (run.engine.is_main or load_reference_logps(path, pairs)):  # type: ignore[arg-type]
+        say(f"precompute_ref_log_probs: reference log-probabilities of {len(pairs)} pairs read from {path}")
+        return
+    say(f"precompute_ref_log_probs: reference log-probabilities of {len(pairs)} pairs")
+    run.call(model, precompute_reference, pairs, collate_examples, batch_size, run.device)
+    if path is not None and run.engine.is_main:
+        save_reference_logps(path, pairs)
+        say(f"precompute_ref_log_probs: stored in {path}")
+
+
+def _reference_identity(cfg: LmforgeConfig, run: TrainingRun, batch_size: int) -> dict[str, Any]:
+    """What the reference log-probabilities depend on besides the pairs: the base weights (their files' names, sizes
+    and times, for a local folder), how they are loaded and computed."""
+    base = Path(cfg.model.base_model or "")
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in base.glob("*")
+                   if f.suffix in (".safetensors", ".bin", ".gguf", ".json")) if base.is_dir() else []
+    return {"model": cfg.model.model_dump(mode="json"), "weights": files, "seed": cfg.training.seed,
+            "quantization": cfg.quantization.model_dump(mode="json"), "autocast": str(run.autocast_dtype),
+            "device": run.device.type, "batch_size": batch_size}
 
 
 def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
@@ -108,8 +144,7 @@ def run_train(cfg: LmforgeConfig) -> dict[str, Any]:
 
         if rl and objective.needs_reference_model:
             if cfg.rl.precompute_ref_log_probs:  # once, before any update: no reference model while training
-                say(f"precompute_ref_log_probs: reference log-probabilities of {len(data.train) + len(data.eval)} pairs")
-                run.call(model, precompute_reference, data.train + data.eval, collate_examples, eval_size, run.device)
+                _precomputed_reference(cfg, run, model, data.train + data.eval, eval_size)
             objective = run.with_reference(objective, model)
 
         outcome = run.train(model, processor or tokenizer, stream, plan, objective=objective, eval_fn=eval_fn if data.eval else None,

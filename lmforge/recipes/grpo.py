@@ -41,6 +41,8 @@ def run_grpo(cfg: LmforgeConfig) -> dict[str, Any]:
             f"completions of up to {trl.max_completion_length} tokens")
 
         model = run.model(tokenizer)
+        # FSDP2: every forward (generation included) gathers the shards, so all ranks generate, score and evaluate together
+        lockstep = run.engine.distributed and getattr(run.engine, "needs_lockstep", False)
 
         def autocast() -> contextlib.AbstractContextManager[Any]:
             return torch.autocast(run.device.type, run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
@@ -48,13 +50,17 @@ def run_grpo(cfg: LmforgeConfig) -> dict[str, Any]:
         stream = RolloutStream(
             model, tokenizer, prompts.train, rewards, trl, micro_batch_size=t.micro_batch_size,
             grad_accum=t.gradient_accumulation_steps, seed=t.seed, **run.data_shard,
-            reference=reference_model(model) if trl.beta else None, autocast=autocast, say=say)
+            reference=reference_model(model) if trl.beta else None, autocast=autocast, say=say,
+            call=run.engine.call, lockstep=lockstep)
         # Skipping a micro-batch leaves its parameters without gradients, which DDP's reducer does not allow.
         objective = GRPO.from_settings(trl, skip_zero_advantage=trl.skip_zero_advantage_batches and not run.engine.distributed)
         latest: dict[str, float] = {}
 
+        # Under several ranks each logged number is over every rank's completions, not rank 0's alone.
+        sum_over_ranks = run.engine.host_sum if run.engine.distributed else None  # type: ignore[attr-defined]
+
         def grpo_metrics() -> dict[str, float]:
-            metrics = {**stream.drain(), **objective.metrics.drain()}
+            metrics = {**stream.drain(sum_over_ranks), **objective.metrics.drain(sum_over_ranks)}
             latest.update(metrics)
             say(f"reward {metrics.get('reward', float('nan')):.3f} (std {metrics.get('reward_std', float('nan')):.3f}; "
                 + ", ".join(f"{r.name} {metrics.get(f'rewards/{r.name}/mean', float('nan')):.3f}" for r in rewards)
@@ -66,13 +72,13 @@ def run_grpo(cfg: LmforgeConfig) -> dict[str, Any]:
 
         held_out: dict[str, float] = {}
         eval_size = t.eval_batch_size or t.micro_batch_size * t.gradient_accumulation_steps
-        if prompts.eval and run.engine.is_main and run.resume_from is None:
+        if prompts.eval and (run.engine.is_main or lockstep) and run.resume_from is None:
             held_out = {f"{k}_start": v for k, v in stream.evaluate(prompts.eval, eval_size).items()}
             say(f"held-out reward at step 0: {held_out['eval_reward_start']:.3f} ({len(prompts.eval)} prompts, greedy)")
         outcome = run.train(model, tokenizer, stream, plan, objective=objective, extra_metrics=grpo_metrics,
                             invariants={"train_prompts": len(prompts.train), "num_generations": trl.num_generations,
                                         "num_iterations": trl.num_iterations})
-        if prompts.eval and run.engine.is_main:
+        if prompts.eval and (run.engine.is_main or lockstep):
             end = stream.evaluate(prompts.eval, eval_size)
             held_out.update({f"{k}_end": v for k, v in end.items()})
             say(f"held-out reward after step {outcome.result.steps}: {end['eval_reward']:.3f}"

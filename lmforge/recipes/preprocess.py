@@ -1,4 +1,7 @@
-"""`lmforge preprocess`: read, format and tokenize every dataset once into the prepared-data cache."""
+"""`lmforge preprocess`: read, format and tokenize every dataset once into the prepared-data cache.
+
+Preference rows (rl: dpo family, kto, reward_model) and GRPO's prompts (rl: grpo, with its reward functions) are
+read, checked and counted the way train reads them; train prepares them again in memory."""
 
 from __future__ import annotations
 
@@ -17,6 +20,18 @@ def run_preprocess(cfg: LmforgeConfig) -> PreparedData:
     # image chats (processor_type): every image read and checked; they are not cached (prepared per run)
     processor = config_processor(cfg, tokenizer) if cfg.model.processor_type else None
     started = time.perf_counter()
+    if cfg.rl.rl == "grpo":  # prompts (through their transform) and the reward functions, not SFT examples
+        from lmforge.data.prompt_sets import prepare_prompts
+        from lmforge.train.rewards import load_reward_functions
+
+        trl = cfg.rl.trl
+        rewards = load_reward_functions(trl.reward_funcs or [])
+        prompts = prepare_prompts(cfg.data, tokenizer, cfg.training.seed, cfg.flat(), trl.chat_template_kwargs)
+        say(f"prompts: {prompts.summary()}; rewards: {', '.join(r.name for r in rewards)}")
+        lengths = [len(p.ids) for p in prompts.train + prompts.eval]
+        say(f"prompt tokens: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; completions up to "
+            f"{trl.max_completion_length} tokens, {trl.num_generations} per prompt (generated while training)")
+        return prompts  # type: ignore[return-value]
     if cfg.rl.preference:  # preference rows are checked and counted here; train prepares them again in memory
         from lmforge.data.preference import prepare_preferences, report_lines
 

@@ -181,6 +181,10 @@ class StepSync:
         total, stops = self.engine.host_sum([loss, float(stop)])
         return total, stops > 0
 
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Sums over ranks on the host (the objective's logged metrics: each rank's sums and counts)."""
+        return self.engine.host_sum(values)
+
     def accumulating(self, model: Any, more_to_come: bool) -> contextlib.AbstractContextManager:
         """DDP: no gradient all-reduce for micro-batches before the step's last."""
         if more_to_come and hasattr(model, "no_sync"):

@@ -21,6 +21,7 @@ the attention mask (left-padded prompts), as generation assigned them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,10 +42,14 @@ class MetricSums:
         self.sums[name] = (old[0] + (total.detach() if isinstance(total, torch.Tensor) else total),
                            old[1] + (count.detach() if isinstance(count, torch.Tensor) else count))
 
-    def drain(self) -> dict[str, float]:
-        means = {name: float(total) / max(float(count), 1e-12) for name, (total, count) in self.sums.items()}
+    def drain(self, sum_over_ranks: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+        """The means since the last drain; with `sum_over_ranks` (several ranks), of every rank's sums and counts."""
+        names = sorted(self.sums)  # the same names on every rank: each generation and step records them alike
+        values = [float(self.sums[n][0]) for n in names] + [float(self.sums[n][1]) for n in names]
+        if sum_over_ranks is not None and names:
+            values = sum_over_ranks(values)
         self.sums = {}
-        return means
+        return {name: values[i] / max(values[len(names) + i], 1e-12) for i, name in enumerate(names)}
 
 
 def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,

@@ -362,8 +362,12 @@ def train_loop(
                 "tokens_seen": result.total_tokens,
                 "peak_memory_mb": peak_memory_mb(settings.device),
             }
-            for name, total in window_metrics.items():
-                metrics[name] = float(total) / window_metric_counts[name]
+            names = sorted(window_metrics)  # every rank's objective returns the same names
+            totals = [float(window_metrics[n]) for n in names] + [float(window_metric_counts[n]) for n in names]
+            if sync and names:  # the objective's numbers over every rank's micro-batches, not rank 0's alone
+                totals = sync.sum_floats(totals)
+            for i, name in enumerate(names):
+                metrics[name] = totals[i] / max(totals[len(names) + i], 1.0)
             window_metrics.clear()
             window_metric_counts.clear()
             window_tokens, window_start = 0, now

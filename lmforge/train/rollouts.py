@@ -8,9 +8,10 @@ with the reward functions (lmforge.train.rewards), normalises the rewards within
 advantages (TRL's ``_generate_and_score_completions``), and adds what the loss needs beside: the reference
 model's log-probabilities (beta > 0) and the sampling policy's (num_iterations > 1).
 
-Resume is bit-identical: the prompt order is a pure function of (seed, epoch), and each generation samples from
-a generator seeded by (seed, generation number, rank) inside ``torch.random.fork_rng``, so the sampling draws
-are a function of the position and the training RNG is left alone. A checkpoint taken between the passes of
+Resume is bit-identical: the prompt order is a pure function of (seed, epoch), and each completion samples from
+its own generator seeded by (seed, generation number, the completion's place in the step over all ranks)
+(:class:`RowSampler`), so the sampling draws are a function of the position, the training RNG is left alone,
+and two ranks sample the very completions one process with the same global batch samples (the same per-step loss). A checkpoint taken between the passes of
 one generation (num_iterations > 1) stores that generation's micro-batches in its position.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -86,6 +88,34 @@ def generation_seed(seed: int, generation: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, generation, rank, 0x6770]).generate_state(1)[0])
 
 
+def row_seed(seed: int, generation: int, row: int) -> int:
+    """The seed of one completion: its generation and its place among the step's completions over all ranks."""
+    return int(np.random.SeedSequence([seed, generation, row, 0x726F77]).generate_state(1)[0])
+
+
+class RowSampler:
+    """Sampling in which each row draws from its own seeded stream (a transformers logits processor, for a greedy
+    ``generate``): the temperature / top-k / top-p warped log-probabilities plus Gumbel noise, whose argmax is a
+    draw from the warped distribution (the Gumbel-max trick). A row's tokens so depend on its seed alone, not on
+    which other rows share its batch: the completions are the same whether one process or several ranks sample them."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_k: int, top_p: float) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.warpers: list[Any] = [TemperatureLogitsWarper(temperature)]
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        noise = torch.stack([torch.empty(scores.shape[1]).exponential_(generator=g) for g in self.generators])
+        return scores.float().log_softmax(-1) - noise.to(scores.device).log()  # + Gumbel(0, 1) = -log Exp(1)
+
+
 class RolloutStream:
     """Micro-batches of scored completions, generated when needed; position: prompts consumed and generations made."""
 
@@ -105,6 +135,8 @@ class RolloutStream:
         reference: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,  # yields the reference model
         autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         say: Callable[[str], None] = print,
+        call: Callable[..., Any] | None = None,  # runs fn(model) where the model can (a sharded model: inside its root)
+        lockstep: bool = False,  # a sharded model: every rank generates and scores at once (each forward a collective)
     ) -> None:
         self.model, self.tokenizer, self.prompts, self.rewards, self.trl = model, tokenizer, list(prompts), list(rewards), trl
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
@@ -113,6 +145,8 @@ class RolloutStream:
         self.prompts_per_rank = micro_batch_size * grad_accum // self.group
         self.reference = reference  # beta > 0: a context that yields the reference model (reference_model below)
         self.autocast, self.say = autocast, say
+        self.call: Callable[..., Any] = call or (lambda model, fn, *args: fn(model, *args))
+        self.lockstep = lockstep
         self.weights = torch.tensor(trl.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
         self.scale = {True: "group", False: "none"}.get(trl.scale_rewards, trl.scale_rewards)  # type: ignore[arg-type]
         self.generator = Generator(model, tokenizer, None)
@@ -178,14 +212,19 @@ class RolloutStream:
 
     # -- generation -----------------------------------------------------------------------------------
 
-    def _sample(self, rows: list[list[int]], sampling: Sampling, seed: int) -> torch.Tensor:
+    def _sample(self, rows: list[list[int]], sampling: Sampling, seed: int, row_seeds: Sequence[int] | None = None) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
         devices = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
+        processor = None
+        if row_seeds is not None and sampling.temperature > 0:  # each row its own stream: generate picks the argmax
+            processor = [RowSampler(row_seeds, sampling.temperature, sampling.top_k, sampling.top_p)]
+            sampling = replace(sampling, temperature=0.0)
         try:
             with torch.random.fork_rng(devices=devices), self.autocast(), self.generator.lock:
                 torch.manual_seed(seed)
-                return self.generator.generate_ids(rows, sampling)
+                return self.call(self.model, lambda _model: self.generator.generate_ids(
+                    rows, sampling, synced_gpus=self.lockstep, logits_processor=processor))
         finally:
             self.model.train(was_training)
 
@@ -205,8 +244,10 @@ class RolloutStream:
         started = time.perf_counter()
         group = self.group
         repeated = [p for p in prompts for _ in range(group)]  # each prompt's group is consecutive, as in TRL
+        first = self.rank * len(repeated)  # this rank's first completion among the step's, over all ranks
         completions = self._sample([list(p.ids) for p in repeated], self.sampling,
-                                   generation_seed(self.seed, self.generations, self.rank))
+                                   generation_seed(self.seed, self.generations, self.rank),
+                                   [row_seed(self.seed, self.generations, first + i) for i in range(len(repeated))])
         self.generations += 1
         rewards_per_func, mask, texts, truncated = self._score(repeated, completions)
         advantages, rewards, zero_std = group_advantages(rewards_per_func, self.weights, group, self.scale,
@@ -260,8 +301,8 @@ class RolloutStream:
         device = self.model.device
         try:
             with self.autocast():
-                return completion_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                        width, self.trl.temperature).float().cpu()
+                return self.call(self.model, lambda _model: completion_logps(
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), width, self.trl.temperature)).float().cpu()
         finally:
             self.model.train(was_training)
 
@@ -282,10 +323,12 @@ class RolloutStream:
         m.add("completions/max_length", float(lengths.max()), 1.0)
         m.add("completions/clipped_ratio", float(truncated.float().mean()), 1.0)
 
-    def drain(self) -> dict[str, float]:
-        """The window's generation metrics (means over its generations) and its generation / training time split."""
+    def drain(self, sum_over_ranks: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+        """The window's generation metrics (means over its generations; with `sum_over_ranks`, over every rank's:
+        reward means are then the global means, stds the mean of the ranks' group stds) and this rank's generation /
+        training time split."""
         now = time.perf_counter()
-        out = self.metrics.drain()
+        out = self.metrics.drain(sum_over_ranks)
         out["generation_seconds"] = self.window_generation
         out["training_seconds"] = max(now - self.window_start - self.window_generation, 0.0)
         self.window_generation, self.window_start = 0.0, now
