@@ -20,19 +20,20 @@ from lmforge.data.prepare import IGNORE_INDEX
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2", "gpt_neox", "mixtral"}
 
 
-def _unwrap(model: Any) -> Any:
+def base_model_of(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (itself when there is none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def uses_fast_path(model: Any) -> bool:
-    base = _unwrap(model)
+    base = base_model_of(model)
     return getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS and hasattr(base, "base_model_prefix")
 
 
 def router_aux_loss_coef(model: Any) -> float | None:
     """The router load-balancing loss weight of a mixture-of-experts model whose config asks for it
     (``output_router_logits: true``, e.g. through model_config), else None."""
-    config = _unwrap(model).config
+    config = base_model_of(model).config
     if not getattr(config, "output_router_logits", False) or not hasattr(config, "router_aux_loss_coef"):
         return None
     return float(config.router_aux_loss_coef or 0.0)
@@ -49,7 +50,7 @@ def flash_segments(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]
     which is all the kernel needs from max_length (and reading the true maximum would sync the device).
     """
     boundaries = batch.get("cu_seq_lens")
-    if boundaries is None or not str(getattr(_unwrap(model).config, "_attn_implementation", "")).startswith("flash"):
+    if boundaries is None or not str(getattr(base_model_of(model).config, "_attn_implementation", "")).startswith("flash"):
         return {}
     width = batch["input_ids"].shape[1]
     return {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries, "max_length_q": width, "max_length_k": width}
@@ -132,7 +133,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         aux = getattr(outputs, "aux_loss", None)
         return (loss_sum if aux is None else loss_sum + aux_coef * aux.float() * count), count
     if uses_fast_path(model):
-        base = _unwrap(model)
+        base = base_model_of(model)
         backbone = getattr(base, base.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
         if fused:

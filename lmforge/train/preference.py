@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lmforge.data.batching import Batch
 from lmforge.data.examples import IGNORE_INDEX
 from lmforge.errors import LmforgeError
-from lmforge.train.loss import _unwrap, uses_fast_path
+from lmforge.train.loss import base_model_of, uses_fast_path
 from lmforge.train.objective_base import Objective, ObjectiveOutput
 
 
@@ -65,7 +65,7 @@ def _labelled_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, a
     """answer_logps with the output head on the answer tokens only (loss.py's fast path): the prompt and padding
     positions, half or more of a pair's rows, never get vocabulary-sized logits, and the labelled ones get one
     fp32 copy (log p = logit - logsumexp), not a log-softmax beside the logits. Same numbers as the full path."""
-    base = _unwrap(model)
+    base = base_model_of(model)
     if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
         # Right padding only (the pair collator's): under the causal mask no answer or prompt token attends to the
         # padding after it, so the padding mask changes none of the labelled positions' outputs. Without it SDPA
