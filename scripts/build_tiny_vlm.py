@@ -1,7 +1,8 @@
 """Build a tiny random-weight image-text model (LLaVA-shaped: a CLIP vision tower, a projector, a Llama) with its
 processor, offline, saved like a Hub model: ``python scripts/build_tiny_vlm.py OUT_DIR``. With a family,
 ``python scripts/build_tiny_vlm.py OUT_DIR gemma3`` builds a tiny model of that transformers family instead
-(``build_tiny_family``: gemma3, mllama, paddleocr_vl, and the Qwen-VL families where torchvision is installed).
+(``build_tiny_family``: gemma3, mllama, paddleocr_vl; the families whose processors need torchvision are refused
+with that reason where it is not installed, and have no recipe yet: they were never built here).
 
 No pretrained image-text model can be downloaded on the machines lmforge is tested on, so its vision-language path
 is tested on this one. It loads through ``AutoProcessor`` and ``AutoModelForImageTextToText`` like any Hub VLM, and
@@ -125,25 +126,13 @@ class Family(NamedTuple):
     config: dict[str, Any] = {}
     text: dict[str, Any] = {}
     vision: dict[str, Any] = {}
-    model_type: str | None = None  # the transformers model type, where it is not the family's key
-    vision_type: str | None = None  # the vision tower's config type, where it is not the model type's default
 
 
-QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
-               "vision_end_token": "<|vision_end|>"}
-QWEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-            "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
-# patches of 8 merged 2x2: a 32x32 digit is 4x4 patches, 4 image tokens
-QWEN_IMAGES = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2, "size": {"shortest_edge": 32 * 32, "longest_edge": 32 * 32}}
-QWEN_VISION = {"patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2}
-QWEN_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+# M-RoPE splits a text head's 16 dimensions' 8 frequencies over (time, height, width)
+MROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
 
 FAMILIES: dict[str, Family] = {
     "llava": Family("<image>"),  # build_tiny_vlm above
-    "qwen2_vl": Family("<|vision_start|><|image_pad|><|vision_end|>", QWEN_TOKENS, (), QWEN_IMAGES, {}, QWEN_IDS,
-                       QWEN_ROPE, QWEN_VISION),
-    "qwen2_5_vl": Family("<|vision_start|><|image_pad|><|vision_end|>", QWEN_TOKENS, (), QWEN_IMAGES, {}, QWEN_IDS,
-                         QWEN_ROPE, {**QWEN_VISION, "window_size": 32, "fullatt_block_indexes": [1]}),
     # SigLIP patches of 8 on 32x32 pooled to 2x2: 4 soft tokens between <start_of_image> and <end_of_image>
     "gemma3": Family("<start_of_image>", {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                           "image_token": "<image_soft_token>"}, (),
@@ -151,15 +140,6 @@ FAMILIES: dict[str, Family] = {
                      {"boi_token_index": "<start_of_image>", "eoi_token_index": "<end_of_image>",
                       "image_token_index": "<image_soft_token>", "mm_tokens_per_image": 4},
                      {"query_pre_attn_scalar": 16, "sliding_window": 64}, {"image_size": 32, "patch_size": 8}),
-    # Pixtral's [IMG] per merged patch, [IMG_BREAK] per row, [IMG_END]
-    "mistral3": Family("[IMG]", {}, ("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
-                       {"size": {"longest_edge": 32}, "patch_size": 8}, {"patch_size": 8, "spatial_merge_size": 2},
-                       {"image_token_index": "[IMG]", "spatial_merge_size": 2}, {},
-                       {"image_size": 32, "patch_size": 8, "head_dim": 8}),
-    "pixtral": Family("[IMG]", {}, ("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
-                      {"size": {"longest_edge": 32}, "patch_size": 8}, {"patch_size": 8},
-                      {"image_token_index": "[IMG]", "vision_feature_layer": -1}, {},
-                      {"image_size": 32, "patch_size": 8, "head_dim": 8}, model_type="llava", vision_type="pixtral"),
     "mllama": Family("<|image|>", {"image_token": "<|image|>"}, ("<|python_tag|>",),
                      {"size": {"height": 32, "width": 32}, "max_image_tiles": 1}, {},
                      {"image_token_index": "<|image|>"}, {"cross_attention_layers": [1]},
@@ -171,7 +151,7 @@ FAMILIES: dict[str, Family] = {
                            {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 1, "min_pixels": 32 * 32,
                             "max_pixels": 32 * 32}, {},
                            {"image_token_id": "<|IMAGE_PLACEHOLDER|>", "vision_start_token_id": "<|IMAGE_START|>",
-                            "vision_end_token_id": "<|IMAGE_END|>"}, QWEN_ROPE,
+                            "vision_end_token_id": "<|IMAGE_END|>"}, MROPE,
                            {"image_size": 32, "patch_size": 8, "spatial_merge_size": 2}),
 }
 
@@ -226,15 +206,13 @@ def build_tiny_family(model_type: str, folder: Path, seed: int = 0):  # noqa: AN
         video_class = getattr(transformers, VIDEO_PROCESSOR_MAPPING_NAMES[model_type]["torchvision"])
         parts["video_processor"] = video_class(**family.image_processor)
     processor = processor_class(tokenizer=tokenizer, chat_template=template, **parts, **family.processor)
-    model_type = family.model_type or model_type
     default = AutoConfig.for_model(model_type)
-    vision_default = AutoConfig.for_model(family.vision_type) if family.vision_type else default.vision_config
     ids = {k: tokenizer.convert_tokens_to_ids(v) if isinstance(v, str) and v in tokenizer.get_vocab() else v
            for k, v in family.config.items()}
     text = _shrunk(default.text_config, TEXT_SIZES, {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                                                        "eos_token_id": tokenizer.eos_token_id,
                                                        "pad_token_id": tokenizer.pad_token_id, **family.text})
-    vision = _shrunk(vision_default, VISION_SIZES, family.vision)
+    vision = _shrunk(default.vision_config, VISION_SIZES, family.vision)
     config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **ids)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
