@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DIGITS_VL, write_config, write_jsonl
+from conftest import DIGITS_VL, load_script, write_config, write_jsonl
 from lmforge.config import load_config
 from lmforge.data.examples import IGNORE_INDEX, PrepareStats
 from lmforge.data.images import image_chat, image_examples
@@ -174,11 +174,14 @@ def blanked(rows: list[dict]) -> list[dict]:
     return out
 
 
-# What trains: the projector and the language model (embeddings, layers, head); the vision tower is a frozen random
-# CLIP. From random weights LoRA alone cannot learn the task in minutes; a pretrained VLM would need only LoRA.
-# Measured held-out accuracy (2026-12-07): 75.7% after 300 steps of this setting; 81.0% after 400 steps with the
-# language model alone trained; 600 steps (about 6 epochs) leave a margin. Blanked images: the loss stays at ln(10)/2.
-LEARNING = {"max_steps": 600, "unfrozen_parameters": [r"model\.multi_modal_projector", r"model\.language_model", "lm_head"]}
+# What trains: the projector and the language model (embeddings, layers, head), in full and in fp32; the vision tower
+# stays a frozen random CLIP (its random features carry the digit). From random weights LoRA alone cannot learn the
+# task in minutes; a pretrained VLM would need only LoRA. A cosine decay to 0 (after 30 warm-up steps) settles the
+# weights: with a constant 1e-3 the held-out accuracy after 600 steps ranged from 75.7% to 90.0% between runs and
+# kernels. Measured (2026-12-07, 600 steps, about 6 epochs): see the README's "Learning, on a CPU".
+# Blanked images: the loss stays at ln(10)/2 and the accuracy at chance.
+LEARNING = {"max_steps": 600, "lr_scheduler": "cosine", "warmup_steps": 30,
+            "unfrozen_parameters": [r"model\.multi_modal_projector", r"model\.language_model", "lm_head"]}
 
 
 @pytest.mark.learning
@@ -187,15 +190,19 @@ def test_tiny_vlm_learns_held_out_digits_from_their_images(tmp_path: Path, tiny_
     summary = run_train(loaded(tmp_path, vl_config(tiny_vlm_dir, DIGITS_VL / "train.jsonl", out, **LEARNING)))
     assert summary["steps"] == 600
     held_out = digit_rows()
-    assert held_out_accuracy(tiny_vlm_dir, held_out) < 0.3  # before: chance
-    assert held_out_accuracy(out, held_out) >= 0.8
+    before, after = held_out_accuracy(tiny_vlm_dir, held_out), held_out_accuracy(out, held_out)
+    print(f"held-out accuracy: {before:.3f} before, {after:.3f} after")
+    assert before < 0.3  # chance
+    assert after >= 0.8
 
 
 @pytest.mark.learning
 def test_the_same_run_with_images_blanked_stays_at_chance(tmp_path: Path, tiny_vlm_dir: Path) -> None:
     data = write_jsonl(tmp_path / "blank.jsonl", blanked(digit_rows(DIGITS_VL / "train.jsonl")))
     run_train(loaded(tmp_path, vl_config(tiny_vlm_dir, data, tmp_path / "out", **LEARNING)))
-    assert held_out_accuracy(tmp_path / "out", digit_rows()) < 0.3  # 10 balanced classes: ~0.1
+    accuracy = held_out_accuracy(tmp_path / "out", digit_rows())
+    print(f"held-out accuracy with blank images: {accuracy:.3f}")
+    assert accuracy < 0.3  # 10 balanced classes: ~0.1
 
 
 def test_lora_on_the_language_model_only_trains_and_saves_an_adapter(tmp_path: Path, tiny_vlm_dir: Path) -> None:
@@ -301,6 +308,16 @@ def test_processor_type_on_a_text_only_model_is_refused_in_one_line(tmp_path: Pa
     assert "no image processor" in caught.value.format() and "\n" not in caught.value.format()
 
 
+def test_a_processor_type_of_another_family_is_refused_in_one_line(tmp_path: Path, tiny_vlm_dir: Path) -> None:
+    """axolotl's Llama 4 configs name Llama4Processor: on a LLaVA folder it would misread the images (a KeyError
+    deep in transformers); refused before loading, naming the processor the folder holds."""
+    cfg = loaded(tmp_path, vl_config(tiny_vlm_dir, DIGITS_VL / "test.jsonl", tmp_path / "o", processor_type="Llama4Processor"))
+    with pytest.raises(LmforgeError) as caught:
+        config_processor(cfg, config_tokenizer(cfg))
+    line = caught.value.format()
+    assert "holds a LlavaProcessor" in line and "AutoProcessor" in line and "\n" not in line
+
+
 def test_validate_checks_every_image_row(tmp_path: Path, tiny_vlm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lmforge.cli import main
 
@@ -354,6 +371,35 @@ def test_axolotl_image_text_examples_validate_with_the_tiny_model_and_shipped_di
                   datasets=[{"path": str(write_jsonl(tmp_path / "rows.jsonl", digit_rows(n=30))), "type": "chat_template"}])
     assert main(["validate", str(write_config(tmp_path / name, config))]) == 0
     assert "30 train" in capsys.readouterr().err
+
+
+# Families beside LLaVA whose processors transformers builds without torchvision (bench/vision_examples.py's census):
+# each a tiny random model with its own processor class. PaddleOCR-VL's M-RoPE refuses to run without the processor's
+# mm_token_type_ids, and Gemma 3 reads token_type_ids (its image tokens attend both ways; without them, silently
+# causally): the batches carry them.
+@pytest.mark.parametrize("family", ["gemma3", "mllama", "paddleocr_vl"])
+def test_a_tiny_model_of_another_family_trains_two_steps(family: str, tmp_path: Path) -> None:
+    model_dir = tmp_path / family
+    load_script("build_tiny_vlm").build_tiny_family(family, model_dir)
+    data = write_jsonl(tmp_path / "rows.jsonl", digit_rows(n=8))
+    config = vl_config(model_dir, data, tmp_path / "out", max_steps=2, micro_batch_size=4)
+    summary = run_train(loaded(tmp_path, config))
+    assert summary["steps"] == 2 and summary["final_train_loss"] is not None
+
+
+def test_token_type_ids_are_padded_per_batch_beside_the_ids(tmp_path: Path) -> None:
+    model_dir = tmp_path / "paddleocr_vl"
+    _, processor = load_script("build_tiny_vlm").build_tiny_family("paddleocr_vl", model_dir)
+    rows = digit_rows(n=2)
+    rows[1]["messages"][0]["content"][1]["text"] = "Which digit is this? Describe it and answer."  # a longer row
+    examples = prepared(tmp_path, model_dir, write_jsonl(tmp_path / "rows.jsonl", rows)).train
+    from lmforge.data.batching import collate
+
+    batch = collate(examples, pad_token_id=processor.tokenizer.pad_token_id)
+    types = batch["mm_token_type_ids"]
+    assert types.shape == batch["input_ids"].shape
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert torch.equal(types.bool(), batch["input_ids"] == image_token)  # image tokens marked, text and padding 0
 
 
 def test_qlora_trains_a_4bit_image_text_model_on_this_cpu(tmp_path: Path, tiny_vlm_dir: Path) -> None:

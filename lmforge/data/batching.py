@@ -66,6 +66,14 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if any(e.images for e in examples):
         batch.update(collate_images([e.images for e in examples if e.images]))
+    for key in dict.fromkeys(k for e in examples for k in (e.token_types or {})):
+        # which tokens are image tokens (0: text, as for the padding), right-padded like the ids
+        types = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            if example.token_types and key in example.token_types:
+                values = torch.as_tensor(example.token_types[key]).view(-1)
+                types[row, :values.numel()] = values
+        batch[key] = types
     return batch
 
 

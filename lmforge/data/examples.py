@@ -24,6 +24,9 @@ class Example:
     # An image chat's pixel tensors (pixel_values, and image_sizes / image_grid_thw / pixel_attention_mask where the
     # processor makes them), each with the row's images along dim 0; None for text.
     images: dict[str, Any] | None = None
+    # Its per-token type ids where the processor makes them (Gemma 3's token_type_ids, the M-RoPE models'
+    # mm_token_type_ids: which tokens are image tokens), each [1, len(input_ids)]; the model needs them to train.
+    token_types: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

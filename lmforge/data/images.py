@@ -262,7 +262,8 @@ def align_labels(plain_ids: list[int], plain_labels: list[int], ids: list[int], 
 
 
 # Processor outputs that are the text's own (lmforge builds them per batch); everything else is the images'.
-TEXT_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "offset_mapping")
+TOKEN_TYPE_FIELDS = ("token_type_ids", "mm_token_type_ids")
+TEXT_FIELDS = ("input_ids", "attention_mask", *TOKEN_TYPE_FIELDS, "offset_mapping")
 
 
 def image_example(processor: Any, template: str, chat: ImageChat, where: str, sequence_len: int, train_on_inputs: bool,
@@ -300,7 +301,8 @@ def image_example(processor: Any, template: str, chat: ImageChat, where: str, se
     stats.tokens += len(ids)
     stats.label_tokens += sum(label != IGNORE_INDEX for label in labels[1:])
     pixels = {k: v for k, v in inputs.items() if k not in TEXT_FIELDS and hasattr(v, "shape")}
-    return Example(ids, labels, pixels or None)
+    token_types = {k: inputs[k][:, :len(ids)] for k in TOKEN_TYPE_FIELDS if hasattr(inputs.get(k), "shape")}
+    return Example(ids, labels, pixels or None, token_types or None)
 
 
 def dataset_folder(path: str) -> Path | None:

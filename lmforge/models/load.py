@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 from pathlib import Path
@@ -326,6 +327,16 @@ def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any, multiple_of: int | N
         model.resize_token_embeddings(max(len(tokenizer), rows), pad_to_multiple_of=multiple_of)
 
 
+def _saved_processor_class(folder: str) -> str | None:
+    """The processor class a local model folder was saved with (processor_config.json), if it says."""
+    path = os.path.join(folder, "processor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        value = json.load(handle).get("processor_class")
+    return value if isinstance(value, str) else None
+
+
 def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any:
     """An image-text model's processor (``processor_type``, ``processor_kwargs``), read from `source` (a trained output)
     or base_model, holding the config's `tokenizer` (its added tokens and template), so the images, the text and the
@@ -341,6 +352,10 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
                            fix="use processor_type: AutoProcessor")
     # a training output (an adapter folder has no config.json) holds processor_config.json beside its tokenizer
     folder = local_model_dir(source, marker="processor_config.json") if source else local_model_dir(model.base_model)
+    saved = _saved_processor_class(folder)
+    if name != "AutoProcessor" and saved and saved != name:  # another family's processor would misread its images
+        raise LmforgeError(f"processor_type: {name}, but {folder} holds a {saved}", where="processor_type",
+                           fix=f"use processor_type: AutoProcessor (or {saved})")
     try:
         processor = processor_class.from_pretrained(folder, trust_remote_code=model.trust_remote_code,
                                                     **(model.processor_kwargs or {}))
