@@ -525,3 +525,30 @@ def test_tokenizer_legacy_changes_how_text_after_a_special_token_is_split(alpaca
         cfg = _cfg(folder, alpaca_file, tmp_path, tokenizer_legacy=legacy)
         ids[legacy] = config_tokenizer(cfg)("a</s>b", add_special_tokens=False).input_ids
     assert ids == {True: [6, 2, 7], False: [6, 2, 5]}  # legacy puts "▁" before the b that follows </s>
+
+
+def test_bfloat16_beside_bf16_and_an_adapter_is_what_lmforge_loads_and_refused_otherwise(
+        tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """axolotl's bfloat16: true loads the weights in bf16. With bf16: true and an adapter lmforge's frozen base weights
+    are bf16 already (the notice says so, and the loaded model shows it); a full fine-tune in pure bf16 is refused."""
+    from lmforge.device import resolve_bf16
+    from lmforge.models.setup import training_model
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, bf16=True, bfloat16=True)
+    assert [n.key for n in cfg.notices] == ["bfloat16"] and "nothing changes" in cfg.notices[0].text
+    model = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=resolve_bf16(cfg.training.bf16, CPU))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    for extra in ({"adapter": None}, {"bf16": False}):  # pure bf16 weights: not what lmforge trains
+        with pytest.raises(LmforgeError, match="bfloat16"):
+            _cfg(tiny_model_dir, alpaca_file, tmp_path, bfloat16=True, **{"bf16": True, **extra})
+
+
+def test_flash_attn_rms_norm_is_a_kernel_choice_with_a_notice_without_a_gpu(tiny_model_dir: Path, alpaca_file: Path,
+                                                                           tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, flash_attn_rms_norm=True)
+    assert [n.key for n in cfg.notices] == ["flash_attn_rms_norm"] and "compute the same" in cfg.notices[0].text
+    with pytest.raises(LmforgeError, match="flash_attn_rms_norm") as err:  # on a GPU it would be asked to run: not built
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, flash_attn_rms_norm=True)
+    assert "liger_rms_norm" in str(err.value.fix)

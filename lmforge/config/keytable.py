@@ -220,6 +220,14 @@ def tf32(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def bfloat16(value: Any, facts: Facts) -> Verdict | None:
+    """notice for true beside bf16: true and an adapter (the frozen base weights load in bf16 there already)"""
+    if value is True and facts.config.get("bf16") is True and facts.config.get("adapter"):
+        return Verdict(Kind.NOTICE, "with bf16: true and an adapter lmforge already loads the frozen base weights in bf16 "
+                       "(the adapter's own weights stay fp32 master weights): nothing changes")
+    return None
+
+
 def cpu_kernel(what: str) -> Rule:
     """A GPU kernel lmforge applies on CUDA; on a machine without a GPU a notice says what runs instead."""
 
@@ -738,7 +746,7 @@ KEYS: tuple[Key, ...] = (
     done("bf16", TRAIN, PRETRAIN),
     done("fp16", TRAINING, rule=fp16),
     done("tf32", TRAINING, rule=tf32),
-    later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true"),
+    later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true", rule=bfloat16),
     later("float16", "pure fp16 weights without mixed precision", nearest="bf16"),
     later("float32", "fp32 training", nearest="bf16: false"),
     later("fp8", "FP8 training", nearest="bf16"),
@@ -762,7 +770,7 @@ KEYS: tuple[Key, ...] = (
       for switch, backend in LEGACY_ATTENTION_SWITCHES.items()),
     later("flex_attn_compile_kwargs", "compiling flex attention with other options", nearest="torch_compile", rule=flex_compile),
     out("s2_attention", f"shifted-sparse attention: {REMOVED}"),
-    out("flash_attn_rms_norm", f"{REMOVED}", nearest="plugins: [liger] with liger_rms_norm"),
+    later("flash_attn_rms_norm", "flash-attn's fused RMSNorm", nearest="plugins: [liger] with liger_rms_norm", cpu=CPU_KERNEL),
     later("flash_attn_cross_entropy", "flash-attn's cross-entropy kernel", nearest="cut_cross_entropy", cpu=CPU_KERNEL),
     later("flash_attn_fuse_mlp", "flash-attn's fused MLP", cpu=CPU_KERNEL),
     out("flash_optimum", "BetterTransformer was removed from transformers"),
