@@ -552,3 +552,22 @@ def test_flash_attn_rms_norm_is_a_kernel_choice_with_a_notice_without_a_gpu(tiny
     with pytest.raises(LmforgeError, match="flash_attn_rms_norm") as err:  # on a GPU it would be asked to run: not built
         _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, flash_attn_rms_norm=True)
     assert "liger_rms_norm" in str(err.value.fix)
+
+
+def test_dp_shard_size_is_fsdp_over_exactly_that_many_ranks(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """axolotl's dp_shard_size without replicated groups is FSDP over that many ranks. lmforge's FSDP2 shards over every
+    rank, so a launch of another size stops before any engine starts; without FSDP the key is refused."""
+    from lmforge.train.distributed import check_shard_size, engine_for
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, dp_shard_size=2, fsdp_version=2,
+               fsdp_config={"reshard_after_forward": True})
+    assert cfg.distributed.dp_shard_size == 2 and not cfg.notices
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LmforgeError, match="shards the weights over 2 ranks and this run has 1") as err:
+        engine_for(cfg, CPU)  # one process: the mesh asked for is not the one that would run
+    assert "--nproc 2" in err.value.fix
+    check_shard_size(2, 2)  # torchrun with two ranks: FSDP over both, as asked
+    with pytest.raises(LmforgeError, match="dp_shard_size"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, dp_shard_size=2)  # no fsdp: nothing to shard with

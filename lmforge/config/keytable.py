@@ -228,6 +228,14 @@ def bfloat16(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def shard_size(value: Any, facts: Facts) -> Verdict | None:
+    """refused above 1 without fsdp / fsdp_config (it sizes FSDP's shards); 1 or null ask for nothing"""
+    if isinstance(value, int) and value > 1 and not (facts.config.get("fsdp") or facts.config.get("fsdp_config")):
+        return Verdict(Kind.NOT_YET, "dp_shard_size sizes FSDP's shards and neither fsdp nor fsdp_config is set",
+                       nearest="fsdp_config (lmforge's FSDP2 shards over every rank)")
+    return None
+
+
 def cpu_kernel(what: str) -> Rule:
     """A GPU kernel lmforge applies on CUDA; on a machine without a GPU a notice says what runs instead."""
 
@@ -846,8 +854,7 @@ KEYS: tuple[Key, ...] = (
     done("ddp_bucket_cap_mb", DIST),
     done("ddp_broadcast_buffers", DIST),
     done("ddp_find_unused_parameters", DIST),
-    later("dp_shard_size", "FSDP/HSDP mesh sizes: lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's 2-D mesh "
-          "needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)", quiet=(None, 1)),
+    done("dp_shard_size", DIST, rule=shard_size),
     later("dp_replicate_size", "HSDP (replicated FSDP groups): lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's "
           "2-D mesh needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)",
           quiet=(None, 1)),

@@ -766,6 +766,10 @@ class DistributedSection(Section):
     deepspeed: str | dict[str, Any] | None = Field(
         None, description="DeepSpeed config: a JSON file (e.g. deepspeed_configs/zero2.json) or the mapping itself; CUDA GPUs, or CPUs where deepspeed is installed."
     )
+    dp_shard_size: int | None = Field(
+        None, ge=1, description="FSDP: the ranks one copy of the weights is sharded over. lmforge's FSDP2 shards over every "
+        "rank, so a run checks that it starts exactly this many (HSDP's replicated groups are not supported yet)."
+    )
     ddp_timeout: int | None = Field(None, gt=0, description="Seconds a collective may wait for the other ranks (default 1800).")
     ddp_bucket_cap_mb: int | None = Field(None, gt=0, description="DDP gradient bucket size in MB (default 25).")
     ddp_broadcast_buffers: bool | None = Field(None, description="DDP: broadcast module buffers from rank 0 every forward (default false).")
