@@ -571,3 +571,33 @@ def test_dp_shard_size_is_fsdp_over_exactly_that_many_ranks(tiny_model_dir: Path
     check_shard_size(2, 2)  # torchrun with two ranks: FSDP over both, as asked
     with pytest.raises(LmforgeError, match="dp_shard_size"):
         _cfg(tiny_model_dir, alpaca_file, tmp_path, dp_shard_size=2)  # no fsdp: nothing to shard with
+
+
+def test_pretrain_multipack_attn_keeps_the_documents_of_a_window_apart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A window holding two documents gives, with pretrain_multipack_attn, the loss of the two documents trained
+    alone (block-diagonal attention, no target across the boundary); without it the second document sees the first."""
+    from lmforge.recipes.pretrain import _collator
+    from lmforge.train.loss import causal_lm_loss
+    from lmforge.train.objectives import PretrainCollator
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    eos = tokenizer.eos_token_id
+    first, second = [5, 6, 7, 8, eos], [9, 10, 11, 12, 13, 14]
+    model = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        apart = [causal_lm_loss(model, PretrainCollator("clm")([torch.tensor(doc)])) for doc in (first, second)]
+        alone = sum(loss for loss, _ in apart).item()  # summed cross-entropy (causal_lm_loss's sum)
+        window = [torch.tensor(first + second)]
+        kept, kept_count = causal_lm_loss(model, PretrainCollator("clm", document_end_id=eos)(window))
+        mixed, mixed_count = causal_lm_loss(model, PretrainCollator("clm")(window))
+    assert kept_count == sum(count for _, count in apart) == mixed_count - 1
+    assert kept.item() == pytest.approx(alone, rel=1e-5) and abs(mixed.item() - alone) > 1e-3
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one document\n", encoding="utf-8")
+    config = {"base_model": str(tiny_model_dir), "pretraining_dataset": [str(corpus)], "sequence_len": 16,
+              "output_dir": str(tmp_path / "out"), "pretrain_multipack_attn": True}
+    cfg = load_config(str(write_config(tmp_path / "pretrain.yml", config)))
+    assert _collator(cfg, tokenizer, 0).document_end_id == eos
+    with pytest.raises(LmforgeError, match="pretrain_multipack_attn"):
+        load_config(str(write_config(tmp_path / "mlm.yml", {**config, "objective": "mlm"})))

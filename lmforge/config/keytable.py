@@ -236,6 +236,13 @@ def shard_size(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def multipack_attn(value: Any, facts: Facts) -> Verdict | None:
+    """true refused with objective: mlm (an encoder's windows are not split into documents here)"""
+    if value is True and facts.config.get("objective") == "mlm":
+        return Verdict(Kind.NOT_YET, "keeping packed documents apart in masked-LM windows", nearest="objective: clm")
+    return None
+
+
 def cpu_kernel(what: str) -> Rule:
     """A GPU kernel lmforge applies on CUDA; on a machine without a GPU a notice says what runs instead."""
 
@@ -892,8 +899,7 @@ KEYS: tuple[Key, ...] = (
     *each(later, ("pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks"),
           "PoSE position skipping", only_with="use_pose"),
     later("pretrain_multipack_buffer_size", "packing streamed pretraining data", nearest="pretraining_dataset"),
-    later("pretrain_multipack_attn", "keeping packed pretraining documents apart", quiet=(None,),
-          same={False: "lmforge's pretraining windows attend across document boundaries, as false asks"}),
+    done("pretrain_multipack_attn", PRETRAIN, "lmforge/train/objectives.py", rule=multipack_attn),
     later("pretraining_sample_concatenation", "concatenating pretraining samples", nearest="pretraining_dataset"),
     later("streaming", "streaming fine-tuning datasets", nearest="pretraining_dataset (streamed)", rule=streaming),
     note("streaming_multipack_buffer_size", "a buffer size of axolotl's streaming packer", only_with="streaming"),

@@ -545,6 +545,10 @@ class PretrainSection(Section):
     )
     objective: Literal["clm", "mlm"] = Field("clm", description="clm (next token, decoders) or mlm (masked tokens, encoders).")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens chosen for prediction.")
+    pretrain_multipack_attn: bool = Field(
+        False, description="clm: keep the documents packed into a window apart (position ids restart after each "
+        "end-of-text token, so attention is block-diagonal, and no document predicts the next one's first token)."
+    )
     tokenizer_train: TokenizerTrainSpec | None = Field(None, description="Train a tokenizer first (see its keys).")
     pretraining_dataset: list[PretrainingSource] | None = Field(
         None, description="Raw text for pretraining: paths/globs or Hub ids, or entries {path, name, split, text_column}."
