@@ -899,7 +899,7 @@ KEYS: tuple[Key, ...] = (
     *each(later, ("pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks"),
           "PoSE position skipping", only_with="use_pose"),
     later("pretrain_multipack_buffer_size", "packing streamed pretraining data", nearest="pretraining_dataset"),
-    done("pretrain_multipack_attn", PRETRAIN, "lmforge/train/objectives.py", rule=multipack_attn),
+    done("pretrain_multipack_attn", PRETRAIN, rule=multipack_attn),
     later("pretraining_sample_concatenation", "concatenating pretraining samples", nearest="pretraining_dataset"),
     later("streaming", "streaming fine-tuning datasets", nearest="pretraining_dataset (streamed)", rule=streaming),
     note("streaming_multipack_buffer_size", "a buffer size of axolotl's streaming packer", only_with="streaming"),
