@@ -601,3 +601,14 @@ def test_pretrain_multipack_attn_keeps_the_documents_of_a_window_apart(tiny_mode
     assert _collator(cfg, tokenizer, 0).document_end_id == eos
     with pytest.raises(LmforgeError, match="pretrain_multipack_attn"):
         load_config(str(write_config(tmp_path / "mlm.yml", {**config, "objective": "mlm"})))
+
+
+def test_eval_table_size_changes_nothing_without_the_trackers_axolotl_logs_it_to(tiny_model_dir: Path, alpaca_file: Path,
+                                                                                 tmp_path: Path) -> None:
+    """axolotl's prediction table goes to W&B or MLflow only: with neither set it is a notice; with one set it is
+    refused (lmforge does not log the table yet)."""
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, eval_table_size=2)
+    assert [n.key for n in cfg.notices] == ["eval_table_size"] and "nothing changes" in cfg.notices[0].text
+    for tracker in ({"wandb_project": "p"}, {"mlflow_tracking_uri": str(tmp_path / "mlruns")}):
+        with pytest.raises(LmforgeError, match="eval_table_size"):
+            _cfg(tiny_model_dir, alpaca_file, tmp_path, eval_table_size=2, **tracker)

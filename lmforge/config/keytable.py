@@ -243,6 +243,15 @@ def multipack_attn(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def eval_table(value: Any, facts: Facts) -> Verdict | None:
+    """notice while no W&B or MLflow tracker is set (axolotl logs the table only to those)"""
+    trackers = ("wandb_project", "use_wandb", "mlflow_tracking_uri", "use_mlflow")
+    if not any(facts.config.get(key) for key in trackers):
+        return Verdict(Kind.NOTICE, "axolotl logs this table of eval predictions only to W&B or MLflow, and neither "
+                       "wandb_project nor mlflow_tracking_uri is set: nothing changes")
+    return None
+
+
 def cpu_kernel(what: str) -> Rule:
     """A GPU kernel lmforge applies on CUDA; on a machine without a GPU a notice says what runs instead."""
 
@@ -1013,7 +1022,7 @@ KEYS: tuple[Key, ...] = (
     *each(done, ("do_causal_lm_eval", "eval_causal_lm_metrics", "eval_causal_lm_examples", "eval_max_new_tokens"), TRAIN),
     later("do_bench_eval", "benchmark evals during training"),
     *each(later, ("bench_dataset", "bench_split"), "benchmark evals during training", only_with="do_bench_eval"),
-    later("eval_table_size", "sample generations during eval", nearest="`lmforge inference`"),
+    later("eval_table_size", "tables of eval predictions in W&B or MLflow", nearest="`lmforge inference`", rule=eval_table),
     later("generate_samples", "sample generations during training", nearest="sample_prompt (pretraining), `lmforge inference`"),
     *each(note, ("num_generation_samples", "generation_max_new_tokens", "generation_temperature", "generation_top_p",
                  "generation_top_k", "generation_prompt_ratio", "generation_do_sample"),
