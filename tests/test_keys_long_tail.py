@@ -612,3 +612,11 @@ def test_eval_table_size_changes_nothing_without_the_trackers_axolotl_logs_it_to
     for tracker in ({"wandb_project": "p"}, {"mlflow_tracking_uri": str(tmp_path / "mlruns")}):
         with pytest.raises(LmforgeError, match="eval_table_size"):
             _cfg(tiny_model_dir, alpaca_file, tmp_path, eval_table_size=2, **tracker)
+
+
+def test_full_finetune_without_an_adapter_is_what_runs_and_refused_beside_one(tiny_model_dir: Path, alpaca_file: Path,
+                                                                              tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, full_finetune=True)
+    assert [n.key for n in cfg.notices] == ["full_finetune"] and cfg.adapter.adapter is None
+    with pytest.raises(LmforgeError, match="full_finetune"):  # an adapter and a full fine-tune: a contradiction
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, full_finetune=True)

@@ -133,9 +133,10 @@ def later(name: str, text: str, nearest: str | None = None, issue: int | None = 
 
 
 def out(name: str, text: str, scope: str = TOP, quiet: tuple[Any, ...] | None = None, nearest: str | None = None,
-        only_with: str | None = None, same: Mapping[Any, str] | None = None) -> Key:
+        only_with: str | None = None, same: Mapping[Any, str] | None = None, rule: Rule | None = None) -> Key:
     """Out of scope: refused by name with the reason."""
-    return Key(name, Kind.OUT_OF_SCOPE, text, scope=scope, quiet=quiet, nearest=nearest, only_with=only_with, same=same or {})
+    return Key(name, Kind.OUT_OF_SCOPE, text, scope=scope, quiet=quiet, nearest=nearest, only_with=only_with, same=same or {},
+               rule=rule)
 
 
 def each(row: Callable[..., Key], names: Iterable[str], *args: Any, **kwargs: Any) -> tuple[Key, ...]:
@@ -249,6 +250,14 @@ def eval_table(value: Any, facts: Facts) -> Verdict | None:
     if not any(facts.config.get(key) for key in trackers):
         return Verdict(Kind.NOTICE, "axolotl logs this table of eval predictions only to W&B or MLflow, and neither "
                        "wandb_project nor mlflow_tracking_uri is set: nothing changes")
+    return None
+
+
+def full_finetune(value: Any, facts: Facts) -> Verdict | None:
+    """notice for true without an adapter (a full fine-tune is what runs then)"""
+    if value is True and not facts.config.get("adapter"):
+        return Verdict(Kind.NOTICE, "no adapter is set, so lmforge fine-tunes every weight, as full_finetune: true asks "
+                       "(axolotl's schema dropped the key): nothing changes")
     return None
 
 
@@ -1149,7 +1158,7 @@ KEYS: tuple[Key, ...] = (
     out("eta_min", REMOVED, nearest="cosine_min_lr_ratio"),
     out("adam_eps", REMOVED, nearest="adam_epsilon"),
     out("torch_dtype", REMOVED, nearest="bf16"),
-    out("full_finetune", REMOVED, nearest="leave adapter empty for a full fine-tune"),
+    out("full_finetune", REMOVED, nearest="leave adapter empty for a full fine-tune", rule=full_finetune),
     out("base_model_ignore_patterns", REMOVED, nearest="base_model (a local folder)"),
 )
 
