@@ -525,3 +525,98 @@ def test_tokenizer_legacy_changes_how_text_after_a_special_token_is_split(alpaca
         cfg = _cfg(folder, alpaca_file, tmp_path, tokenizer_legacy=legacy)
         ids[legacy] = config_tokenizer(cfg)("a</s>b", add_special_tokens=False).input_ids
     assert ids == {True: [6, 2, 7], False: [6, 2, 5]}  # legacy puts "▁" before the b that follows </s>
+
+
+def test_bfloat16_beside_bf16_and_an_adapter_is_what_lmforge_loads_and_refused_otherwise(
+        tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """axolotl's bfloat16: true loads the weights in bf16. With bf16: true and an adapter lmforge's frozen base weights
+    are bf16 already (the notice says so, and the loaded model shows it); a full fine-tune in pure bf16 is refused."""
+    from lmforge.device import resolve_bf16
+    from lmforge.models.setup import training_model
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, bf16=True, bfloat16=True)
+    assert [n.key for n in cfg.notices] == ["bfloat16"] and "nothing changes" in cfg.notices[0].text
+    model = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=resolve_bf16(cfg.training.bf16, CPU))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    for extra in ({"adapter": None}, {"bf16": False}):  # pure bf16 weights: not what lmforge trains
+        with pytest.raises(LmforgeError, match="bfloat16"):
+            _cfg(tiny_model_dir, alpaca_file, tmp_path, bfloat16=True, **{"bf16": True, **extra})
+
+
+def test_flash_attn_rms_norm_is_a_kernel_choice_with_a_notice_without_a_gpu(tiny_model_dir: Path, alpaca_file: Path,
+                                                                           tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, flash_attn_rms_norm=True)
+    assert [n.key for n in cfg.notices] == ["flash_attn_rms_norm"] and "compute the same" in cfg.notices[0].text
+    with pytest.raises(LmforgeError, match="flash_attn_rms_norm") as err:  # on a GPU it would be asked to run: not built
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, flash_attn_rms_norm=True)
+    assert "liger_rms_norm" in str(err.value.fix)
+
+
+def test_dp_shard_size_is_fsdp_over_exactly_that_many_ranks(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """axolotl's dp_shard_size without replicated groups is FSDP over that many ranks. lmforge's FSDP2 shards over every
+    rank, so a launch of another size stops before any engine starts; without FSDP the key is refused."""
+    from lmforge.train.distributed import check_shard_size, engine_for
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, dp_shard_size=2, fsdp_version=2,
+               fsdp_config={"reshard_after_forward": True})
+    assert cfg.distributed.dp_shard_size == 2 and not cfg.notices
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LmforgeError, match="shards the weights over 2 ranks and this run has 1") as err:
+        engine_for(cfg, CPU)  # one process: the mesh asked for is not the one that would run
+    assert "--nproc 2" in err.value.fix
+    check_shard_size(2, 2)  # torchrun with two ranks: FSDP over both, as asked
+    with pytest.raises(LmforgeError, match="dp_shard_size"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, dp_shard_size=2)  # no fsdp: nothing to shard with
+
+
+def test_pretrain_multipack_attn_keeps_the_documents_of_a_window_apart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A window holding two documents gives, with pretrain_multipack_attn, the loss of the two documents trained
+    alone (block-diagonal attention, no target across the boundary); without it the second document sees the first."""
+    from lmforge.recipes.pretrain import _collator
+    from lmforge.train.loss import causal_lm_loss
+    from lmforge.train.objectives import PretrainCollator
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    eos = tokenizer.eos_token_id
+    first, second = [5, 6, 7, 8, eos], [9, 10, 11, 12, 13, 14]
+    model = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        apart = [causal_lm_loss(model, PretrainCollator("clm")([torch.tensor(doc)])) for doc in (first, second)]
+        alone = sum(loss for loss, _ in apart).item()  # summed cross-entropy (causal_lm_loss's sum)
+        window = [torch.tensor(first + second)]
+        kept, kept_count = causal_lm_loss(model, PretrainCollator("clm", document_end_id=eos)(window))
+        mixed, mixed_count = causal_lm_loss(model, PretrainCollator("clm")(window))
+    assert kept_count == sum(count for _, count in apart) == mixed_count - 1
+    assert kept.item() == pytest.approx(alone, rel=1e-5) and abs(mixed.item() - alone) > 1e-3
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one document\n", encoding="utf-8")
+    config = {"base_model": str(tiny_model_dir), "pretraining_dataset": [str(corpus)], "sequence_len": 16,
+              "output_dir": str(tmp_path / "out"), "pretrain_multipack_attn": True}
+    cfg = load_config(str(write_config(tmp_path / "pretrain.yml", config)))
+    assert _collator(cfg, tokenizer, 0).document_end_id == eos
+    with pytest.raises(LmforgeError, match="pretrain_multipack_attn"):
+        load_config(str(write_config(tmp_path / "mlm.yml", {**config, "objective": "mlm"})))
+
+
+def test_eval_table_size_changes_nothing_without_the_trackers_axolotl_logs_it_to(tiny_model_dir: Path, alpaca_file: Path,
+                                                                                 tmp_path: Path) -> None:
+    """axolotl's prediction table goes to W&B or MLflow only: with neither set it is a notice; with one set it is
+    refused (lmforge does not log the table yet)."""
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, eval_table_size=2)
+    assert [n.key for n in cfg.notices] == ["eval_table_size"] and "nothing changes" in cfg.notices[0].text
+    for tracker in ({"wandb_project": "p"}, {"mlflow_tracking_uri": str(tmp_path / "mlruns")}):
+        with pytest.raises(LmforgeError, match="eval_table_size"):
+            _cfg(tiny_model_dir, alpaca_file, tmp_path, eval_table_size=2, **tracker)
+
+
+def test_full_finetune_without_an_adapter_is_what_runs_and_refused_beside_one(tiny_model_dir: Path, alpaca_file: Path,
+                                                                              tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, full_finetune=True)
+    assert [n.key for n in cfg.notices] == ["full_finetune"] and cfg.adapter.adapter is None
+    with pytest.raises(LmforgeError, match="full_finetune"):  # an adapter and a full fine-tune: a contradiction
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, full_finetune=True)

@@ -133,9 +133,10 @@ def later(name: str, text: str, nearest: str | None = None, issue: int | None = 
 
 
 def out(name: str, text: str, scope: str = TOP, quiet: tuple[Any, ...] | None = None, nearest: str | None = None,
-        only_with: str | None = None, same: Mapping[Any, str] | None = None) -> Key:
+        only_with: str | None = None, same: Mapping[Any, str] | None = None, rule: Rule | None = None) -> Key:
     """Out of scope: refused by name with the reason."""
-    return Key(name, Kind.OUT_OF_SCOPE, text, scope=scope, quiet=quiet, nearest=nearest, only_with=only_with, same=same or {})
+    return Key(name, Kind.OUT_OF_SCOPE, text, scope=scope, quiet=quiet, nearest=nearest, only_with=only_with, same=same or {},
+               rule=rule)
 
 
 def each(row: Callable[..., Key], names: Iterable[str], *args: Any, **kwargs: Any) -> tuple[Key, ...]:
@@ -217,6 +218,46 @@ def tf32(value: Any, facts: Facts) -> Verdict | None:
     """notice for true on a machine without a GPU (TF32 is a CUDA matmul mode)"""
     if value is True and not facts.gpu:
         return Verdict(Kind.NOTICE, f"TF32 is a mode of CUDA matmuls and {NO_GPU}: nothing changes")
+    return None
+
+
+def bfloat16(value: Any, facts: Facts) -> Verdict | None:
+    """notice for true beside bf16: true and an adapter (the frozen base weights load in bf16 there already)"""
+    if value is True and facts.config.get("bf16") is True and facts.config.get("adapter"):
+        return Verdict(Kind.NOTICE, "with bf16: true and an adapter lmforge already loads the frozen base weights in bf16 "
+                       "(the adapter's own weights stay fp32 master weights): nothing changes")
+    return None
+
+
+def shard_size(value: Any, facts: Facts) -> Verdict | None:
+    """refused above 1 without fsdp / fsdp_config (it sizes FSDP's shards); 1 or null ask for nothing"""
+    if isinstance(value, int) and value > 1 and not (facts.config.get("fsdp") or facts.config.get("fsdp_config")):
+        return Verdict(Kind.NOT_YET, "dp_shard_size sizes FSDP's shards and neither fsdp nor fsdp_config is set",
+                       nearest="fsdp_config (lmforge's FSDP2 shards over every rank)")
+    return None
+
+
+def multipack_attn(value: Any, facts: Facts) -> Verdict | None:
+    """true refused with objective: mlm (an encoder's windows are not split into documents here)"""
+    if value is True and facts.config.get("objective") == "mlm":
+        return Verdict(Kind.NOT_YET, "keeping packed documents apart in masked-LM windows", nearest="objective: clm")
+    return None
+
+
+def eval_table(value: Any, facts: Facts) -> Verdict | None:
+    """notice while no W&B or MLflow tracker is set (axolotl logs the table only to those)"""
+    trackers = ("wandb_project", "use_wandb", "mlflow_tracking_uri", "use_mlflow")
+    if not any(facts.config.get(key) for key in trackers):
+        return Verdict(Kind.NOTICE, "axolotl logs this table of eval predictions only to W&B or MLflow, and neither "
+                       "wandb_project nor mlflow_tracking_uri is set: nothing changes")
+    return None
+
+
+def full_finetune(value: Any, facts: Facts) -> Verdict | None:
+    """notice for true without an adapter (a full fine-tune is what runs then)"""
+    if value is True and not facts.config.get("adapter"):
+        return Verdict(Kind.NOTICE, "no adapter is set, so lmforge fine-tunes every weight, as full_finetune: true asks "
+                       "(axolotl's schema dropped the key): nothing changes")
     return None
 
 
@@ -738,7 +779,7 @@ KEYS: tuple[Key, ...] = (
     done("bf16", TRAIN, PRETRAIN),
     done("fp16", TRAINING, rule=fp16),
     done("tf32", TRAINING, rule=tf32),
-    later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true"),
+    later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true", rule=bfloat16),
     later("float16", "pure fp16 weights without mixed precision", nearest="bf16"),
     later("float32", "fp32 training", nearest="bf16: false"),
     later("fp8", "FP8 training", nearest="bf16"),
@@ -762,7 +803,7 @@ KEYS: tuple[Key, ...] = (
       for switch, backend in LEGACY_ATTENTION_SWITCHES.items()),
     later("flex_attn_compile_kwargs", "compiling flex attention with other options", nearest="torch_compile", rule=flex_compile),
     out("s2_attention", f"shifted-sparse attention: {REMOVED}"),
-    out("flash_attn_rms_norm", f"{REMOVED}", nearest="plugins: [liger] with liger_rms_norm"),
+    later("flash_attn_rms_norm", "flash-attn's fused RMSNorm", nearest="plugins: [liger] with liger_rms_norm", cpu=CPU_KERNEL),
     later("flash_attn_cross_entropy", "flash-attn's cross-entropy kernel", nearest="cut_cross_entropy", cpu=CPU_KERNEL),
     later("flash_attn_fuse_mlp", "flash-attn's fused MLP", cpu=CPU_KERNEL),
     out("flash_optimum", "BetterTransformer was removed from transformers"),
@@ -838,8 +879,7 @@ KEYS: tuple[Key, ...] = (
     done("ddp_bucket_cap_mb", DIST),
     done("ddp_broadcast_buffers", DIST),
     done("ddp_find_unused_parameters", DIST),
-    later("dp_shard_size", "FSDP/HSDP mesh sizes: lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's 2-D mesh "
-          "needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)", quiet=(None, 1)),
+    done("dp_shard_size", DIST, rule=shard_size),
     later("dp_replicate_size", "HSDP (replicated FSDP groups): lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's "
           "2-D mesh needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)",
           quiet=(None, 1)),
@@ -877,8 +917,7 @@ KEYS: tuple[Key, ...] = (
     *each(later, ("pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks"),
           "PoSE position skipping", only_with="use_pose"),
     later("pretrain_multipack_buffer_size", "packing streamed pretraining data", nearest="pretraining_dataset"),
-    later("pretrain_multipack_attn", "keeping packed pretraining documents apart", quiet=(None,),
-          same={False: "lmforge's pretraining windows attend across document boundaries, as false asks"}),
+    done("pretrain_multipack_attn", PRETRAIN, rule=multipack_attn),
     later("pretraining_sample_concatenation", "concatenating pretraining samples", nearest="pretraining_dataset"),
     later("streaming", "streaming fine-tuning datasets", nearest="pretraining_dataset (streamed)", rule=streaming),
     note("streaming_multipack_buffer_size", "a buffer size of axolotl's streaming packer", only_with="streaming"),
@@ -992,7 +1031,7 @@ KEYS: tuple[Key, ...] = (
     *each(done, ("do_causal_lm_eval", "eval_causal_lm_metrics", "eval_causal_lm_examples", "eval_max_new_tokens"), TRAIN),
     later("do_bench_eval", "benchmark evals during training"),
     *each(later, ("bench_dataset", "bench_split"), "benchmark evals during training", only_with="do_bench_eval"),
-    later("eval_table_size", "sample generations during eval", nearest="`lmforge inference`"),
+    later("eval_table_size", "tables of eval predictions in W&B or MLflow", nearest="`lmforge inference`", rule=eval_table),
     later("generate_samples", "sample generations during training", nearest="sample_prompt (pretraining), `lmforge inference`"),
     *each(note, ("num_generation_samples", "generation_max_new_tokens", "generation_temperature", "generation_top_p",
                  "generation_top_k", "generation_prompt_ratio", "generation_do_sample"),
@@ -1119,7 +1158,7 @@ KEYS: tuple[Key, ...] = (
     out("eta_min", REMOVED, nearest="cosine_min_lr_ratio"),
     out("adam_eps", REMOVED, nearest="adam_epsilon"),
     out("torch_dtype", REMOVED, nearest="bf16"),
-    out("full_finetune", REMOVED, nearest="leave adapter empty for a full fine-tune"),
+    out("full_finetune", REMOVED, nearest="leave adapter empty for a full fine-tune", rule=full_finetune),
     out("base_model_ignore_patterns", REMOVED, nearest="base_model (a local folder)"),
 )
 

@@ -545,6 +545,10 @@ class PretrainSection(Section):
     )
     objective: Literal["clm", "mlm"] = Field("clm", description="clm (next token, decoders) or mlm (masked tokens, encoders).")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens chosen for prediction.")
+    pretrain_multipack_attn: bool = Field(
+        False, description="clm: keep the documents packed into a window apart (position ids restart after each "
+        "end-of-text token, so attention is block-diagonal, and no document predicts the next one's first token)."
+    )
     tokenizer_train: TokenizerTrainSpec | None = Field(None, description="Train a tokenizer first (see its keys).")
     pretraining_dataset: list[PretrainingSource] | None = Field(
         None, description="Raw text for pretraining: paths/globs or Hub ids, or entries {path, name, split, text_column}."
@@ -765,6 +769,10 @@ class DistributedSection(Section):
     )
     deepspeed: str | dict[str, Any] | None = Field(
         None, description="DeepSpeed config: a JSON file (e.g. deepspeed_configs/zero2.json) or the mapping itself; CUDA GPUs, or CPUs where deepspeed is installed."
+    )
+    dp_shard_size: int | None = Field(
+        None, ge=1, description="FSDP: the ranks one copy of the weights is sharded over. lmforge's FSDP2 shards over every "
+        "rank, so a run checks that it starts exactly this many (HSDP's replicated groups are not supported yet)."
     )
     ddp_timeout: int | None = Field(None, gt=0, description="Seconds a collective may wait for the other ranks (default 1800).")
     ddp_bucket_cap_mb: int | None = Field(None, gt=0, description="DDP gradient bucket size in MB (default 25).")

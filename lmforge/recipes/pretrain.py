@@ -92,9 +92,14 @@ def _new_model(cfg: LmforgeConfig, tokenizer: Any, context: int) -> Any:
 
 
 def _collator(cfg: LmforgeConfig, tokenizer: Any, seed: int) -> PretrainCollator:
+    if cfg.pretrain.pretrain_multipack_attn and tokenizer.eos_token_id is None:
+        raise LmforgeError("pretrain_multipack_attn keeps documents apart at their end-of-text token, and this tokenizer "
+                           "has none", where="pretrain_multipack_attn", fix="give the tokenizer an eos_token (special_tokens: "
+                           "{eos_token: ...}), or remove pretrain_multipack_attn")
     return PretrainCollator(cfg.pretrain.objective, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
                             special_ids=tokenizer.all_special_ids, mlm_probability=cfg.pretrain.mlm_probability,
-                            seed=seed, seq_len=cfg.data.sequence_len)
+                            seed=seed, seq_len=cfg.data.sequence_len,
+                            document_end_id=tokenizer.eos_token_id if cfg.pretrain.pretrain_multipack_attn else None)
 
 
 def _eval_batches(windows: Any, size: int, collate: PretrainCollator) -> list[Batch]:

@@ -203,9 +203,20 @@ def _shard_groups(model: Any, s: FsdpSettings) -> list[torch.nn.Module]:
 # ----------------------------------------------------------------------------------------------- choosing
 
 
+def check_shard_size(dp_shard_size: int | None, ranks: int) -> None:
+    """axolotl's dp_shard_size with no replicated groups is plain FSDP over that many ranks: the run must start them all
+    (lmforge's FSDP2 shards over every rank; fewer or more ranks would ask for a mesh it does not build)."""
+    if dp_shard_size is not None and dp_shard_size != ranks:
+        raise LmforgeError(f"dp_shard_size: {dp_shard_size} shards the weights over {dp_shard_size} ranks and this run has "
+                           f"{ranks}; lmforge's FSDP2 shards over every rank (HSDP's replicated groups are not supported yet)",
+                           where="dp_shard_size", fix=f"start {dp_shard_size} ranks (lmforge train --nproc {dp_shard_size}, or "
+                           "torchrun across nodes), or remove dp_shard_size")
+
+
 def engine_for(cfg: LmforgeConfig, device: torch.device) -> Engine:
     """The engine a config and its launch ask for: FSDP2 or DeepSpeed when configured, DDP under several ranks."""
     d = cfg.distributed
+    check_shard_size(d.dp_shard_size, int(os.environ["WORLD_SIZE"]) if launched() else 1)
     fsdp = resolve_fsdp(d.fsdp, d.fsdp_config, d.fsdp_version, d.fsdp_final_state_dict_type)
     if d.deepspeed:
         from lmforge.train.deepspeed import DeepSpeedEngine

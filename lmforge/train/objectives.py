@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.batching import Batch, host_batch
+from lmforge.data.batching import Batch, host_batch, segment_boundaries
 from lmforge.data.prepare import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.train.loss import causal_lm_loss
@@ -280,6 +280,7 @@ class PretrainCollator:
         mlm_probability: float = 0.15,
         seed: int = 0,
         seq_len: int | None = None,
+        document_end_id: int | None = None,
     ) -> None:
         if objective not in ("clm", "mlm"):
             raise ValueError(f"objective must be clm or mlm, got {objective}")
@@ -292,17 +293,36 @@ class PretrainCollator:
         self.mlm_probability = mlm_probability
         self.seed, self.seq_len = seed, seq_len
         self.generator = torch.Generator().manual_seed(seed)
+        # pretrain_multipack_attn: documents in a window kept apart, each starting after this token (clm)
+        self.document_end_id = document_end_id
 
     def __call__(self, windows: Sequence[torch.Tensor], key: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         ids = torch.stack([torch.as_tensor(w, dtype=torch.long) for w in windows])
         if self.objective == "clm":
             labels = clm_labels(ids)
+            if self.document_end_id is not None:
+                return document_segments(ids, labels, self.document_end_id)
         else:
             if key is not None:
                 self.generator.manual_seed(_batch_seed(self.seed, *key))
             ids, labels = mask_tokens(ids[:, : self.seq_len], self.mask_token_id, self.vocab_size, self.special_ids,
                                       self.mlm_probability, self.generator)
         return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def document_segments(ids: torch.Tensor, labels: torch.Tensor, document_end_id: int) -> dict[str, torch.Tensor]:
+    """A clm batch whose windows hold several documents, kept apart as sample_packing keeps examples apart: position
+    ids restart after every end-of-text token (transformers then builds a block-diagonal causal mask; flash kernels
+    get the segments as cu_seq_lens), and a document's first token is no target of the one before it."""
+    columns = torch.arange(ids.shape[1]).expand_as(ids)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == document_end_id
+    position_ids = columns - torch.where(starts, columns, 0).cummax(dim=1).values
+    labels = labels.clone()
+    labels[starts & (columns > 0)] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "position_ids": position_ids,
+            "cu_seq_lens": segment_boundaries(position_ids)}
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
