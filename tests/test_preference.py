@@ -224,6 +224,24 @@ def test_chat_template_default_renames_columns_and_renders_the_template(tmp_path
     assert (text.prompt, text.chosen, text.rejected) == ("<user>hi</><assistant>", "hello</>", "go away</>")
 
 
+def test_bradley_terry_chat_template_renders_system_and_input_as_the_prompt() -> None:
+    """axolotl's reward-model rows (bradley_terry.chat_template): system + input are the prompt, chosen/rejected answers."""
+    from lmforge.data.formats.preference import preference_format
+
+    class Tok:
+        def apply_chat_template(self, messages, chat_template, tokenize, add_generation_prompt):  # noqa: ANN001, ANN202
+            return "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+
+    fmt = preference_format("bradley_terry.chat_template", "t", spec=None, tokenizer=Tok(), template="x", completion=False)
+    text = fmt({"system": "be kind", "input": "hi", "chosen": "hello", "rejected": "go away"}, "f:1")
+    assert (text.prompt, text.chosen, text.rejected) == ("<system>be kind</><user>hi</><assistant>", "hello</>", "go away</>")
+    assert fmt({"system": "", "input": "hi", "chosen": "a", "rejected": "b"}, "f:2").prompt == "<user>hi</><assistant>"
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match="field .input. is missing"):
+        fmt({"chosen": "a", "rejected": "b"}, "f:3")
+
+
 @pytest.mark.parametrize("kind, row, expected", [
     ("chatml.intel", {"system": "be brief", "question": "q", "chosen": "a", "rejected": "b"},
      ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>", "b<|im_end|>")),

@@ -150,7 +150,7 @@ def build_config(raw: RawConfig, *, gpu: bool | None = None) -> LmforgeConfig:
 
 
 # The families of axolotl's preference types (family.variant), read by lmforge/data/formats/preference.py.
-PREFERENCE_FAMILIES = ("chat_template", "chatml", "llama3", "zephyr", "user_defined")
+PREFERENCE_FAMILIES = ("chat_template", "bradley_terry", "chatml", "llama3", "zephyr", "user_defined")
 
 
 def _resolve_hooks(cfg: LmforgeConfig, raw: RawConfig) -> None:

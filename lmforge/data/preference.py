@@ -137,7 +137,7 @@ def preference_rows(specs: list[Any], data: Any, tokenizer: Any, kto: bool, stat
     for index, spec in enumerate(specs):
         where = f"{key}[{index}].type"
         template = None
-        if spec.type in ("chat_template", "chat_template.default"):
+        if spec.type in ("chat_template", "chat_template.default", "bradley_terry.chat_template"):
             setting = spec.chat_template or data.chat_template
             jinja = spec.chat_template_jinja if spec.chat_template else data.chat_template_jinja
             template, _ = resolve_template(setting, tokenizer, where="chat_template", jinja=jinja)

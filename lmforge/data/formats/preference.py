@@ -202,8 +202,21 @@ def _chat_template(spec: Any, tokenizer: Any, template: str, completion: bool) -
     return fmt
 
 
+def _bradley_terry(chat: RowFormat) -> RowFormat:
+    """axolotl's bradley_terry.chat_template (its reward-model rows): `system` (optional) and `input` are the prompt
+    turns, `chosen` and `rejected` the assistant's answers, all rendered with the chat template."""
+
+    def fmt(row: dict[str, Any], where: str) -> Any:
+        turns = [{"role": "user", "content": field(row, "input", where)}]
+        if row.get("system"):
+            turns.insert(0, {"role": "system", "content": str(row["system"])})
+        return chat({"messages": turns, "chosen": field(row, "chosen", where), "rejected": field(row, "rejected", where)}, where)
+
+    return fmt
+
+
 VARIANTS = ("default", "intel", "icr", "prompt_pairs", "ultra", "argilla_chat", "argilla")
-PREFERENCE_TYPES = ("chat_template.default", "zephyr.nectar", "user_defined.default",
+PREFERENCE_TYPES = ("chat_template.default", "bradley_terry.chat_template", "zephyr.nectar", "user_defined.default",
                     *(f"{family}.{variant}" for family in WRAPPERS for variant in VARIANTS if variant != "argilla"))
 KTO_TYPES = ("chat_template.default", "user_defined.default",
              *(f"{family}.{variant}" for family in WRAPPERS for variant in ("argilla", "argilla_chat", "intel", "prompt_pairs", "ultra")))
@@ -219,10 +232,12 @@ def preference_format(kind: Any, where: str, *, spec: Any, tokenizer: Any, templ
     if kind not in known:
         raise LmforgeError(f"unknown {'KTO' if completion else 'preference'} dataset type '{kind}'", where=where,
                            fix=f"use one of: {', '.join(known)}, or a mapping with field_prompt/field_chosen/field_rejected")
-    if kind == "chat_template.default":
+    if kind in ("chat_template.default", "bradley_terry.chat_template"):
         if template is None:
-            raise LmforgeError("chat_template.default needs a chat template", where=where,
+            raise LmforgeError(f"{kind} needs a chat template", where=where,
                                fix="set chat_template (tokenizer_default uses the model's own)")
+        if kind == "bradley_terry.chat_template":
+            return _bradley_terry(_chat_template(None, tokenizer, template, completion))
         return _chat_template(spec, tokenizer, template, completion)
     if kind == "zephyr.nectar":
         return _nectar
