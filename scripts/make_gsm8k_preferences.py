@@ -13,9 +13,9 @@ Rows are written in axolotl's ``chat_template.default`` preference layout:
      "chosen": {"role": "assistant", "content": REFERENCE},
      "rejected": {"role": "assistant", "content": MODEL_ANSWER}}
 
-Usage (about 1 s per question on 2 CPU cores; run it in the background):
-    nice -n 10 python scripts/make_gsm8k_preferences.py --train 1000 --test 100 > make_prefs.log 2>&1 &
-The output is appended to as it goes (a restart resumes after the questions already answered).
+Usage (~20 questions a minute on one AMX core in batches of 32, 8.9 in batches of 8; run it in the background):
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/make_gsm8k_preferences.py --train 1000 --test 100 > make_prefs.log 2>&1 &
+The output is appended to block by block (a restart resumes after the questions already answered).
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ def build(split_file: Path, out_file: Path, want: int, batch_size: int, sort_blo
             done_questions.add(row["messages"][0]["content"])
             kept += 1
     progress_file = out_file.with_suffix(".seen")
-    seen = int(progress_file.read_text()) if progress_file.exists() else 0
     rows = [json.loads(line) for line in split_file.read_text().splitlines() if line.strip()]
+    # Resume after the questions already answered: the progress file when a run was stopped, else (a shipped,
+    # partial file) just past the last question that has a pair.
+    last_done = max((i for i, r in enumerate(rows) if r["question"] in done_questions), default=-1)
+    seen = int(progress_file.read_text()) if progress_file.exists() else last_done + 1
     start = time.monotonic()
     with out_file.open("a") as out:
         index = seen
