@@ -2,17 +2,19 @@
 correctness + format rewards) run as a measured child process; prints the held-out reward before and after, the
 per-function rewards, and the generation / training time split, from the run's summary.json.
 
-    python bench/grpo_gsm8k.py [--steps 20] [--threads 1] [--out outputs/bench-grpo]
+    python bench/grpo_gsm8k.py [--steps 20] [--threads 1] [--out outputs/bench-grpo] [--set trl.temperature=1.0 ...]
 
 The config is copied beside a copy of rewards.py in --out (reward functions must sit beside their config) with
-only max_steps and output_dir changed. --threads 1 is the fast choice on a CPU shared with other jobs: two
-OpenMP threads that wait on each other's barrier while the cores are busy run many times slower than one.
+max_steps, output_dir and the --set overrides (dotted keys, YAML values) changed. --threads 1 is the fast choice on
+a CPU shared with other jobs: two OpenMP threads that wait on each other's barrier while the cores are busy run many
+times slower than one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +33,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads of the training process (default 1)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench-grpo", help="work folder")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, dotted for nested keys (trl.num_generations=8, lora_model_dir=...)")
     args = parser.parse_args()
 
     out = args.out.resolve()
@@ -42,6 +46,13 @@ def main() -> int:
         entry["path"] = str(REPO / entry["path"])
         entry["type"] = f"{out / 'rewards.py'}:{entry['type'].rpartition(':')[2]}"
     config.update(max_steps=args.steps, output_dir=str(out / "run"), save_steps=None)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
     (out / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     env = child_env(args.threads)
@@ -64,6 +75,7 @@ def main() -> int:
           f"kl {summary.get('last_kl', float('nan')):.4f}; completion length {summary.get('last_completions/mean_length', 0):.0f}")
     print(f"time: {summary['wall_seconds']:.0f}s in all, generation {summary['generation_seconds']:.0f}s, "
           f"training {summary['training_seconds']:.0f}s; peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(f"overrides: {' '.join(args.set) or 'none'}; load average at the end: {os.getloadavg()}")
     print(f"machine: {json.dumps(machine_description())}")
     return 0
 

@@ -13,9 +13,9 @@ Rows are written in axolotl's ``chat_template.default`` preference layout:
      "chosen": {"role": "assistant", "content": REFERENCE},
      "rejected": {"role": "assistant", "content": MODEL_ANSWER}}
 
-Usage (about 1 s per question on 2 CPU cores; run it in the background):
-    nice -n 10 python scripts/make_gsm8k_preferences.py --train 1000 --test 100 > make_prefs.log 2>&1 &
-The output is appended to as it goes (a restart resumes after the questions already answered).
+Usage (~20 questions a minute on one AMX core in batches of 32, 8.9 in batches of 8; run it in the background):
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/make_gsm8k_preferences.py --train 1000 --test 100 > make_prefs.log 2>&1 &
+The output is appended to block by block (a restart resumes after the questions already answered).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def final_number(text: str) -> str | None:
     return str(int(number)) if number == int(number) else str(number)
 
 
-def build(split_file: Path, out_file: Path, want: int, batch_size: int, max_new_tokens: int, gen, sampling) -> None:
+def build(split_file: Path, out_file: Path, want: int, batch_size: int, sort_block: int, gen, sampling) -> None:
     done_questions = set()
     kept = 0
     if out_file.exists():
@@ -55,18 +55,28 @@ def build(split_file: Path, out_file: Path, want: int, batch_size: int, max_new_
             done_questions.add(row["messages"][0]["content"])
             kept += 1
     progress_file = out_file.with_suffix(".seen")
-    seen = int(progress_file.read_text()) if progress_file.exists() else 0
     rows = [json.loads(line) for line in split_file.read_text().splitlines() if line.strip()]
+    # Resume after the questions already answered: the progress file when a run was stopped, else (a shipped,
+    # partial file) just past the last question that has a pair.
+    last_done = max((i for i, r in enumerate(rows) if r["question"] in done_questions), default=-1)
+    seen = int(progress_file.read_text()) if progress_file.exists() else last_done + 1
     start = time.monotonic()
     with out_file.open("a") as out:
         index = seen
         while kept < want and index < len(rows):
-            batch = rows[index:index + batch_size]
-            index += len(batch)
-            messages = [[{"role": "user", "content": r["question"]}] for r in batch]
+            # A block of `sort_block` batches is answered with its questions sorted by length, so each left-padded
+            # batch holds prompts of similar length (little padding to attend over); rows are written in GSM8K's order.
+            block = rows[index:index + batch_size * sort_block]
+            index += len(block)
+            messages = [[{"role": "user", "content": r["question"]}] for r in block]
             prompts = [gen.prompts.conversation(m) for m in messages]
-            answers = gen.complete_batch(prompts, sampling)
-            for row, message, answer in zip(batch, messages, answers):
+            order = sorted(range(len(block)), key=lambda i: len(prompts[i]))
+            answers: list = [None] * len(block)
+            for first in range(0, len(order), batch_size):
+                chunk = order[first:first + batch_size]
+                for i, answer in zip(chunk, gen.complete_batch([prompts[i] for i in chunk], sampling)):
+                    answers[i] = answer
+            for row, message, answer in zip(block, messages, answers):
                 reference = final_number(row["answer"])
                 produced = final_number(answer.text)
                 if not answer.text.strip() or produced == reference or row["question"] in done_questions:
@@ -79,8 +89,8 @@ def build(split_file: Path, out_file: Path, want: int, batch_size: int, max_new_
                     break
             out.flush()
             progress_file.write_text(str(index))
-            rate = (index - seen) / (time.monotonic() - start)
-            print(f"{out_file.name}: {index} questions answered, {kept} pairs kept ({rate:.2f} questions/s)", flush=True)
+            rate = 60 * (index - seen) / (time.monotonic() - start)
+            print(f"{out_file.name}: {index} questions answered, {kept} pairs kept ({rate:.1f} questions/min)", flush=True)
     progress_file.unlink(missing_ok=True)
 
 
@@ -110,14 +120,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=1000, help="pairs to keep from data/gsm8k/train.jsonl")
     parser.add_argument("--test", type=int, default=100, help="held-out pairs to keep from data/gsm8k/test.jsonl")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="questions per generate call (32: ~2x batch 8's questions/minute on this CPU)")
+    parser.add_argument("--sort_block", type=int, default=4, help="batches answered together, sorted by prompt length")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--source", default="data/gsm8k", help="folder with train.jsonl and test.jsonl")
     parser.add_argument("--out", default="data/gsm8k_preferences")
     parser.add_argument("--finalize", type=int, metavar="N", default=None,
                         help="no generation: hold out the last N train pairs as test.jsonl when there is none, write the KTO files")
     parser.add_argument("--train_first", action="store_true", help="answer the train questions before the test ones")
-    parser.add_argument("--bf16", default="false", help="bf16 key for the model (false: fp32, the shipped files' setting)")
+    parser.add_argument("--bf16", default="auto", help="bf16 key for the model (auto: bf16 where the CPU has it natively, as the shipped files)")
     args = parser.parse_args()
     if args.finalize is not None:
         finalize(Path(args.out), args.finalize)
@@ -140,7 +152,7 @@ def main() -> int:
     source = Path(args.source)
     for split, want in (("train", args.train), ("test", args.test)) if args.train_first else (("test", args.test), ("train", args.train)):
         if want:
-            build(source / f"{split}.jsonl", out / f"{split}.jsonl", want, args.batch_size, args.max_new_tokens, gen, sampling)
+            build(source / f"{split}.jsonl", out / f"{split}.jsonl", want, args.batch_size, args.sort_block, gen, sampling)
     finalize(out, args.test)
     return 0
 
