@@ -201,6 +201,29 @@ def flops_model(cfg: dict) -> dict:
     return {"n_base": n_base, "n_lora": n_lora, "layers": L, "d_attn": H * hd}
 
 
+RESULTS = BENCH / "RESULTS.md"
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The ISA flags that decide CPU training speed (bf16 native or emulated, AMX), for a bench table's header."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "n/a"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return ", ".join(f for f in CPU_FLAGS if f in flags) or "n/a"
+
+
+def publish_report(report: str, folder: Path, append: bool) -> None:
+    """The bench's report into its run folder, and (unless --no-results) appended to bench/RESULTS.md."""
+    (folder / "report.md").write_text(report)
+    if append:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + report)
+        log(f"appended to {RESULTS}")
+
+
 def machine_description() -> dict:
     info = {"cpu": platform.processor() or "unknown", "cpus": os.cpu_count()}
     try:

@@ -46,7 +46,6 @@ sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
 
-RESULTS = BENCH / "RESULTS.md"
 EXAMPLES = REPO / "examples" / "smollm2-135m"
 CONFIGS = {"dpo": EXAMPLES / "dpo-gsm8k.yml", "grpo": EXAMPLES / "grpo-gsm8k.yml"}
 TRL_VARIANTS = {"trl-bf16": "bfloat16", "trl-fp32": "float32"}  # model weights' dtype; both train under bf16 autocast
@@ -235,16 +234,6 @@ def rerender(args: argparse.Namespace) -> int:
     return 0
 
 
-def cpu_flags() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "n/a"
-    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return ", ".join(f for f in wanted if f in flags) or "n/a"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", action="append", choices=["dpo", "grpo"], help="repeatable; default both")
@@ -302,15 +291,11 @@ def main() -> int:
     m = common.machine_description()
     header = (f"## {stamp.strftime('%Y-%m-%d %H:%M UTC')}: lmforge vs TRL {versions.get('trl')}, LoRA DPO and GRPO on fixed batches "
               f"(bench/preference_vs_trl.py)\n\n`python bench/preference_vs_trl.py {' '.join(sys.argv[1:])}` on {m['cpu']} "
-              f"({cpu_flags()}), {m['cpus']} CPUs, {m.get('mem_gb')} GB, shared with other jobs; niced +{os.nice(0)}; "
+              f"({common.cpu_flags()}), {m['cpus']} CPUs, {m.get('mem_gb')} GB, shared with other jobs; niced +{os.nice(0)}; "
               f"{args.threads} threads per run; torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
               f"peft {versions.get('peft')} on both sides.\n")
     report = header + "\n" + "\n".join(sections)
-    (root / "report.md").write_text(report)
-    if not args.no_results:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + report)
-        log(f"appended to {RESULTS}")
+    common.publish_report(report, root, append=not args.no_results)
     return 0
 
 

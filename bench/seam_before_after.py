@@ -39,17 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402  (measured child runs, the model folder, the machine's description)
 
-RESULTS = BENCH / "RESULTS.md"
 WORKLOADS = ("lora", "pretrain")
-
-
-def cpu_flags() -> str:
-    """The ISA flags that decide CPU training speed (bf16 natively or emulated)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return "n/a"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
 
 
 def batch_file(workload: str, args: argparse.Namespace, run_root: Path, model_dir: Path) -> tuple[Path, dict, Path | None]:
@@ -243,15 +233,11 @@ def main() -> int:
     m = common.machine_description()
     header = (f"## {stamp.strftime('%Y-%m-%d %H:%M UTC')}: before vs after, same batches (bench/seam_before_after.py)\n\n"
               f"`python bench/seam_before_after.py {' '.join(sys.argv[1:])}`; before = `{revs['before']}`, "
-              f"after = `{revs['after']}`. {m['cpu']}, {m['cpus']} CPUs, {m.get('mem_gb')} GB, CPU flags: {cpu_flags()}; "
+              f"after = `{revs['after']}`. {m['cpu']}, {m['cpus']} CPUs, {m.get('mem_gb')} GB, CPU flags: {common.cpu_flags()}; "
               f"precision {args.precision}, {args.threads} torch thread(s), niced +{os.nice(0)}, runs in {args.order} order. "
               "The machine was shared with other jobs (see the load averages).\n")
     report = header + "\n" + "\n".join(sections)
-    (run_root / "report.md").write_text(report)
-    if not args.no_results:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + report)
-        common.log(f"appended to {RESULTS}")
+    common.publish_report(report, run_root, append=not args.no_results)
     return 0
 
 

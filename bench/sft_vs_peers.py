@@ -46,7 +46,6 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402  (venv handling, ceiling shapes, RSS measurement, FLOPs model)
 
 CONFIG = BENCH / "lora_gsm8k_bench.yml"
-RESULTS = BENCH / "RESULTS.md"
 AXOLOTL_VENV = Path(os.environ.get("AXOLOTL_VENV") or BENCH / ".venv-axolotl")  # bench/setup_axolotl_venv.sh makes it
 MICRO_BATCH = 4
 WORKLOADS = ("lora", "full", "pretrain")
@@ -394,11 +393,7 @@ def main() -> int:
               f"`python bench/sft_vs_peers.py {' '.join(sys.argv[1:])}` on {m['cpu']}, {m['cpus']} CPUs, "
               f"{m.get('mem_gb')} GB; niced +{os.nice(0)}.\n")
     report = header + "\n" + "\n".join(sections)
-    (run_root / "report.md").write_text(report)
-    if not args.no_results:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + report)
-        log(f"appended to {RESULTS}")
+    common.publish_report(report, run_root, append=not args.no_results)
     return 0
 
 
