@@ -471,3 +471,26 @@ def test_a_chat_template_dpo_config_prompts_inference_with_its_template(tmp_path
     builder = PromptBuilder.from_config(load_config(str(config)), AutoTokenizer.from_pretrained(tiny_model_dir))
     assert builder.multi_turn
     assert builder.conversation([{"role": "user", "content": "hi"}]).endswith("user : hi . assistant :")
+
+
+def test_a_grpo_config_whose_prompts_carry_no_answer_is_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Task metrics need a reference: GRPO prompts without an answer column are refused naming what to return."""
+    from transformers import AutoTokenizer
+
+    from lmforge.config import load_config
+    from lmforge.eval.heldout import held_out_examples
+    from lmforge.infer.prompts import PromptBuilder
+
+    (tmp_path / "rewards.py").write_text(
+        "def prompts(cfg, *args, **kwargs):\n    return (lambda row: {'prompt': row['question']}), {'remove_columns': ['question']}\n\n"
+        "def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n", encoding="utf-8")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"what is {a} plus 1 ?"} for a in range(8)])
+    config = write_config(tmp_path / "grpo.yml", tiny_config(
+        tiny_model_dir, data, tmp_path / "out", rl="grpo", datasets=[{"path": str(data), "type": "rewards.prompts"}],
+        trl={"num_generations": 4, "max_completion_length": 4, "reward_funcs": ["rewards.length"]}, val_set_size=2))
+    cfg = load_config(str(config))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(LmforgeError) as refused:
+        held_out_examples(cfg, tokenizer, PromptBuilder.from_config(cfg, tokenizer))
+    line = refused.value.format()
+    assert "\n" not in line and "the held-out prompts carry no reference answer" in line and "answer, reference" in line
