@@ -617,6 +617,34 @@ CPU_KERNEL = f"{GPU_KERNEL}; {NO_GPU}, and the plain PyTorch ops lmforge runs co
 MODEL = "lmforge/models/setup.py"
 TRAIN = "lmforge/recipes/finetune.py"
 TRAINING = "lmforge/recipes/run.py"  # the setup train and pretrain share
+def tiled_mlp_alone(value: Any, facts: Facts) -> Verdict | None:
+    """true refused with fsdp / fsdp_config / deepspeed (the sharded weights' hooks would fire once per slice)"""
+    sharded = next((k for k in ("fsdp", "fsdp_config", "deepspeed") if facts.config.get(k)), None)
+    if value is True and sharded:
+        return Verdict(Kind.NOT_YET, f"tiled_mlp with {sharded}: the slices' recomputation in backward runs inside the "
+                       "sharded layer's own hooks, which lmforge has not made safe", nearest="gradient_checkpointing: true "
+                       f"with {sharded}, or tiled_mlp in one process or under DDP")
+    return None
+
+
+def loftq_with_adapter(value: Any, facts: Facts) -> Verdict | None:
+    """loftq_config refused without adapter: lora, or with a 4/8-bit base (LoftQ quantizes the full-precision weights
+    itself); other entries refused by name"""
+    if not isinstance(value, Mapping):
+        return None
+    if (unknown := unknown_entry(value, "peft", ("loftq_config",))) is not None:
+        return unknown
+    if value.get("loftq_config") is None:
+        return QUIET
+    if facts.config.get("adapter") != "lora":
+        return Verdict(Kind.NOT_YET, "peft.loftq_config initialises a LoRA adapter from the full-precision weights and "
+                       f"adapter is {facts.config.get('adapter')}", nearest="adapter: lora (with load_in_4bit: false)")
+    if facts.config.get("load_in_4bit") or facts.config.get("load_in_8bit"):
+        return Verdict(Kind.NOT_YET, "peft.loftq_config quantizes the full-precision base weights itself, and the base "
+                       "loads already quantized", nearest="load_in_4bit: false with peft.loftq_config")
+    return None
+
+
 GRPO_RECIPE = "lmforge/recipes/grpo.py"
 GRPO = "lmforge/train/grpo.py"
 ROLLOUTS = "lmforge/train/rollouts.py"
@@ -707,7 +735,7 @@ KEYS: tuple[Key, ...] = (
     later("lora_alpha_pattern", "per-module LoRA alphas", nearest="lora_alpha"),
     *each(later, ("peft_layers_to_transform", "peft_layers_pattern"),
           "LoRA on chosen layer indices", nearest="lora_target_modules (a regex)"),
-    later("peft", "LoftQ initialisation", nearest="adapter: lora"),
+    done("peft", ADAPTERS, rule=loftq_with_adapter),
     later("peft_layer_replication", "replicating layers under LoRA"),
     later("peft_init_lora_weights", "other LoRA initialisations", nearest="adapter: lora", quiet=(None,),
           same={True: "PEFT's default LoRA initialisation is what lmforge uses"}),
@@ -762,8 +790,7 @@ KEYS: tuple[Key, ...] = (
     done("label_smoothing_factor", OBJECTIVES),
     *each(done, ("dropout", "unfrozen_parameters"), MODEL),
     later("spectrum_*", "Spectrum layer selection", nearest="unfrozen_parameters"),
-    later("lisa_n_layers", "LISA layer sampling", nearest="unfrozen_parameters"),
-    *each(later, ("lisa_step_interval", "lisa_layers_attribute"), "LISA layer sampling", only_with="lisa_n_layers"),
+    *each(done, ("lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute"), TRAINING),
     later("neftune_noise_alpha", "NEFTune embedding noise"),
     later("noisy_embedding_alpha", "NEFTune embedding noise (axolotl's older name)"),
     later("use_eaft", "entropy-aware focal loss", nearest="label_smoothing_factor"),
@@ -791,9 +818,10 @@ KEYS: tuple[Key, ...] = (
     later("layer_offloading", "offloading layer weights to CPU memory", nearest="fsdp"),
     *each(note, ("gc_steps", "gc_collect_steps"), "memory housekeeping (garbage collection); the result is the same"),
     note("torch_empty_cache_steps", "memory housekeeping (CUDA cache); the result is the same"),
-    later("tiled_mlp", "tiled MLPs for long sequences", nearest="gradient_checkpointing"),
-    *each(later, ("tiled_mlp_num_shards", "tiled_mlp_use_original_mlp"),
-          "tiled MLPs for long sequences", only_with="tiled_mlp"),
+    done("tiled_mlp", MODEL, rule=tiled_mlp_alone),
+    done("tiled_mlp_num_shards", MODEL),
+    note("tiled_mlp_use_original_mlp", "lmforge always tiles the model's own MLP module (false swaps in axolotl's "
+         "Llama-style MLP, the same math for the models it applies to)", quiet=(None, True), only_with="tiled_mlp"),
     *each(done, ("chunked_cross_entropy", "chunked_cross_entropy_num_chunks"), OBJECTIVES),
 
     # --- attention and kernels -------------------------------------------------------------------------------------

@@ -343,6 +343,24 @@ class AdapterSection(Section):
         None, description="Parameters (not modules) to adapt, by name suffix, e.g. [experts.gate_up_proj] for MoE experts "
         "(peft's target_parameters)."
     )
+    peft: dict[str, Any] | None = Field(
+        None, description="PEFT's initialisation options as axolotl writes them: {loftq_config: {loftq_bits: 4}} starts "
+        "the LoRA weights with LoftQ (the base weights become their 4-bit quantized values, the adapter the low-rank "
+        "rest; the adapter then suits the base loaded with load_in_4bit); loftq_bits 4 (nf4) or 8, loftq_iter (1)."
+    )
+
+    @field_validator("peft")
+    @classmethod
+    def _loftq_settings(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        loftq = (value or {}).get("loftq_config")
+        if loftq is None:
+            return value
+        if not isinstance(loftq, dict) or set(loftq) - {"loftq_bits", "loftq_iter"}:
+            raise ValueError("peft.loftq_config takes loftq_bits (4 or 8) and loftq_iter")
+        bits, iterations = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+        if bits not in (4, 8) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError("peft.loftq_config: loftq_bits is 4 (nf4) or 8 (int8), loftq_iter a count of 1 or more")
+        return {**value, "loftq_config": {"loftq_bits": bits, "loftq_iter": iterations}}
 
 
 class TrainingSection(Section):
@@ -441,6 +459,11 @@ class TrainingSection(Section):
         None, gt=0, description="Stop the run when the training loss stays above this for loss_watchdog_patience steps."
     )
     loss_watchdog_patience: int = Field(3, gt=0, description="Steps in a row above loss_watchdog_threshold before stopping.")
+    lisa_n_layers: int | None = Field(
+        None, gt=0, description="LISA: train this many decoder layers at a time, drawn at random every lisa_step_interval "
+        "steps (the others frozen; embeddings, head and norms train throughout).")
+    lisa_step_interval: int | None = Field(None, gt=0, description="LISA: steps between draws of the trained layers.")
+    lisa_layers_attribute: str = Field("model.layers", description="LISA: the path of the decoder-layer list in the model.")
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -472,6 +495,12 @@ class TrainingSection(Section):
             raise ValueError("cosine_min_lr_ratio needs lr_scheduler: cosine")
         if self.sgd_nesterov and not (self.optimizer == "sgd" and self.sgd_momentum > 0):
             raise ValueError("sgd_nesterov needs optimizer: sgd and sgd_momentum > 0")
+        if (self.lisa_n_layers is None) != (self.lisa_step_interval is None):
+            raise ValueError("LISA needs both lisa_n_layers and lisa_step_interval (how many layers train, and how often "
+                             "they are drawn again)")
+        if self.lisa_n_layers and self.load_best_model_at_end:
+            raise ValueError("LISA with load_best_model_at_end: the best weights are kept for the layers training at that "
+                             "step only; keep one")
         return self
 
 
@@ -678,6 +707,11 @@ class SpeedSection(Section):
         False, description="Liger's fused output head + loss (liger-kernel, CUDA): no vocab-sized logits in memory.")
     cut_cross_entropy: bool = Field(
         False, description="Cut Cross-Entropy's fused output head + loss (cut-cross-entropy, CUDA).")
+    tiled_mlp: bool = Field(
+        False, description="Compute each decoder layer's MLP over slices of the sequence and recompute it in backward "
+        "(ALST's TiledMLP): the same loss and gradients, with one slice's MLP activations in memory at a time.")
+    tiled_mlp_num_shards: int | None = Field(
+        None, gt=0, description="tiled_mlp: slices per sequence (default: one per 32K tokens, so shorter rows run untiled).")
 
     @model_validator(mode="after")
     def _one_fused_loss(self) -> "SpeedSection":

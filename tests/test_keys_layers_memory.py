@@ -1,0 +1,204 @@
+"""Issue 26's layer and memory keys (tiled_mlp, LISA, peft's LoftQ), each shown to change what lmforge does: a test
+here fails if its key is ignored.
+
+Tiny random Llamas; seconds each.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_tiny_llama, build_tiny_tokenizer, tiny_config, tiny_llama_config, write_config
+from lmforge.config import load_config
+from lmforge.errors import LmforgeError
+from lmforge.models.load import load_tokenizer
+from lmforge.models.setup import training_model
+from lmforge.models.tiled_mlp import decoder_mlps, untiled
+from lmforge.recipes.finetune import run_train
+
+CPU = torch.device("cpu")
+
+
+def _cfg(model_dir: Path, data: Path, tmp_path: Path, gpu: bool = False, **extra: object):  # noqa: ANN202
+    path = write_config(tmp_path / "config.yml", tiny_config(model_dir, data, tmp_path / "out", **extra))
+    return load_config(str(path), gpu=gpu)
+
+
+# --- tiled_mlp ------------------------------------------------------------------------------------------------------
+
+def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_tiled_mlp_gives_the_untiled_loss_and_gradients_over_slices(adapter: str | None, tiny_model_dir: Path,
+                                                                     alpaca_file: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=adapter, tiled_mlp=True, tiled_mlp_num_shards=4)
+    said: list[str] = []
+    model = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False, say=said.append)
+    assert "tiled_mlp: 2 MLPs run over 4 slices of each sequence" in said
+    mlps = decoder_mlps(model)
+    rows: list[int] = []  # rows each down_proj call sees: a slice of the sequence, not all of it
+    mlps[0][1].down_proj.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[-2]))
+    ids = torch.randint(4, 60, (2, 24), generator=torch.Generator().manual_seed(0))
+    tiled_loss, tiled_grads = _loss_and_grads(model, ids)
+    assert rows == [6] * 8, "4 slices of 24 positions in forward, recomputed in backward"
+    rows.clear()
+    with untiled(model):
+        loss, grads = _loss_and_grads(model, ids)
+    assert rows == [24]
+    assert torch.allclose(tiled_loss, loss, rtol=1e-6, atol=1e-6)
+    assert tiled_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert torch.allclose(tiled_grads[name], grads[name], rtol=1e-5, atol=1e-6), name
+    # The weights keep their names: checkpoints, LoRA targets and saved files are unchanged.
+    assert all(".forward" not in n for n in dict(model.named_parameters()))
+
+
+def test_tiled_mlp_backward_recomputes_with_the_forwards_dropout_masks(tiny_model_dir: Path, alpaca_file: Path,
+                                                                       tmp_path: Path) -> None:
+    """LoRA dropout inside the MLP: each slice recomputed in backward drops the same units the forward dropped, so the
+    gradient is that of the loss the forward computed."""
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, tiled_mlp=True, tiled_mlp_num_shards=3, lora_dropout=0.5)
+    model = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False)
+    dropped: list[torch.Tensor] = []
+    dropout = model.get_submodule("base_model.model.model.layers.1.mlp.down_proj").lora_dropout["default"]
+    dropout.register_forward_hook(lambda module, args, out: dropped.append(out == 0))
+    ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(dropped) == 6, "3 slices in forward, 3 recomputed in backward"
+    assert all(torch.equal(dropped[i], dropped[i + 3]) for i in range(3))
+    assert 0.3 < float(torch.cat(dropped).float().mean()) < 0.7 and not torch.equal(dropped[0], dropped[1])
+
+
+def test_tiled_mlp_is_refused_with_sharded_training_and_for_a_mixture_of_experts(tiny_model_dir: Path, alpaca_file: Path,
+                                                                                tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="tiled_mlp with fsdp_config"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, tiled_mlp=True, fsdp_config={"reshard_after_forward": True})
+    from lmforge.models.tiled_mlp import tile_mlps
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                             num_experts=4, num_experts_per_tok=2, head_dim=8))
+    with pytest.raises(LmforgeError, match="mixture-of-experts"):
+        tile_mlps(moe, 2)
+
+
+# --- LISA -----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("llama-4-layers")
+    tokenizer = build_tiny_tokenizer(folder)
+    build_tiny_llama(folder, len(tokenizer), num_hidden_layers=4)
+    return folder
+
+
+def _lisa_config(model_dir: Path, data: Path, out: Path, **extra: object) -> dict:
+    return tiny_config(model_dir, data, out, adapter=None, learning_rate=1e-3, optimizer="adamw_torch", weight_decay=0.1,
+                       max_steps=6, save_steps=1, lisa_n_layers=2, lisa_step_interval=3, group_by_length=False, **extra)
+
+
+def _changed_layers(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[int]:
+    return {int(n.split(".")[2]) for n in before if n.startswith("model.layers.") and not torch.equal(before[n], after[n])}
+
+
+def test_lisa_trains_n_layers_at_a_time_redrawn_every_interval_and_resumes_bit_identically(
+        four_layer_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yml", _lisa_config(four_layer_dir, alpaca_file, out))
+    run_train(load_config(str(config)))
+    weights = [load_file(str(four_layer_dir / "model.safetensors"))]
+    weights += [load_file(str(out / f"checkpoint-{step}" / "model.safetensors")) for step in range(1, 7)]
+    changed = [_changed_layers(weights[i], weights[i + 1]) for i in range(6)]
+    assert all(len(layers) == 2 for layers in changed), changed  # exactly lisa_n_layers layers change at each step
+    assert changed[0] == changed[1] == changed[2] and changed[3] == changed[4] == changed[5], changed
+    assert changed[0] != changed[3], "a new draw after lisa_step_interval steps (seed 42 draws two different pairs)"
+    for step in range(6):  # embeddings and the head train at every step
+        assert not torch.equal(weights[step]["model.embed_tokens.weight"], weights[step + 1]["model.embed_tokens.weight"])
+        assert not torch.equal(weights[step]["lm_head.weight"], weights[step + 1]["lm_head.weight"])
+
+    # Resumed mid-interval (step 4 of the draw for steps 3-5), the run trains the same layers, bit for bit.
+    resumed_out = tmp_path / "resumed"
+    resumed_out.mkdir()
+    shutil.copytree(out / "checkpoint-4", resumed_out / "checkpoint-4")
+    resumed = write_config(tmp_path / "r.yml", _lisa_config(four_layer_dir, alpaca_file, resumed_out))
+    run_train(load_config(str(resumed), ["--resume_from_checkpoint=auto"]))
+    final, again = load_file(str(out / "model.safetensors")), load_file(str(resumed_out / "model.safetensors"))
+    assert final.keys() == again.keys() and all(torch.equal(final[n], again[n]) for n in final)
+
+
+def test_lisa_without_its_interval_or_beside_best_weights_is_refused(four_layer_dir: Path, alpaca_file: Path,
+                                                                      tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="both lisa_n_layers and lisa_step_interval"):
+        _cfg(four_layer_dir, alpaca_file, tmp_path, lisa_n_layers=2)
+    with pytest.raises(LmforgeError, match="load_best_model_at_end"):
+        _cfg(four_layer_dir, alpaca_file, tmp_path, lisa_n_layers=2, lisa_step_interval=3, load_best_model_at_end=True)
+
+
+def test_lisa_layers_attribute_names_the_layer_list(four_layer_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from lmforge.train.lisa import LayerSampler
+
+    cfg = _cfg(four_layer_dir, alpaca_file, tmp_path, adapter=None)
+    model = training_model(cfg, load_tokenizer(str(four_layer_dir)), CPU, bf16=False)
+    sampler = LayerSampler(model, 1, 5, "model.layers", seed=0)
+    sampler.at_step(0)
+    trains = [any(p.requires_grad for p in layer.parameters()) for layer in model.model.layers]
+    assert trains.count(True) == 1 and trains.index(True) == sampler.active[0]
+    with pytest.raises(LmforgeError, match="lisa_layers_attribute: model.decoder is not a list of layers"):
+        LayerSampler(model, 1, 5, "model.decoder", seed=0)
+
+
+# --- peft: LoftQ ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Matrices of 64 columns or more: bitsandbytes' nf4 quantizes in blocks of 64."""
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = build_tiny_tokenizer(folder)
+    build_tiny_llama(folder, len(tokenizer), hidden_size=64, intermediate_size=128)
+    return folder
+
+
+def test_peft_loftq_config_starts_the_adapter_from_the_quantization_residual(wide_model_dir: Path, alpaca_file: Path,
+                                                                            tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    tokenizer = load_tokenizer(str(wide_model_dir))
+    original = load_file(str(wide_model_dir / "model.safetensors"))
+    settings = dict(lora_r=8, lora_alpha=8, lora_target_modules=["q_proj", "down_proj"])  # alpha = r: scale 1
+    plain = training_model(_cfg(wide_model_dir, alpaca_file, tmp_path, **settings), tokenizer, CPU, bf16=False)
+    cfg = _cfg(wide_model_dir, alpaca_file, tmp_path, peft={"loftq_config": {"loftq_bits": 4}}, **settings)
+    model = training_model(cfg, tokenizer, CPU, bf16=False)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer, default = model.get_submodule(f"base_model.model.{name}"), plain.get_submodule(f"base_model.model.{name}")
+        assert torch.count_nonzero(default.lora_B["default"].weight) == 0, "PEFT's default starts B at zero"
+        b, a = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        assert torch.count_nonzero(b) > 0, "LoftQ starts B from the residual, not at zero"
+        weight = original[f"{name}.weight"]
+        packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=False)
+        nf4 = bnb.functional.dequantize_4bit(packed, state)
+        base = layer.get_base_layer().weight
+        assert torch.equal(base, nf4), "the base weight becomes its nf4 value, as in PEFT's LoftQ"
+        # LoftQ's point: base + B·A is nearer the full-precision weight than the quantized base alone.
+        assert (weight - (base + b @ a)).norm() < 0.9 * (weight - base).norm()
+
+
+def test_peft_loftq_config_is_refused_with_a_quantized_base_or_without_lora(wide_model_dir: Path, alpaca_file: Path,
+                                                                           tmp_path: Path) -> None:
+    loftq = {"loftq_config": {"loftq_bits": 4}}
+    with pytest.raises(LmforgeError, match="load_in_4bit: false"):
+        _cfg(wide_model_dir, alpaca_file, tmp_path, adapter="qlora", load_in_4bit=True, peft=loftq)
+    with pytest.raises(LmforgeError, match="adapter: lora"):
+        _cfg(wide_model_dir, alpaca_file, tmp_path, adapter=None, peft=loftq)
+    with pytest.raises(LmforgeError, match="peft.init_lora_weights"):
+        _cfg(wide_model_dir, alpaca_file, tmp_path, peft={"init_lora_weights": "pissa"})
