@@ -25,6 +25,7 @@ CPU = torch.device("cpu")
 
 
 def _cfg(model_dir: Path, data: Path, tmp_path: Path, gpu: bool = False, **extra: object):  # noqa: ANN202
+    tmp_path.mkdir(exist_ok=True)
     path = write_config(tmp_path / "config.yml", tiny_config(model_dir, data, tmp_path / "out", **extra))
     return load_config(str(path), gpu=gpu)
 
@@ -202,3 +203,64 @@ def test_peft_loftq_config_is_refused_with_a_quantized_base_or_without_lora(wide
         _cfg(wide_model_dir, alpaca_file, tmp_path, adapter=None, peft=loftq)
     with pytest.raises(LmforgeError, match="peft.init_lora_weights"):
         _cfg(wide_model_dir, alpaca_file, tmp_path, peft={"init_lora_weights": "pissa"})
+
+
+# --- hub_model_id, streaming --------------------------------------------------------------------------------------
+
+class _FakeHub:
+    """huggingface_hub.HfApi's calls lmforge makes, recorded (no network here)."""
+
+    calls: list[tuple[str, dict]] = []
+    fail: Exception | None = None
+
+    def create_repo(self, repo_id: str, **kwargs: object) -> None:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def create_branch(self, repo_id: str, **kwargs: object) -> None:
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs: object) -> str:
+        if self.fail is not None:
+            raise self.fail
+        folder = Path(str(kwargs["folder_path"]))
+        self.calls.append(("upload_folder", {**kwargs, "files": sorted(p.name for p in folder.iterdir())}))
+        return f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
+
+
+def test_hub_model_id_pushes_the_finished_output_without_checkpoints(tiny_model_dir: Path, alpaca_file: Path,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHub)
+    _FakeHub.calls, _FakeHub.fail = [], None
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, max_steps=2, save_steps=1, hub_model_id="someone/tiny-lora",
+               hub_revision="run-1")
+    run_train(cfg)
+    names = [name for name, _ in _FakeHub.calls]
+    assert names == ["create_repo", "create_branch", "upload_folder"]
+    upload = _FakeHub.calls[-1][1]
+    assert upload["repo_id"] == "someone/tiny-lora" and upload["revision"] == "run-1"
+    assert upload["folder_path"] == str(tmp_path / "out")
+    assert {"adapter_model.safetensors", "summary.json"} <= set(upload["files"])  # pushed after the summary is written
+    assert "checkpoint-*" in upload["ignore_patterns"] and "checkpoint-1" in upload["files"]  # on disk, not pushed
+
+    _FakeHub.fail = ConnectionError("no network")
+    with pytest.raises(LmforgeError, match="pushing .* to the Hub repo someone/tiny-lora failed") as err:
+        run_train(_cfg(tiny_model_dir, alpaca_file, tmp_path / "again", max_steps=1, hub_model_id="someone/tiny-lora"))
+    assert "hf upload someone/tiny-lora" in err.value.fix
+    assert (tmp_path / "again" / "out" / "adapter_model.safetensors").is_file(), "the output stays when a push fails"
+
+
+def test_hub_model_id_placeholder_and_pushing_during_the_run_are_refused_at_validate(tiny_model_dir: Path,
+                                                                                    alpaca_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="'<your-hub-model-id>' is not a Hub repo id"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, hub_model_id="<your-hub-model-id>")
+    with pytest.raises(LmforgeError, match="hub_strategy: every_save"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, hub_model_id="a/b", hub_strategy="every_save")
+
+
+def test_streaming_fine_tuning_datasets_is_a_notice_saying_how_lmforge_reads_them(tiny_model_dir: Path,
+                                                                                  alpaca_file: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, streaming=True)
+    notice = next(n for n in cfg.notices if n.key == "streaming")
+    assert "prepared-data cache" in str(notice)

@@ -513,9 +513,15 @@ def lower_is_better(value: Any, facts: Facts) -> Verdict | None:
 
 
 def streaming(value: Any, facts: Facts) -> Verdict | None:
-    """notice with pretraining_dataset (streamed anyway)"""
+    """notice with pretraining_dataset (streamed anyway) and with datasets (read once, row by row, into the prepared
+    cache: the same rows train)"""
     if facts.config.get("pretraining_dataset") and not facts.config.get("datasets"):
         return Verdict(Kind.NOTICE, "lmforge streams Hub pretraining_dataset sources anyway")
+    if value is True and facts.config.get("datasets"):
+        return Verdict(Kind.NOTICE, "lmforge reads fine-tuning datasets row by row and tokenizes them once into its "
+                       "prepared-data cache (dataset_prepared_path) before the first step, then trains from that: the same "
+                       "rows train, in the seed's shuffled order (a Hub dataset is downloaded whole first; to train on a "
+                       "corpus too large for that, use pretraining_dataset, which lmforge streams into token shards)")
     return None
 
 
@@ -617,6 +623,13 @@ CPU_KERNEL = f"{GPU_KERNEL}; {NO_GPU}, and the plain PyTorch ops lmforge runs co
 MODEL = "lmforge/models/setup.py"
 TRAIN = "lmforge/recipes/finetune.py"
 TRAINING = "lmforge/recipes/run.py"  # the setup train and pretrain share
+def hub_strategies(value: Any, facts: Facts) -> Verdict | None:
+    """end is what runs; every_save, checkpoint and all_checkpoints refused (lmforge pushes once, at the end)"""
+    if value in ("every_save", "checkpoint", "all_checkpoints"):
+        return Verdict(Kind.NOT_YET, f"hub_strategy: {value} (pushing during the run)", nearest="hub_strategy: end")
+    return None
+
+
 def tiled_mlp_alone(value: Any, facts: Facts) -> Verdict | None:
     """true refused with fsdp / fsdp_config / deepspeed (the sharded weights' hooks would fire once per slice)"""
     sharded = next((k for k in ("fsdp", "fsdp_config", "deepspeed") if facts.config.get(k)), None)
@@ -719,9 +732,9 @@ KEYS: tuple[Key, ...] = (
 
     # --- output and Hub ----------------------------------------------------------------------------------------
     done("output_dir", TRAIN, PRETRAIN),
-    later("hub_model_id", "pushing checkpoints to the Hub", nearest="output_dir (upload it with `hf upload`)"),
-    *each(later, ("hub_strategy", "hub_revision"),
-          "pushing checkpoints to the Hub", nearest="output_dir", only_with="hub_model_id"),
+    done("hub_model_id", TRAINING),
+    done("hub_revision", TRAINING),
+    done("hub_strategy", TRAINING, rule=hub_strategies),
     out("save_safetensors", "lmforge saves safetensors only (no pickle)", quiet=(None,),
         same={True: "lmforge always saves safetensors"}),
     later("push_dataset_to_hub", "pushing the prepared dataset to the Hub", nearest="dataset_prepared_path"),

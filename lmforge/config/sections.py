@@ -459,6 +459,11 @@ class TrainingSection(Section):
         None, gt=0, description="Stop the run when the training loss stays above this for loss_watchdog_patience steps."
     )
     loss_watchdog_patience: int = Field(3, gt=0, description="Steps in a row above loss_watchdog_threshold before stopping.")
+    hub_model_id: str | None = Field(
+        None, description="A Hugging Face Hub model repo (user/name) the finished run's output_dir is pushed to (not its "
+        "checkpoints), with HF_TOKEN; a failed push leaves the output in place and names the `hf upload` command.")
+    hub_strategy: Literal["end"] | None = Field(None, description="When to push: end (after the run; the default).")
+    hub_revision: str | None = Field(None, description="The repo branch to push to (created when missing; default main).")
     lisa_n_layers: int | None = Field(
         None, gt=0, description="LISA: train this many decoder layers at a time, drawn at random every lisa_step_interval "
         "steps (the others frozen; embeddings, head and norms train throughout).")
@@ -469,6 +474,19 @@ class TrainingSection(Section):
     @classmethod
     def _zero_is_off(cls, value: float | None) -> float | None:
         return value or None
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        if value:
+            try:
+                validate_repo_id(value)
+            except HFValidationError as exc:
+                raise ValueError(f"hub_model_id: '{value}' is not a Hub repo id: {str(exc).splitlines()[0]} "
+                                 "(write user/name, or remove the key)") from None
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -591,3 +591,7 @@ class TrainingRun:
         plot_losses(output_dir / "loss_curves.png", outcome.result.train_history,
                     ([(0, start)] if start is not None else []) + outcome.result.eval_history)
         write_text(output_dir / "summary.md", summary_markdown(summary))
+        if self.t.hub_model_id:  # last: the repo gets the summary too
+            from lmforge.export.hub import push_output
+
+            push_output(output_dir, self.t.hub_model_id, self.t.hub_revision, say)
