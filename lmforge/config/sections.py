@@ -462,7 +462,6 @@ class TrainingSection(Section):
     hub_model_id: str | None = Field(
         None, description="A Hugging Face Hub model repo (user/name) the finished run's output_dir is pushed to (not its "
         "checkpoints), with HF_TOKEN; a failed push leaves the output in place and names the `hf upload` command.")
-    hub_strategy: Literal["end"] | None = Field(None, description="When to push: end (after the run; the default).")
     hub_revision: str | None = Field(None, description="The repo branch to push to (created when missing; default main).")
     lisa_n_layers: int | None = Field(
         None, gt=0, description="LISA: train this many decoder layers at a time, drawn at random every lisa_step_interval "
