@@ -264,3 +264,67 @@ def test_streaming_fine_tuning_datasets_is_a_notice_saying_how_lmforge_reads_the
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, streaming=True)
     notice = next(n for n in cfg.notices if n.key == "streaming")
     assert "prepared-data cache" in str(notice)
+
+
+def test_lisa_n_layers_not_below_the_layer_count_trains_every_layer_with_a_warning(
+        tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """axolotl's lisa.yml asks for 4 layers; a 2-layer model of the family trains all of them, and says so."""
+    out = tmp_path / "out"
+    run_train(load_config(str(write_config(tmp_path / "c.yml", {**_lisa_config(tiny_model_dir, alpaca_file, out),
+                                                                 "lisa_n_layers": 4, "max_steps": 1, "save_steps": None}))))
+    assert "lisa_n_layers: 4 is not fewer than the model's 2 layers: every layer trains" in capsys.readouterr().out
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert _changed_layers(before, after) == {0, 1}
+
+
+# --- dp_replicate_size (HSDP) ---------------------------------------------------------------------------------------
+
+def test_dp_replicate_size_sizes_must_multiply_to_the_ranks_and_need_fsdp(tiny_model_dir: Path, alpaca_file: Path,
+                                                                         tmp_path: Path) -> None:
+    from lmforge.train.distributed import check_shard_size
+
+    check_shard_size(2, 4, 2)  # 2 groups × 2 shards = the 4 ranks
+    check_shard_size(None, 4, 2)  # the shard size follows from the ranks
+    with pytest.raises(LmforgeError, match="dp_replicate_size: 2 groups × dp_shard_size: 2 is 4 ranks and this run has 2"):
+        check_shard_size(2, 2, 2)
+    with pytest.raises(LmforgeError, match="replicates FSDP's sharded groups"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, dp_replicate_size=2)
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, dp_replicate_size=1)  # axolotl's falcon-e configs: asks for nothing
+    assert cfg.distributed.dp_replicate_size == 1 and not cfg.notices
+
+
+@pytest.mark.slow  # one torchrun launch of 4 ranks (about a minute on 2 cores); CI's full suite runs it
+def test_hsdp_on_four_gloo_ranks_as_two_by_two_trains_as_one_process(tiny_model_dir: Path, alpaca_file: Path,
+                                                                     tmp_path: Path) -> None:
+    """dp_replicate_size: 2 × dp_shard_size: 2 on 4 ranks: each pair shards the weights, the pairs replicate them; the
+    per-step losses and final weights are those of one process with the same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    settings = dict(adapter=None, micro_batch_size=2, max_steps=4, learning_rate=0.002, lr_scheduler="cosine",
+                    warmup_steps=1, logging_steps=1, seed=7, group_by_length=False)
+    reference = tmp_path / "one"
+    run_train(load_config(str(write_config(tmp_path / "one.yml", tiny_config(
+        tiny_model_dir, alpaca_file, reference, gradient_accumulation_steps=4, **settings)))))
+    hsdp = tmp_path / "hsdp"
+    config = write_config(tmp_path / "hsdp.yml", tiny_config(
+        tiny_model_dir, alpaca_file, hsdp, gradient_accumulation_steps=1, dp_replicate_size=2, dp_shard_size=2,
+        fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                     "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}, **settings))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                           str(REPO / "tests" / "distributed_runs.py"), str(config)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "replicated in 2 groups (HSDP)" in done.stdout
+    history = [json.loads((d / "summary.json").read_text()) for d in (hsdp, reference)]
+    assert history[0]["ranks"] == 4 and history[0]["final_train_loss"] == pytest.approx(history[1]["final_train_loss"], abs=1e-4)
+    ours, ref = load_file(str(hsdp / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert ours.keys() == ref.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)

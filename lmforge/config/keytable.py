@@ -237,6 +237,14 @@ def shard_size(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def replicate_size(value: Any, facts: Facts) -> Verdict | None:
+    """refused above 1 without fsdp / fsdp_config (it replicates FSDP's sharded groups: HSDP); 1 or null ask for nothing"""
+    if isinstance(value, int) and value > 1 and not (facts.config.get("fsdp") or facts.config.get("fsdp_config")):
+        return Verdict(Kind.NOT_YET, "dp_replicate_size replicates FSDP's sharded groups (HSDP) and neither fsdp nor "
+                       "fsdp_config is set", nearest="fsdp_config with dp_replicate_size (or DDP: no fsdp, every rank a copy)")
+    return None
+
+
 def multipack_attn(value: Any, facts: Facts) -> Verdict | None:
     """true refused with objective: mlm (an encoder's windows are not split into documents here)"""
     if value is True and facts.config.get("objective") == "mlm":
@@ -922,9 +930,7 @@ KEYS: tuple[Key, ...] = (
     done("ddp_broadcast_buffers", DIST),
     done("ddp_find_unused_parameters", DIST),
     done("dp_shard_size", DIST, rule=shard_size),
-    later("dp_replicate_size", "HSDP (replicated FSDP groups): lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's "
-          "2-D mesh needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)",
-          quiet=(None, 1)),
+    done("dp_replicate_size", DIST, rule=replicate_size),
     later("accelerator_config", "accelerate's settings", nearest="gradient_accumulation_steps"),
     *each(out, ("tensor_parallel_size", "context_parallel_size", "sequence_parallel_degree"),
           PARALLEL, quiet=(None, 0, 1)),

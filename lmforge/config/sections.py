@@ -822,8 +822,12 @@ class DistributedSection(Section):
         None, description="DeepSpeed config: a JSON file (e.g. deepspeed_configs/zero2.json) or the mapping itself; CUDA GPUs, or CPUs where deepspeed is installed."
     )
     dp_shard_size: int | None = Field(
-        None, ge=1, description="FSDP: the ranks one copy of the weights is sharded over. lmforge's FSDP2 shards over every "
-        "rank, so a run checks that it starts exactly this many (HSDP's replicated groups are not supported yet)."
+        None, ge=1, description="FSDP: the ranks one copy of the weights is sharded over: every rank, or with "
+        "dp_replicate_size the ranks of one group (a run checks that it starts that many)."
+    )
+    dp_replicate_size: int | None = Field(
+        None, ge=1, description="FSDP: HSDP, groups of ranks that each hold a sharded copy of the weights (torch's 2-D "
+        "device mesh); dp_replicate_size × dp_shard_size is every rank."
     )
     ddp_timeout: int | None = Field(None, gt=0, description="Seconds a collective may wait for the other ranks (default 1800).")
     ddp_bucket_cap_mb: int | None = Field(None, gt=0, description="DDP gradient bucket size in MB (default 25).")

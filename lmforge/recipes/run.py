@@ -479,9 +479,13 @@ class TrainingRun:
             from lmforge.train.lisa import LayerSampler
 
             sampler = LayerSampler(model, t.lisa_n_layers, t.lisa_step_interval, t.lisa_layers_attribute, t.seed)
-            callbacks.step_begin = sampler.at_step
-            say(f"LISA: {t.lisa_n_layers} of {len(sampler.trainable)} layers train at a time, redrawn every "
-                f"{t.lisa_step_interval} steps")
+            if sampler.n_layers < len(sampler.trainable):
+                callbacks.step_begin = sampler.at_step
+                say(f"LISA: {t.lisa_n_layers} of {len(sampler.trainable)} layers train at a time, redrawn every "
+                    f"{t.lisa_step_interval} steps")
+            else:
+                say(f"warning: lisa_n_layers: {t.lisa_n_layers} is not fewer than the model's {len(sampler.trainable)} "
+                    "layers: every layer trains at every step (LISA changes nothing for this model)")
         started = time.perf_counter()
         try:
             with stop_on_signals(callbacks):

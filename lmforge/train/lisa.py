@@ -47,9 +47,7 @@ class LayerSampler:
 
     def __init__(self, model: Any, n_layers: int, interval: int, attribute: str, seed: int) -> None:
         layers = layer_list(model, attribute)
-        if n_layers > len(layers):
-            raise LmforgeError(f"lisa_n_layers: {n_layers} is more than the model's {len(layers)} layers",
-                               where="lisa_n_layers", fix=f"at most {len(layers)}")
+        n_layers = min(n_layers, len(layers))  # as many as the model has: every layer trains (the recipe says so)
         # The weights each layer trains when drawn: those trainable now (all of them, or an adapter's, or those
         # unfrozen_parameters names), so LISA never unfreezes what the config froze.
         self.trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
