@@ -774,10 +774,12 @@ KEYS: tuple[Key, ...] = (
     later("loraplus_lr_embedding", "LoRA+ learning rates", nearest="learning_rate", only_with="loraplus_lr_ratio"),
     later("merge_lora", "merging as part of a run", nearest="`lmforge merge-lora CONFIG`"),
     note("merge_method", "how axolotl's merge saves memory; `lmforge merge-lora` gives the same merged weights"),
-    later("relora", "ReLoRA restarts", nearest="adapter: lora"),
+    later("relora", "ReLoRA: merging the adapter into the base and restarting it every jagged_restart_steps (with a 4-bit "
+          "base, dequantized, merged and requantized each time), with the optimizer state pruned", nearest="adapter: lora "
+          "(or train, `lmforge merge`, and train a new adapter on the merged model)"),
     *each(later, ("relora_prune_ratio", "relora_prune_method", "relora_cpu_offload"),
           "ReLoRA restarts", only_with="relora"),
-    later("jagged_restart_steps", "jagged learning-rate restarts", nearest="lr_scheduler"),
+    later("jagged_restart_steps", "jagged learning-rate restarts (axolotl uses them with relora)", nearest="lr_scheduler"),
     *each(later, ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps"),
           "jagged learning-rate restarts", only_with="jagged_restart_steps"),
     later("mora", "MoRA adapters", nearest="adapter: lora"),
