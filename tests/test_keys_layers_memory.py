@@ -117,7 +117,8 @@ def test_lisa_trains_n_layers_at_a_time_redrawn_every_interval_and_resumes_bit_i
         four_layer_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yml", _lisa_config(four_layer_dir, alpaca_file, out))
-    run_train(load_config(str(config)))
+    summary = run_train(load_config(str(config)))
+    assert summary["trainable_parameters"] == summary["total_parameters"], "after training every layer trains again"
     weights = [load_file(str(four_layer_dir / "model.safetensors"))]
     weights += [load_file(str(out / f"checkpoint-{step}" / "model.safetensors")) for step in range(1, 7)]
     changed = [_changed_layers(weights[i], weights[i + 1]) for i in range(6)]

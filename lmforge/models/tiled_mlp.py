@@ -78,12 +78,12 @@ class _TiledMLP(torch.autograd.Function):
         return (None, grad_x, None, *grad_params)
 
 
-def _tiled_forward(module: torch.nn.Module, untiled: Callable[[torch.Tensor], torch.Tensor], configured: int | None,
-                   x: torch.Tensor) -> torch.Tensor:
-    shards = min(shard_count(x.shape[-2], configured), x.shape[-2])
+def _tiled_forward(module: torch.nn.Module, untiled: Callable[..., torch.Tensor], configured: int | None,
+                   x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    shards = min(shard_count(x.shape[-2], configured), x.shape[-2]) if x.dim() >= 2 else 1
     params = [p for p in module.parameters() if p.requires_grad]  # read each call: LISA changes which layers train
-    if shards <= 1 or not torch.is_grad_enabled() or not (x.requires_grad or params):
-        return untiled(x)
+    if shards <= 1 or args or kwargs or not torch.is_grad_enabled() or not (x.requires_grad or params):
+        return untiled(x, *args, **kwargs)  # an MLP called with more than the hidden states runs as written
     return _TiledMLP.apply(untiled, x, shards, *params)
 
 

@@ -472,6 +472,7 @@ class TrainingRun:
 
         callbacks = _RunCallbacks(loggers, save, remember_best, after_eval if generation_eval is not None and eval_fn else None,
                                    extra_metrics)
+        sampler = None
         if t.lisa_n_layers and t.lisa_step_interval:
             if engine.distributed:  # DDP's reducer and sharded weights expect the same trainable weights every step
                 raise LmforgeError("LISA changes which layers train every lisa_step_interval steps, which lmforge does not "
@@ -495,6 +496,8 @@ class TrainingRun:
                     callbacks.on_log(0, {"eval_loss": eval_start, "eval_perplexity": math.exp(min(eval_start, 50))})
                 result = train_loop(step_model, step_optimizer, scheduler, iter(stream), settings, eval_fn, callbacks,
                                     step_objective, result=result)
+                if sampler is not None:
+                    sampler.release()
                 if result.stop_reason == "interrupted":
                     save(result.steps)
                     say(f"stopped at step {result.steps}; resume with --resume_from_checkpoint=auto")

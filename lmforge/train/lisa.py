@@ -60,6 +60,13 @@ class LayerSampler:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         return sorted(torch.randperm(len(self.trainable), generator=generator)[: self.n_layers].tolist())
 
+    def release(self) -> None:
+        """After training: every layer's weights trainable again, as before LISA (the summary counts them)."""
+        for params in self.trainable:
+            for param in params:
+                param.requires_grad_(True)
+        self.draw_index, self.active = None, []
+
     def at_step(self, step: int) -> None:
         """Before 0-based `step`: set which layers train (a new draw at each interval's first step, or after a resume)."""
         index = step // self.interval
