@@ -329,3 +329,22 @@ def test_hsdp_on_four_gloo_ranks_as_two_by_two_trains_as_one_process(tiny_model_
     assert ours.keys() == ref.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+# --- cls_model_config -------------------------------------------------------------------------------------------------
+
+def test_cls_model_config_reads_the_config_with_that_class_and_loads_its_architecture(tiny_model_dir: Path,
+                                                                                      alpaca_file: Path, tmp_path: Path) -> None:
+    """A Llama checkpoint read with MistralConfig loads as a Mistral model (the same weight names); an unknown class
+    is one line at load time, a malformed name one line at validate."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = training_model(_cfg(tiny_model_dir, alpaca_file, tmp_path, cls_model_config="MistralConfig"), tokenizer,
+                           CPU, bf16=False)
+    assert type(model.get_base_model()).__name__ == "MistralForCausalLM"
+    plain = training_model(_cfg(tiny_model_dir, alpaca_file, tmp_path), tokenizer, CPU, bf16=False)
+    assert type(plain.get_base_model()).__name__ == "LlamaForCausalLM"
+    with pytest.raises(LmforgeError, match="has no class NoSuchConfig"):
+        training_model(_cfg(tiny_model_dir, alpaca_file, tmp_path, cls_model_config="NoSuchConfig"), tokenizer, CPU,
+                       bf16=False)
+    with pytest.raises(LmforgeError, match="cls_model_config"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, cls_model_config="gemma3")

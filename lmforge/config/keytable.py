@@ -689,7 +689,7 @@ KEYS: tuple[Key, ...] = (
     # --- model and tokenizer -----------------------------------------------------------------------------------
     done("base_model", MODEL, TRAINING),
     done("base_model_config", MODEL),
-    later("cls_model_config", "choosing the transformers config class", nearest="base_model (its config.json names the class)"),
+    done("cls_model_config", MODEL),
     done("tokenizer_config", LOAD),
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),

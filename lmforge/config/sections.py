@@ -169,6 +169,10 @@ class ModelSection(Section):
         "special token, false only at the start of the text (default: the tokenizer's own).")
     revision_of_model: str | None = Field(
         None, description="The Hub revision (branch, tag or commit) of base_model and its tokenizer.")
+    cls_model_config: str | None = Field(
+        None, pattern=r"^[A-Z][A-Za-z0-9]*Config$", description="A transformers config class (e.g. Gemma3TextConfig) "
+        "that reads base_model's config.json instead of AutoConfig: the model loads as that architecture (a multimodal "
+        "checkpoint's text model).")
     reinit_weights: bool = Field(
         False, description="Build base_model's architecture with freshly initialised weights (seeded by seed) instead of "
         "reading its weights: pretraining from scratch in a known shape.")

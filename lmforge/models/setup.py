@@ -96,7 +96,7 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
                                masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                                model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
                                config_overrides=cfg.model.overrides_of_model_config, reinit_weights=cfg.model.reinit_weights,
-                               image_text=bool(cfg.model.processor_type),
+                               image_text=bool(cfg.model.processor_type), config_class=cfg.model.cls_model_config,
                                **({"revision": cfg.model.revision_of_model} if cfg.model.revision_of_model else {}), **extra)
 
         try:
