@@ -177,7 +177,7 @@ def test_peft_loftq_config_starts_the_adapter_from_the_quantization_residual(wid
 
     tokenizer = load_tokenizer(str(wide_model_dir))
     original = load_file(str(wide_model_dir / "model.safetensors"))
-    settings = dict(lora_r=8, lora_alpha=8, lora_target_modules=["q_proj", "down_proj"])  # alpha = r: scale 1
+    settings = dict(lora_r=8, lora_alpha=8, lora_target_modules=["q_proj", "down_proj"], lora_target_linear=False)
     plain = training_model(_cfg(wide_model_dir, alpaca_file, tmp_path, **settings), tokenizer, CPU, bf16=False)
     cfg = _cfg(wide_model_dir, alpaca_file, tmp_path, peft={"loftq_config": {"loftq_bits": 4}}, **settings)
     model = training_model(cfg, tokenizer, CPU, bf16=False)
@@ -348,3 +348,27 @@ def test_cls_model_config_reads_the_config_with_that_class_and_loads_its_archite
                        bf16=False)
     with pytest.raises(LmforgeError, match="cls_model_config"):
         _cfg(tiny_model_dir, alpaca_file, tmp_path, cls_model_config="gemma3")
+
+
+def test_peft_loftq_config_on_cuda_is_pefts_own_loftq_init(wide_model_dir: Path, alpaca_file: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where CUDA runs, PEFT initialises LoftQ itself (init_lora_weights="loftq"): its loftq_init is called per adapted
+    layer with the configured bits (replaced here by a recorder, as PEFT's computes on CUDA)."""
+    import peft.tuners.lora.layer as lora_layer
+
+    from lmforge.models.adapters import apply_lora
+    from lmforge.models.load import load_model
+
+    calls: list[dict] = []
+
+    def recorder(weight: torch.Tensor, num_bits: int, reduced_rank: int, num_iter: int = 1):  # noqa: ANN202
+        calls.append({"bits": num_bits, "rank": reduced_rank, "iterations": num_iter})
+        return weight, torch.ones(reduced_rank, weight.shape[1]), torch.ones(weight.shape[0], reduced_rank)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(lora_layer, "loftq_init", recorder)
+    cfg = _cfg(wide_model_dir, alpaca_file, tmp_path, lora_r=8, lora_target_modules=["q_proj"], lora_target_linear=False,
+               peft={"loftq_config": {"loftq_bits": 8, "loftq_iter": 2}})
+    model = apply_lora(load_model(str(wide_model_dir)), cfg.adapter)
+    assert calls == [{"bits": 8, "rank": 8, "iterations": 2}] * 2  # q_proj of both layers
+    assert model.peft_config["default"].init_lora_weights == "loftq"
