@@ -80,10 +80,10 @@ def test_tiled_mlp_backward_recomputes_with_the_forwards_dropout_masks(tiny_mode
     assert 0.3 < float(torch.cat(dropped).float().mean()) < 0.7 and not torch.equal(dropped[0], dropped[1])
 
 
-def test_tiled_mlp_is_refused_with_sharded_training_and_for_a_mixture_of_experts(tiny_model_dir: Path, alpaca_file: Path,
+def test_tiled_mlp_is_refused_with_deepspeed_and_for_a_mixture_of_experts(tiny_model_dir: Path, alpaca_file: Path,
                                                                                 tmp_path: Path) -> None:
-    with pytest.raises(LmforgeError, match="tiled_mlp with fsdp_config"):
-        _cfg(tiny_model_dir, alpaca_file, tmp_path, tiled_mlp=True, fsdp_config={"reshard_after_forward": True})
+    with pytest.raises(LmforgeError, match="tiled_mlp with deepspeed"):
+        _cfg(tiny_model_dir, alpaca_file, tmp_path, tiled_mlp=True, deepspeed="deepspeed_configs/zero2.json")
     from lmforge.models.tiled_mlp import tile_mlps
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -92,6 +92,39 @@ def test_tiled_mlp_is_refused_with_sharded_training_and_for_a_mixture_of_experts
                                              num_experts=4, num_experts_per_tok=2, head_dim=8))
     with pytest.raises(LmforgeError, match="mixture-of-experts"):
         tile_mlps(moe, 2)
+
+
+@pytest.mark.slow  # one torchrun launch of 2 ranks (about 40 s on 2 cores); CI's full suite runs it
+def test_tiled_mlp_under_fsdp2_on_two_ranks_trains_as_untiled(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """FSDP2 unshards a decoder layer's weights before its backward, so the slices' recomputation sees them whole and
+    the per-slice gradients reach the sharded weights once: the tiled run ends where the untiled one does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    fsdp = {"fsdp_version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
+    configs = []
+    for name, extra in (("plain", {}), ("tiled", {"tiled_mlp": True, "tiled_mlp_num_shards": 3})):
+        configs.append(str(write_config(tmp_path / f"{name}.yml", tiny_config(
+            tiny_model_dir, alpaca_file, tmp_path / name, adapter=None, max_steps=3, micro_batch_size=2,
+            learning_rate=0.002, fsdp_config=fsdp, seed=7, group_by_length=False, **extra))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "distributed_runs.py"), *configs], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "tiled_mlp: 2 MLPs run over 3 slices" in done.stdout
+    losses = [json.loads((tmp_path / name / "summary.json").read_text())["final_train_loss"] for name in ("plain", "tiled")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    plain, tiled = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "tiled"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(plain[n], base[n]) for n in plain), "the run trained"
+    for name in plain:
+        torch.testing.assert_close(tiled[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 # --- LISA -----------------------------------------------------------------------------------------------------------

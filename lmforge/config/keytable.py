@@ -639,12 +639,12 @@ def hub_strategies(value: Any, facts: Facts) -> Verdict | None:
 
 
 def tiled_mlp_alone(value: Any, facts: Facts) -> Verdict | None:
-    """true refused with fsdp / fsdp_config / deepspeed (the sharded weights' hooks would fire once per slice)"""
-    sharded = next((k for k in ("fsdp", "fsdp_config", "deepspeed") if facts.config.get(k)), None)
+    """true refused with deepspeed (ZeRO's parameter hooks would fire once per slice)"""
+    sharded = next((k for k in ("deepspeed",) if facts.config.get(k)), None)
     if value is True and sharded:
-        return Verdict(Kind.NOT_YET, f"tiled_mlp with {sharded}: the slices' recomputation in backward runs inside the "
-                       "sharded layer's own hooks, which lmforge has not made safe", nearest="gradient_checkpointing: true "
-                       f"with {sharded}, or tiled_mlp in one process or under DDP")
+        return Verdict(Kind.NOT_YET, "tiled_mlp with deepspeed: ZeRO gathers and releases parameters in its own hooks, "
+                       "around which lmforge has not run the slices' recomputation", nearest="gradient_checkpointing: true "
+                       "with deepspeed, or tiled_mlp with fsdp_config (FSDP2)")
     return None
 
 
