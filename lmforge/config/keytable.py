@@ -562,6 +562,40 @@ def fsdp_version(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def hub_strategies(value: Any, facts: Facts) -> Verdict | None:
+    """end is what runs; every_save, checkpoint and all_checkpoints refused (lmforge pushes once, at the end)"""
+    if value in ("every_save", "checkpoint", "all_checkpoints"):
+        return Verdict(Kind.NOT_YET, f"hub_strategy: {value} (pushing during the run)", nearest="hub_strategy: end")
+    return None
+
+
+def tiled_mlp_alone(value: Any, facts: Facts) -> Verdict | None:
+    """true refused with deepspeed (ZeRO's parameter hooks would fire once per slice)"""
+    if value is True and facts.config.get("deepspeed"):
+        return Verdict(Kind.NOT_YET, "tiled_mlp with deepspeed: ZeRO gathers and releases parameters in its own hooks, "
+                       "around which lmforge has not run the slices' recomputation", nearest="gradient_checkpointing: true "
+                       "with deepspeed, or tiled_mlp with fsdp_config (FSDP2)")
+    return None
+
+
+def loftq_with_adapter(value: Any, facts: Facts) -> Verdict | None:
+    """loftq_config refused without adapter: lora, or with a 4/8-bit base (LoftQ quantizes the full-precision weights
+    itself); other entries refused by name"""
+    if not isinstance(value, Mapping):
+        return None
+    if (unknown := unknown_entry(value, "peft", ("loftq_config",))) is not None:
+        return unknown
+    if value.get("loftq_config") is None:
+        return QUIET
+    if facts.config.get("adapter") != "lora":
+        return Verdict(Kind.NOT_YET, "peft.loftq_config initialises a LoRA adapter from the full-precision weights and "
+                       f"adapter is {facts.config.get('adapter')}", nearest="adapter: lora (with load_in_4bit: false)")
+    if facts.config.get("load_in_4bit") or facts.config.get("load_in_8bit"):
+        return Verdict(Kind.NOT_YET, "peft.loftq_config quantizes the full-precision base weights itself, and the base "
+                       "loads already quantized", nearest="load_in_4bit: false with peft.loftq_config")
+    return None
+
+
 def deepspeed_on_gpus(value: Any, facts: Facts) -> Verdict | None:
     """refused on a machine without a GPU unless deepspeed is installed (its CPU accelerator runs with gloo)"""
     import importlib.util
@@ -631,41 +665,6 @@ CPU_KERNEL = f"{GPU_KERNEL}; {NO_GPU}, and the plain PyTorch ops lmforge runs co
 MODEL = "lmforge/models/setup.py"
 TRAIN = "lmforge/recipes/finetune.py"
 TRAINING = "lmforge/recipes/run.py"  # the setup train and pretrain share
-def hub_strategies(value: Any, facts: Facts) -> Verdict | None:
-    """end is what runs; every_save, checkpoint and all_checkpoints refused (lmforge pushes once, at the end)"""
-    if value in ("every_save", "checkpoint", "all_checkpoints"):
-        return Verdict(Kind.NOT_YET, f"hub_strategy: {value} (pushing during the run)", nearest="hub_strategy: end")
-    return None
-
-
-def tiled_mlp_alone(value: Any, facts: Facts) -> Verdict | None:
-    """true refused with deepspeed (ZeRO's parameter hooks would fire once per slice)"""
-    sharded = next((k for k in ("deepspeed",) if facts.config.get(k)), None)
-    if value is True and sharded:
-        return Verdict(Kind.NOT_YET, "tiled_mlp with deepspeed: ZeRO gathers and releases parameters in its own hooks, "
-                       "around which lmforge has not run the slices' recomputation", nearest="gradient_checkpointing: true "
-                       "with deepspeed, or tiled_mlp with fsdp_config (FSDP2)")
-    return None
-
-
-def loftq_with_adapter(value: Any, facts: Facts) -> Verdict | None:
-    """loftq_config refused without adapter: lora, or with a 4/8-bit base (LoftQ quantizes the full-precision weights
-    itself); other entries refused by name"""
-    if not isinstance(value, Mapping):
-        return None
-    if (unknown := unknown_entry(value, "peft", ("loftq_config",))) is not None:
-        return unknown
-    if value.get("loftq_config") is None:
-        return QUIET
-    if facts.config.get("adapter") != "lora":
-        return Verdict(Kind.NOT_YET, "peft.loftq_config initialises a LoRA adapter from the full-precision weights and "
-                       f"adapter is {facts.config.get('adapter')}", nearest="adapter: lora (with load_in_4bit: false)")
-    if facts.config.get("load_in_4bit") or facts.config.get("load_in_8bit"):
-        return Verdict(Kind.NOT_YET, "peft.loftq_config quantizes the full-precision base weights itself, and the base "
-                       "loads already quantized", nearest="load_in_4bit: false with peft.loftq_config")
-    return None
-
-
 GRPO_RECIPE = "lmforge/recipes/grpo.py"
 GRPO = "lmforge/train/grpo.py"
 ROLLOUTS = "lmforge/train/rollouts.py"
