@@ -237,6 +237,14 @@ def shard_size(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+def replicate_size(value: Any, facts: Facts) -> Verdict | None:
+    """refused above 1 without fsdp / fsdp_config (it replicates FSDP's sharded groups: HSDP); 1 or null ask for nothing"""
+    if isinstance(value, int) and value > 1 and not (facts.config.get("fsdp") or facts.config.get("fsdp_config")):
+        return Verdict(Kind.NOT_YET, "dp_replicate_size replicates FSDP's sharded groups (HSDP) and neither fsdp nor "
+                       "fsdp_config is set", nearest="fsdp_config with dp_replicate_size (or DDP: no fsdp, every rank a copy)")
+    return None
+
+
 def multipack_attn(value: Any, facts: Facts) -> Verdict | None:
     """true refused with objective: mlm (an encoder's windows are not split into documents here)"""
     if value is True and facts.config.get("objective") == "mlm":
@@ -513,9 +521,15 @@ def lower_is_better(value: Any, facts: Facts) -> Verdict | None:
 
 
 def streaming(value: Any, facts: Facts) -> Verdict | None:
-    """notice with pretraining_dataset (streamed anyway)"""
+    """notice with pretraining_dataset (streamed anyway) and with datasets (read once, row by row, into the prepared
+    cache: the same rows train)"""
     if facts.config.get("pretraining_dataset") and not facts.config.get("datasets"):
         return Verdict(Kind.NOTICE, "lmforge streams Hub pretraining_dataset sources anyway")
+    if value is True and facts.config.get("datasets"):
+        return Verdict(Kind.NOTICE, "lmforge reads fine-tuning datasets row by row and tokenizes them once into its "
+                       "prepared-data cache (dataset_prepared_path) before the first step, then trains from that: the same "
+                       "rows train, in the seed's shuffled order (a Hub dataset is downloaded whole first; to train on a "
+                       "corpus too large for that, use pretraining_dataset, which lmforge streams into token shards)")
     return None
 
 
@@ -545,6 +559,40 @@ def fsdp_version(value: Any, facts: Facts) -> Verdict | None:
     if value in (1, "1"):
         return Verdict(Kind.NOTICE, "lmforge shards with FSDP2 (torch's fully_shard) whatever the version; the training is the "
                        "same, and FSDP1's flat parameters are not used")
+    return None
+
+
+def hub_strategies(value: Any, facts: Facts) -> Verdict | None:
+    """end is what runs; every_save, checkpoint and all_checkpoints refused (lmforge pushes once, at the end)"""
+    if value in ("every_save", "checkpoint", "all_checkpoints"):
+        return Verdict(Kind.NOT_YET, f"hub_strategy: {value} (pushing during the run)", nearest="hub_strategy: end")
+    return None
+
+
+def tiled_mlp_alone(value: Any, facts: Facts) -> Verdict | None:
+    """true refused with deepspeed (ZeRO's parameter hooks would fire once per slice)"""
+    if value is True and facts.config.get("deepspeed"):
+        return Verdict(Kind.NOT_YET, "tiled_mlp with deepspeed: ZeRO gathers and releases parameters in its own hooks, "
+                       "around which lmforge has not run the slices' recomputation", nearest="gradient_checkpointing: true "
+                       "with deepspeed, or tiled_mlp with fsdp_config (FSDP2)")
+    return None
+
+
+def loftq_with_adapter(value: Any, facts: Facts) -> Verdict | None:
+    """loftq_config refused without adapter: lora, or with a 4/8-bit base (LoftQ quantizes the full-precision weights
+    itself); other entries refused by name"""
+    if not isinstance(value, Mapping):
+        return None
+    if (unknown := unknown_entry(value, "peft", ("loftq_config",))) is not None:
+        return unknown
+    if value.get("loftq_config") is None:
+        return QUIET
+    if facts.config.get("adapter") != "lora":
+        return Verdict(Kind.NOT_YET, "peft.loftq_config initialises a LoRA adapter from the full-precision weights and "
+                       f"adapter is {facts.config.get('adapter')}", nearest="adapter: lora (with load_in_4bit: false)")
+    if facts.config.get("load_in_4bit") or facts.config.get("load_in_8bit"):
+        return Verdict(Kind.NOT_YET, "peft.loftq_config quantizes the full-precision base weights itself, and the base "
+                       "loads already quantized", nearest="load_in_4bit: false with peft.loftq_config")
     return None
 
 
@@ -640,7 +688,7 @@ KEYS: tuple[Key, ...] = (
     # --- model and tokenizer -----------------------------------------------------------------------------------
     done("base_model", MODEL, TRAINING),
     done("base_model_config", MODEL),
-    later("cls_model_config", "choosing the transformers config class", nearest="base_model (its config.json names the class)"),
+    done("cls_model_config", MODEL),
     done("tokenizer_config", LOAD),
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),
@@ -691,9 +739,10 @@ KEYS: tuple[Key, ...] = (
 
     # --- output and Hub ----------------------------------------------------------------------------------------
     done("output_dir", TRAIN, PRETRAIN),
-    later("hub_model_id", "pushing checkpoints to the Hub", nearest="output_dir (upload it with `hf upload`)"),
-    *each(later, ("hub_strategy", "hub_revision"),
-          "pushing checkpoints to the Hub", nearest="output_dir", only_with="hub_model_id"),
+    done("hub_model_id", TRAINING),
+    done("hub_revision", TRAINING),
+    note("hub_strategy", "lmforge pushes once, at the end of the run (hub_strategy: end)", only_with="hub_model_id",
+         rule=hub_strategies),
     out("save_safetensors", "lmforge saves safetensors only (no pickle)", quiet=(None,),
         same={True: "lmforge always saves safetensors"}),
     later("push_dataset_to_hub", "pushing the prepared dataset to the Hub", nearest="dataset_prepared_path"),
@@ -707,7 +756,7 @@ KEYS: tuple[Key, ...] = (
     later("lora_alpha_pattern", "per-module LoRA alphas", nearest="lora_alpha"),
     *each(later, ("peft_layers_to_transform", "peft_layers_pattern"),
           "LoRA on chosen layer indices", nearest="lora_target_modules (a regex)"),
-    later("peft", "LoftQ initialisation", nearest="adapter: lora"),
+    done("peft", ADAPTERS, rule=loftq_with_adapter),
     later("peft_layer_replication", "replicating layers under LoRA"),
     later("peft_init_lora_weights", "other LoRA initialisations", nearest="adapter: lora", quiet=(None,),
           same={True: "PEFT's default LoRA initialisation is what lmforge uses"}),
@@ -724,10 +773,12 @@ KEYS: tuple[Key, ...] = (
     later("loraplus_lr_embedding", "LoRA+ learning rates", nearest="learning_rate", only_with="loraplus_lr_ratio"),
     later("merge_lora", "merging as part of a run", nearest="`lmforge merge-lora CONFIG`"),
     note("merge_method", "how axolotl's merge saves memory; `lmforge merge-lora` gives the same merged weights"),
-    later("relora", "ReLoRA restarts", nearest="adapter: lora"),
+    later("relora", "ReLoRA: merging the adapter into the base and restarting it every jagged_restart_steps (with a 4-bit "
+          "base, dequantized, merged and requantized each time), with the optimizer state pruned", nearest="adapter: lora "
+          "(or train, `lmforge merge`, and train a new adapter on the merged model)"),
     *each(later, ("relora_prune_ratio", "relora_prune_method", "relora_cpu_offload"),
           "ReLoRA restarts", only_with="relora"),
-    later("jagged_restart_steps", "jagged learning-rate restarts", nearest="lr_scheduler"),
+    later("jagged_restart_steps", "jagged learning-rate restarts (axolotl uses them with relora)", nearest="lr_scheduler"),
     *each(later, ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps"),
           "jagged learning-rate restarts", only_with="jagged_restart_steps"),
     later("mora", "MoRA adapters", nearest="adapter: lora"),
@@ -762,8 +813,7 @@ KEYS: tuple[Key, ...] = (
     done("label_smoothing_factor", OBJECTIVES),
     *each(done, ("dropout", "unfrozen_parameters"), MODEL),
     later("spectrum_*", "Spectrum layer selection", nearest="unfrozen_parameters"),
-    later("lisa_n_layers", "LISA layer sampling", nearest="unfrozen_parameters"),
-    *each(later, ("lisa_step_interval", "lisa_layers_attribute"), "LISA layer sampling", only_with="lisa_n_layers"),
+    *each(done, ("lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute"), TRAINING),
     later("neftune_noise_alpha", "NEFTune embedding noise"),
     later("noisy_embedding_alpha", "NEFTune embedding noise (axolotl's older name)"),
     later("use_eaft", "entropy-aware focal loss", nearest="label_smoothing_factor"),
@@ -791,9 +841,10 @@ KEYS: tuple[Key, ...] = (
     later("layer_offloading", "offloading layer weights to CPU memory", nearest="fsdp"),
     *each(note, ("gc_steps", "gc_collect_steps"), "memory housekeeping (garbage collection); the result is the same"),
     note("torch_empty_cache_steps", "memory housekeeping (CUDA cache); the result is the same"),
-    later("tiled_mlp", "tiled MLPs for long sequences", nearest="gradient_checkpointing"),
-    *each(later, ("tiled_mlp_num_shards", "tiled_mlp_use_original_mlp"),
-          "tiled MLPs for long sequences", only_with="tiled_mlp"),
+    done("tiled_mlp", MODEL, rule=tiled_mlp_alone),
+    done("tiled_mlp_num_shards", MODEL),
+    note("tiled_mlp_use_original_mlp", "lmforge always tiles the model's own MLP module (false swaps in axolotl's "
+         "Llama-style MLP, the same math for the models it applies to)", quiet=(None, True), only_with="tiled_mlp"),
     *each(done, ("chunked_cross_entropy", "chunked_cross_entropy_num_chunks"), OBJECTIVES),
 
     # --- attention and kernels -------------------------------------------------------------------------------------
@@ -880,9 +931,7 @@ KEYS: tuple[Key, ...] = (
     done("ddp_broadcast_buffers", DIST),
     done("ddp_find_unused_parameters", DIST),
     done("dp_shard_size", DIST, rule=shard_size),
-    later("dp_replicate_size", "HSDP (replicated FSDP groups): lmforge's FSDP2 shards over every rank (a 1-D mesh); HSDP's "
-          "2-D mesh needs 4 ranks to test, more than this machine runs", nearest="fsdp_config (shards over every rank)",
-          quiet=(None, 1)),
+    done("dp_replicate_size", DIST, rule=replicate_size),
     later("accelerator_config", "accelerate's settings", nearest="gradient_accumulation_steps"),
     *each(out, ("tensor_parallel_size", "context_parallel_size", "sequence_parallel_degree"),
           PARALLEL, quiet=(None, 0, 1)),

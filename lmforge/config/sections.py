@@ -169,6 +169,10 @@ class ModelSection(Section):
         "special token, false only at the start of the text (default: the tokenizer's own).")
     revision_of_model: str | None = Field(
         None, description="The Hub revision (branch, tag or commit) of base_model and its tokenizer.")
+    cls_model_config: str | None = Field(
+        None, pattern=r"^[A-Z][A-Za-z0-9]*Config$", description="A transformers config class (e.g. Gemma3TextConfig) "
+        "that reads base_model's config.json instead of AutoConfig: the model loads as that architecture (a multimodal "
+        "checkpoint's text model).")
     reinit_weights: bool = Field(
         False, description="Build base_model's architecture with freshly initialised weights (seeded by seed) instead of "
         "reading its weights: pretraining from scratch in a known shape.")
@@ -343,6 +347,24 @@ class AdapterSection(Section):
         None, description="Parameters (not modules) to adapt, by name suffix, e.g. [experts.gate_up_proj] for MoE experts "
         "(peft's target_parameters)."
     )
+    peft: dict[str, Any] | None = Field(
+        None, description="PEFT's initialisation options as axolotl writes them: {loftq_config: {loftq_bits: 4}} starts "
+        "the LoRA weights with LoftQ (the base weights become their 4-bit quantized values, the adapter the low-rank "
+        "rest; the adapter then suits the base loaded with load_in_4bit); loftq_bits 4 (nf4) or 8, loftq_iter (1)."
+    )
+
+    @field_validator("peft")
+    @classmethod
+    def _loftq_settings(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        loftq = (value or {}).get("loftq_config")
+        if loftq is None:
+            return value
+        if not isinstance(loftq, dict) or set(loftq) - {"loftq_bits", "loftq_iter"}:
+            raise ValueError("peft.loftq_config takes loftq_bits (4 or 8) and loftq_iter")
+        bits, iterations = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+        if bits not in (4, 8) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError("peft.loftq_config: loftq_bits is 4 (nf4) or 8 (int8), loftq_iter a count of 1 or more")
+        return {**value, "loftq_config": {"loftq_bits": bits, "loftq_iter": iterations}}
 
 
 class TrainingSection(Section):
@@ -441,11 +463,33 @@ class TrainingSection(Section):
         None, gt=0, description="Stop the run when the training loss stays above this for loss_watchdog_patience steps."
     )
     loss_watchdog_patience: int = Field(3, gt=0, description="Steps in a row above loss_watchdog_threshold before stopping.")
+    hub_model_id: str | None = Field(
+        None, description="A Hugging Face Hub model repo (user/name) the finished run's output_dir is pushed to (not its "
+        "checkpoints), with HF_TOKEN; a failed push leaves the output in place and names the `hf upload` command.")
+    hub_revision: str | None = Field(None, description="The repo branch to push to (created when missing; default main).")
+    lisa_n_layers: int | None = Field(
+        None, gt=0, description="LISA: train this many decoder layers at a time, drawn at random every lisa_step_interval "
+        "steps (the others frozen; embeddings, head and norms train throughout).")
+    lisa_step_interval: int | None = Field(None, gt=0, description="LISA: steps between draws of the trained layers.")
+    lisa_layers_attribute: str = Field("model.layers", description="LISA: the path of the decoder-layer list in the model.")
 
     @field_validator("max_grad_norm")
     @classmethod
     def _zero_is_off(cls, value: float | None) -> float | None:
         return value or None
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        if value:
+            try:
+                validate_repo_id(value)
+            except HFValidationError as exc:
+                raise ValueError(f"hub_model_id: '{value}' is not a Hub repo id: {str(exc).splitlines()[0]} "
+                                 "(write user/name, or remove the key)") from None
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -472,6 +516,12 @@ class TrainingSection(Section):
             raise ValueError("cosine_min_lr_ratio needs lr_scheduler: cosine")
         if self.sgd_nesterov and not (self.optimizer == "sgd" and self.sgd_momentum > 0):
             raise ValueError("sgd_nesterov needs optimizer: sgd and sgd_momentum > 0")
+        if (self.lisa_n_layers is None) != (self.lisa_step_interval is None):
+            raise ValueError("LISA needs both lisa_n_layers and lisa_step_interval (how many layers train, and how often "
+                             "they are drawn again)")
+        if self.lisa_n_layers and self.load_best_model_at_end:
+            raise ValueError("LISA with load_best_model_at_end: the best weights are kept for the layers training at that "
+                             "step only; keep one")
         return self
 
 
@@ -678,6 +728,11 @@ class SpeedSection(Section):
         False, description="Liger's fused output head + loss (liger-kernel, CUDA): no vocab-sized logits in memory.")
     cut_cross_entropy: bool = Field(
         False, description="Cut Cross-Entropy's fused output head + loss (cut-cross-entropy, CUDA).")
+    tiled_mlp: bool = Field(
+        False, description="Compute each decoder layer's MLP over slices of the sequence and recompute it in backward "
+        "(ALST's TiledMLP): the same loss and gradients, with one slice's MLP activations in memory at a time.")
+    tiled_mlp_num_shards: int | None = Field(
+        None, gt=0, description="tiled_mlp: slices per sequence (default: one per 32K tokens, so shorter rows run untiled).")
 
     @model_validator(mode="after")
     def _one_fused_loss(self) -> "SpeedSection":
@@ -771,8 +826,12 @@ class DistributedSection(Section):
         None, description="DeepSpeed config: a JSON file (e.g. deepspeed_configs/zero2.json) or the mapping itself; CUDA GPUs, or CPUs where deepspeed is installed."
     )
     dp_shard_size: int | None = Field(
-        None, ge=1, description="FSDP: the ranks one copy of the weights is sharded over. lmforge's FSDP2 shards over every "
-        "rank, so a run checks that it starts exactly this many (HSDP's replicated groups are not supported yet)."
+        None, ge=1, description="FSDP: the ranks one copy of the weights is sharded over: every rank, or with "
+        "dp_replicate_size the ranks of one group (a run checks that it starts that many)."
+    )
+    dp_replicate_size: int | None = Field(
+        None, ge=1, description="FSDP: HSDP, groups of ranks that each hold a sharded copy of the weights (torch's 2-D "
+        "device mesh); dp_replicate_size × dp_shard_size is every rank."
     )
     ddp_timeout: int | None = Field(None, gt=0, description="Seconds a collective may wait for the other ranks (default 1800).")
     ddp_bucket_cap_mb: int | None = Field(None, gt=0, description="DDP gradient bucket size in MB (default 25).")

@@ -141,14 +141,61 @@ def lora_config(settings: AdapterSection, model: torch.nn.Module) -> Any:
     )
 
 
+@torch.no_grad()
+def loftq_on_cpu(model: Any, bits: int, iterations: int) -> int:
+    """LoftQ on a machine without CUDA: PEFT's ``loftq_init`` steps (bitsandbytes' nf4 / int8 quantization, then the
+    rank-r SVD of the residual, alternated `iterations` times) on the CPU, where PEFT hard-codes a CUDA device.
+
+    As in PEFT, each adapted linear layer's base weight becomes its quantized-then-dequantized value and the adapter
+    (A = R, B = L) the low-rank rest, so base + B·A starts near the full-precision weight. Returns the layers set."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        base = module.get_base_layer()
+        weight = base.weight.float()
+        residual = weight.clone()
+        for step in range(iterations):
+            if bits == 4:
+                packed = bnb.nn.Params4bit(residual, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+                dequantized = bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
+            else:
+                packed = bnb.nn.Int8Params(residual, requires_grad=False).to("cpu")
+                dequantized = bnb.functional.int8_vectorwise_dequant(packed.data, packed.SCB).float()
+            residual = weight - dequantized
+            low_rank = _low_rank_decomposition(residual, reduced_rank=max(module.r.values()))
+            if step + 1 < iterations:
+                residual = weight - low_rank["L"] @ low_rank["R"]
+        for name in module.lora_A:
+            module.lora_A[name].weight.data = low_rank["R"].to(module.lora_A[name].weight.dtype)
+            module.lora_B[name].weight.data = low_rank["L"].to(module.lora_B[name].weight.dtype)
+        base.weight.data = dequantized.to(base.weight.dtype)
+        count += 1
+    return count
+
+
 def apply_lora(model: torch.nn.Module, settings: AdapterSection) -> Any:
     """Wrap `model` with a new LoRA adapter, or load `lora_model_dir` to continue training it."""
     from peft import get_peft_model
 
     if settings.lora_model_dir:
         return load_adapter(model, settings.lora_model_dir, trainable=True)
+    loftq = (settings.peft or {}).get("loftq_config")  # bits and iterations, filled in by the config
+    config = lora_config(settings, model)
+    if loftq is not None and torch.cuda.is_available():  # PEFT's own LoftQ (it computes on CUDA)
+        from peft import LoftQConfig
+
+        config.init_lora_weights = "loftq"
+        config.loftq_config = vars(LoftQConfig(**loftq))
     try:
-        return get_peft_model(model, lora_config(settings, model))
+        peft_model = get_peft_model(model, config)
+        if loftq is not None and config.init_lora_weights != "loftq":
+            loftq_on_cpu(peft_model, loftq["loftq_bits"], loftq["loftq_iter"])
+        return peft_model
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target module" in str(exc):
             raise LmforgeError(

@@ -206,7 +206,7 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
 def load_model(
     base_model: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, masked_lm: bool = False,
     model_type: str | None = None, config_source: str | None = None, config_overrides: dict[str, Any] | None = None,
-    reinit_weights: bool = False, image_text: bool = False, **kwargs: Any,
+    reinit_weights: bool = False, image_text: bool = False, config_class: str | None = None, **kwargs: Any,
 ) -> Any:
     """Load a causal LM (or, with `masked_lm`, a masked LM; with `image_text`, an image-text-to-text model) in
     ``dtype``; raises LmforgeError with a fix for every user mistake.
@@ -215,16 +215,22 @@ def load_model(
     (base_model_config) is where the model config is read from instead of base_model; `config_overrides`
     (overrides_of_model_config) are fields set on that config before the weights load; `reinit_weights` builds
     the model from its config with freshly initialised weights instead of reading them (axolotl's reinit_weights);
-    `image_text` loads an image-text model (processor_type)."""
+    `image_text` loads an image-text model (processor_type); `config_class` (cls_model_config) names the transformers
+    config class that reads the config instead of AutoConfig."""
     default = "AutoModelForMaskedLM" if masked_lm else "AutoModelForImageTextToText" if image_text else "AutoModelForCausalLM"
     if kwargs.get("num_labels"):  # reward_model: the same weights under a sequence-classification head
         default = "AutoModelForSequenceClassification"
     auto_class = transformers_class(model_type, default, "model", "model_type")
     source = local_model_dir(base_model)
-    if config_source is not None or config_overrides:
-        from transformers import AutoConfig
+    if config_source is not None or config_overrides or config_class:
+        import transformers
 
-        config = AutoConfig.from_pretrained(local_model_dir(config_source or base_model), trust_remote_code=trust_remote_code)
+        reader = getattr(transformers, config_class or "AutoConfig", None)
+        if reader is None:
+            raise LmforgeError(f"cls_model_config: transformers {transformers.__version__} has no class {config_class}",
+                               where="cls_model_config", fix="name a config class transformers exports (e.g. "
+                               "Gemma3TextConfig), or remove the key")
+        config = reader.from_pretrained(local_model_dir(config_source or base_model), trust_remote_code=trust_remote_code)
         kwargs["config"] = override_config(config, config_overrides or {})
     if reinit_weights:
         from transformers import AutoConfig

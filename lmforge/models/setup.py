@@ -96,7 +96,7 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
                                masked_lm=cfg.pretrain.objective == "mlm" and cfg.is_pretraining,
                                model_type=cfg.model.model_type, config_source=cfg.model.base_model_config,
                                config_overrides=cfg.model.overrides_of_model_config, reinit_weights=cfg.model.reinit_weights,
-                               image_text=bool(cfg.model.processor_type),
+                               image_text=bool(cfg.model.processor_type), config_class=cfg.model.cls_model_config,
                                **({"revision": cfg.model.revision_of_model} if cfg.model.revision_of_model else {}), **extra)
 
         try:
@@ -164,6 +164,12 @@ def training_model(cfg: LmforgeConfig, tokenizer: Any, device: torch.device, bf1
             cast_mixed_precision_params(model, torch.bfloat16)
         if runs_on.type == "cpu" and cfg.training.fast_dropout:
             use_fast_dropout(model)
+    if cfg.speed.tiled_mlp:
+        from lmforge.models.tiled_mlp import tile_mlps
+
+        count = tile_mlps(model, cfg.speed.tiled_mlp_num_shards)
+        slices = cfg.speed.tiled_mlp_num_shards
+        say(f"tiled_mlp: {count} MLPs run over {f'{slices} slices' if slices else 'one slice per 32K tokens'} of each sequence")
     model = model if quantization is not None else model.to(device)
     compile_layers(model, cfg.speed, runs_on, say)
     return model

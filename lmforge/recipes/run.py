@@ -136,6 +136,11 @@ class _RunCallbacks(Callbacks):
         self.loggers, self.save, self.best, self.after_eval = loggers, save, on_best, after_eval
         self.extra_metrics = extra_metrics
         self.objective_metrics: dict[str, float] | None = None
+        self.step_begin: Callable[[int], None] | None = None  # LISA's layer draw (lmforge.train.lisa)
+
+    def on_step_begin(self, step: int) -> None:
+        if self.step_begin is not None:
+            self.step_begin(step)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if self.extra_metrics is not None and "loss" in metrics:  # a training step's log: add the recipe's own numbers
@@ -467,6 +472,21 @@ class TrainingRun:
 
         callbacks = _RunCallbacks(loggers, save, remember_best, after_eval if generation_eval is not None and eval_fn else None,
                                    extra_metrics)
+        sampler = None
+        if t.lisa_n_layers and t.lisa_step_interval:
+            if engine.distributed:  # DDP's reducer and sharded weights expect the same trainable weights every step
+                raise LmforgeError("LISA changes which layers train every lisa_step_interval steps, which lmforge does not "
+                                   "do across several ranks yet", where="lisa_n_layers", fix="train LISA in one process")
+            from lmforge.train.lisa import LayerSampler
+
+            sampler = LayerSampler(model, t.lisa_n_layers, t.lisa_step_interval, t.lisa_layers_attribute, t.seed)
+            if sampler.n_layers < len(sampler.trainable):
+                callbacks.step_begin = sampler.at_step
+                say(f"LISA: {t.lisa_n_layers} of {len(sampler.trainable)} layers train at a time, redrawn every "
+                    f"{t.lisa_step_interval} steps")
+            else:
+                say(f"warning: lisa_n_layers: {t.lisa_n_layers} is not fewer than the model's {len(sampler.trainable)} "
+                    "layers: every layer trains at every step (LISA changes nothing for this model)")
         started = time.perf_counter()
         try:
             with stop_on_signals(callbacks):
@@ -476,6 +496,8 @@ class TrainingRun:
                     callbacks.on_log(0, {"eval_loss": eval_start, "eval_perplexity": math.exp(min(eval_start, 50))})
                 result = train_loop(step_model, step_optimizer, scheduler, iter(stream), settings, eval_fn, callbacks,
                                     step_objective, result=result)
+                if sampler is not None:
+                    sampler.release()
                 if result.stop_reason == "interrupted":
                     save(result.steps)
                     say(f"stopped at step {result.steps}; resume with --resume_from_checkpoint=auto")
@@ -576,3 +598,7 @@ class TrainingRun:
         plot_losses(output_dir / "loss_curves.png", outcome.result.train_history,
                     ([(0, start)] if start is not None else []) + outcome.result.eval_history)
         write_text(output_dir / "summary.md", summary_markdown(summary))
+        if self.t.hub_model_id:  # last: the repo gets the summary too
+            from lmforge.export.hub import push_output
+
+            push_output(output_dir, self.t.hub_model_id, self.t.hub_revision, say)

@@ -118,15 +118,22 @@ class FSDPEngine(ShardedEngine):
                 say("fsdp offload_params: the weights are in CPU memory already on this machine; nothing to offload")
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        replicate = cfg.distributed.dp_replicate_size or 1
+        # HSDP (dp_replicate_size > 1): each group of world/replicate ranks shards one copy of the weights, and the
+        # groups replicate it (gradients reduce-scattered within a group, all-reduced across groups). Else a 1-D mesh.
+        mesh = (init_device_mesh(self.device.type, (replicate, self.world_size // replicate),
+                                 mesh_dim_names=("dp_replicate", "dp_shard")) if replicate > 1
+                else init_device_mesh(self.device.type, (self.world_size,)))
         options = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload}
         groups = _shard_groups(model, s)
         for module in groups:
             fully_shard(module, reshard_after_forward=s.reshard_after_forward, **options)
         self.root = RootModule(model)
         fully_shard(self.root, reshard_after_forward=s.reshard_after_forward, **options)
+        over = (f"over {self.world_size // replicate} rank(s), replicated in {replicate} groups (HSDP)" if replicate > 1
+                else f"over {self.world_size} rank(s)")
         say(f"fsdp: {len(groups)} {'+'.join(sorted({type(m).__name__ for m in groups})) or 'no'} group(s) and the root sharded "
-            f"over {self.world_size} rank(s), {precision} weights in compute")
+            f"{over}, {precision} weights in compute")
         return model
 
     def for_training(self, model: Any, loss_fn: Callable, optimizer: Any) -> tuple[Any, Callable, Any]:
@@ -203,20 +210,29 @@ def _shard_groups(model: Any, s: FsdpSettings) -> list[torch.nn.Module]:
 # ----------------------------------------------------------------------------------------------- choosing
 
 
-def check_shard_size(dp_shard_size: int | None, ranks: int) -> None:
-    """axolotl's dp_shard_size with no replicated groups is plain FSDP over that many ranks: the run must start them all
-    (lmforge's FSDP2 shards over every rank; fewer or more ranks would ask for a mesh it does not build)."""
+def check_shard_size(dp_shard_size: int | None, ranks: int, dp_replicate_size: int | None = None) -> None:
+    """axolotl's dp_shard_size: the ranks one copy of the weights is sharded over. Without replicated groups
+    (dp_replicate_size) that is every rank; with them (HSDP), dp_replicate_size × dp_shard_size must be every rank."""
+    replicate = dp_replicate_size or 1
+    if replicate > 1:
+        shard = dp_shard_size or ranks // replicate
+        if replicate * shard != ranks:
+            raise LmforgeError(f"dp_replicate_size: {replicate} groups × dp_shard_size: {shard} is {replicate * shard} ranks "
+                               f"and this run has {ranks}", where="dp_replicate_size",
+                               fix=f"start {replicate * shard} ranks (lmforge train --nproc {replicate * shard}, or torchrun "
+                               "across nodes), or change the sizes")
+        return
     if dp_shard_size is not None and dp_shard_size != ranks:
         raise LmforgeError(f"dp_shard_size: {dp_shard_size} shards the weights over {dp_shard_size} ranks and this run has "
-                           f"{ranks}; lmforge's FSDP2 shards over every rank (HSDP's replicated groups are not supported yet)",
+                           f"{ranks}; lmforge's FSDP2 shards over every rank without dp_replicate_size",
                            where="dp_shard_size", fix=f"start {dp_shard_size} ranks (lmforge train --nproc {dp_shard_size}, or "
-                           "torchrun across nodes), or remove dp_shard_size")
+                           "torchrun across nodes), set dp_replicate_size for replicated groups, or remove dp_shard_size")
 
 
 def engine_for(cfg: LmforgeConfig, device: torch.device) -> Engine:
     """The engine a config and its launch ask for: FSDP2 or DeepSpeed when configured, DDP under several ranks."""
     d = cfg.distributed
-    check_shard_size(d.dp_shard_size, int(os.environ["WORLD_SIZE"]) if launched() else 1)
+    check_shard_size(d.dp_shard_size, int(os.environ["WORLD_SIZE"]) if launched() else 1, d.dp_replicate_size)
     fsdp = resolve_fsdp(d.fsdp, d.fsdp_config, d.fsdp_version, d.fsdp_final_state_dict_type)
     if d.deepspeed:
         from lmforge.train.deepspeed import DeepSpeedEngine

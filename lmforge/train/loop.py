@@ -109,6 +109,8 @@ class Callbacks:
 
     stop_requested: bool = False
 
+    def on_step_begin(self, step: int) -> None: ...  # before the 0-based `step`'s first forward (LISA's layer draw)
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def on_save(self, step: int) -> None: ...
@@ -279,6 +281,7 @@ def train_loop(
     scaler = settings.grad_scaler
     steps_over_threshold = 0
     for step in range(start_step, settings.total_steps):
+        callbacks.on_step_begin(step)
         step_start = time.perf_counter()
         step_batches = [b for _, b in zip(range(settings.grad_accum), micro_batches)]
         if not step_batches:
