@@ -78,6 +78,16 @@ def _tokenize_joint(rows: list[list[Segment]], tokenizer: Any, sequence_len: int
     return examples
 
 
+def _encoded_rows(rows: list[list[Any]], sequence_len: int, train_on_inputs: bool, stats: PrepareStats) -> list[Example]:
+    """Rows a format encoded to ids itself (mistral-common's TokenSegments): joined, the untrained runs masked."""
+    examples: list[Example] = []
+    for runs in rows:
+        ids = [t for run in runs for t in run.ids]
+        labels = [t if (run.train or train_on_inputs) else IGNORE_INDEX for run in runs for t in run.ids]
+        _finish(ids, labels, sequence_len, stats, examples)
+    return examples
+
+
 def tokenize_rows(
     rows: list[list[Segment]], tokenizer: Any, sequence_len: int, train_on_inputs: bool, stats: PrepareStats, joint: bool = False
 ) -> list[Example]:
@@ -153,6 +163,8 @@ def _work(job: tuple) -> tuple[list[Example], PrepareStats]:
     fmt, rows, sequence_len, train_on_inputs, skip_bad_rows = job
     stats = PrepareStats()
     segments = _format_rows(fmt, rows, skip_bad_rows, stats)
+    if getattr(fmt, "encodes_ids", False):
+        return _encoded_rows(segments, sequence_len, train_on_inputs, stats), stats
     joint = getattr(fmt, "renders_special_tokens", False)
     return tokenize_rows(segments, _WORKER["tokenizer"], sequence_len, train_on_inputs, stats, joint=joint), stats
 
@@ -186,7 +198,8 @@ def prepare_specs(
             raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
         spec_stats = PrepareStats()
         spec_stats.rows[spec.path] += len(rows)
-        if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS:
+        # (a format holding mistral-common's tokenizer encodes in this process: the pool ships formats, not tokenizers)
+        if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS and not getattr(fmt, "encodes_ids", False):
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 

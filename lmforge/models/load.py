@@ -137,23 +137,69 @@ def transformers_class(name: str | None, default: str, kind: str, key: str) -> A
     return chosen
 
 
+def mistral_tokenizer_file(folder: str) -> str | None:
+    """The Mistral tokenizer file (tekken.json, or a versioned tokenizer.model.v*) in a local folder, if it has one."""
+    if not os.path.isdir(folder):
+        return None
+    from mistral_common.tokens.tokenizers.utils import get_one_valid_tokenizer_file
+
+    try:
+        return get_one_valid_tokenizer_file(sorted(os.listdir(folder)))
+    except ValueError:
+        return None
+
+
+def load_mistral_tokenizer(name: str, revision: str | None = None) -> Any:
+    """A model's Mistral tokenizer file through transformers' wrapper for mistral-common (``MistralCommonBackend``):
+    conversations encode straight to ids, no chat template. Loaded in mistral-common's "agnostic" validation mode,
+    so a conversation may end on any turn: training encodes every prefix of a conversation, and inference encodes
+    a conversation that ends on the user's turn."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(name)
+    if os.path.isdir(source) and mistral_tokenizer_file(source) is None:
+        raise LmforgeError("tokenizer_use_mistral_common: true, but this folder holds no Mistral tokenizer file "
+                           "(tekken.json or tokenizer.model.v*)", where=source,
+                           fix="copy the model's tekken.json there, or set tokenizer_use_mistral_common: false to use its "
+                           "Hugging Face tokenizer and chat template")
+    if not os.path.isdir(source) and _looks_local(source):
+        raise LmforgeError("model path does not exist", where=f"base_model: {name}", fix="fix the path or use a Hub id")
+    try:
+        return AutoTokenizer.from_pretrained(source, mistral_format=True, mode="agnostic",
+                                             **({"revision": revision} if revision else {}))
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(source):
+            raise LmforgeError(f"could not load the Mistral tokenizer: {str(exc).splitlines()[0]}", where=source,
+                               fix="check that tekken.json is a complete Mistral tokenizer file") from exc
+        raise _hub_error(name, exc) from exc
+
+
 def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
                    tokenizer_type: str | None = None, *, from_gguf: bool = False, revision: str | None = None,
-                   legacy: bool | None = None) -> Any:
+                   legacy: bool | None = None, mistral_common: bool = False) -> Any:
     """The one place a tokenizer is read from disk or the Hub: ``tokenizer_path`` or ``base_model`` (an HF
     folder, a .gguf or pkg:// file, or a Hub id), made able to pad, loaded with the class ``tokenizer_type``
     names (default AutoTokenizer). `from_gguf` reads a .gguf file's header only, as is (no weights are
-    converted, no pad token set): what the GGUF cache and the planner save. A config's tokenizer comes
+    converted, no pad token set): what the GGUF cache and the planner save. `mistral_common`
+    (tokenizer_use_mistral_common) reads the Mistral tokenizer file instead; so does a local folder that holds one
+    and no Hugging Face tokenizer (a training output of such a run). A config's tokenizer comes
     through :func:`config_tokenizer`, which calls this."""
     if from_gguf:
         from transformers import AutoTokenizer
 
         gguf = Path(resolve_model_path(base_model))
         return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    folder = resolve_model_path(tokenizer_path or base_model)
+    if mistral_common or (os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+                          and mistral_tokenizer_file(folder) is not None):
+        return load_mistral_tokenizer(tokenizer_path or base_model, revision)
     tokenizer_class = transformers_class(tokenizer_type, "AutoTokenizer", "tokenizer", "tokenizer_type")
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
         extra = {**({"revision": revision} if revision else {}), **({"legacy": legacy} if legacy is not None else {})}
+        if tokenizer_class.__name__ == "AutoTokenizer":
+            # a Mistral model's tekken.json is read only when tokenizer_use_mistral_common asks (mistral_common above)
+            extra["mistral_format"] = False
         tokenizer = tokenizer_class.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
         if os.path.isdir(source):
@@ -183,7 +229,11 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
                            fix="set tokenizer_train: {files: [...], vocab_size: N} to train one, or tokenizer_config: FOLDER_OR_HUB_ID")
     tokenizer = load_tokenizer(source or model.base_model, None if source else model.tokenizer_config, model.trust_remote_code,
                                model.tokenizer_type, revision=None if source else model.revision_of_model,
-                               legacy=None if source else model.tokenizer_legacy)
+                               legacy=None if source else model.tokenizer_legacy,
+                               mistral_common=model.tokenizer_use_mistral_common)
+    if model.tokenizer_use_mistral_common:
+        # mistral-common encodes conversations itself: no template, and no tokens can be added (validate refuses the keys)
+        return tokenizer
     if model.special_tokens:
         tokenizer.add_special_tokens(dict(model.special_tokens))
         if tokenizer.pad_token is None:
