@@ -645,7 +645,7 @@ KEYS: tuple[Key, ...] = (
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),
     done("tokenizer_legacy", LOAD),
-    done("tokenizer_use_mistral_common", LOAD, "lmforge/config/checks.py"),
+    done("tokenizer_use_mistral_common", LOAD, "lmforge/config/checks.py", INFERENCE),
     done("tokenizer_type", LOAD),
     done("processor_type", LOAD, MODEL),
     done("processor_kwargs", LOAD),

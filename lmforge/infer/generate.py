@@ -239,7 +239,12 @@ class Generator:
 
     def encode(self, prompt: str, sampling: Sampling, where: str = "prompt") -> tuple[list[int], Sampling]:
         """Token ids of ``prompt`` and the sampling settings that fit the context window."""
-        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        from lmforge.data.formats import EncodedPrompt
+
+        if isinstance(prompt, EncodedPrompt):  # mistral-common encoded it: its control tokens exist only as ids
+            ids = list(prompt.ids)
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         window = self.window
         if window is None:
             return ids, sampling

@@ -394,6 +394,12 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
     import transformers
 
     model = cfg.model
+    if model.tokenizer_use_mistral_common:
+        raise LmforgeError("image-text training with tokenizer_use_mistral_common is not supported yet: lmforge's image chats "
+                           "go through the model's Hugging Face processor, and mistral-common's own image encoder is not "
+                           "wired in", where="tokenizer_use_mistral_common",
+                           fix="set tokenizer_use_mistral_common: false to train with the model's Hugging Face processor "
+                           "and chat template, or remove processor_type to train the text model on text chats")
     name = model.processor_type or "AutoProcessor"
     processor_class = getattr(transformers, name, None)
     if processor_class is None or not (name == "AutoProcessor" or (isinstance(processor_class, type)
