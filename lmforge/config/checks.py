@@ -80,12 +80,12 @@ def _mistral_common(c: _Checker) -> None:
         return
     why = "tokenizer_use_mistral_common encodes conversations with mistral-common, which uses no chat template"
     fix = "remove it (or set tokenizer_use_mistral_common: false to render the chat template with the Hugging Face tokenizer)"
-    for key in ("chat_template", "chat_template_jinja", "chat_template_kwargs"):
+    for key in ("chat_template_jinja", "chat_template_kwargs", "chat_template"):  # (chat_template_jinja implies chat_template)
         if getattr(data, key) not in (None, {}, ""):
             raise c.error(key, f"{key} sets a chat template, and {why}", fix)
     for group in ("datasets", "test_datasets"):
         for index, spec in enumerate(getattr(data, group) or []):
-            for key in ("chat_template", "chat_template_jinja"):
+            for key in ("chat_template_jinja", "chat_template"):
                 if getattr(spec, key, None):
                     raise c.error((group, index, key), f"{group}[{index}].{key} sets a chat template, and {why}", fix)
     for key in ("special_tokens", "tokens"):

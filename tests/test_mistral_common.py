@@ -1,0 +1,206 @@
+"""tokenizer_use_mistral_common: Mistral's tokenizer file (tekken.json) read by mistral-common, conversations encoded
+straight to ids, the loss on assistant turns, and the same ids at inference. Tested on a tiny random Mistral whose
+tekken.json scripts/build_tiny_mistral.py writes; the reference is mistral-common itself, called directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import load_script, write_config, write_jsonl
+from lmforge import cli
+from lmforge.config import load_config
+from lmforge.data.examples import IGNORE_INDEX
+from lmforge.data.prepare import build
+from lmforge.errors import LmforgeError
+from lmforge.models.load import config_tokenizer
+
+pytest.importorskip("mistral_common")
+
+CHATS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what is two plus two?"},
+                  {"role": "assistant", "content": "four"}, {"role": "user", "content": "and three plus three?"},
+                  {"role": "assistant", "content": "six"}]},
+    {"messages": [{"role": "user", "content": "is the cat red?"}, {"role": "assistant", "content": "no, it is blue"}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "think it over"}]},
+                  {"role": "assistant", "content": [{"type": "thinking", "thinking": "one and one"},
+                                                    {"type": "text", "text": "two"}]}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-mistral")
+    load_script("build_tiny_mistral").build_tiny_mistral(folder)
+    return folder
+
+
+def _config(model: Path, data: Path, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    config = {"base_model": str(model), "tokenizer_use_mistral_common": True,
+              "datasets": [{"path": str(data), "type": "chat_template"}], "sequence_len": 128, "micro_batch_size": 2,
+              "max_steps": 2, "learning_rate": 0.001, "lr_scheduler": "constant", "bf16": False, "adapter": "lora",
+              "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True, "output_dir": str(tmp_path / "out")}
+    config.update(extra)
+    return config
+
+
+def _load(tmp_path: Path, model: Path, rows: list[dict] = CHATS, **extra: Any) -> Any:
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    return load_config(str(write_config(tmp_path / "config.yml", _config(model, data, tmp_path, **extra))))
+
+
+def _reference(folder: Path, messages: list[dict]) -> tuple[Any, list[int]]:
+    """mistral-common's own ids for a conversation (no transformers, no lmforge)."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    tokenizer = MistralTokenizer.from_file(str(folder / "tekken.json"), mode=ValidationMode.finetuning)
+    return tokenizer, tokenizer.encode_chat_completion(ChatCompletionRequest.from_openai(messages)).tokens
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    return tokenizer.decode(ids, special_token_policy=SpecialTokenPolicy.KEEP)
+
+
+def test_chat_ids_are_mistral_commons_and_only_assistant_turns_are_trained(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    cfg = _load(tmp_path, tiny_mistral_dir)
+    tokenizer = config_tokenizer(cfg)
+    assert type(tokenizer).__name__ == "MistralCommonBackend" and not getattr(tokenizer, "chat_template", None)
+    examples = build(cfg.data, tokenizer, seed=0).train
+    by_length = {len(e.input_ids): e for e in examples}
+    trained = {"four</s>six</s>", "no, it is blue</s>", "[THINK]one and one[/THINK]two</s>"}
+    for row, expected in zip(CHATS, ("four</s>six</s>", "no, it is blue</s>", "[THINK]one and one[/THINK]two</s>")):
+        reference, ids = _reference(tiny_mistral_dir, row["messages"])
+        example = by_length[len(ids)]
+        assert example.input_ids == ids  # exactly mistral-common's encoding: control tokens are ids, no template text
+        labelled = [label for label in example.labels if label != IGNORE_INDEX]
+        assert _decode(reference.instruct_tokenizer.tokenizer, labelled) == expected
+        assert [t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX] == labelled
+        trained.discard(expected)
+    assert not trained
+    # a rendered template, tokenized as text, would spell [INST] out in bytes: mistral-common's ids have it as one id
+    inst = tokenizer.convert_tokens_to_ids("[INST]")
+    assert all(inst in e.input_ids for e in examples)
+    assert tokenizer("[INST]", add_special_tokens=False).input_ids != [inst]
+
+
+def test_train_on_inputs_trains_every_token_and_train_on_eos_none_leaves_eos_out(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    every = _load(tmp_path, tiny_mistral_dir, CHATS[:1], train_on_inputs=True)
+    example = build(every.data, config_tokenizer(every), seed=0).train[0]
+    assert example.labels == example.input_ids
+    rows = write_jsonl(tmp_path / "one.jsonl", CHATS[:1])
+    no_eos = load_config(str(write_config(tmp_path / "no_eos.yml", _config(
+        tiny_mistral_dir, rows, tmp_path, datasets=[{"path": str(rows), "type": "chat_template", "train_on_eos": "none"}]))))
+    tokenizer = config_tokenizer(no_eos)
+    example = build(no_eos.data, tokenizer, seed=0).train[0]
+    labelled = [label for label in example.labels if label != IGNORE_INDEX]
+    assert tokenizer.eos_token_id not in labelled and tokenizer.decode(labelled) == "foursix"
+
+
+def test_a_tokenizer_that_moves_the_system_prompt_is_refused_rather_than_masked_wrong(tmp_path: Path) -> None:
+    # a v3 tokenizer puts the system prompt in the last user turn: turn prefixes are not prefixes of the whole
+    model = tmp_path / "v3"
+    load_script("build_tiny_mistral").write_tekken(model, version="v3")
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    cfg = _load(tmp_path, model, CHATS[:1])
+    with pytest.raises(LmforgeError, match="differently from the whole") as caught:
+        build(cfg.data, config_tokenizer(cfg), seed=0)
+    assert "chats.jsonl:1" in caught.value.format() and "\n" not in caught.value.format()
+
+
+def test_two_steps_train_and_inference_encodes_the_prompt_as_training_did(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    from lmforge.infer.prompts import PromptBuilder
+    from lmforge.models.trained import load_for_generation
+    from lmforge.recipes.finetune import run_train
+
+    cfg = _load(tmp_path, tiny_mistral_dir)
+    summary = run_train(cfg)
+    out = Path(cfg.training.output_dir)
+    assert summary["steps"] == 2 and (out / "checkpoint-2").is_dir()
+    assert json.loads((out / "tekken.json").read_text()) == json.loads((tiny_mistral_dir / "tekken.json").read_text())
+
+    loaded = load_for_generation(str(tiny_mistral_dir), str(out), mistral_common=True)
+    assert type(loaded.tokenizer).__name__ == "MistralCommonBackend"
+    builder = PromptBuilder.from_config(cfg, loaded.tokenizer, loaded.model)
+    messages = CHATS[0]["messages"][:2]
+    prompt = builder.conversation(messages)
+    reference, whole = _reference(tiny_mistral_dir, CHATS[0]["messages"][:3])
+    assert prompt.ids == whole[:len(prompt.ids)]
+    # the prompt ends exactly where training's trained answer starts
+    assert _decode(reference.instruct_tokenizer.tokenizer, whole[len(prompt.ids):]) == "four</s>"
+    assert builder.stop_token_ids == [loaded.tokenizer.eos_token_id]
+
+    from lmforge.infer.generate import Generator, Sampling
+
+    generator = Generator(loaded.model, loaded.tokenizer, builder, Sampling(max_new_tokens=3))
+    ids, _ = generator.encode(prompt, generator.sampling)
+    assert ids == prompt.ids  # the ids themselves reach generate, not a re-tokenization of the prompt's text
+    assert generator.complete(prompt).completion_tokens <= 3
+
+
+def test_the_key_on_a_folder_without_a_mistral_tokenizer_file_is_one_line(tiny_model_dir: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    path = write_config(tmp_path / "config.yml", _config(tiny_model_dir, data, tmp_path))
+    assert cli.main(["train", str(path)]) != 0
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no Mistral tokenizer file (tekken.json" in errors[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, key", [({"chat_template": "chatml"}, "chat_template"),
+                                        ({"chat_template_jinja": "{{ messages }}"}, "chat_template_jinja"),
+                                        ({"special_tokens": {"pad_token": "<pad>"}}, "special_tokens")])
+def test_keys_that_conflict_are_refused_by_validate_naming_the_key(tiny_mistral_dir: Path, tmp_path: Path,
+                                                                   extra: dict, key: str) -> None:
+    with pytest.raises(LmforgeError) as caught:
+        _load(tmp_path, tiny_mistral_dir, **extra)
+    line = caught.value.format()
+    assert key in line and "config.yml:" in line and "\n" not in line
+
+
+def test_a_dataset_chat_template_is_refused_and_eot_tokens_is_warned(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    bad = _config(tiny_mistral_dir, data, tmp_path, datasets=[{"path": str(data), "type": "chat_template", "chat_template": "chatml"}])
+    with pytest.raises(LmforgeError, match=r"datasets\[0\]\.chat_template sets a chat template"):
+        load_config(str(write_config(tmp_path / "bad.yml", bad)))
+    cfg = load_config(str(write_config(tmp_path / "eot.yml", _config(tiny_mistral_dir, data, tmp_path, eot_tokens=["<end_of_turn>"]))))
+    assert any("eot_tokens changes nothing" in w for w in cfg.warnings)
+
+
+@pytest.mark.parametrize("content, what", [
+    ([{"type": "audio", "path": "clip.wav"}, {"type": "text", "text": "transcribe"}], "has audio"),
+    ([{"type": "image", "path": "digit.png"}, {"type": "text", "text": "which digit?"}], "has images"),
+])
+def test_audio_and_image_rows_are_refused_in_one_line(tiny_mistral_dir: Path, tmp_path: Path, content: list, what: str) -> None:
+    rows = [{"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}]
+    cfg = _load(tmp_path, tiny_mistral_dir, rows)
+    with pytest.raises(LmforgeError, match=what) as caught:
+        build(cfg.data, config_tokenizer(cfg), seed=0)
+    assert "chats.jsonl:1" in caught.value.format()
+
+
+def test_image_text_training_with_the_key_stops_before_the_model_loads(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    from lmforge.models.load import config_processor
+
+    cfg = _load(tmp_path, tiny_mistral_dir, processor_type="AutoProcessor")
+    with pytest.raises(LmforgeError, match="image-text training with tokenizer_use_mistral_common is not supported yet"):
+        config_processor(cfg, config_tokenizer(cfg))
+
+
+def test_without_the_key_a_mistral_folder_keeps_its_hugging_face_tokenizer(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    # tekken.json beside a Hugging Face tokenizer (as Mistral's Hub repos ship both): only the key switches to it
+    from conftest import build_tiny_tokenizer
+    from lmforge.models.load import load_tokenizer
+
+    both = tmp_path / "both"
+    load_script("build_tiny_mistral").write_tekken(both)
+    build_tiny_tokenizer(both)
+    assert type(load_tokenizer(str(both))).__name__ != "MistralCommonBackend"
+    assert type(load_tokenizer(str(both), mistral_common=True)).__name__ == "MistralCommonBackend"
