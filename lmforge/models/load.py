@@ -394,13 +394,16 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
     import transformers
 
     model = cfg.model
+    name = model.processor_type or "AutoProcessor"
+    if "voxtral" in name.lower():  # axolotl's Voxtral examples: speech in, text out
+        raise LmforgeError(f"processor_type: {name} reads audio, and lmforge trains text and image-text models",
+                           where="processor_type", fix="remove processor_type to fine-tune the model on text chats")
     if model.tokenizer_use_mistral_common:
         raise LmforgeError("image-text training with tokenizer_use_mistral_common is not supported yet: lmforge's image chats "
                            "go through the model's Hugging Face processor, and mistral-common's own image encoder is not "
                            "wired in", where="tokenizer_use_mistral_common",
                            fix="set tokenizer_use_mistral_common: false to train with the model's Hugging Face processor "
                            "and chat template, or remove processor_type to train the text model on text chats")
-    name = model.processor_type or "AutoProcessor"
     processor_class = getattr(transformers, name, None)
     if processor_class is None or not (name == "AutoProcessor" or (isinstance(processor_class, type)
                                                                     and issubclass(processor_class, transformers.ProcessorMixin))):
