@@ -204,3 +204,18 @@ def test_without_the_key_a_mistral_folder_keeps_its_hugging_face_tokenizer(tiny_
     build_tiny_tokenizer(both)
     assert type(load_tokenizer(str(both))).__name__ != "MistralCommonBackend"
     assert type(load_tokenizer(str(both), mistral_common=True)).__name__ == "MistralCommonBackend"
+
+
+def test_an_instruction_format_trains_and_prompts_with_bos_as_an_id(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    from lmforge.infer.prompts import PromptBuilder
+
+    rows = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "what is two plus two?", "input": "", "output": "four"}])
+    cfg = load_config(str(write_config(tmp_path / "alpaca.yml", _config(
+        tiny_mistral_dir, rows, tmp_path, datasets=[{"path": str(rows), "type": "alpaca"}]))))
+    tokenizer = config_tokenizer(cfg)
+    example = build(cfg.data, tokenizer, seed=0).train[0]
+    prompt = PromptBuilder.from_config(cfg, tokenizer).single("what is two plus two?")
+    assert example.input_ids[0] == tokenizer.bos_token_id and prompt.ids[0] == tokenizer.bos_token_id
+    # the prompt is what training put before the trained response
+    first_trained = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    assert prompt.ids == example.input_ids[:first_trained]

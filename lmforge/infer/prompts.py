@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.data.formats import ChatTemplateFormat, HookFormat, MistralChatFormat, get_format
+from lmforge.data.formats import ChatTemplateFormat, EncodedPrompt, HookFormat, MistralChatFormat, get_format, is_mistral_common
 from lmforge.data.formats.templates import KNOWN_END_OF_TURN
 from lmforge.data.prepare import adds_bos
 
@@ -109,6 +109,8 @@ class PromptBuilder:
         renders = getattr(self.fmt, "renders_special_tokens", False) if self.fmt is not None else False
         bos = self.tokenizer.bos_token
         if not renders and bos and adds_bos(self.tokenizer) and not prompt.startswith(bos):
+            if is_mistral_common(self.tokenizer):  # mistral-common never reads a control token from text: BOS as an id
+                return EncodedPrompt(bos + prompt, [self.tokenizer.bos_token_id, *self.tokenizer.encode(prompt, add_special_tokens=False)])
             return bos + prompt
         return prompt
 
