@@ -219,3 +219,35 @@ def test_an_instruction_format_trains_and_prompts_with_bos_as_an_id(tiny_mistral
     # the prompt is what training put before the trained response
     first_trained = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
     assert prompt.ids == example.input_ids[:first_trained]
+
+
+def test_serve_and_eval_encode_prompts_with_mistral_common(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmforge.eval.heldout import held_out_examples
+    from lmforge.infer.generate import Generator, Sampling
+    from lmforge.infer.prompts import PromptBuilder
+    from lmforge.infer.server import create_app
+    from lmforge.models.trained import load_for_generation
+
+    cfg = _load(tmp_path, tiny_mistral_dir, val_set_size=1)
+    loaded = load_for_generation(str(tiny_mistral_dir), None, mistral_common=True)
+    builder = PromptBuilder.from_config(cfg, loaded.tokenizer, loaded.model)
+    generator = Generator(loaded.model, loaded.tokenizer, builder, Sampling(max_new_tokens=2))
+    seen: list[list[int]] = []
+    encode = generator.encode
+    generator.encode = lambda prompt, sampling, where="prompt": (seen.append(encode(prompt, sampling, where)[0]) or encode(prompt, sampling, where))
+    messages = [{"role": "user", "content": "is the cat red?"}]
+    with TestClient(create_app(generator, "tiny")) as client:
+        reply = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    _, reference = _reference(tiny_mistral_dir, CHATS[1]["messages"])
+    assert seen == [reference[:len(seen[0])]] and reference[len(seen[0]) - 1] == loaded.tokenizer.convert_tokens_to_ids("[/INST]")
+
+    examples, _ = held_out_examples(cfg, loaded.tokenizer, builder)
+    (example,) = examples
+    ids = example.prompt.ids  # the held-out prompt is mistral-common's ids up to the first trained answer
+    assert ids[-1] == loaded.tokenizer.convert_tokens_to_ids("[/INST]")
+    assert any(_reference(tiny_mistral_dir, r["messages"])[1][:len(ids)] == ids for r in CHATS)
+    assert example.reference in ("four", "no, it is blue", "[THINK]one and one[/THINK]two") and generator.encode(example.prompt, generator.sampling)[0] == ids
