@@ -396,7 +396,7 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
     model = cfg.model
     name = model.processor_type or "AutoProcessor"
     if "voxtral" in name.lower():  # axolotl's Voxtral examples: speech in, text out
-        raise LmforgeError(f"processor_type: {name} reads audio, and lmforge trains text and image-text models",
+        raise LmforgeError(f"{name} reads audio, and lmforge trains text and image-text models",
                            where="processor_type", fix="remove processor_type to fine-tune the model on text chats")
     if model.tokenizer_use_mistral_common:
         raise LmforgeError("image-text training with tokenizer_use_mistral_common is not supported yet: lmforge's image chats "
