@@ -149,13 +149,8 @@ def mistral_tokenizer_file(folder: str) -> str | None:
         return None
 
 
-def load_mistral_tokenizer(name: str, revision: str | None = None) -> Any:
-    """A model's Mistral tokenizer file through transformers' wrapper for mistral-common (``MistralCommonBackend``):
-    conversations encode straight to ids, no chat template. Loaded in mistral-common's "agnostic" validation mode,
-    so a conversation may end on any turn: training encodes every prefix of a conversation, and inference encodes
-    a conversation that ends on the user's turn."""
-    from transformers import AutoTokenizer
-
+def _mistral_source(name: str) -> str:
+    """Where tokenizer_use_mistral_common reads the Mistral tokenizer file: a local folder holding one, or a Hub id."""
     source = resolve_model_path(name)
     if os.path.isdir(source) and mistral_tokenizer_file(source) is None:
         raise LmforgeError("tokenizer_use_mistral_common: true, but this folder holds no Mistral tokenizer file "
@@ -164,14 +159,7 @@ def load_mistral_tokenizer(name: str, revision: str | None = None) -> Any:
                            "Hugging Face tokenizer and chat template")
     if not os.path.isdir(source) and _looks_local(source):
         raise LmforgeError("model path does not exist", where=f"base_model: {name}", fix="fix the path or use a Hub id")
-    try:
-        return AutoTokenizer.from_pretrained(source, mistral_format=True, mode="agnostic",
-                                             **({"revision": revision} if revision else {}))
-    except (OSError, ValueError) as exc:
-        if os.path.isdir(source):
-            raise LmforgeError(f"could not load the Mistral tokenizer: {str(exc).splitlines()[0]}", where=source,
-                               fix="check that tekken.json is a complete Mistral tokenizer file") from exc
-        raise _hub_error(name, exc) from exc
+    return source
 
 
 def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
@@ -192,7 +180,20 @@ def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_rem
     folder = resolve_model_path(tokenizer_path or base_model)
     if mistral_common or (os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "tokenizer_config.json"))
                           and mistral_tokenizer_file(folder) is not None):
-        return load_mistral_tokenizer(tokenizer_path or base_model, revision)
+        # transformers' wrapper for mistral-common (MistralCommonBackend): conversations encode straight to ids, no chat
+        # template. Its "agnostic" validation mode lets a conversation end on any turn: training encodes every prefix
+        # of a conversation, inference a conversation that ends on the user's turn.
+        from transformers import AutoTokenizer
+
+        source = _mistral_source(tokenizer_path or base_model)
+        try:
+            return AutoTokenizer.from_pretrained(source, mistral_format=True, mode="agnostic",
+                                                 **({"revision": revision} if revision else {}))
+        except (OSError, ValueError) as exc:
+            if os.path.isdir(source):
+                raise LmforgeError(f"could not load the Mistral tokenizer: {str(exc).splitlines()[0]}", where=source,
+                                   fix="check that tekken.json is a complete Mistral tokenizer file") from exc
+            raise _hub_error(tokenizer_path or base_model, exc) from exc
     tokenizer_class = transformers_class(tokenizer_type, "AutoTokenizer", "tokenizer", "tokenizer_type")
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
