@@ -1,5 +1,6 @@
 """Build a tiny random-weight Mistral with a Mistral tokenizer file (``tekken.json``), offline, saved like a Hub model
-(Devstral, Magistral, Ministral ship tekken.json beside their weights): ``python scripts/build_tiny_mistral.py OUT_DIR``.
+(Devstral, Magistral, Ministral ship tekken.json beside their weights): ``python scripts/build_tiny_mistral.py OUT_DIR``;
+``... OUT_DIR vision`` builds the image-text Mistral 3 instead.
 
 No Mistral model can be downloaded on the machines lmforge is tested on, so ``tokenizer_use_mistral_common`` is tested
 on this one. The tokenizer is mistral-common's Tekken format (``mistral_common/tokens/tokenizers/tekken.py``): a
@@ -49,11 +50,42 @@ def tekken_data(version: str = "v13") -> dict[str, Any]:
     }
 
 
-def write_tekken(folder: Path, version: str = "v13") -> Path:
+# mistral-common's image settings for the image-text model below: 8-pixel patches merged 2x2 (Pixtral's layout),
+# images scaled to at most 32 pixels a side, so an image is at most 2x2 [IMG] tokens with [IMG_BREAK]/[IMG_END].
+IMAGE = {"image_patch_size": 8, "max_image_size": 32, "spatial_merge_size": 2}
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("[IMG]")
+
+
+def write_tekken(folder: Path, version: str = "v13", image: dict[str, Any] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    data = tekken_data(version)
+    if image is not None:
+        data["image"] = image
     path = folder / "tekken.json"
-    path.write_text(json.dumps(tekken_data(version)), encoding="utf-8")
+    path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def build_tiny_mistral3(folder: Path, seed: int = 0) -> Any:
+    """tekken.json with image settings and a tiny random Mistral3ForConditionalGeneration (a 1-layer Pixtral vision
+    tower, the patch-merging projector, a 2-layer Mistral): Mistral Small 3.1 / Magistral Small 2509 / Ministral 3's
+    architecture. Its images are encoded by mistral-common's image encoder (which needs opencv), no HF processor."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    folder = Path(folder)
+    data = json.loads(write_tekken(folder, image=IMAGE).read_text(encoding="utf-8"))
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, head_dim=8,
+                                 patch_size=IMAGE["image_patch_size"], image_size=IMAGE["max_image_size"])
+    text = MistralConfig(vocab_size=data["config"]["default_vocab_size"], hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=512, sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=11)
+    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                            spatial_merge_size=IMAGE["spatial_merge_size"], vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
 
 
 def build_tiny_mistral(folder: Path, seed: int = 0, **overrides: Any) -> Any:
@@ -75,7 +107,10 @@ def build_tiny_mistral(folder: Path, seed: int = 0, **overrides: Any) -> Any:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python scripts/build_tiny_mistral.py OUT_DIR")
-    build_tiny_mistral(Path(sys.argv[1]))
-    print(f"wrote a tiny Mistral with tekken.json to {sys.argv[1]}")
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["vision"]):
+        raise SystemExit("usage: python scripts/build_tiny_mistral.py OUT_DIR [vision]")
+    if sys.argv[2:] == ["vision"]:
+        build_tiny_mistral3(Path(sys.argv[1]))
+    else:
+        build_tiny_mistral(Path(sys.argv[1]))
+    print(f"wrote a tiny {'Mistral 3 (image-text)' if sys.argv[2:] else 'Mistral'} with tekken.json to {sys.argv[1]}")

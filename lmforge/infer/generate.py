@@ -271,6 +271,10 @@ class Generator:
         if self.processor is None:
             raise LmforgeError("this model reads text only: it cannot take an image", where="image",
                                fix="load an image-text model (trained with processor_type), or leave the image out")
+        if type(self.processor).__name__ == "MistralCommonBackend":
+            raise LmforgeError("images at inference with tokenizer_use_mistral_common are not supported yet (training "
+                               "encodes them with mistral-common; prompting with them is not wired)", where="image",
+                               fix="ask without an image, or set tokenizer_use_mistral_common: false")
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode_images(self, prompt: str, images: list[Any], sampling: Sampling, where: str = "prompt") -> tuple[list[int], dict[str, Any], Sampling]:

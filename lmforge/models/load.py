@@ -400,11 +400,12 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
         raise LmforgeError(f"{name} reads audio, and lmforge trains text and image-text models",
                            where="processor_type", fix="remove processor_type to fine-tune the model on text chats")
     if model.tokenizer_use_mistral_common:
-        raise LmforgeError("image-text training with tokenizer_use_mistral_common is not supported yet: lmforge's image chats "
-                           "go through the model's Hugging Face processor, and mistral-common's own image encoder is not "
-                           "wired in", where="tokenizer_use_mistral_common",
-                           fix="set tokenizer_use_mistral_common: false to train with the model's Hugging Face processor "
-                           "and chat template, or remove processor_type to train the text model on text chats")
+        # mistral-common is the processor: it encodes a conversation's images (its own image encoder) with its ids
+        if getattr(getattr(tokenizer, "tokenizer", None), "instruct_tokenizer", None) is not None and \
+                tokenizer.tokenizer.instruct_tokenizer.image_encoder is None:
+            raise LmforgeError("processor_type is set, but the Mistral tokenizer file has no image settings: it is a "
+                               "text model's", where="processor_type", fix="remove processor_type to train the text model")
+        return tokenizer
     processor_class = getattr(transformers, name, None)
     if processor_class is None or not (name == "AutoProcessor" or (isinstance(processor_class, type)
                                                                     and issubclass(processor_class, transformers.ProcessorMixin))):

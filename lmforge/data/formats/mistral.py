@@ -32,6 +32,17 @@ class TokenSegment:
     ids: tuple[int, ...]
     train: bool
     text: str = ""  # the ids decoded with their control tokens, for reading (held-out prompts, reports)
+    images: dict[str, Any] | None = None  # the row's pixel tensors (on its first run), as Example.images holds them
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """How an image-text run (processor_type) reads a dataset entry's images, as lmforge.data.images does for others."""
+
+    base_dir: Any  # the dataset file's folder: relative image paths start there
+    size: Any = None  # image_size
+    resample: str | None = None  # image_resize_algorithm
+    sequence_len: int | None = None  # a row whose image tokens do not fit is refused: cutting them breaks the image
 
 
 def is_mistral_common(tokenizer: Any) -> bool:
@@ -59,6 +70,7 @@ class MistralChatFormat:
 
     tokenizer: Any  # transformers' MistralCommonBackend, in mistral-common's agnostic validation mode
     reader: ChatTemplateFormat  # reads a row's turns (field_messages, role and content keys, roles); renders nothing
+    images: ImageRows | None = None  # an image-text model's rows: images encoded by mistral-common's image encoder
     renders_special_tokens: bool = True  # the ids carry BOS and every control token: nothing is added
     encodes_ids: bool = True  # segments() returns TokenSegments (ids), not text
     end_of_turn: tuple[str, ...] = ()  # an answer ends with EOS, the one stop token
@@ -67,11 +79,19 @@ class MistralChatFormat:
 
     def encode(self, messages: list[dict[str, Any]], where: str) -> list[int]:
         """The ids mistral-common gives `messages` (a conversation that ends on any turn)."""
+        return self.encode_with_images(messages, where)[0]
+
+    def encode_with_images(self, messages: list[dict[str, Any]], where: str) -> tuple[list[int], dict[str, Any] | None]:
+        """The ids and, for image parts, the pixel tensors (pixel_values, image_sizes) mistral-common makes."""
         from mistral_common.exceptions import MistralCommonException
 
         try:
-            return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-        except (MistralCommonException, ValueError, TypeError, KeyError, AssertionError) as exc:
+            if not any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+                       for m in messages):
+                return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)), None
+            out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+            return out["input_ids"][0].tolist(), {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+        except (MistralCommonException, ValueError, TypeError, KeyError, AssertionError, ImportError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LmforgeError(f"mistral-common refused this conversation: {first}", where=where,
                                fix="fix the row (turns alternate user/assistant after an optional system turn)") from exc
@@ -97,10 +117,38 @@ class MistralChatFormat:
     def messages(self, row: dict[str, Any], where: str) -> list[dict[str, Any]]:
         from lmforge.data.images import has_images
 
-        if has_images(row):  # mistral-common would encode the image tokens and the text model would train on them blind
-            raise LmforgeError("this row has images, and the model is trained as a text-only model", where=where,
-                               fix="remove the image rows (skip_bad_rows: true skips and counts them)")
+        if has_images(row):
+            if self.images is None:  # mistral-common would encode the image tokens and the text model would train blind
+                raise LmforgeError("this row has images, and the model is trained as a text-only model", where=where,
+                                   fix="set processor_type: AutoProcessor with an image-text base_model, or remove the "
+                                   "image rows (skip_bad_rows: true skips and counts them)")
+            return self._image_messages(row, where)
         return [self._mistral_message(m, where) for m in self.reader.messages(row, where)]
+
+    def _image_messages(self, row: dict[str, Any], where: str) -> list[dict[str, Any]]:
+        """An image row read and its images opened and checked as every image chat is (lmforge.data.images), each
+        image handed to mistral-common where its part stands, as the PNG its image encoder reads."""
+        import base64
+        import io
+
+        from lmforge.data.images import image_chat
+
+        settings = self.images
+        assert settings is not None
+        chat = image_chat(row, where, base_dir=settings.base_dir, size=settings.size, resample=settings.resample,
+                          field_messages=self.reader.field_messages, roles=self.reader.roles)
+        images = iter(chat.images)
+        messages = []
+        for message in chat.messages:
+            parts = []
+            for part in message["content"]:
+                if part.get("type") == "image":
+                    buffer = io.BytesIO()
+                    next(images).convert("RGB").save(buffer, format="PNG")
+                    part = {"type": "image", "base64": base64.b64encode(buffer.getvalue()).decode()}
+                parts.append(part)
+            messages.append(self._mistral_message({"role": message["role"], "content": parts}, where))
+        return messages
 
     # -- training rows ----------------------------------------------------------------------------------
 
@@ -109,7 +157,12 @@ class MistralChatFormat:
 
     def conversation_segments(self, messages: list[dict[str, Any]], where: str) -> list[TokenSegment]:
         """The conversation's ids in runs, trained where a turn of ``roles_to_train`` is (its answer and its </s>)."""
-        full = self.encode(messages, where)
+        full, pixels = self.encode_with_images(messages, where)
+        limit = self.images.sequence_len if self.images is not None else None
+        if pixels is not None and limit is not None and len(full) > limit:
+            raise LmforgeError(f"the row is {len(full)} tokens with its image tokens, over sequence_len {limit} (cutting "
+                               "image tokens would leave the model's image features without their places)", where=where,
+                               fix=f"raise sequence_len above {len(full)}, or use smaller images (image_size)")
         trained = [False] * len(full)
         flags = [m["role"] in self.reader.roles_to_train for m in messages]
         last = max((i for i, f in enumerate(flags) if f), default=-1)
@@ -136,7 +189,10 @@ class MistralChatFormat:
             trained[start:end] = [True] * (end - start)
             if end > start and full[end - 1] == eos and (setting == "none" or (setting == "last" and i != last)):
                 trained[end - 1] = False  # train_on_eos / train_on_eot: the </s> that ends this turn stays untrained
-        return self._runs(full, trained)
+        runs = self._runs(full, trained)
+        if pixels is not None:  # the pixels ride on the first run; image tokens are in user turns, never trained
+            runs[0] = TokenSegment(runs[0].ids, runs[0].train, runs[0].text, pixels)
+        return runs
 
     def _runs(self, ids: list[int], trained: list[bool]) -> list[TokenSegment]:
         runs: list[TokenSegment] = []
