@@ -186,14 +186,6 @@ def test_audio_and_image_rows_are_refused_in_one_line(tiny_mistral_dir: Path, tm
     assert "chats.jsonl:1" in caught.value.format()
 
 
-def test_image_text_training_with_the_key_stops_before_the_model_loads(tiny_mistral_dir: Path, tmp_path: Path) -> None:
-    from lmforge.models.load import config_processor
-
-    cfg = _load(tmp_path, tiny_mistral_dir, processor_type="AutoProcessor")
-    with pytest.raises(LmforgeError, match="image-text training with tokenizer_use_mistral_common is not supported yet"):
-        config_processor(cfg, config_tokenizer(cfg))
-
-
 def test_without_the_key_a_mistral_folder_keeps_its_hugging_face_tokenizer(tiny_mistral_dir: Path, tmp_path: Path) -> None:
     # tekken.json beside a Hugging Face tokenizer (as Mistral's Hub repos ship both): only the key switches to it
     from conftest import build_tiny_tokenizer
@@ -251,3 +243,74 @@ def test_serve_and_eval_encode_prompts_with_mistral_common(tiny_mistral_dir: Pat
     assert ids[-1] == loaded.tokenizer.convert_tokens_to_ids("[/INST]")
     assert any(_reference(tiny_mistral_dir, r["messages"])[1][:len(ids)] == ids for r in CHATS)
     assert example.reference in ("four", "no, it is blue", "[THINK]one and one[/THINK]two") and generator.encode(example.prompt, generator.sampling)[0] == ids
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits_vl" / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("cv2")  # mistral-common's image encoder resizes with opencv
+    folder = tmp_path_factory.mktemp("tiny-mistral3")
+    load_script("build_tiny_mistral").build_tiny_mistral3(folder)
+    return folder
+
+
+def _digit_rows(n: int) -> list[dict]:
+    with DIGITS.open(encoding="utf-8") as handle:
+        return [json.loads(next(handle)) for _ in range(n)]
+
+
+def _vision(tmp_path: Path, model: Path, rows: list[dict], **extra: Any) -> Any:
+    return _load(tmp_path, model, rows, processor_type="AutoProcessor", sample_packing=False, lora_target_modules=
+                 r"model.language_model.layers.[\d]+.(mlp|self_attn).(up|down|gate|q|k|v|o)_proj", lora_target_linear=None,
+                 **extra)
+
+
+def test_image_rows_are_encoded_with_their_pixels_by_mistral_common(tiny_mistral3_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from lmforge.data.batching import collate
+    from lmforge.models.load import config_processor, load_model
+    from lmforge.train.objectives import objective_from_config
+
+    rows = _digit_rows(3)
+    cfg = _vision(tmp_path, tiny_mistral3_dir, rows)
+    tokenizer = config_tokenizer(cfg)
+    processor = config_processor(cfg, tokenizer)
+    assert processor is tokenizer  # mistral-common encodes the images itself: no Hugging Face processor
+    examples = build(cfg.data, tokenizer, seed=0, processor=processor).train
+    image = tokenizer.convert_tokens_to_ids("[IMG]")
+    for example, row in zip(examples, rows):
+        assert example.images["pixel_values"].shape == (1, 3, 32, 32) and example.images["image_sizes"].tolist() == [[32, 32]]
+        assert example.input_ids.count(image) == 4  # 32x32 pixels, 8-pixel patches merged 2x2
+        labelled = [t for t in example.labels if t != IGNORE_INDEX]
+        assert tokenizer.decode(labelled, skip_special_tokens=True) == row["answer"] and labelled[-1] == tokenizer.eos_token_id
+        assert image not in labelled  # image tokens are never trained
+
+    # the pixels reach the model: the same tokens with blank images give another loss
+    model = load_model(str(tiny_mistral3_dir), image_text=True)
+    objective = objective_from_config(cfg)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        seen = objective(model, batch)[0]
+        blank = objective(model, {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])})[0]
+    assert not torch.allclose(seen, blank)
+
+
+def test_image_text_model_trains_two_steps_with_the_key(tiny_mistral3_dir: Path, tmp_path: Path) -> None:
+    from lmforge.recipes.finetune import run_train
+
+    cfg = _vision(tmp_path, tiny_mistral3_dir, _digit_rows(4))
+    summary = run_train(cfg)
+    out = Path(cfg.training.output_dir)
+    assert summary["steps"] == 2 and (out / "adapter_model.safetensors").is_file() and (out / "tekken.json").is_file()
+
+
+def test_image_rows_for_a_text_mistral_and_a_text_tokenizer_under_processor_type_are_one_line(
+        tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    from lmforge.models.load import config_processor
+
+    cfg = _vision(tmp_path, tiny_mistral_dir, _digit_rows(1))
+    with pytest.raises(LmforgeError, match="no image settings"):
+        config_processor(cfg, config_tokenizer(cfg))

@@ -403,8 +403,8 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
         # mistral-common is the processor: it encodes a conversation's images (its own image encoder) with its ids
         if getattr(getattr(tokenizer, "tokenizer", None), "instruct_tokenizer", None) is not None and \
                 tokenizer.tokenizer.instruct_tokenizer.image_encoder is None:
-            raise LmforgeError("processor_type is set, but the Mistral tokenizer file has no image settings: it is a "
-                               "text model's", where="processor_type", fix="remove processor_type to train the text model")
+            raise LmforgeError("the Mistral tokenizer file has no image settings (a text model's), and processor_type "
+                               "trains an image-text model", where="processor_type", fix="remove processor_type to train the text model")
         return tokenizer
     processor_class = getattr(transformers, name, None)
     if processor_class is None or not (name == "AutoProcessor" or (isinstance(processor_class, type)
