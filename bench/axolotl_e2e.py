@@ -93,10 +93,13 @@ def family(model_id: str) -> str:
 # tokenizer_use_mistral_common configs need a Mistral tokenizer file: the tiny Mistral of scripts/build_tiny_mistral.py,
 # with its tekken.json (SmolLM2's tokenizer has none).
 MISTRAL_COMMON = "mistral+tekken"
+MISTRAL_COMMON_VISION = "mistral3+tekken"  # with processor_type: the tiny image-text Mistral 3 (bench/vision_examples.py)
 
 
 def model_kind(values: dict[str, Any]) -> str:
-    return MISTRAL_COMMON if values.get("tokenizer_use_mistral_common") else family(values.get("base_model", ""))
+    if values.get("tokenizer_use_mistral_common"):
+        return MISTRAL_COMMON_VISION if values.get("processor_type") else MISTRAL_COMMON
+    return family(values.get("base_model", ""))
 
 
 @dataclass
@@ -139,13 +142,12 @@ class TinyModels:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if kind == MISTRAL_COMMON:
-            import importlib.util
-
-            spec = importlib.util.spec_from_file_location("build_tiny_mistral", REPO / "scripts" / "build_tiny_mistral.py")
-            builder = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(builder)  # type: ignore[union-attr]
-            builder.build_tiny_mistral(self.folder / kind, hidden_size=64, intermediate_size=128, head_dim=16)
+        if kind in (MISTRAL_COMMON, MISTRAL_COMMON_VISION):
+            builder = tiny_mistral_builder()
+            if kind == MISTRAL_COMMON_VISION:
+                builder.build_tiny_mistral3(self.folder / kind)
+            else:
+                builder.build_tiny_mistral(self.folder / kind, hidden_size=64, intermediate_size=128, head_dim=16)
             return self.folder / kind
         tokenizer = self.tokenizer()
         fields = {**TINY, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
@@ -167,6 +169,16 @@ class TinyModels:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         return folder
+
+
+def tiny_mistral_builder():  # noqa: ANN201
+    """scripts/build_tiny_mistral.py (a tiny Mistral, or Mistral 3, with a tekken.json), imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tiny_mistral", REPO / "scripts" / "build_tiny_mistral.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)  # type: ignore[union-attr]
+    return builder
 
 
 def gsm8k_rows(n: int = ROWS) -> list[dict[str, str]]:
