@@ -157,6 +157,10 @@ def _mistral_source(name: str) -> str:
                            "(tekken.json or tokenizer.model.v*)", where=source,
                            fix="copy the model's tekken.json there, or set tokenizer_use_mistral_common: false to use its "
                            "Hugging Face tokenizer and chat template")
+    if os.path.isfile(source):
+        raise LmforgeError("tokenizer_use_mistral_common reads the Mistral tokenizer file of a model folder or Hub id, "
+                           "and this is a file", where=f"base_model: {name}",
+                           fix="point base_model (or tokenizer_config) at the folder holding tekken.json")
     if not os.path.isdir(source) and _looks_local(source):
         raise LmforgeError("model path does not exist", where=f"base_model: {name}", fix="fix the path or use a Hub id")
     return source
