@@ -314,3 +314,36 @@ def test_image_rows_for_a_text_mistral_and_a_text_tokenizer_under_processor_type
     cfg = _vision(tmp_path, tiny_mistral_dir, _digit_rows(1))
     with pytest.raises(LmforgeError, match="no image settings"):
         config_processor(cfg, config_tokenizer(cfg))
+
+
+def test_inference_with_an_image_encodes_it_as_training_did(tiny_mistral3_dir: Path, tmp_path: Path) -> None:
+    from lmforge.data.images import open_image
+    from lmforge.infer.generate import Generator, Sampling
+    from lmforge.infer.prompts import PromptBuilder
+    from lmforge.models.trained import load_for_generation
+
+    row = _digit_rows(1)[0]
+    cfg = _vision(tmp_path, tiny_mistral3_dir, [row])
+    tokenizer = config_tokenizer(cfg)
+    from lmforge.models.load import config_processor
+
+    (example,) = build(cfg.data, tokenizer, seed=0, processor=config_processor(cfg, tokenizer)).train
+    loaded = load_for_generation(str(tiny_mistral3_dir), None, processor=cfg, mistral_common=True)
+    generator = Generator(loaded.model, loaded.tokenizer, PromptBuilder.from_config(cfg, loaded.tokenizer, loaded.model),
+                          Sampling(max_new_tokens=2), processor=loaded.processor)
+    picture = open_image(row["messages"][0]["content"][0]["base64"], "row image")
+    prompt = generator.image_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit is this?"}]}])
+    ids, pixels, _ = generator.encode_images(prompt, [picture], generator.sampling)
+    first_trained = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    assert ids == example.input_ids[:first_trained]  # the prompt training saw before the answer, image tokens included
+    assert torch_equal(pixels["pixel_values"], example.images["pixel_values"])
+    stream = generator.stream(prompt, images=[picture])
+    for _ in stream:  # the model generates with the pixels beside the ids
+        pass
+    assert stream.prompt_tokens == len(ids) and 1 <= stream.completion_tokens <= 2
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a.float(), b.float()))

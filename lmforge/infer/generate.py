@@ -271,18 +271,22 @@ class Generator:
         if self.processor is None:
             raise LmforgeError("this model reads text only: it cannot take an image", where="image",
                                fix="load an image-text model (trained with processor_type), or leave the image out")
-        if type(self.processor).__name__ == "MistralCommonBackend":
-            raise LmforgeError("images at inference with tokenizer_use_mistral_common are not supported yet (training "
-                               "encodes them with mistral-common; prompting with them is not wired)", where="image",
-                               fix="ask without an image, or set tokenizer_use_mistral_common: false")
+        from lmforge.data.formats.mistral import ImageConversation, is_mistral_common
+
+        if is_mistral_common(self.processor):  # mistral-common encodes the images with the ids (encode_images)
+            return ImageConversation.of(messages)
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode_images(self, prompt: str, images: list[Any], sampling: Sampling, where: str = "prompt") -> tuple[list[int], dict[str, Any], Sampling]:
         """Token ids (image placeholders expanded) and pixel tensors of an image prompt, and the fitted sampling."""
+        from lmforge.data.formats.mistral import ImageConversation, encode_image_conversation
         from lmforge.data.images import TEXT_FIELDS
 
-        inputs = self.processor(text=[prompt], images=images, add_special_tokens=False, return_tensors="pt")
-        ids = inputs["input_ids"][0].tolist()
+        if isinstance(prompt, ImageConversation):  # tokenizer_use_mistral_common: its own image encoder, as in training
+            ids, inputs = encode_image_conversation(self.processor, prompt, images, where)
+        else:
+            inputs = self.processor(text=[prompt], images=images, add_special_tokens=False, return_tensors="pt")
+            ids = inputs["input_ids"][0].tolist()
         dtype = next(self.model.parameters()).dtype
         pixels = {k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
                   for k, v in inputs.items() if k not in TEXT_FIELDS and isinstance(v, torch.Tensor)}

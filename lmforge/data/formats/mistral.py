@@ -64,6 +64,62 @@ class EncodedPrompt(str):
         return prompt
 
 
+class ImageConversation(str):
+    """An image chat to encode with mistral-common at inference: its messages (``{"type": "image"}`` where each image
+    goes); the text is the conversation as mistral-common writes it, for display. The images come with it to
+    :func:`encode_image_conversation`."""
+
+    messages: list[dict[str, Any]]
+
+    def __new__(cls, text: str, messages: list[dict[str, Any]]) -> "ImageConversation":
+        prompt = super().__new__(cls, text)
+        prompt.messages = messages
+        return prompt
+
+    @classmethod
+    def of(cls, messages: list[dict[str, Any]]) -> "ImageConversation":
+        def text(part: dict[str, Any]) -> str:
+            return "[IMG]" if part.get("type") == "image" else str(part.get("text", ""))
+
+        turns = [m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}] for m in messages]
+        return cls("\n".join(f"{m['role']}: " + "".join(text(p) for p in parts) for m, parts in zip(messages, turns)), messages)
+
+
+def with_images(messages: list[dict[str, Any]], images: list[Any], where: str) -> list[dict[str, Any]]:
+    """`messages` with each ``{"type": "image"}`` part given its Pillow image, in order, as the PNG mistral-common's
+    image encoder reads (the wrapper takes an image as a path, a URL or base64)."""
+    import base64
+    import io
+
+    remaining = iter(images)
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    image = next(remaining, None)
+                    if image is None:
+                        raise LmforgeError("more image placeholders than images", where=where, fix="give each image part its image")
+                    buffer = io.BytesIO()
+                    image.convert("RGB").save(buffer, format="PNG")
+                    part = {"type": "image", "base64": base64.b64encode(buffer.getvalue()).decode()}
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    if next(remaining, None) is not None:
+        raise LmforgeError("more images than image placeholders", where=where, fix="add one image part per image")
+    return out
+
+
+def encode_image_conversation(tokenizer: Any, prompt: ImageConversation, images: list[Any], where: str) -> tuple[list[int], dict[str, Any]]:
+    """The ids and pixel tensors (pixel_values, image_sizes) of an image chat, as training encoded its image rows."""
+    fmt = MistralChatFormat(tokenizer=tokenizer, reader=ChatTemplateFormat(template="", end_of_turn=(), keep_parts=True))
+    ids, pixels = fmt.encode_with_images(with_images(prompt.messages, images, where), where)
+    return ids, pixels or {}
+
+
 @dataclass(frozen=True)
 class MistralChatFormat:
     """A chat dataset encoded by mistral-common; the loss on ``roles_to_train`` turns (assistant by default)."""
@@ -128,27 +184,13 @@ class MistralChatFormat:
     def _image_messages(self, row: dict[str, Any], where: str) -> list[dict[str, Any]]:
         """An image row read and its images opened and checked as every image chat is (lmforge.data.images), each
         image handed to mistral-common where its part stands, as the PNG its image encoder reads."""
-        import base64
-        import io
-
         from lmforge.data.images import image_chat
 
         settings = self.images
         assert settings is not None
         chat = image_chat(row, where, base_dir=settings.base_dir, size=settings.size, resample=settings.resample,
                           field_messages=self.reader.field_messages, roles=self.reader.roles)
-        images = iter(chat.images)
-        messages = []
-        for message in chat.messages:
-            parts = []
-            for part in message["content"]:
-                if part.get("type") == "image":
-                    buffer = io.BytesIO()
-                    next(images).convert("RGB").save(buffer, format="PNG")
-                    part = {"type": "image", "base64": base64.b64encode(buffer.getvalue()).decode()}
-                parts.append(part)
-            messages.append(self._mistral_message({"role": message["role"], "content": parts}, where))
-        return messages
+        return [self._mistral_message(m, where) for m in with_images(chat.messages, chat.images, where)]
 
     # -- training rows ----------------------------------------------------------------------------------
 
