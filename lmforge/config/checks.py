@@ -69,7 +69,32 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _remote_code(c)
     _preference(c)
     _images(c)
+    _mistral_common(c)
     return c.warnings
+
+
+def _mistral_common(c: _Checker) -> None:
+    """tokenizer_use_mistral_common: mistral-common encodes conversations itself (no Jinja template) with a fixed vocabulary."""
+    model, data = c.cfg.model, c.cfg.data
+    if not model.tokenizer_use_mistral_common:
+        return
+    why = "tokenizer_use_mistral_common encodes conversations with mistral-common, which uses no chat template"
+    fix = "remove it (or set tokenizer_use_mistral_common: false to render the chat template with the Hugging Face tokenizer)"
+    for key in ("chat_template_jinja", "chat_template_kwargs", "chat_template"):  # (chat_template_jinja implies chat_template)
+        if getattr(data, key) not in (None, {}, ""):
+            raise c.error(key, f"{key} sets a chat template, and {why}", fix)
+    for group in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(data, group) or []):
+            for key in ("chat_template_jinja", "chat_template"):
+                if getattr(spec, key, None):
+                    raise c.error((group, index, key), f"{group}[{index}].{key} sets a chat template, and {why}", fix)
+    for key in ("special_tokens", "tokens"):
+        if getattr(model, key):
+            raise c.error(key, f"{key} adds tokens, and mistral-common's vocabulary (tekken.json) is fixed",
+                          f"remove {key}, or set tokenizer_use_mistral_common: false")
+    if data.eot_tokens:
+        c.warn("eot_tokens", "eot_tokens changes nothing with tokenizer_use_mistral_common: mistral-common ends every "
+                             "assistant turn with EOS (</s>), the one token an answer stops at")
 
 
 def _preference(c: _Checker) -> None:

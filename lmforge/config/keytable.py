@@ -693,10 +693,7 @@ KEYS: tuple[Key, ...] = (
     later("tokenizer_use_fast", "the slow (Python) tokenizer", nearest="tokenizer_config", quiet=(None,),
           same={True: "lmforge loads the fast tokenizer (AutoTokenizer's default)"}),
     done("tokenizer_legacy", LOAD),
-    later("tokenizer_use_mistral_common", "Mistral's mistral-common tokenizer: it encodes a conversation straight to ids, "
-          "while lmforge renders the chat template to text and tokenizes that; transformers' wrapper for it also needs "
-          "mistral-common>=1.11.5, which caps numpy below the 2.4 lmforge pins", nearest="tokenizer_use_mistral_common: false "
-          "(the model's Hugging Face tokenizer and its chat template, chat_template: tokenizer_default)"),
+    done("tokenizer_use_mistral_common", LOAD, "lmforge/config/checks.py", INFERENCE),
     done("tokenizer_type", LOAD),
     done("processor_type", LOAD, MODEL),
     done("processor_kwargs", LOAD),

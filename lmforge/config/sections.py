@@ -167,6 +167,10 @@ class ModelSection(Section):
     tokenizer_legacy: bool | None = Field(
         None, description="The tokenizer's legacy flag (Llama/SentencePiece): true adds a word-start marker after every "
         "special token, false only at the start of the text (default: the tokenizer's own).")
+    tokenizer_use_mistral_common: bool = Field(
+        False, description="Read the model's Mistral tokenizer file (tekken.json) with mistral-common, through "
+        "transformers' MistralCommonBackend: chat datasets and prompts encode straight to ids, as Mistral's own "
+        "tokenizer does (no chat template; the loss on assistant turns only).")
     revision_of_model: str | None = Field(
         None, description="The Hub revision (branch, tag or commit) of base_model and its tokenizer.")
     cls_model_config: str | None = Field(

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from lmforge.config.sections import DataSection, DatasetSpec
 from lmforge.data.examples import IGNORE_INDEX, ROW_FIX, Example, PrepareStats, PreparedData, trained_token_mask
-from lmforge.data.formats import ChatTemplateFormat, Segment, SkipRow, get_format
-from lmforge.data.images import has_images, image_examples
+from lmforge.data.formats import ChatTemplateFormat, MistralChatFormat, Segment, SkipRow, get_format, is_mistral_common
+from lmforge.data.formats.mistral import ImageRows
+from lmforge.data.images import dataset_folder, has_images, image_examples
 from lmforge.data.sources import no_rows, read_rows
 from lmforge.errors import LmforgeError
 
@@ -75,6 +77,20 @@ def _tokenize_joint(rows: list[list[Segment]], tokenizer: Any, sequence_len: int
             mask = trained_token_mask(offsets, _trained_spans(segment_list))
             labels = np.where(mask, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
         _finish(list(ids), labels, sequence_len, stats, examples)
+    return examples
+
+
+def _encoded_rows(rows: list[list[Any]], sequence_len: int, train_on_inputs: bool, stats: PrepareStats) -> list[Example]:
+    """Rows a format encoded to ids itself (mistral-common's TokenSegments): joined, the untrained runs masked."""
+    examples: list[Example] = []
+    for runs in rows:
+        ids = [t for run in runs for t in run.ids]
+        labels = [t if (run.train or train_on_inputs) else IGNORE_INDEX for run in runs for t in run.ids]
+        kept = len(examples)
+        _finish(ids, labels, sequence_len, stats, examples)
+        images = next((run.images for run in runs if run.images is not None), None)
+        if images is not None and len(examples) > kept:
+            examples[-1].images = images  # an image row mistral-common encoded: its pixels go with its ids
     return examples
 
 
@@ -153,6 +169,8 @@ def _work(job: tuple) -> tuple[list[Example], PrepareStats]:
     fmt, rows, sequence_len, train_on_inputs, skip_bad_rows = job
     stats = PrepareStats()
     segments = _format_rows(fmt, rows, skip_bad_rows, stats)
+    if getattr(fmt, "encodes_ids", False):
+        return _encoded_rows(segments, sequence_len, train_on_inputs, stats), stats
     joint = getattr(fmt, "renders_special_tokens", False)
     return tokenize_rows(segments, _WORKER["tokenizer"], sequence_len, train_on_inputs, stats, joint=joint), stats
 
@@ -169,7 +187,7 @@ def prepare_specs(
     processes = processes or data.dataset_processes or 1
     for index, spec in enumerate(specs):
         where = f"{key}[{index}]"
-        if processor is not None:
+        if processor is not None and not is_mistral_common(processor):
             rows = spec_rows(spec)
             if not rows:
                 raise no_rows(spec.path)
@@ -181,12 +199,16 @@ def prepare_specs(
             origin += [index] * len(spec_examples)
             continue
         fmt = get_format(spec.type, where=f"{where}.type", spec=spec, tokenizer=tokenizer, data=data)
+        if processor is not None and isinstance(fmt, MistralChatFormat):  # mistral-common encodes the images itself
+            fmt = replace(fmt, images=ImageRows(dataset_folder(spec.path), data.image_size, data.image_resize_algorithm,
+                                                data.sequence_len))
         rows = spec_rows(spec)
         if not rows:
             raise no_rows(spec.path)  # a Hub split; a local file says so as it is read
         spec_stats = PrepareStats()
         spec_stats.rows[spec.path] += len(rows)
-        if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS:
+        # (a format holding mistral-common's tokenizer encodes in this process: the pool ships formats, not tokenizers)
+        if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS and not getattr(fmt, "encodes_ids", False):
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 

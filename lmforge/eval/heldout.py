@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.data.formats import get_format
+from lmforge.data.formats import EncodedPrompt, TokenSegment, get_format
 from lmforge.data.prepare import split_eval
 from lmforge.data.sources import read_rows
 from lmforge.errors import LmforgeError
@@ -83,6 +83,8 @@ def held_out_examples(cfg: Any, tokenizer: Any, builder: Any, data_path: str | N
             if first is None or first == 0:
                 continue  # no prompt to answer, or nothing trained: not a question with a reference
             prompt = "".join(s.text for s in segments[:first])
+            if isinstance(segments[0], TokenSegment):  # mistral-common's ids: the prompt is those ids, not its text
+                prompt = EncodedPrompt(prompt, [t for s in segments[:first] for t in s.ids])
             examples.append(HeldOutExample(row.where, builder.wrap(prompt), _strip_end(segments[first].text, markers)))
     if key == "datasets":
         _, examples = split_eval(examples, d.val_set_size, cfg.training.seed)

@@ -239,7 +239,12 @@ class Generator:
 
     def encode(self, prompt: str, sampling: Sampling, where: str = "prompt") -> tuple[list[int], Sampling]:
         """Token ids of ``prompt`` and the sampling settings that fit the context window."""
-        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        from lmforge.data.formats import EncodedPrompt
+
+        if isinstance(prompt, EncodedPrompt):  # mistral-common encoded it: its control tokens exist only as ids
+            ids = list(prompt.ids)
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         window = self.window
         if window is None:
             return ids, sampling
@@ -266,14 +271,22 @@ class Generator:
         if self.processor is None:
             raise LmforgeError("this model reads text only: it cannot take an image", where="image",
                                fix="load an image-text model (trained with processor_type), or leave the image out")
+        from lmforge.data.formats.mistral import ImageConversation, is_mistral_common
+
+        if is_mistral_common(self.processor):  # mistral-common encodes the images with the ids (encode_images)
+            return ImageConversation.of(messages)
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode_images(self, prompt: str, images: list[Any], sampling: Sampling, where: str = "prompt") -> tuple[list[int], dict[str, Any], Sampling]:
         """Token ids (image placeholders expanded) and pixel tensors of an image prompt, and the fitted sampling."""
+        from lmforge.data.formats.mistral import ImageConversation, encode_image_conversation
         from lmforge.data.images import TEXT_FIELDS
 
-        inputs = self.processor(text=[prompt], images=images, add_special_tokens=False, return_tensors="pt")
-        ids = inputs["input_ids"][0].tolist()
+        if isinstance(prompt, ImageConversation):  # tokenizer_use_mistral_common: its own image encoder, as in training
+            ids, inputs = encode_image_conversation(self.processor, prompt, images, where)
+        else:
+            inputs = self.processor(text=[prompt], images=images, add_special_tokens=False, return_tensors="pt")
+            ids = inputs["input_ids"][0].tolist()
         dtype = next(self.model.parameters()).dtype
         pixels = {k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
                   for k, v in inputs.items() if k not in TEXT_FIELDS and isinstance(v, torch.Tensor)}

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.data.formats import ChatTemplateFormat, HookFormat, get_format
+from lmforge.data.formats import ChatTemplateFormat, EncodedPrompt, HookFormat, MistralChatFormat, get_format, is_mistral_common
 from lmforge.data.formats.templates import KNOWN_END_OF_TURN
 from lmforge.data.prepare import adds_bos
 
@@ -78,9 +78,10 @@ class PromptBuilder:
     # -- what kind of format ------------------------------------------------------------------------
 
     @property
-    def chat(self) -> ChatTemplateFormat | None:
-        """The chat template that renders conversations, when the training format is a chat format."""
-        if isinstance(self.fmt, ChatTemplateFormat):
+    def chat(self) -> ChatTemplateFormat | MistralChatFormat | None:
+        """The chat template that renders conversations, when the training format is a chat format (or mistral-common,
+        which encodes them to ids: its prompts carry those ids, see EncodedPrompt)."""
+        if isinstance(self.fmt, (ChatTemplateFormat, MistralChatFormat)):
             return self.fmt
         if isinstance(self.fmt, HookFormat) and self.fmt.chat is not None:
             return self.fmt.chat
@@ -92,6 +93,8 @@ class PromptBuilder:
 
     def explain(self) -> str:
         """One line for the chat's banner: how each turn is formatted."""
+        if isinstance(self.fmt, MistralChatFormat):
+            return f"each turn encodes the whole conversation with mistral-common, as in training ({self.describe})"
         if self.multi_turn:
             return f"each turn renders the whole conversation with the chat template, as in training ({self.describe})"
         return (
@@ -106,6 +109,8 @@ class PromptBuilder:
         renders = getattr(self.fmt, "renders_special_tokens", False) if self.fmt is not None else False
         bos = self.tokenizer.bos_token
         if not renders and bos and adds_bos(self.tokenizer) and not prompt.startswith(bos):
+            if is_mistral_common(self.tokenizer):  # mistral-common never reads a control token from text: BOS as an id
+                return EncodedPrompt(bos + prompt, [self.tokenizer.bos_token_id, *self.tokenizer.encode(prompt, add_special_tokens=False)])
             return bos + prompt
         return prompt
 

@@ -137,23 +137,74 @@ def transformers_class(name: str | None, default: str, kind: str, key: str) -> A
     return chosen
 
 
+def mistral_tokenizer_file(folder: str) -> str | None:
+    """The Mistral tokenizer file (tekken.json, or a versioned tokenizer.model.v*) in a local folder, if it has one."""
+    if not os.path.isdir(folder):
+        return None
+    from mistral_common.tokens.tokenizers.utils import get_one_valid_tokenizer_file
+
+    try:
+        return get_one_valid_tokenizer_file(sorted(os.listdir(folder)))
+    except ValueError:
+        return None
+
+
+def _mistral_source(name: str) -> str:
+    """Where tokenizer_use_mistral_common reads the Mistral tokenizer file: a local folder holding one, or a Hub id."""
+    source = resolve_model_path(name)
+    if os.path.isdir(source) and mistral_tokenizer_file(source) is None:
+        raise LmforgeError("tokenizer_use_mistral_common: true, but this folder holds no Mistral tokenizer file "
+                           "(tekken.json or tokenizer.model.v*)", where=source,
+                           fix="copy the model's tekken.json there, or set tokenizer_use_mistral_common: false to use its "
+                           "Hugging Face tokenizer and chat template")
+    if os.path.isfile(source):
+        raise LmforgeError("tokenizer_use_mistral_common reads the Mistral tokenizer file of a model folder or Hub id, "
+                           "and this is a file", where=f"base_model: {name}",
+                           fix="point base_model (or tokenizer_config) at the folder holding tekken.json")
+    if not os.path.isdir(source) and _looks_local(source):
+        raise LmforgeError("model path does not exist", where=f"base_model: {name}", fix="fix the path or use a Hub id")
+    return source
+
+
 def load_tokenizer(base_model: str, tokenizer_path: str | None = None, trust_remote_code: bool = False,
                    tokenizer_type: str | None = None, *, from_gguf: bool = False, revision: str | None = None,
-                   legacy: bool | None = None) -> Any:
+                   legacy: bool | None = None, mistral_common: bool = False) -> Any:
     """The one place a tokenizer is read from disk or the Hub: ``tokenizer_path`` or ``base_model`` (an HF
     folder, a .gguf or pkg:// file, or a Hub id), made able to pad, loaded with the class ``tokenizer_type``
     names (default AutoTokenizer). `from_gguf` reads a .gguf file's header only, as is (no weights are
-    converted, no pad token set): what the GGUF cache and the planner save. A config's tokenizer comes
+    converted, no pad token set): what the GGUF cache and the planner save. `mistral_common`
+    (tokenizer_use_mistral_common) reads the Mistral tokenizer file instead; so does a local folder that holds one
+    and no Hugging Face tokenizer (a training output of such a run). A config's tokenizer comes
     through :func:`config_tokenizer`, which calls this."""
     if from_gguf:
         from transformers import AutoTokenizer
 
         gguf = Path(resolve_model_path(base_model))
         return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    folder = resolve_model_path(tokenizer_path or base_model)
+    if mistral_common or (os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+                          and mistral_tokenizer_file(folder) is not None):
+        # transformers' wrapper for mistral-common (MistralCommonBackend): conversations encode straight to ids, no chat
+        # template. Its "agnostic" validation mode lets a conversation end on any turn: training encodes every prefix
+        # of a conversation, inference a conversation that ends on the user's turn.
+        from transformers import AutoTokenizer
+
+        source = _mistral_source(tokenizer_path or base_model)
+        try:
+            return AutoTokenizer.from_pretrained(source, mistral_format=True, mode="agnostic",
+                                                 **({"revision": revision} if revision else {}))
+        except (OSError, ValueError) as exc:
+            if os.path.isdir(source):
+                raise LmforgeError(f"could not load the Mistral tokenizer: {str(exc).splitlines()[0]}", where=source,
+                                   fix="check that tekken.json is a complete Mistral tokenizer file") from exc
+            raise _hub_error(tokenizer_path or base_model, exc) from exc
     tokenizer_class = transformers_class(tokenizer_type, "AutoTokenizer", "tokenizer", "tokenizer_type")
     source = local_model_dir(tokenizer_path or base_model, marker="tokenizer_config.json")
     try:
         extra = {**({"revision": revision} if revision else {}), **({"legacy": legacy} if legacy is not None else {})}
+        if tokenizer_class.__name__ == "AutoTokenizer":
+            # a Mistral model's tekken.json is read only when tokenizer_use_mistral_common asks (mistral_common above)
+            extra["mistral_format"] = False
         tokenizer = tokenizer_class.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
         if os.path.isdir(source):
@@ -183,7 +234,11 @@ def config_tokenizer(cfg: Any, source: str | None = None, say: Callable[[str], N
                            fix="set tokenizer_train: {files: [...], vocab_size: N} to train one, or tokenizer_config: FOLDER_OR_HUB_ID")
     tokenizer = load_tokenizer(source or model.base_model, None if source else model.tokenizer_config, model.trust_remote_code,
                                model.tokenizer_type, revision=None if source else model.revision_of_model,
-                               legacy=None if source else model.tokenizer_legacy)
+                               legacy=None if source else model.tokenizer_legacy,
+                               mistral_common=model.tokenizer_use_mistral_common)
+    if model.tokenizer_use_mistral_common:
+        # mistral-common encodes conversations itself: no template, and no tokens can be added (validate refuses the keys)
+        return tokenizer
     if model.special_tokens:
         tokenizer.add_special_tokens(dict(model.special_tokens))
         if tokenizer.pad_token is None:
@@ -351,6 +406,16 @@ def config_processor(cfg: Any, tokenizer: Any, source: str | None = None) -> Any
 
     model = cfg.model
     name = model.processor_type or "AutoProcessor"
+    if "voxtral" in name.lower():  # axolotl's Voxtral examples: speech in, text out
+        raise LmforgeError(f"{name} reads audio, and lmforge trains text and image-text models",
+                           where="processor_type", fix="remove processor_type to fine-tune the model on text chats")
+    if model.tokenizer_use_mistral_common:
+        # mistral-common is the processor: it encodes a conversation's images (its own image encoder) with its ids
+        if getattr(getattr(tokenizer, "tokenizer", None), "instruct_tokenizer", None) is not None and \
+                tokenizer.tokenizer.instruct_tokenizer.image_encoder is None:
+            raise LmforgeError("the Mistral tokenizer file has no image settings (a text model's), and processor_type "
+                               "trains an image-text model", where="processor_type", fix="remove processor_type to train the text model")
+        return tokenizer
     processor_class = getattr(transformers, name, None)
     if processor_class is None or not (name == "AutoProcessor" or (isinstance(processor_class, type)
                                                                     and issubclass(processor_class, transformers.ProcessorMixin))):

@@ -24,7 +24,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.models.adapters import AdapterCheck, check_adapter, load_adapter
 
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
 
 
 @dataclass
@@ -57,17 +57,18 @@ def load_lora_model(
 
 def load_tokenizer_for(
     model: str, lora_dir: str | os.PathLike[str] | None = None, tokenizer_config: str | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, mistral_common: bool = False,
 ) -> Any:
     """The tokenizer to use with ``model`` (+ adapter): a run that added tokens or a chat template saved its
-    tokenizer with the adapter, so that one wins; else ``tokenizer_config`` or the model's own."""
+    tokenizer with the adapter, so that one wins; else ``tokenizer_config`` or the model's own. `mistral_common`
+    (tokenizer_use_mistral_common) reads the Mistral tokenizer file (tekken.json), as training did."""
     from lmforge.models.load import load_tokenizer
 
     own = lora_dir is not None and any((Path(lora_dir) / name).is_file() for name in _TOKENIZER_FILES)
     try:
         if own:
-            return load_tokenizer(str(lora_dir), trust_remote_code=trust_remote_code)
-        return load_tokenizer(model, tokenizer_config, trust_remote_code)
+            return load_tokenizer(str(lora_dir), trust_remote_code=trust_remote_code, mistral_common=mistral_common)
+        return load_tokenizer(model, tokenizer_config, trust_remote_code, mistral_common=mistral_common)
     except (OSError, ValueError) as exc:
         source = str(lora_dir) if own else (tokenizer_config or model)
         raise LmforgeError(
@@ -85,6 +86,7 @@ def load_for_generation(
     tokenizer_config: str | None = None,
     trust_remote_code: bool = False,
     processor: Any = None,
+    mistral_common: bool = False,
 ) -> LoadedModel:
     """A model in eval mode on ``device`` with its tokenizer: ``model`` (an HF folder, merged folder, .gguf,
     pkg:// file or Hub id), plus the LoRA adapter in ``lora_model_dir`` checked against it first.
@@ -96,12 +98,12 @@ def load_for_generation(
     image_text = processor is not None
     if lora_model_dir:
         check = check_adapter(model, lora_model_dir)  # before any weight is read
-        tokenizer = load_tokenizer_for(model, lora_model_dir, tokenizer_config, trust_remote_code)
+        tokenizer = load_tokenizer_for(model, lora_model_dir, tokenizer_config, trust_remote_code, mistral_common)
         loaded = load_lora_model(model, lora_model_dir, dtype=dtype, check=check, trust_remote_code=trust_remote_code,
                                  image_text=image_text)
         source = f"{model} + {lora_model_dir}"
     else:
-        tokenizer = load_tokenizer_for(model, None, tokenizer_config, trust_remote_code)
+        tokenizer = load_tokenizer_for(model, None, tokenizer_config, trust_remote_code, mistral_common)
         loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, image_text=image_text)
         fit_embeddings_to_tokenizer(loaded, tokenizer)
         source = model

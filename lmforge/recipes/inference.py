@@ -82,7 +82,7 @@ def build_generator(cfg: LmforgeConfig, lora_model_dir: str | None = None, model
     loaded = load_for_generation(
         source, adapter, dtype=dtype, device=device,
         tokenizer_config=None if model else cfg.model.tokenizer_config, trust_remote_code=cfg.model.trust_remote_code,
-        processor=cfg if cfg.model.processor_type else None,
+        processor=cfg if cfg.model.processor_type else None, mistral_common=cfg.model.tokenizer_use_mistral_common,
     )
     prompts = PromptBuilder.from_config(cfg, loaded.tokenizer, loaded.model)
     name = Path(adapter).name if adapter else Path(str(source).rstrip("/")).name

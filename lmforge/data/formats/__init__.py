@@ -19,6 +19,7 @@ from lmforge.data.formats.completion import CompletionFormat
 from lmforge.data.formats.hook import HookFormat, SkipRow, looks_like_hook
 from lmforge.data.formats.input_output import InputOutputFormat
 from lmforge.data.formats.legacy import legacy_format
+from lmforge.data.formats.mistral import EncodedPrompt, MistralChatFormat, TokenSegment, is_mistral_common
 from lmforge.data.formats.templates import NAMED_TEMPLATES, has_generation_blocks, prepare_chat_tokenizer, resolve_template
 from lmforge.data.formats.user_defined import TemplateFormat, user_defined
 from lmforge.errors import LmforgeError
@@ -26,7 +27,8 @@ from lmforge.errors import LmforgeError
 
 __all__ = [
     "ALPACA_NO_INPUT", "ALPACA_WITH_INPUT", "BUILTIN_TYPES", "NAMED_TEMPLATES", "ChatTemplateFormat", "CompletionFormat",
-    "HookFormat", "InputOutputFormat", "PromptFormat", "Segment", "SkipRow", "TemplateFormat", "get_format",
+    "EncodedPrompt", "HookFormat", "InputOutputFormat", "MistralChatFormat", "PromptFormat", "Segment", "SkipRow",
+    "TemplateFormat", "TokenSegment", "get_format", "is_mistral_common",
     "prepare_chat_tokenizer",
 ]
 
@@ -56,17 +58,11 @@ def chat_format(spec: Any, tokenizer: Any, chat_template: str | None, where: str
     reserved = sorted(set(kwargs) & set(RESERVED_VARIABLES))
     if reserved:
         raise LmforgeError(f"chat_template_kwargs cannot set {', '.join(reserved)}", where="chat_template_kwargs", fix=f"remove {', '.join(reserved)}: lmforge sets it")
-    mappings = dict(getattr(spec, "message_property_mappings", None) or {})
-    roles = dict(DEFAULT_ROLES)
-    for role, names in (getattr(spec, "roles", None) or {}).items():
-        for name in [names] if isinstance(names, str) else names:
-            roles[name] = role
-    train_on_eos = getattr(spec, "train_on_eos", None) or "turn"
-    train_on_eot = getattr(spec, "train_on_eot", None)
+    keys = _conversation_keys(spec)
     eos = tokenizer.eos_token or ""
-    if train_on_eot is not None and train_on_eot != train_on_eos and eos in ends:
+    if keys["train_on_eot"] is not None and keys["train_on_eot"] != keys["train_on_eos"] and eos in ends:
         raise LmforgeError(
-            f"train_on_eos: {train_on_eos} and train_on_eot: {train_on_eot} disagree, and this template ends turns with EOS ({eos})",
+            f"train_on_eos: {keys['train_on_eos']} and train_on_eot: {keys['train_on_eot']} disagree, and this template ends turns with EOS ({eos})",
             where=f"{entry}.train_on_eot", fix="set them to the same value",
         )
     return ChatTemplateFormat(
@@ -75,6 +71,18 @@ def chat_format(spec: Any, tokenizer: Any, chat_template: str | None, where: str
         # What apply_chat_template gives a template: the special tokens, then the user's variables.
         variables={**tokenizer.special_tokens_map, **kwargs},
         generation=has_generation_blocks(source),
+        **keys,
+    )
+
+
+def _conversation_keys(spec: Any) -> dict[str, Any]:
+    """How a chat dataset entry's rows are read and which turns train: ChatTemplateFormat's fields from its keys."""
+    mappings = dict(getattr(spec, "message_property_mappings", None) or {})
+    roles = dict(DEFAULT_ROLES)
+    for role, names in (getattr(spec, "roles", None) or {}).items():
+        for name in [names] if isinstance(names, str) else names:
+            roles[name] = role
+    return dict(
         field_messages=getattr(spec, "field_messages", None),
         role_key=mappings.pop("role", None),
         content_key=mappings.pop("content", None),
@@ -82,14 +90,26 @@ def chat_format(spec: Any, tokenizer: Any, chat_template: str | None, where: str
         roles=roles,
         # as in axolotl, a speaker name (gpt, human) stands for its role
         roles_to_train=tuple(roles.get(r, r) for r in (getattr(spec, "roles_to_train", None) or ("assistant",))),
-        train_on_eos=train_on_eos,
-        train_on_eot=train_on_eot,
+        train_on_eos=getattr(spec, "train_on_eos", None) or "turn",
+        train_on_eot=getattr(spec, "train_on_eot", None),
         field_thinking=getattr(spec, "field_thinking", None) or "reasoning_content",
         thinking_key=getattr(spec, "template_thinking_key", None) or "reasoning_content",
         split_thinking=bool(getattr(spec, "split_thinking", None)),
         train_on_thinking=getattr(spec, "train_on_thinking", None) is not False,
         drop_system_message=bool(getattr(spec, "drop_system_message", None)),
     )
+
+
+def mistral_chat_format(spec: Any, tokenizer: Any, where: str) -> MistralChatFormat:
+    """A chat dataset entry encoded by mistral-common (tokenizer_use_mistral_common): its rows read as chat rows are,
+    content parts kept for mistral-common, and no template (validate refuses the chat_template keys beside it)."""
+    entry = where.rsplit(".type", 1)[0] if where.endswith(".type") else where
+    if getattr(spec, "train_on_thinking", None) is False:
+        raise LmforgeError("train_on_thinking: false is not supported with tokenizer_use_mistral_common (mistral-common "
+                           "encodes the reasoning and the answer of a turn as one run)", where=f"{entry}.train_on_thinking",
+                           fix="remove train_on_thinking, or set tokenizer_use_mistral_common: false")
+    reader = ChatTemplateFormat(template="", end_of_turn=(), keep_parts=True, **_conversation_keys(spec))
+    return MistralChatFormat(tokenizer=tokenizer, reader=reader)
 
 
 def get_format(
@@ -116,6 +136,8 @@ def get_format(
     if isinstance(kind, str) and (legacy := legacy_format(kind)) is not None:
         return legacy
     if kind in ("chat_template", "sharegpt"):
+        if is_mistral_common(tokenizer):
+            return mistral_chat_format(spec, tokenizer, where)
         return chat_format(spec, tokenizer, chat_template, where, data)
     if isinstance(kind, str) and looks_like_hook(kind):
         wants_chat = chat_template or getattr(data, "chat_template", None) or getattr(spec, "chat_template", None)

@@ -89,6 +89,7 @@ class ChatTemplateFormat:
     train_on_thinking: bool = True
     drop_system_message: bool = False
     renders_special_tokens: bool = True
+    keep_parts: bool = False  # content parts stay a list (mistral-common reads them); else their text is joined
 
     @property
     def eos_token(self) -> str:
@@ -179,7 +180,9 @@ class ChatTemplateFormat:
                 f"turn {number} has unknown role '{speaker}'", where=where,
                 fix=f"map it under roles: (known: {', '.join(sorted(self.roles))})",
             )
-        message: dict[str, Any] = {"role": role, "content": _text(turn[content_key])}
+        content = turn[content_key]
+        keep = self.keep_parts and isinstance(content, list) and all(isinstance(part, dict) for part in content)
+        message: dict[str, Any] = {"role": role, "content": content if keep else _text(content)}
         for key, source in self.property_mappings.items():
             if turn.get(source) is not None:
                 message[key] = turn[source]
