@@ -70,7 +70,32 @@ def check_cross_keys(cfg: "LmforgeConfig", raw: RawConfig) -> list[str]:
     _preference(c)
     _images(c)
     _mistral_common(c)
+    _eaft(c)
     return c.warnings
+
+
+def _eaft(c: _Checker) -> None:
+    """use_eaft re-weights the causal-LM loss of instruction tuning and pretraining; what it cannot reach is refused."""
+    cfg = c.cfg
+    t = cfg.training
+    if not t.use_eaft:
+        for key in ("eaft_alpha", "eaft_k"):
+            if c.given(key):
+                c.warn(key, f"{key} has no effect without use_eaft: true")
+        return
+    if cfg.rl.rl or cfg.rl.reward_model:
+        what = f"rl: {cfg.rl.rl}" if cfg.rl.rl else "reward_model: true"
+        raise c.error("use_eaft", f"use_eaft weighs next-token cross-entropy, and {what} trains its own loss",
+                      "remove use_eaft (EAFT is a supervised fine-tuning loss)")
+    if cfg.is_pretraining and cfg.pretrain.objective == "mlm":
+        raise c.error("use_eaft", "use_eaft weighs next-token cross-entropy, and this run trains a masked LM",
+                      "remove use_eaft, or pretrain a causal LM")
+    if cfg.model.processor_type:
+        raise c.error("use_eaft", "use_eaft is not wired for image-text models (processor_type) yet",
+                      "remove use_eaft for this image-text run")
+    if t.chunked_cross_entropy:
+        raise c.error("chunked_cross_entropy", "use_eaft needs the labelled positions' whole logits for its entropy "
+                      "weights, and chunked_cross_entropy never builds them", "keep one of use_eaft and chunked_cross_entropy")
 
 
 def _mistral_common(c: _Checker) -> None:

@@ -420,6 +420,12 @@ class TrainingSection(Section):
         "backward: the vocabulary-sized logits never exist whole (same loss, less peak memory, one more head pass)."
     )
     chunked_cross_entropy_num_chunks: int = Field(8, ge=2, description="chunked_cross_entropy: how many slices.")
+    use_eaft: bool = Field(
+        False, description="Entropy-aware focal training (EAFT): weigh each labelled token's cross-entropy by the entropy "
+        "of the model's top-k next-token distribution raised to eaft_alpha (confident tokens count less; eval loss stays plain)."
+    )
+    eaft_alpha: float = Field(1.0, ge=0, description="use_eaft: the exponent on the entropy weight.")
+    eaft_k: int = Field(20, gt=1, description="use_eaft: how many top logits approximate the entropy.")
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="On a NaN/inf loss or gradient: stop (naming the step and last good checkpoint) or skip the step."
     )

@@ -7,6 +7,7 @@ padding; skipping their vocab-sized logits saves both time and the largest activ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,14 +93,19 @@ def _chunked_head_loss(head: Any, hidden: torch.Tensor, targets: torch.Tensor, c
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                   fused: str | None = None, loss_chunks: int = 1) -> tuple[torch.Tensor, int]:
+                   fused: str | None = None, loss_chunks: int = 1,
+                   token_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
     `label_smoothing` (0..1) mixes the one-hot target with a uniform one, as in torch's cross_entropy.
     `fused` ('liger', 'cce'; CUDA only) computes head and loss in one kernel on the fast path.
     `loss_chunks` > 1 (config `chunked_cross_entropy`) computes head and loss in that many slices of the
     labelled positions, so the vocabulary-sized logits never exist whole (same loss, less memory).
+    `token_weights` maps the labelled positions' logits to one weight per token (no gradient flows through it):
+    the sum is then of weighted token losses, still over `count` tokens (the use_eaft objective).
     """
+    if token_weights is not None and (fused or loss_chunks > 1):
+        raise ValueError("token_weights needs the labelled positions' logits, which a fused or chunked head never builds")
     input_ids, labels = batch["input_ids"], batch["labels"]
     # Data-dependent facts (is there padding, where are the labels) are read from the batch's CPU copy:
     # read from device tensors, each would be a host-device sync that stalls the GPU's queue.
@@ -129,7 +135,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         # transformers adds coef * aux to the mean token loss; as a sum over `count` tokens that is
         # coef * aux * count, so the token-weighted mean the loop takes equals transformers' loss.
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_router_logits=True, **extra)
-        loss_sum = F.cross_entropy(outputs.logits[rows, columns].float(), targets, reduction="sum", label_smoothing=label_smoothing)
+        loss_sum = _token_loss_sum(outputs.logits[rows, columns], targets, label_smoothing, token_weights)
         aux = getattr(outputs, "aux_loss", None)
         return (loss_sum if aux is None else loss_sum + aux_coef * aux.float() * count), count
     if uses_fast_path(model):
@@ -146,5 +152,15 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: 
         logits = base.get_output_embeddings()(hidden[rows, columns])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[rows, columns]
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
-    return loss_sum, count
+    return _token_loss_sum(logits, targets, label_smoothing, token_weights), count
+
+
+def _token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
+                    token_weights: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Summed cross-entropy of the labelled positions' logits, each token's loss weighted when `token_weights` is given."""
+    if token_weights is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
+    with torch.no_grad():
+        weights = token_weights(logits)
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
+    return (per_token * weights).sum()

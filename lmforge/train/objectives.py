@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -66,6 +67,39 @@ class CausalLM(Objective):
 
     def for_evaluation(self) -> "CausalLM":
         return replace(self, label_smoothing=0.0) if self.label_smoothing else self
+
+
+def top_k_entropy_weights(logits: torch.Tensor, alpha: float, top_k: int) -> torch.Tensor:
+    """EAFT's token weights: the entropy of the softmax over each position's `top_k` largest logits, to the
+    power `alpha`. The top-k entropy (at most ln k) stands in for the full-vocabulary one at a k-wide cost."""
+    top = torch.topk(logits.float(), k=min(top_k, logits.size(-1)), dim=-1).values
+    log_probs = F.log_softmax(top, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return entropy.pow(alpha)
+
+
+@dataclass(frozen=True)
+class EntropyAwareFocal(CausalLM):
+    """Entropy-aware focal training (config use_eaft; axolotl's `use_eaft`, after LlamaFactory-EAFT): each
+    labelled token's cross-entropy is weighted by :func:`top_k_entropy_weights` of the model's own prediction
+    there, so tokens the model is already sure of (low entropy) pull less than uncertain ones. The weights
+    carry no gradient, and the sum stays over the same token count, as axolotl's loss divides by the token count.
+
+    Evaluation measures plain cross-entropy, so an EAFT run's eval loss compares with an SFT run's.
+    """
+
+    alpha: float = 1.0
+    top_k: int = 20
+    name: ClassVar[str] = "eaft"
+    supports_fused_head: ClassVar[bool] = False  # the weights need the labelled logits a fused head never builds
+
+    def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
+        weights = partial(top_k_entropy_weights, alpha=self.alpha, top_k=self.top_k)
+        loss_sum, count = causal_lm_loss(model, batch, label_smoothing=self.label_smoothing, token_weights=weights)
+        return loss_sum, count, {}
+
+    def for_evaluation(self) -> CausalLM:
+        return CausalLM()
 
 
 # Batch fields a causal LM reads itself; an image-text batch's other tensors (pixel_values, image_sizes,
@@ -160,6 +194,8 @@ def objective_from_config(cfg: Any) -> Objective:
         return MaskedLM(label_smoothing=t.label_smoothing_factor)
     if cfg.model.processor_type:
         return ImageTextCLM(label_smoothing=t.label_smoothing_factor)
+    if t.use_eaft:
+        return EntropyAwareFocal(label_smoothing=t.label_smoothing_factor, alpha=t.eaft_alpha, top_k=t.eaft_k)
     chunks = t.chunked_cross_entropy_num_chunks if t.chunked_cross_entropy else 1
     return CausalLM(label_smoothing=t.label_smoothing_factor, loss_chunks=chunks)
 
