@@ -123,9 +123,9 @@ def main() -> int:
         rollouts = FixedOrderStream(model, tokenizer, prompts, load_reward_functions(trl.reward_funcs or []), trl,
                                     micro_batch_size=t.micro_batch_size, grad_accum=t.gradient_accumulation_steps,
                                     seed=t.seed, reference=reference_model(model) if trl.beta else None, autocast=autocast,
-                                    say=lambda _: None)
+                                    say=lambda _: None, share_prompts=True)  # as `lmforge train` on one process
         rollouts.sampling = FixedLength(**{k: getattr(rollouts.sampling, k) for k in rollouts.sampling.__dataclass_fields__})
-        objective = GRPO.from_settings(trl, skip_zero_advantage=False)
+        objective = GRPO.from_settings(trl, skip_zero_advantage=False, share_prompts=True)
         stream = iter(rollouts)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t_ready = time.perf_counter()

@@ -30,7 +30,7 @@ import torch
 from lmforge.data.batching import Batch
 from lmforge.data.prompt_sets import Prompt
 from lmforge.infer.generate import Generator, Sampling
-from lmforge.train.grpo import MetricSums, completion_logps
+from lmforge.train.grpo import MetricSums, completion_logps, contiguous_head_input
 from lmforge.train.rewards import RewardFunction, score
 
 BUFFER_FIELDS = ("input_ids", "attention_mask", "completion_mask", "advantages", "old_logps", "ref_logps")
@@ -137,6 +137,7 @@ class RolloutStream:
         say: Callable[[str], None] = print,
         call: Callable[..., Any] | None = None,  # runs fn(model) where the model can (a sharded model: inside its root)
         lockstep: bool = False,  # a sharded model: every rank generates and scores at once (each forward a collective)
+        share_prompts: bool = False,  # log-probabilities: each prompt's prefix once per micro-batch (grpo.completion_logps)
     ) -> None:
         self.model, self.tokenizer, self.prompts, self.rewards, self.trl = model, tokenizer, list(prompts), list(rewards), trl
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
@@ -147,6 +148,7 @@ class RolloutStream:
         self.autocast, self.say = autocast, say
         self.call: Callable[..., Any] = call or (lambda model, fn, *args: fn(model, *args))
         self.lockstep = lockstep
+        self.share_prompts = share_prompts
         self.weights = torch.tensor(trl.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
         self.scale = {True: "group", False: "none"}.get(trl.scale_rewards, trl.scale_rewards)  # type: ignore[arg-type]
         self.generator = Generator(model, tokenizer, None)
@@ -221,7 +223,7 @@ class RolloutStream:
             processor = [RowSampler(row_seeds, sampling.temperature, sampling.top_k, sampling.top_p)]
             sampling = replace(sampling, temperature=0.0)
         try:
-            with torch.random.fork_rng(devices=devices), self.autocast(), self.generator.lock:
+            with torch.random.fork_rng(devices=devices), self.autocast(), self.generator.lock, contiguous_head_input(self.model):
                 torch.manual_seed(seed)
                 return self.call(self.model, lambda _model: self.generator.generate_ids(
                     rows, sampling, synced_gpus=self.lockstep, logits_processor=processor))
@@ -302,7 +304,8 @@ class RolloutStream:
         try:
             with self.autocast():
                 return self.call(self.model, lambda _model: completion_logps(
-                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), width, self.trl.temperature)).float().cpu()
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), width, self.trl.temperature,
+                    self.share_prompts)).float().cpu()
         finally:
             self.model.train(was_training)
 
