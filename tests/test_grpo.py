@@ -647,3 +647,43 @@ def test_the_output_head_reads_a_contiguous_input_and_computes_the_same_logits(t
     assert len(seen) == 5 and all(seen)
     assert len(head._forward_pre_hooks) == 1  # ours is gone on leaving
     assert torch.equal(plain, fixed) and torch.equal(greedy, unhooked)
+
+
+def test_sampling_prefills_each_prompt_once_and_samples_the_same_completions(grpo_dir: Path, tiny_model_dir: Path) -> None:
+    """share_prompts: generate starts from a KV cache of each distinct prompt (its copies gathered from one prefill)
+    and samples, with the same per-row seeds, the completions a full prefill of every row samples."""
+    stream = make_stream(grpo_dir, tiny_model_dir, {"max_completion_length": 6, "temperature": 1.0})
+    prompts = stream.prompts[:2]
+    rows = [list(p.ids) for p in prompts for _ in range(4)]
+    assert len({len(r) for r in rows}) > 1  # left padding in play
+    seen: list[int] = []
+    stream.model.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    out = {}
+    for share in (False, True):
+        seen.clear()
+        stream.share_prompts = share
+        out[share] = (stream._sample(rows, stream.sampling, 7, list(range(8))), list(seen))
+    (plain, plain_calls), (shared, shared_calls) = out[False], out[True]
+    width = max(len(r) for r in rows)
+    assert plain_calls[0] == width and shared_calls[:2] == [width - 1, 1]  # the prefix pass, then only the last prompt token
+    assert torch.equal(plain, shared)
+
+
+def test_adapter_cast_once_gives_bit_identical_bf16_sampling_logits_and_restores_the_weights(tiny_model_dir: Path) -> None:
+    """Under bf16 autocast, the LoRA weights cast to bf16 once for a sampling give the same logits bit for bit as
+    autocast casting them at every call; on leaving, the same fp32 tensors are back in the parameters."""
+    from lmforge.train.rollouts import adapter_cast_once
+
+    model = lora_model(tiny_model_dir).eval()
+    ids = torch.randint(4, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in lora.items()}
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        plain = model(input_ids=ids).logits
+        with adapter_cast_once(model):
+            assert all(p.dtype == torch.bfloat16 for p in lora.values())
+            once = model(input_ids=ids).logits
+    assert torch.equal(plain, once)
+    assert all(lora[n].data_ptr() == before[n][0] and torch.equal(lora[n].detach(), before[n][1]) for n in lora)
+    with adapter_cast_once(model):  # no autocast: nothing to match, nothing cast
+        assert all(p.dtype == torch.float32 for p in lora.values())

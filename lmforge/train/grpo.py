@@ -109,12 +109,12 @@ def _shared_prompt_logits(model: Any, input_ids: torch.Tensor, attention_mask: t
     first = torch.full((distinct.shape[0],), input_ids.shape[0], dtype=torch.long, device=inverse.device)
     first = first.scatter_reduce(0, inverse, torch.arange(input_ids.shape[0], device=inverse.device), "amin")
     cache = model(input_ids=input_ids[first, :prefix], attention_mask=attention_mask[first, :prefix],
-                  position_ids=position_ids[first, :prefix], use_cache=True, logits_to_keep=1).past_key_values
+                  position_ids=position_ids[first, :prefix], use_cache=True, logits_to_keep=1).cache
     if cache is None or not hasattr(cache, "batch_select_indices") or cache.get_seq_length() != prefix:
         return None
     cache.batch_select_indices(inverse)
     return model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=position_ids[:, prefix:],
-                 past_key_values=cache, use_cache=True, logits_to_keep=width + 1).logits
+                 cache=cache, use_cache=True, logits_to_keep=width + 1).logits
 
 
 def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,

@@ -116,6 +116,63 @@ class RowSampler:
         return scores.float().log_softmax(-1) - noise.to(scores.device).log()  # + Gumbel(0, 1) = -log Exp(1)
 
 
+def shared_prefill(model: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """For Generator.generate_ids: the KV cache of every prompt column but the last, run once per distinct prompt and
+    gathered out to its rows (None where no prompt repeats: generate prefills as usual).
+
+    A step's rows are num_generations copies of each prompt, so generate's prefill ran each prompt that many times;
+    causal attention makes the copies' keys and values equal. Positions as generate numbers them (left padding).
+    """
+
+    def prefill(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        prefix = input_ids.shape[1] - 1
+        if prefix < 1:
+            return None
+        key = torch.cat([input_ids[:, :prefix], attention_mask[:, :prefix]], dim=1)
+        distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if distinct.shape[0] == input_ids.shape[0]:
+            return None
+        rows = torch.arange(input_ids.shape[0], device=inverse.device)
+        first = torch.full_like(rows[: distinct.shape[0]], input_ids.shape[0]).scatter_reduce(0, inverse, rows, "amin")
+        ids, mask = input_ids[first, :prefix], attention_mask[first, :prefix]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers them
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1).cache
+        if cache is None or not hasattr(cache, "batch_select_indices") or cache.get_seq_length() != prefix:
+            return None
+        cache.batch_select_indices(inverse)
+        return cache
+
+    return prefill
+
+
+@contextlib.contextmanager
+def adapter_cast_once(model: Any) -> Iterator[None]:
+    """Inside autocast, the LoRA A/B weights held in the autocast dtype for the duration (restored on leaving).
+
+    Sampling runs under inference mode, where autocast caches no weight casts: every decode step cast each of the
+    fp32 adapter's 2 x (projections) weights to bf16 again (13,440 casts for 32 tokens of SmolLM2-135M), and peft cast
+    each input up to fp32 to match them. Autocast's cast and ``.to`` round alike, so the matmuls see the very same
+    bf16 values: the sampled tokens do not change. Left alone: DoRA (its norms read the weights in fp32) and
+    weights that are not plain tensors (sharded).
+    """
+    device = getattr(model, "device", torch.device("cpu"))
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    names = [name for name, _ in model.named_parameters()]
+    if dtype is None or any("lora_magnitude_vector" in n for n in names):
+        yield
+        return
+    swapped = []
+    for name, p in model.named_parameters():
+        if (".lora_A." in name or ".lora_B." in name) and p.dtype == torch.float32 and type(p.data) is torch.Tensor:
+            swapped.append((p, p.data))
+            p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data
+
+
 class RolloutStream:
     """Micro-batches of scored completions, generated when needed; position: prompts consumed and generations made."""
 
@@ -225,8 +282,11 @@ class RolloutStream:
         try:
             with torch.random.fork_rng(devices=devices), self.autocast(), self.generator.lock, contiguous_head_input(self.model):
                 torch.manual_seed(seed)
-                return self.call(self.model, lambda _model: self.generator.generate_ids(
-                    rows, sampling, synced_gpus=self.lockstep, logits_processor=processor))
+                single = self.share_prompts and not self.lockstep  # one process: the model's weights are all here
+                prefill = shared_prefill(self.model) if single else None
+                with adapter_cast_once(self.model) if single else contextlib.nullcontext():
+                    return self.call(self.model, lambda _model: self.generator.generate_ids(
+                        rows, sampling, synced_gpus=self.lockstep, logits_processor=processor, prefill=prefill))
         finally:
             self.model.train(was_training)
 
