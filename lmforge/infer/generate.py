@@ -288,7 +288,7 @@ class Generator:
     def generate_ids(self, rows: list[list[int]], sampling: Sampling, streamer: Any = None,
                      cancel: threading.Event | _Cancel | None = None, images: dict[str, Any] | None = None,
                      synced_gpus: bool = False, logits_processor: Any = None,
-                     prefill: Callable[[torch.Tensor, torch.Tensor], Any] = None) -> torch.Tensor:
+                     prefill: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor:
         """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held.
 
         `synced_gpus`: every rank of a sharded model (FSDP2) generates at once, each forward a collective, so a rank

@@ -150,7 +150,7 @@ def adapter_cast_once(model: Any) -> Iterator[None]:
     """Inside autocast, the LoRA A/B weights held in the autocast dtype for the duration (restored on leaving).
 
     Sampling runs under inference mode, where autocast caches no weight casts: every decode step cast each of the
-    fp32 adapter's 2 x (projections) weights to bf16 again (13,440 casts for 32 tokens of SmolLM2-135M), and peft cast
+    fp32 adapter's A and B weights to bf16 again (13,440 casts for 32 tokens of SmolLM2-135M), and peft cast
     each input up to fp32 to match them. Autocast's cast and ``.to`` round alike, so the matmuls see the very same
     bf16 values: the sampled tokens do not change. Left alone: DoRA (its norms read the weights in fp32) and
     weights that are not plain tensors (sharded).
@@ -194,7 +194,7 @@ class RolloutStream:
         say: Callable[[str], None] = print,
         call: Callable[..., Any] | None = None,  # runs fn(model) where the model can (a sharded model: inside its root)
         lockstep: bool = False,  # a sharded model: every rank generates and scores at once (each forward a collective)
-        share_prompts: bool = False,  # log-probabilities: each prompt's prefix once per micro-batch (grpo.completion_logps)
+        share_prompts: bool = False,  # one process: each prompt prefilled once per group (shared_prefill, completion_logps)
     ) -> None:
         self.model, self.tokenizer, self.prompts, self.rewards, self.trl = model, tokenizer, list(prompts), list(rewards), trl
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
