@@ -47,9 +47,10 @@ def run_grpo(cfg: LmforgeConfig) -> dict[str, Any]:
         def autocast() -> contextlib.AbstractContextManager[Any]:
             return torch.autocast(run.device.type, run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
 
-        # One process: a prompt's prefix runs once for its group in each log-probability forward. Several ranks keep one
-        # forward per call (a sharded model's layers gather once per forward; the ranks' per-step losses stay alike).
-        share_prompts = not run.engine.distributed
+        # One process with all its weights: a prompt's prefix runs once for its group (sampling's prefill, each
+        # log-probability forward). Several ranks, or sharded weights (ZeRO-3 gathers them per forward), keep one
+        # forward per call (the ranks' per-step losses stay alike).
+        share_prompts = not run.engine.distributed and not getattr(run.engine, "needs_lockstep", False)
         stream = RolloutStream(
             model, tokenizer, prompts.train, rewards, trl, micro_batch_size=t.micro_batch_size,
             grad_accum=t.gradient_accumulation_steps, seed=t.seed, **run.data_shard,

@@ -163,7 +163,8 @@ def adapter_cast_once(model: Any) -> Iterator[None]:
         return
     swapped = []
     for name, p in model.named_parameters():
-        if (".lora_A." in name or ".lora_B." in name) and p.dtype == torch.float32 and type(p.data) is torch.Tensor:
+        if ((".lora_A." in name or ".lora_B." in name) and p.dtype == torch.float32 and type(p.data) is torch.Tensor
+                and not hasattr(p, "ds_id")):  # (a ZeRO-3 parameter's data is a placeholder between gathers)
             swapped.append((p, p.data))
             p.data = p.data.to(dtype)
     try:
