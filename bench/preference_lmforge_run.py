@@ -70,7 +70,7 @@ def main() -> int:
     settings = LoopSettings(total_steps=total, grad_accum=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
                             device=device, autocast_dtype=torch.bfloat16 if bf16 else None, logging_steps=10**9,
                             timing_warmup_steps=args.warmup, show_progress=False)
-    phases = {"generation": 0.0, "reference": 0.0}
+    phases = {"generation": 0.0, "reference": 0.0, "generation_cpu": 0.0, "reference_cpu": 0.0}
     if args.method == "dpo":
         from lmforge.data.preference import PreferencePair, collate_pairs
         from lmforge.train.objectives import objective_from_config
@@ -104,18 +104,20 @@ def main() -> int:
                 return np.arange(len(self.prompts))  # the file's order
 
             def _sample(self, *a: Any, **kw: Any) -> torch.Tensor:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     return super()._sample(*a, **kw)
                 finally:
                     phases["generation"] += time.perf_counter() - t0
+                    phases["generation_cpu"] += time.process_time() - c0
 
             def _logps(self, *a: Any, **kw: Any) -> torch.Tensor:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     return super()._logps(*a, **kw)
                 finally:
                     phases["reference"] += time.perf_counter() - t0
+                    phases["reference_cpu"] += time.process_time() - c0
 
         def autocast() -> contextlib.AbstractContextManager[Any]:
             return torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -123,9 +125,9 @@ def main() -> int:
         rollouts = FixedOrderStream(model, tokenizer, prompts, load_reward_functions(trl.reward_funcs or []), trl,
                                     micro_batch_size=t.micro_batch_size, grad_accum=t.gradient_accumulation_steps,
                                     seed=t.seed, reference=reference_model(model) if trl.beta else None, autocast=autocast,
-                                    say=lambda _: None)
+                                    say=lambda _: None, share_prompts=True)  # as `lmforge train` on one process
         rollouts.sampling = FixedLength(**{k: getattr(rollouts.sampling, k) for k in rollouts.sampling.__dataclass_fields__})
-        objective = GRPO.from_settings(trl, skip_zero_advantage=False)
+        objective = GRPO.from_settings(trl, skip_zero_advantage=False, share_prompts=True)
         stream = iter(rollouts)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t_ready = time.perf_counter()
@@ -144,6 +146,8 @@ def main() -> int:
         "train_cpu_seconds": cpu_seconds,
         "generation_seconds": phases["generation"] - phases0["generation"],
         "reference_seconds": phases["reference"] - phases0["reference"],
+        "generation_cpu_seconds": phases["generation_cpu"] - phases0["generation_cpu"],
+        "reference_cpu_seconds": phases["reference_cpu"] - phases0["reference_cpu"],
         "trainable_params": trainable,
         "setup_seconds": t_ready - t_start,
         "first_loss": losses[0] if losses else None,

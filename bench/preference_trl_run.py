@@ -67,7 +67,7 @@ def main() -> int:
         def on_step_end(self, args_, state, control, **kw):  # noqa: ANN001
             self.marks.append((time.perf_counter(), time.process_time(), dict(phases)))
 
-    phases = {"generation": 0.0, "reference": 0.0, "precompute": 0.0}
+    phases = {"generation": 0.0, "reference": 0.0, "precompute": 0.0, "generation_cpu": 0.0, "reference_cpu": 0.0}
     timer = StepTimer()
     common = dict(
         output_dir=args.output_dir, max_steps=total_steps, per_device_train_batch_size=s["micro_batch"],
@@ -86,11 +86,13 @@ def main() -> int:
         original = getattr(obj, name)
 
         def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return original(*a, **kw)
             finally:
                 phases[phase] += time.perf_counter() - t0
+                if phase + "_cpu" in phases:
+                    phases[phase + "_cpu"] += time.process_time() - c0
 
         setattr(obj, name, wrapper)
 
@@ -146,11 +148,12 @@ def main() -> int:
         def logps(*a, **kw):  # noqa: ANN002, ANN003, ANN202
             if torch.is_grad_enabled():
                 return original(*a, **kw)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return original(*a, **kw)
             finally:
                 phases["reference"] += time.perf_counter() - t0
+                phases["reference_cpu"] += time.process_time() - c0
 
         trainer._get_per_token_logps_and_entropies = logps
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -171,6 +174,8 @@ def main() -> int:
         "train_cpu_seconds": c1 - c0,
         "generation_seconds": p1["generation"] - p0["generation"],
         "reference_seconds": p1["reference"] - p0["reference"],
+        "generation_cpu_seconds": p1["generation_cpu"] - p0["generation_cpu"],
+        "reference_cpu_seconds": p1["reference_cpu"] - p0["reference_cpu"],
         "precompute_seconds": phases["precompute"],
         "trainable_params": trainable,
         "setup_seconds": t_ready - t_start,

@@ -162,6 +162,10 @@ def run_one(tool: str, method: str, ctx: dict, args: argparse.Namespace, index: 
         row["reference_s_per_step"] = r["reference_seconds"] / steps
         row["rest_s_per_step"] = (r["train_seconds"] - r["generation_seconds"] - r["reference_seconds"]) / steps
         row["generated_tokens_per_s"] = generated / r["generation_seconds"] if r["generation_seconds"] else None
+        if r.get("generation_cpu_seconds") is not None and r.get("train_cpu_seconds"):  # CPU time: steadier under load
+            row["generation_cpu_per_step"] = r["generation_cpu_seconds"] / steps
+            row["reference_cpu_per_step"] = r["reference_cpu_seconds"] / steps
+            row["rest_cpu_per_step"] = (r["train_cpu_seconds"] - r["generation_cpu_seconds"] - r["reference_cpu_seconds"]) / steps
     log(f"{method}/{tool} #{index}: {row['tokens_per_s']:.1f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB")
     return row
 
@@ -177,7 +181,7 @@ def render(method: str, runs: list[dict], tools: list[str], ceiling: dict, fm: d
     head = ("| tool | runs | real tokens/s, median (min–max) | real tokens per CPU-s | MFU (bf16 ceiling) | peak RSS MB "
             "| loss first → last | load avg |")
     if grpo:
-        head += " sampling s/step | reference s/step | rest s/step | generated tokens/s |"
+        head += " sampling s/step | reference s/step | rest s/step | generated tokens/s | sampling / reference / rest CPU-s per step |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     medians = {}
     for tool in tools:
@@ -198,6 +202,10 @@ def render(method: str, runs: list[dict], tools: list[str], ceiling: dict, fm: d
         if grpo:
             line += (f" {spread([r['generation_s_per_step'] for r in rows], '.2f')} | {spread([r['reference_s_per_step'] for r in rows], '.2f')} "
                      f"| {spread([r['rest_s_per_step'] for r in rows], '.2f')} | {spread([r['generated_tokens_per_s'] for r in rows])} |")
+            cpu_rows = [r for r in rows if r.get("generation_cpu_per_step") is not None]
+            line += (" " + " / ".join(f"{statistics.median(r[k] for r in cpu_rows):.2f}" for k in
+                                      ("generation_cpu_per_step", "reference_cpu_per_step", "rest_cpu_per_step")) + " |"
+                     if cpu_rows else " n/a |")
         lines.append(line)
     ours = medians.get("lmforge")
     for tool, m in medians.items():
@@ -211,7 +219,7 @@ def render(method: str, runs: list[dict], tools: list[str], ceiling: dict, fm: d
                 per_round.append(a[0]["tokens_per_s"] / b[0]["tokens_per_s"])
         cpu_ratio = f"**{ours['cpu'] / m['cpu']:.2f}×**" if ours["cpu"] and m["cpu"] else ""
         lines.append(f"| **lmforge / {tool}** | | **{ours['tps'] / m['tps']:.2f}×** (per round {', '.join(f'{x:.2f}' for x in per_round)}) "
-                     f"| {cpu_ratio} | | **{ours['rss'] / m['rss']:.2f}×** | | |" + (" | | | |" if grpo else ""))
+                     f"| {cpu_ratio} | | **{ours['rss'] / m['rss']:.2f}×** | | |" + (" | | | | |" if grpo else ""))
     real, generated, prompt = step_tokens(ctx["spec"], args.warmup)
     steps = len(ctx["spec"]["batches"]) - args.warmup
     notes = [f"- Batches: {ctx['spec']['source']}; {args.warmup} warm-up + {steps} timed steps; {real:,} real tokens timed "

@@ -549,3 +549,141 @@ def test_the_planner_counts_grpos_frozen_reference_only_when_one_is_held(grpo_di
     assert "reference_model" not in without_kl
     assert sum(with_kl.values()) - sum(without_kl.values()) >= with_kl["weights"]  # the peak grows by the copy
     assert "reference_model" not in breakdown({"beta": 0.04}, full=False)
+
+
+# -- speed paths that must not change the numbers -------------------------------------------------------------------
+
+
+def lora_model(model_dir: Path) -> Any:
+    """The tiny Llama with a LoRA adapter whose B is not zero (so the adapter changes the outputs), fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def grouped_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """2 prompts (5 and 3 tokens, left-padded) x 3 completions of up to 4 tokens (right-padded), as the stream builds."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, vocab, (5,), generator=g).tolist(), torch.randint(4, vocab, (3,), generator=g).tolist()]
+    ids, mask = [], []
+    for p in prompts:
+        for length in (4, 2, 3):
+            completion = torch.randint(4, vocab, (length,), generator=g).tolist()
+            ids.append([0] * (5 - len(p)) + p + completion + [0] * (4 - length))
+            mask.append([0] * (5 - len(p)) + [1] * (len(p) + length) + [0] * (4 - length))
+    return torch.tensor(ids), torch.tensor(mask), 4
+
+
+def test_shared_prompt_logps_and_gradients_equal_the_plain_forward(tiny_model_dir: Path) -> None:
+    """A group's prompt prefix run once, its KV cache gathered to the rows: the same log-probabilities and LoRA
+    gradients as one forward per row (fp32, 1e-5), and the prefix pass really ran once per distinct prompt."""
+    from lmforge.train.grpo import completion_logps
+
+    model = lora_model(tiny_model_dir)
+    model.train()
+    ids, mask, width = grouped_batch(model.config.vocab_size)
+    completion = mask[:, -width:].float()
+    results = {}
+    for share in (False, True):
+        rows: list[int] = []
+        handle = model.get_base_model().model.register_forward_pre_hook(
+            lambda _m, _a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        model.zero_grad()
+        logps = completion_logps(model, ids, mask, width, 0.7, share_prompts=share)
+        ((logps * completion).sum()).backward()
+        handle.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[share] = (logps.detach(), grads, rows)
+    (plain, plain_grads, plain_rows), (shared, shared_grads, shared_rows) = results[False], results[True]
+    assert plain_rows == [6] and shared_rows == [2, 6]  # the prefix pass: 2 distinct prompts, then the 6 rows' suffixes
+    assert torch.allclose(plain * completion, shared * completion, atol=1e-5, rtol=0)
+    assert plain_grads.keys() == shared_grads.keys() and any(g.abs().sum() > 0 for g in plain_grads.values())
+    assert all(torch.allclose(plain_grads[n], shared_grads[n], atol=1e-5, rtol=1e-4) for n in plain_grads)
+
+
+def test_shared_prompt_logps_fall_back_when_no_prompt_repeats_or_checkpointing_drops_the_cache(tiny_model_dir: Path) -> None:
+    from lmforge.train.grpo import completion_logps
+
+    model = lora_model(tiny_model_dir)
+    ids, mask, width = grouped_batch(model.config.vocab_size)
+    rows: list[int] = []
+    model.get_base_model().model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                           with_kwargs=True)
+    with torch.no_grad():
+        completion_logps(model, ids[::3], mask[::3], width, 1.0, share_prompts=True)  # one row per prompt: nothing shared
+        model.gradient_checkpointing_enable()
+        model.train()
+        completion_logps(model, ids, mask, width, 1.0, share_prompts=True)  # no cache under checkpointing in training
+    assert rows == [2, 6]
+
+
+def test_the_output_head_reads_a_contiguous_input_and_computes_the_same_logits(tiny_model_dir: Path) -> None:
+    """transformers slices the kept positions as a strided view, which torch's matmul turns into a bmm over a copy of
+    the head weight per row; inside contiguous_head_input the head gets a contiguous copy and gives the same logits."""
+    from lmforge.train.grpo import contiguous_head_input
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(4, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
+    seen: list[bool] = []
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))  # ours runs first (prepend)
+    with torch.no_grad():
+        plain = model(input_ids=ids, logits_to_keep=3).logits
+        unhooked = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        assert seen[0] is False and seen[1] is False  # the strided slice, and generate's prefill (logits_to_keep 1)
+        seen.clear()
+        with contiguous_head_input(model):
+            fixed = model(input_ids=ids, logits_to_keep=3).logits
+            greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert len(seen) == 5 and all(seen)
+    assert len(head._forward_pre_hooks) == 1  # ours is gone on leaving
+    assert torch.equal(plain, fixed) and torch.equal(greedy, unhooked)
+
+
+def test_sampling_prefills_each_prompt_once_and_samples_the_same_completions(grpo_dir: Path, tiny_model_dir: Path) -> None:
+    """share_prompts: generate starts from a KV cache of each distinct prompt (its copies gathered from one prefill)
+    and samples, with the same per-row seeds, the completions a full prefill of every row samples."""
+    stream = make_stream(grpo_dir, tiny_model_dir, {"max_completion_length": 6, "temperature": 1.0})
+    prompts = stream.prompts[:2]
+    rows = [list(p.ids) for p in prompts for _ in range(4)]
+    assert len({len(r) for r in rows}) > 1  # left padding in play
+    seen: list[int] = []
+    stream.model.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    out = {}
+    for share in (False, True):
+        seen.clear()
+        stream.share_prompts = share
+        out[share] = (stream._sample(rows, stream.sampling, 7, list(range(8))), list(seen))
+    (plain, plain_calls), (shared, shared_calls) = out[False], out[True]
+    width = max(len(r) for r in rows)
+    assert plain_calls[0] == width and shared_calls[:2] == [width - 1, 1]  # the prefix pass, then only the last prompt token
+    assert torch.equal(plain, shared)
+
+
+def test_adapter_cast_once_gives_bit_identical_bf16_sampling_logits_and_restores_the_weights(tiny_model_dir: Path) -> None:
+    """Under bf16 autocast, the LoRA weights cast to bf16 once for a sampling give the same logits bit for bit as
+    autocast casting them at every call; on leaving, the same fp32 tensors are back in the parameters."""
+    from lmforge.train.rollouts import adapter_cast_once
+
+    model = lora_model(tiny_model_dir).eval()
+    ids = torch.randint(4, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in lora.items()}
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        plain = model(input_ids=ids).logits
+        with adapter_cast_once(model):
+            assert all(p.dtype == torch.bfloat16 for p in lora.values())
+            once = model(input_ids=ids).logits
+    assert torch.equal(plain, once)
+    assert all(lora[n].data_ptr() == before[n][0] and torch.equal(lora[n].detach(), before[n][1]) for n in lora)
+    with adapter_cast_once(model):  # no autocast: nothing to match, nothing cast
+        assert all(p.dtype == torch.float32 for p in lora.values())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -300,11 +300,14 @@ class Generator:
 
     def generate_ids(self, rows: list[list[int]], sampling: Sampling, streamer: Any = None,
                      cancel: threading.Event | _Cancel | None = None, images: dict[str, Any] | None = None,
-                     synced_gpus: bool = False, logits_processor: Any = None) -> torch.Tensor:
+                     synced_gpus: bool = False, logits_processor: Any = None,
+                     prefill: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor:
         """``model.generate`` on left-padded rows; returns only the new tokens. Call with ``lock`` held.
 
         `synced_gpus`: every rank of a sharded model (FSDP2) generates at once, each forward a collective, so a rank
-        whose rows are done keeps stepping until all ranks' are (transformers' own switch)."""
+        whose rows are done keeps stepping until all ranks' are (transformers' own switch).
+        `prefill(input_ids, attention_mask)`: a KV cache of the rows' first tokens, or None (GRPO's rows that repeat a
+        prompt: lmforge.train.rollouts.shared_prefill); generate then runs only the tokens after it."""
         from transformers import StoppingCriteriaList
 
         pad = self.tokenizer.pad_token_id
@@ -326,8 +329,12 @@ class Generator:
             kwargs["stopping_criteria"] = StoppingCriteriaList([cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)])
         # (a sharded model's gathered weights must not become inference tensors: the next training forward reuses them)
         with torch.no_grad() if synced_gpus else torch.inference_mode():
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            cache = prefill(input_ids, mask) if prefill is not None else None
+            if cache is not None:
+                kwargs["cache"] = cache
             out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), streamer=streamer,
+                input_ids=input_ids, attention_mask=mask, streamer=streamer,
                 pad_token_id=pad, eos_token_id=self.stop_token_ids, **(images or {}), **kwargs,
             )
         return out[:, width:].cpu()

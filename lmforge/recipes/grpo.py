@@ -47,13 +47,18 @@ def run_grpo(cfg: LmforgeConfig) -> dict[str, Any]:
         def autocast() -> contextlib.AbstractContextManager[Any]:
             return torch.autocast(run.device.type, run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
 
+        # One process with all its weights: a prompt's prefix runs once for its group (sampling's prefill, each
+        # log-probability forward). Several ranks, or sharded weights (ZeRO-3 gathers them per forward), keep one
+        # forward per call (the ranks' per-step losses stay alike).
+        share_prompts = not run.engine.distributed and not getattr(run.engine, "needs_lockstep", False)
         stream = RolloutStream(
             model, tokenizer, prompts.train, rewards, trl, micro_batch_size=t.micro_batch_size,
             grad_accum=t.gradient_accumulation_steps, seed=t.seed, **run.data_shard,
             reference=reference_model(model) if trl.beta else None, autocast=autocast, say=say,
-            call=run.engine.call, lockstep=lockstep)
+            call=run.engine.call, lockstep=lockstep, share_prompts=share_prompts)
         # Skipping a micro-batch leaves its parameters without gradients, which DDP's reducer does not allow.
-        objective = GRPO.from_settings(trl, skip_zero_advantage=trl.skip_zero_advantage_batches and not run.engine.distributed)
+        objective = GRPO.from_settings(trl, skip_zero_advantage=trl.skip_zero_advantage_batches and not run.engine.distributed,
+                                       share_prompts=share_prompts)
         latest: dict[str, float] = {}
 
         # Under several ranks each logged number is over every rank's completions, not rank 0's alone.

@@ -21,7 +21,8 @@ the attention mask (left-padded prompts), as generation assigned them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,15 +53,84 @@ class MetricSums:
         return {name: values[i] / max(values[len(names) + i], 1e-12) for i, name in enumerate(names)}
 
 
+@contextlib.contextmanager
+def contiguous_head_input(model: Any) -> Iterator[None]:
+    """The output head (lm_head) reads a contiguous input while inside.
+
+    transformers keeps the last positions of the hidden states as a strided view (``hidden[:, -k:, :]``), and
+    torch's matmul cannot fold a [rows, k, d] view whose rows are not adjacent into one GEMM: it expands the
+    [vocab, d] head weight to [rows, d, vocab] and runs a bmm. That copy (8 rows x 49152 x 576 in bf16: 450 MB,
+    1.4 s on one core of this CPU, a quarter of one GRPO sampling) is paid by every prefill of ``generate`` and
+    by every forward that keeps the completion's logits, and is kept for backward. A contiguous copy of the few
+    kept positions (rows x k x d) makes it one GEMM; the result is the same matmul.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+
+    def contiguous(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(contiguous, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _checkpointing(model: Any) -> bool:
+    """Gradient checkpointing active: transformers then drops the KV cache in training (use_cache is turned off)."""
+    return bool(model.training) and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _shared_prompt_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          position_ids: torch.Tensor, width: int) -> torch.Tensor | None:
+    """The logits of the last width + 1 positions, each distinct prompt's prefix run once (None: no saving, or the
+    model keeps no cache, and the caller runs the plain forward).
+
+    A GRPO micro-batch holds num_generations completions of each prompt, and the prompt is most of each row
+    (GSM8K: ~100 prompt tokens, 32 completion tokens). Causal attention makes a prompt's keys and values the same
+    in every row that holds it, so the prefix (every prompt column but the last) goes through the model once per
+    distinct prompt, its KV cache is gathered out to the rows (an index, differentiable: the gradients of the
+    rows' shares add up in the one prefix pass), and only the last prompt token and the completion run per row.
+    The same sums in a different batch shape: equal to the plain forward up to float rounding.
+    """
+    prefix = input_ids.shape[1] - width - 1
+    if prefix < 1 or _checkpointing(model):
+        return None
+    key = torch.cat([input_ids[:, :prefix], attention_mask[:, :prefix].to(input_ids.dtype)], dim=1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if distinct.shape[0] == input_ids.shape[0]:
+        return None
+    first = torch.full((distinct.shape[0],), input_ids.shape[0], dtype=torch.long, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(input_ids.shape[0], device=inverse.device), "amin")
+    cache = model(input_ids=input_ids[first, :prefix], attention_mask=attention_mask[first, :prefix],
+                  position_ids=position_ids[first, :prefix], use_cache=True, logits_to_keep=1).cache
+    if cache is None or not hasattr(cache, "batch_select_indices") or cache.get_seq_length() != prefix:
+        return None
+    cache.batch_select_indices(inverse)
+    return model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=position_ids[:, prefix:],
+                 cache=cache, use_cache=True, logits_to_keep=width + 1).logits
+
+
 def completion_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,
-                     temperature: float) -> torch.Tensor:
+                     temperature: float, share_prompts: bool = False) -> torch.Tensor:
     """log π(token) of the last `width` tokens of each row [rows, width], from logits / temperature.
 
     Only the completion's logits are computed (logits_to_keep), in fp32; logsumexp saves the full log-softmax copy.
+    `share_prompts`: rows with the same prompt run its prefix once (:func:`_shared_prompt_logits`).
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: as generate numbered them
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
+    with contiguous_head_input(model):
+        logits = _shared_prompt_logits(model, input_ids, attention_mask, position_ids, width) if share_prompts else None
+        if logits is None:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           logits_to_keep=width + 1, use_cache=False).logits
+    logits = logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     targets = input_ids[:, -width:]
@@ -80,18 +150,20 @@ class GRPO(Objective):
     temperature: float = 1.0
     use_bias_correction_kl: bool = False
     skip_zero_advantage: bool = False
+    share_prompts: bool = False  # a prompt's prefix once per micro-batch (completion_logps); off where ranks shard the model
     metrics: MetricSums = field(default_factory=MetricSums, compare=False)
     name: ClassVar[str] = "grpo"
     batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "completion_mask", "advantages")
 
     @classmethod
-    def from_settings(cls, trl: Any, skip_zero_advantage: bool) -> "GRPO":
+    def from_settings(cls, trl: Any, skip_zero_advantage: bool, share_prompts: bool = False) -> "GRPO":
         """From the config's trl: block (TrlSettings)."""
         return cls(beta=trl.beta, epsilon_low=trl.epsilon,
                    epsilon_high=trl.epsilon if trl.epsilon_high is None else trl.epsilon_high,
                    loss_type=trl.loss_type, importance_sampling_level=trl.importance_sampling_level,
                    max_completion_length=trl.max_completion_length, temperature=trl.temperature,
-                   use_bias_correction_kl=trl.use_bias_correction_kl, skip_zero_advantage=skip_zero_advantage)
+                   use_bias_correction_kl=trl.use_bias_correction_kl, skip_zero_advantage=skip_zero_advantage,
+                   share_prompts=share_prompts)
 
     def count_tokens(self, batch: Batch) -> int:
         mask = batch["completion_mask"]
@@ -113,7 +185,8 @@ class GRPO(Objective):
             return torch.zeros((), device=mask.device, requires_grad=True), count, {}
         if self.skip_zero_advantage:
             self.metrics.add("skipped_zero_adv_batches", 0.0, 1.0)
-        logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], mask.shape[1], self.temperature)
+        logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], mask.shape[1], self.temperature,
+                                 self.share_prompts)
         advantages = batch["advantages"].float().unsqueeze(1)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old

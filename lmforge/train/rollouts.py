@@ -30,7 +30,7 @@ import torch
 from lmforge.data.batching import Batch
 from lmforge.data.prompt_sets import Prompt
 from lmforge.infer.generate import Generator, Sampling
-from lmforge.train.grpo import MetricSums, completion_logps
+from lmforge.train.grpo import MetricSums, completion_logps, contiguous_head_input
 from lmforge.train.rewards import RewardFunction, score
 
 BUFFER_FIELDS = ("input_ids", "attention_mask", "completion_mask", "advantages", "old_logps", "ref_logps")
@@ -116,6 +116,64 @@ class RowSampler:
         return scores.float().log_softmax(-1) - noise.to(scores.device).log()  # + Gumbel(0, 1) = -log Exp(1)
 
 
+def shared_prefill(model: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """For Generator.generate_ids: the KV cache of every prompt column but the last, run once per distinct prompt and
+    gathered out to its rows (None where no prompt repeats: generate prefills as usual).
+
+    A step's rows are num_generations copies of each prompt, so generate's prefill ran each prompt that many times;
+    causal attention makes the copies' keys and values equal. Positions as generate numbers them (left padding).
+    """
+
+    def prefill(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        prefix = input_ids.shape[1] - 1
+        if prefix < 1:
+            return None
+        key = torch.cat([input_ids[:, :prefix], attention_mask[:, :prefix]], dim=1)
+        distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if distinct.shape[0] == input_ids.shape[0]:
+            return None
+        rows = torch.arange(input_ids.shape[0], device=inverse.device)
+        first = torch.full_like(rows[: distinct.shape[0]], input_ids.shape[0]).scatter_reduce(0, inverse, rows, "amin")
+        ids, mask = input_ids[first, :prefix], attention_mask[first, :prefix]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers them
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1).cache
+        if cache is None or not hasattr(cache, "batch_select_indices") or cache.get_seq_length() != prefix:
+            return None
+        cache.batch_select_indices(inverse)
+        return cache
+
+    return prefill
+
+
+@contextlib.contextmanager
+def adapter_cast_once(model: Any) -> Iterator[None]:
+    """Inside autocast, the LoRA A/B weights held in the autocast dtype for the duration (restored on leaving).
+
+    Sampling runs under inference mode, where autocast caches no weight casts: every decode step cast each of the
+    fp32 adapter's A and B weights to bf16 again (13,440 casts for 32 tokens of SmolLM2-135M), and peft cast
+    each input up to fp32 to match them. Autocast's cast and ``.to`` round alike, so the matmuls see the very same
+    bf16 values: the sampled tokens do not change. Left alone: DoRA (its norms read the weights in fp32) and
+    weights that are not plain tensors (sharded).
+    """
+    device = getattr(model, "device", torch.device("cpu"))
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    names = [name for name, _ in model.named_parameters()]
+    if dtype is None or any("lora_magnitude_vector" in n for n in names):
+        yield
+        return
+    swapped = []
+    for name, p in model.named_parameters():
+        if ((".lora_A." in name or ".lora_B." in name) and p.dtype == torch.float32 and type(p.data) is torch.Tensor
+                and not hasattr(p, "ds_id")):  # (a ZeRO-3 parameter's data is a placeholder between gathers)
+            swapped.append((p, p.data))
+            p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data
+
+
 class RolloutStream:
     """Micro-batches of scored completions, generated when needed; position: prompts consumed and generations made."""
 
@@ -137,6 +195,7 @@ class RolloutStream:
         say: Callable[[str], None] = print,
         call: Callable[..., Any] | None = None,  # runs fn(model) where the model can (a sharded model: inside its root)
         lockstep: bool = False,  # a sharded model: every rank generates and scores at once (each forward a collective)
+        share_prompts: bool = False,  # one process: each prompt prefilled once per group (shared_prefill, completion_logps)
     ) -> None:
         self.model, self.tokenizer, self.prompts, self.rewards, self.trl = model, tokenizer, list(prompts), list(rewards), trl
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
@@ -147,6 +206,7 @@ class RolloutStream:
         self.autocast, self.say = autocast, say
         self.call: Callable[..., Any] = call or (lambda model, fn, *args: fn(model, *args))
         self.lockstep = lockstep
+        self.share_prompts = share_prompts
         self.weights = torch.tensor(trl.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
         self.scale = {True: "group", False: "none"}.get(trl.scale_rewards, trl.scale_rewards)  # type: ignore[arg-type]
         self.generator = Generator(model, tokenizer, None)
@@ -221,10 +281,13 @@ class RolloutStream:
             processor = [RowSampler(row_seeds, sampling.temperature, sampling.top_k, sampling.top_p)]
             sampling = replace(sampling, temperature=0.0)
         try:
-            with torch.random.fork_rng(devices=devices), self.autocast(), self.generator.lock:
+            with torch.random.fork_rng(devices=devices), self.autocast(), self.generator.lock, contiguous_head_input(self.model):
                 torch.manual_seed(seed)
-                return self.call(self.model, lambda _model: self.generator.generate_ids(
-                    rows, sampling, synced_gpus=self.lockstep, logits_processor=processor))
+                single = self.share_prompts and not self.lockstep  # one process: the model's weights are all here
+                prefill = shared_prefill(self.model) if single else None
+                with adapter_cast_once(self.model) if single else contextlib.nullcontext():
+                    return self.call(self.model, lambda _model: self.generator.generate_ids(
+                        rows, sampling, synced_gpus=self.lockstep, logits_processor=processor, prefill=prefill))
         finally:
             self.model.train(was_training)
 
@@ -302,7 +365,8 @@ class RolloutStream:
         try:
             with self.autocast():
                 return self.call(self.model, lambda _model: completion_logps(
-                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), width, self.trl.temperature)).float().cpu()
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), width, self.trl.temperature,
+                    self.share_prompts)).float().cpu()
         finally:
             self.model.train(was_training)
 
