@@ -227,11 +227,57 @@ def chat_rows(spec: dict[str, Any], conversations: list[list[dict[str, str]]]) -
     return out
 
 
-def data_for(spec: dict[str, Any], folder: Path, index: str, cache: dict[str, Any]) -> dict[str, Any] | str:
+PREFERENCES = REPO / "data" / "gsm8k_preferences"
+
+
+def preference_rows(spec: dict[str, Any], kind: str, kto: bool) -> list[dict[str, Any]] | None:
+    """The shipped GSM8K preference pairs (KTO: its labelled rows) in the entry's own layout, or None for a type
+    with no shipped stand-in. chat_template types keep the entry's field and role names; axolotl's fixed wrappers
+    (chatml.*, llama3.*) read the prompt column their variant names."""
+    source = PREFERENCES / ("kto_train.jsonl" if kto else "train.jsonl")
+    with source.open(encoding="utf-8") as handle:
+        pairs = [json.loads(next(handle)) for _ in range(ROWS)]
+    answers = ("completion",) if kto else ("chosen", "rejected")
+    if kind in ("chat_template", "chat_template.default"):
+        mappings = dict(spec.get("message_property_mappings") or {})
+        role_key, content_key = mappings.get("role") or "role", mappings.get("content") or "content"
+        names = {"user": "user", "assistant": "assistant"}
+        for role, aliases in (spec.get("roles") or {}).items():
+            aliases = [aliases] if isinstance(aliases, str) else list(aliases or [])
+            if aliases and role in names:
+                names[role] = aliases[0]
+
+        def message(turn: dict[str, str]) -> dict[str, str]:
+            return {role_key: names.get(turn["role"], turn["role"]), content_key: turn["content"]}
+
+        fields = {"messages": spec.get("field_messages") or "messages", "chosen": spec.get("field_chosen") or "chosen",
+                  "rejected": spec.get("field_rejected") or "rejected", "completion": "completion"}
+        return [{fields["messages"]: [message(t) for t in row["messages"]],
+                 **{fields[a]: message(row[a]) for a in answers}, **({"label": row["label"]} if kto else {})}
+                for row in pairs]
+    if kind == "chat_template.argilla" and not kto:  # whole conversations sharing all but the last answer
+        return [{a: [row["messages"][0], row[a]] for a in answers} for row in pairs]
+    family, _, variant = kind.partition(".")
+    if family in ("chatml", "llama3") and variant in ("default", "intel", "icr", "prompt_pairs", "ultra", "argilla"):
+        prompt = {"intel": "question", "icr": "input", "argilla": "instruction"}.get(variant, "prompt")
+        return [{prompt: row["messages"][0]["content"], **{a: row[a]["content"] for a in answers},
+                 **({"label": row["label"]} if kto else {})} for row in pairs]
+    return None
+
+
+def data_for(spec: dict[str, Any], folder: Path, index: str, cache: dict[str, Any], rl: str | None = None) -> dict[str, Any] | str:
     """The entry rewritten to shipped data of its type, or why there is none."""
     from lmforge.config.formats import BUILTIN_TYPES, legacy_type
 
     kind = spec.get("type", "alpaca")
+    if rl in ("dpo", "ipo", "orpo", "simpo", "kto") and isinstance(kind, str):
+        rows = preference_rows(spec, kind, kto=rl == "kto")
+        if rows is None:
+            return f"{rl} dataset type {kind!r}: no shipped preference data of this type"
+        path = folder / f"data-{index}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        keep = {k: v for k, v in spec.items() if k not in ("path", "name", "data_files", "split", "revision")}
+        return {**keep, "path": str(path)}
     keep = {k: v for k, v in spec.items() if k not in ("path", "name", "data_files", "split", "revision", "ds_type",
                                                         "shards", "shards_idx", "preprocess_shards", "trust_remote_code")}
     path = folder / f"data-{index}.jsonl"
@@ -267,7 +313,7 @@ def rewrite(values: dict[str, Any], work: Path, models: TinyModels, cache: dict[
     for key in ("datasets", "test_datasets"):
         entries = []
         for i, spec in enumerate(values.get(key) or []):
-            new = data_for(spec if isinstance(spec, dict) else {"path": spec}, work, f"{key}{i}", cache)
+            new = data_for(spec if isinstance(spec, dict) else {"path": spec}, work, f"{key}{i}", cache, values.get("rl"))
             if isinstance(new, str):
                 return out, kind, new
             entries.append(new)

@@ -242,6 +242,28 @@ def test_bradley_terry_chat_template_renders_system_and_input_as_the_prompt() ->
         fmt({"chosen": "a", "rejected": "b"}, "f:3")
 
 
+def test_chat_template_argilla_takes_the_shared_turns_as_the_prompt_and_the_last_answers() -> None:
+    """axolotl's ORPO type chat_template.argilla (its mistral-qlora-orpo example): chosen and rejected are whole
+    conversations; every turn but the last answer is the prompt (system first), rendered with the chat template."""
+    from lmforge.data.formats.preference import preference_format
+    from lmforge.errors import LmforgeError
+
+    class Tok:
+        def apply_chat_template(self, messages, chat_template, tokenize, add_generation_prompt):  # noqa: ANN001, ANN202
+            return "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+
+    fmt = preference_format("chat_template.argilla", "t", spec=None, tokenizer=Tok(), template="x", completion=False)
+    chosen = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "and?"}, {"role": "assistant", "content": "that is all"}]
+    rejected = chosen[:3] + [{"role": "assistant", "content": "go away"}]
+    text = fmt({"system": "be kind", "chosen": chosen, "rejected": rejected}, "f:1")
+    assert text.prompt == "<system>be kind</><user>hi</><assistant>hello</><user>and?</><assistant>"
+    assert (text.chosen, text.rejected) == ("that is all</>", "go away</>")
+    with pytest.raises(LmforgeError, match="'rejected' must be a conversation") as caught:
+        fmt({"chosen": chosen, "rejected": rejected[:3]}, "f:2")
+    assert "f:2" in str(caught.value) and "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("kind, row, expected", [
     ("chatml.intel", {"system": "be brief", "question": "q", "chosen": "a", "rejected": "b"},
      ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>", "b<|im_end|>")),

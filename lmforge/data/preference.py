@@ -30,7 +30,7 @@ import torch
 from lmforge.atomic import write_json
 from lmforge.data.batching import Batch
 from lmforge.data.examples import IGNORE_INDEX, PrepareStats
-from lmforge.data.formats.preference import CompletionText, PreferenceText, preference_format
+from lmforge.data.formats.preference import CHAT_TEMPLATE_TYPES, CompletionText, PreferenceText, preference_format
 from lmforge.data.formats.templates import resolve_template
 from lmforge.data.examples import read_good_rows
 from lmforge.data.prepare import adds_bos, spec_rows, split_eval
@@ -137,7 +137,7 @@ def preference_rows(specs: list[Any], data: Any, tokenizer: Any, kto: bool, stat
     for index, spec in enumerate(specs):
         where = f"{key}[{index}].type"
         template = None
-        if spec.type in ("chat_template", "chat_template.default", "bradley_terry.chat_template"):
+        if spec.type in CHAT_TEMPLATE_TYPES:
             setting = spec.chat_template or data.chat_template
             jinja = spec.chat_template_jinja if spec.chat_template else data.chat_template_jinja
             template, _ = resolve_template(setting, tokenizer, where="chat_template", jinja=jinja)

@@ -215,8 +215,39 @@ def _bradley_terry(chat: RowFormat) -> RowFormat:
     return fmt
 
 
+def _argilla_conversations(chat: RowFormat) -> RowFormat:
+    """axolotl's chat_template.argilla (its ORPO rows, UltraFeedback as Argilla binarized it): `chosen` and
+    `rejected` are whole conversations [user, assistant, ...] sharing every turn but the last answer; an optional
+    `system` opens the prompt, and an optional `prompt` column stands in for every user turn, as axolotl reads it.
+    The prompt turns and both answers are then rendered as chat_template.default renders them."""
+
+    def fmt(row: dict[str, Any], where: str) -> Any:
+        conversations = {}
+        for name in ("chosen", "rejected"):
+            field(row, name, where)  # names a missing column
+            turns = row[name]
+            if (not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2
+                    or not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns)):
+                raise LmforgeError(f"'{name}' must be a conversation of [user, assistant] turn pairs with 'content'",
+                                   where=where, fix="fix the row, or use chat_template.default for prompt/answer columns")
+            conversations[name] = turns
+        chosen = conversations["chosen"]
+        prompt = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        pairs = len(chosen) // 2
+        for i in range(pairs):
+            prompt.append({"role": "user", "content": row["prompt"] if "prompt" in row else chosen[2 * i]["content"]})
+            if i < pairs - 1:
+                prompt.append({"role": "assistant", "content": chosen[2 * i + 1]["content"]})
+        answers = {name: {"role": "assistant", "content": turns[-1]["content"]} for name, turns in conversations.items()}
+        return chat({"messages": prompt, **answers}, where)
+
+    return fmt
+
+
+# The types rendered with the config's chat template (the others wrap their columns in fixed ChatML / Llama-3 text)
+CHAT_TEMPLATE_TYPES = ("chat_template", "chat_template.default", "chat_template.argilla", "bradley_terry.chat_template")
 VARIANTS = ("default", "intel", "icr", "prompt_pairs", "ultra", "argilla_chat", "argilla")
-PREFERENCE_TYPES = ("chat_template.default", "bradley_terry.chat_template", "zephyr.nectar", "user_defined.default",
+PREFERENCE_TYPES = ("chat_template.default", "chat_template.argilla", "bradley_terry.chat_template", "zephyr.nectar", "user_defined.default",
                     *(f"{family}.{variant}" for family in WRAPPERS for variant in VARIANTS if variant != "argilla"))
 KTO_TYPES = ("chat_template.default", "user_defined.default",
              *(f"{family}.{variant}" for family in WRAPPERS for variant in ("argilla", "argilla_chat", "intel", "prompt_pairs", "ultra")))
@@ -232,12 +263,14 @@ def preference_format(kind: Any, where: str, *, spec: Any, tokenizer: Any, templ
     if kind not in known:
         raise LmforgeError(f"unknown {'KTO' if completion else 'preference'} dataset type '{kind}'", where=where,
                            fix=f"use one of: {', '.join(known)}, or a mapping with field_prompt/field_chosen/field_rejected")
-    if kind in ("chat_template.default", "bradley_terry.chat_template"):
+    if kind in CHAT_TEMPLATE_TYPES:
         if template is None:
             raise LmforgeError(f"{kind} needs a chat template", where=where,
                                fix="set chat_template (tokenizer_default uses the model's own)")
         if kind == "bradley_terry.chat_template":
             return _bradley_terry(_chat_template(None, tokenizer, template, completion))
+        if kind == "chat_template.argilla":
+            return _argilla_conversations(_chat_template(None, tokenizer, template, completion))
         return _chat_template(spec, tokenizer, template, completion)
     if kind == "zephyr.nectar":
         return _nectar
