@@ -80,8 +80,9 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                          hidden_size_per_layer_input=8,
                          layer_types=["sliding_attention", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
-    # multi-head latent attention: the rotary part of a head is head_dim
-    **{kind: dict(head_dim=8) for kind in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")},
+    # multi-head latent attention: the rotary part of a head is head_dim, and every query head has its own key and
+    # value head (transformers' MLA layers build num_attention_heads of them; grouped sizes fail in attention)
+    **{kind: dict(head_dim=8, num_key_value_heads=4) for kind in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")},
 }
 
 
