@@ -412,10 +412,10 @@ def overrides_with_base_model(value: Any, facts: Facts) -> Verdict | None:
 
 
 def qat_formats(value: Any, facts: Facts) -> Verdict | None:
-    """nvfp4 refused on a machine without a GPU (torchao fake-quantises it with CUDA's scaled matmul)"""
+    """nvfp4 without a GPU: torchao's rounding with a plain matmul, with a notice"""
     if isinstance(value, Mapping) and "nvfp4" in (value.get("weight_dtype"), value.get("activation_dtype")) and not facts.gpu:
-        return Verdict(Kind.NOT_YET, f"qat with nvfp4: torchao fake-quantises nvfp4 through torch._scaled_mm, a CUDA kernel, and {NO_GPU}",
-                       nearest="qat: {weight_dtype: mxfp4, activation_dtype: mxfp4} (runs on CPU) or int4 weights")
+        return Verdict(Kind.NOTICE, "qat with nvfp4 on this device: the values are rounded to NVFP4 by torchao's NVFP4Tensor "
+                       "and multiplied in high precision (torchao's own NVFP4 layer multiplies with torch._scaled_mm on Blackwell GPUs)")
     return None
 
 

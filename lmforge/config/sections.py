@@ -274,7 +274,7 @@ QAT_PAIRS = {("int4", None), ("int4", "int8"), ("int4", "float8_e4m3fn"), ("floa
 class QatSpec(Section):
     """``qat:`` quantization-aware training through torchao (axolotl's keys)."""
 
-    weight_dtype: str = Field("int8", description="Weights' target format: int4, float8_e4m3fn (fp8), mxfp4, nvfp4 (CUDA).")
+    weight_dtype: str = Field("int8", description="Weights' target format: int4, float8_e4m3fn (fp8), mxfp4, nvfp4.")
     activation_dtype: str | None = Field(None, description="Activations' target format: int8, float8_e4m3fn, mxfp4, nvfp4, or none.")
     group_size: int | None = Field(32, gt=0, description="Values per quantization group (int4: divides the layer widths; mxfp4: 32; nvfp4: 16).")
     quantize_embedding: bool | None = Field(False, description="Fake-quantise the input embedding's weights too.")
