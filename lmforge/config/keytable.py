@@ -612,6 +612,9 @@ PARALLEL = ("tensor, context, sequence and expert parallelism are out of lmforge
             "FSDP2 and DeepSpeed ZeRO); axolotl, torchtitan or Megatron-LM do them")
 INTERNAL = "axolotl fills this in at run time; it is not a setting"
 REMOVED = "axolotl removed this key (its current schema ignores or refuses it)"
+# Keys no part of axolotl reads: its schema drops unknown keys (pydantic's extra="ignore"), so a config carrying one
+# runs there as if it were absent, and here too.
+IGNORED_BY_AXOLOTL = "axolotl's schema has no such key and drops it, so it changes nothing there or here"
 GPU_KERNEL = "a Triton/CUDA kernel"
 CPU_KERNEL = f"{GPU_KERNEL}; {NO_GPU}, and the plain PyTorch ops lmforge runs compute the same"
 MODEL = "lmforge/models/setup.py"
@@ -1063,6 +1066,9 @@ KEYS: tuple[Key, ...] = (
     note("use_swanlab", "SwanLab logging is on when swanlab_project is set", rule=tracker_switch("swanlab_project")),
     *(done(name, LOGGERS) for name in ("swanlab_project", "swanlab_experiment_name", "swanlab_description", "swanlab_mode",
                                        "swanlab_workspace")),
+    *each(note, ("swanlab_log_completions", "swanlab_completion_log_interval", "swanlab_completion_max_buffer"),
+          "SwanLab completion tables: axolotl's callback (a placeholder, its docstring says) reads dpo/prompt-style log "
+          "entries TRL's trainers never write, so it logs no table; lmforge logs none either: nothing changes"),
     later("swanlab_*", "SwanLab's cloud settings, alerts and completion tables",
           nearest="swanlab_project, swanlab_experiment_name, swanlab_description, swanlab_mode, swanlab_workspace"),
     done("use_otel_metrics", LOGGERS),
@@ -1141,7 +1147,7 @@ KEYS: tuple[Key, ...] = (
     done("reward_model", PREFERENCE_OBJECTIVES, "lmforge/models/setup.py", "lmforge/recipes/finetune.py"),
     out("process_reward_model", "process reward models (a score per reasoning step) are out of lmforge's scope",
         nearest="rl: dpo on step-level preference pairs"),
-    out("center_rewards_coefficient", RL), done("num_labels", "lmforge/models/setup.py"),
+    done("center_rewards_coefficient", PREFERENCE_OBJECTIVES), done("num_labels", "lmforge/models/setup.py"),
     out("nemo_gym_*", RL), out("hatchery", "training on a remote service is out of lmforge's scope"),
     out("kd_*", "knowledge distillation from teacher logits is out of lmforge's scope"),
     out("diffusion", DIFFUSION),
@@ -1155,8 +1161,8 @@ KEYS: tuple[Key, ...] = (
     # --- keys axolotl's examples still carry but its schema dropped ----------------------------------------------------
     out("rope_scaling", REMOVED, nearest="model_config overrides (not supported yet)"),
     out("gptq_groupsize", REMOVED), out("gptq_model_v1", REMOVED), out("gptq_disable_exllama", REMOVED),
-    out("eta_min", REMOVED, nearest="cosine_min_lr_ratio"),
-    out("adam_eps", REMOVED, nearest="adam_epsilon"),
+    note("eta_min", f"{IGNORED_BY_AXOLOTL}; cosine_min_lr_ratio sets the cosine schedule's floor"),
+    note("adam_eps", f"{IGNORED_BY_AXOLOTL}; adam_epsilon sets AdamW's epsilon"),
     out("torch_dtype", REMOVED, nearest="bf16"),
     out("full_finetune", REMOVED, nearest="leave adapter empty for a full fine-tune", rule=full_finetune),
     out("base_model_ignore_patterns", REMOVED, nearest="base_model (a local folder)"),

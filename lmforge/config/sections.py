@@ -951,6 +951,10 @@ class RLSection(Section):
         "Bradley-Terry loss -log σ(score(chosen) - score(rejected)); it saves as AutoModelForSequenceClassification."
     )
     num_labels: int | None = Field(None, ge=1, le=1, description="reward_model: scores per sequence (1, the only value).")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="reward_model: adds coefficient x mean((score(chosen) + score(rejected))^2) to the loss "
+        "(TRL's RewardTrainer), pulling the scores towards mean zero."
+    )
     max_prompt_len: int | None = Field(
         None, gt=0, description="Preference rows: keep at most this many prompt tokens (the tail); default sequence_len // 2."
     )
