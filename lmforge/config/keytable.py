@@ -414,8 +414,9 @@ def overrides_with_base_model(value: Any, facts: Facts) -> Verdict | None:
 def qat_formats(value: Any, facts: Facts) -> Verdict | None:
     """nvfp4 without a GPU: torchao's rounding with a plain matmul, with a notice"""
     if isinstance(value, Mapping) and "nvfp4" in (value.get("weight_dtype"), value.get("activation_dtype")) and not facts.gpu:
-        return Verdict(Kind.NOTICE, "qat with nvfp4 on this device: the values are rounded to NVFP4 by torchao's NVFP4Tensor "
-                       "and multiplied in high precision (torchao's own NVFP4 layer multiplies with torch._scaled_mm on Blackwell GPUs)")
+        return Verdict(Kind.NOTICE, "qat with nvfp4 on this device: the values are rounded to NVFP4 by torchao's "
+                       "NVFP4Tensor and multiplied in high precision (torchao's own NVFP4 layer multiplies with "
+                       "torch._scaled_mm on Blackwell GPUs)")
     return None
 
 
@@ -720,7 +721,8 @@ KEYS: tuple[Key, ...] = (
           same={True: "lmforge keeps adapter weights in fp32, as PEFT does by default"}),
     later("qlora_sharded_model_loading", "FSDP-QLoRA sharded loading", nearest="fsdp"),
     later("lora_on_cpu", "loading LoRA on the CPU first", cpu=f"{NO_GPU}: LoRA is loaded on the CPU anyway"),
-    later("gptq", "training GPTQ-quantized models", nearest="load_in_4bit"),
+    later("gptq", "training GPTQ-quantized models (their matmul kernels, exllama and Marlin through gptqmodel, run on "
+          "CUDA GPUs only)", nearest="load_in_4bit"),
     alias("bnb_config_kwargs", SPREAD, "its bnb_4bit_* entries are the flat bnb_4bit_* keys", rule=bnb_kwargs),
     *each(done, ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"), MODEL),
     later("loraplus_lr_ratio", "LoRA+ learning rates", nearest="learning_rate"),
@@ -785,7 +787,8 @@ KEYS: tuple[Key, ...] = (
     later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true", rule=bfloat16),
     later("float16", "pure fp16 weights without mixed precision", nearest="bf16"),
     later("float32", "fp32 training", nearest="bf16: false"),
-    later("fp8", "FP8 training", nearest="bf16"),
+    later("fp8", "FP8 training (torchao's float8 linears multiply with torch._scaled_mm, which needs a CUDA GPU of compute "
+          "capability 8.9 or newer)", nearest="bf16"),
     later("fp8_enable_fsdp_float8_all_gather", "FP8 training under FSDP", nearest="fsdp", only_with="fp8"),
     done("gradient_checkpointing", MODEL, rule=gradient_checkpointing_modes),
     done("gradient_checkpointing_kwargs", MODEL, rule=checkpointing_kwargs),
