@@ -87,3 +87,31 @@ def test_swanlab_completion_keys_get_a_notice_like_use_swanlab(tmp_path: Path, a
     assert all("completion" in notices[k] for k in keys)
     assert "swanlab_log_completions" not in {n.key for n in _load(tmp_path, tiny_model_dir, alpaca_file,
                                                                   swanlab_log_completions=False).notices}
+
+
+def test_fp16_on_a_cpu_trains_under_float16_autocast_and_resumes_with_its_loss_scale(tmp_path: Path, alpaca_file: Path,
+                                                                                     tiny_model_dir: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from lmforge.recipes.finetune import run_train
+    from lmforge.recipes.run import TrainingRun
+
+    out = tmp_path / "out"
+    keys = dict(adapter=None, fp16=True, bf16=False, max_steps=4, save_steps=2, save_total_limit=3, learning_rate=1e-3)
+    path = str(write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, out, **keys)))
+    cfg = load_config(path, gpu=False)
+    assert any(n.key == "fp16" and "GradScaler" in n.text for n in cfg.notices)  # accepted, saying how it runs
+    run = TrainingRun(cfg)
+    assert run.autocast_dtype == torch.float16 and run.device.type == "cpu"
+    run_train(cfg)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 65536.0 and state["grad_scaler"]["_growth_tracker"] == 2  # 2 clean steps
+    straight = load_file(str(out / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in straight.values()) and any(not torch.equal(straight[k], base[k]) for k in base)
+    (out / "model.safetensors").unlink()
+    run_train(load_config(path, [f"--resume_from_checkpoint={out / 'checkpoint-2'}"], gpu=False))
+    resumed = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -207,10 +207,10 @@ def flex_compile(value: Any, facts: Facts) -> Verdict | None:
 
 
 def fp16(value: Any, facts: Facts) -> Verdict | None:
-    """true refused on a machine without a GPU, pointing at bf16"""
+    """true on a machine without a GPU: float16 CPU autocast with torch's CPU GradScaler, with a notice"""
     if value is True and not facts.gpu:
-        return Verdict(Kind.NOT_YET, f"fp16 training needs a CUDA GPU (it runs with a gradient scaler there) and {NO_GPU}",
-                       nearest="bf16: true (or bf16: false for fp32)")
+        return Verdict(Kind.NOTICE, f"{NO_GPU}: fp16 runs as float16 CPU autocast with torch's CPU GradScaler (fp32 "
+                       "master weights); CPUs without AVX512-FP16 or AMX-FP16 compute it slower than fp32")
     return None
 
 

@@ -658,7 +658,7 @@ class EvaluationSection(Section):
 class SpeedSection(Section):
     """How the model runs: precision extras, compile, activation memory, fused-kernel plugins (GPU)."""
 
-    fp16: bool = Field(False, description="float16 mixed precision with a gradient scaler (CUDA only).")
+    fp16: bool = Field(False, description="float16 mixed precision with a gradient scaler (CUDA, or CPU autocast).")
     tf32: bool | None = Field(None, description="CUDA: TF32 matmuls and convolutions (true/false; default: torch's).")
     torch_compile: Switch = Field(False, description="Compile each decoder layer with torch.compile (auto: on CUDA only).")
     torch_compile_backend: str | None = Field(None, description="torch.compile backend (default inductor).")
