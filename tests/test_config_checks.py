@@ -48,11 +48,10 @@ def test_contradictions_name_the_key_line(extra: dict, key: str, problem: str, f
     assert err.value.where == line_of(path, key) and problem in err.value.message and fix in (err.value.fix or "")
 
 
-def test_fp16_without_cuda_is_refused(base: dict, tmp_path: Path) -> None:
+def test_fp16_without_cuda_runs_as_cpu_autocast_with_a_notice(base: dict, tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yml", {**base, "fp16": True, "bf16": False})
-    with pytest.raises(LmforgeError, match="fp16") as err:
-        load_config(str(path), gpu=False)
-    assert err.value.where == line_of(path, "fp16") and "bf16" in (err.value.fix or "")
+    cfg = load_config(str(path), gpu=False)
+    assert cfg.speed.fp16 and any(n.key == "fp16" and "CPU autocast" in n.text for n in cfg.notices)
 
 
 PRETRAINING_CONTRADICTIONS = [

@@ -266,13 +266,75 @@ def test_qat_fake_quant_after_n_steps_starts_it_late(tiny_model_dir: Path) -> No
     assert layer.weight_fake_quantizer.enabled
 
 
+NVFP4 = {"weight_dtype": "nvfp4", "activation_dtype": "nvfp4", "group_size": 16}
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _on_nvfp4_levels(values: torch.Tensor) -> bool:
+    """Every block of 16 is E2M1 levels times one scale: the block's largest magnitude is 6 x that scale."""
+    blocks = values.reshape(-1, 16)
+    unit = blocks.abs().amax(dim=1, keepdim=True) / 6
+    ratios = (blocks.abs() / unit.clamp_min(1e-30)).unsqueeze(-1)
+    return bool(((ratios - E2M1).abs().amin(-1) < 1e-3).all())
+
+
+def test_qat_nvfp4_off_cuda_rounds_with_torchao_and_passes_the_gradient_straight_through() -> None:
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+    from lmforge.config.sections import QatSpec
+    from lmforge.models.qat import prepare_qat
+
+    torch.manual_seed(0)
+    model = prepare_qat(torch.nn.Sequential(torch.nn.Linear(32, 48)), QatSpec(**NVFP4))
+    layer = model[0]
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    out = layer(x)  # torchao's own layer raises here without CUDA (torch._scaled_mm)
+
+    def torchao_rounded(v: torch.Tensor) -> torch.Tensor:
+        return NVFP4Tensor.to_nvfp4(v, per_tensor_scale=per_tensor_amax_to_scale(v.abs().max())).dequantize(v.dtype)
+
+    x_q, w_q = torchao_rounded(x.detach().reshape(6, 32)), torchao_rounded(layer.weight.detach())
+    assert torch.equal(out.detach().reshape(6, 48), torch.nn.functional.linear(x_q, w_q, layer.bias.detach()))
+    assert not torch.allclose(out, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-3)  # it rounds
+    assert _on_nvfp4_levels(w_q) and _on_nvfp4_levels(x_q) and not _on_nvfp4_levels(layer.weight.detach())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # torchao's backward: grads through the rounded tensors, as if rounding were the identity
+    torch.testing.assert_close(layer.weight.grad, grad.reshape(6, 48).t() @ x_q)
+    torch.testing.assert_close(x.grad, (grad.reshape(6, 48) @ w_q).reshape(2, 3, 32))
+
+
+def test_qat_nvfp4_changes_the_loss_trains_and_saves_a_plain_model(tiny_model_dir: Path, alpaca_file: Path,
+                                                                    tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.models.setup import training_model
+    from lmforge.recipes.finetune import run_train
+
+    cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, qat=NVFP4)
+    ours = training_model(cfg, load_tokenizer(str(tiny_model_dir)), CPU, bf16=False).eval()
+    plain = load_model(str(tiny_model_dir)).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 2]])
+    with torch.no_grad():
+        qat_loss, plain_loss = (m(input_ids=ids, labels=ids).loss for m in (ours, plain))
+    assert abs(qat_loss.item() - plain_loss.item()) > 1e-4
+
+    out = tmp_path / "out"
+    run_train(load_config(str(write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, out, adapter=None,
+                                                                            max_steps=2, learning_rate=1e-3, qat=NVFP4)))))
+    base, saved = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(saved) == set(base) and any(not torch.equal(saved[k], base[k]) for k in base)  # trained, same names
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear  # converted: no fake-quantised layers left
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6]])).logits).all()
+
+
 def test_qat_refusals_name_what_runs(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(LmforgeError, match="nvfp4") as err:
-        _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, qat={"weight_dtype": "nvfp4", "activation_dtype": "nvfp4",
-                                                                       "group_size": 16})
-    assert "mxfp4" in err.value.fix
-    assert _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, adapter=None,
-                qat={"weight_dtype": "nvfp4", "activation_dtype": "nvfp4", "group_size": 16}).quantization.qat.weight_dtype == "nvfp4"
+    cpu = _cfg(tiny_model_dir, alpaca_file, tmp_path, adapter=None, qat=NVFP4)
+    assert cpu.quantization.qat.weight_dtype == "nvfp4" and any("_scaled_mm" in n.text for n in cpu.notices)
+    gpu = _cfg(tiny_model_dir, alpaca_file, tmp_path, gpu=True, adapter=None, qat=NVFP4)
+    assert gpu.quantization.qat.weight_dtype == "nvfp4" and not any("_scaled_mm" in n.text for n in gpu.notices)
     with pytest.raises(LmforgeError, match="adapter leaves them frozen"):
         _cfg(tiny_model_dir, alpaca_file, tmp_path, qat=QAT)
     with pytest.raises(LmforgeError, match="not a format torchao quantizes"):

@@ -130,6 +130,9 @@ def _preference(c: _Checker) -> None:
                       "remove rl (train the reward model first), or remove reward_model")
     if rl.num_labels is not None and not rl.reward_model:
         c.warn("num_labels", "num_labels only shapes a reward model's head (reward_model: true): it changes nothing here")
+    if rl.center_rewards_coefficient and not rl.reward_model:
+        c.warn("center_rewards_coefficient", "center_rewards_coefficient only adds to a reward model's loss (reward_model: true): "
+               "it changes nothing here")
     if rl.reward_model and c.cfg.data.sample_packing:
         raise c.error("sample_packing", "reward_model scores whole answers per row; sample_packing does not apply to preference pairs",
                       "remove sample_packing (or set it to false)")

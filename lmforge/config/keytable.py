@@ -207,10 +207,10 @@ def flex_compile(value: Any, facts: Facts) -> Verdict | None:
 
 
 def fp16(value: Any, facts: Facts) -> Verdict | None:
-    """true refused on a machine without a GPU, pointing at bf16"""
+    """true on a machine without a GPU: float16 CPU autocast with torch's CPU GradScaler, with a notice"""
     if value is True and not facts.gpu:
-        return Verdict(Kind.NOT_YET, f"fp16 training needs a CUDA GPU (it runs with a gradient scaler there) and {NO_GPU}",
-                       nearest="bf16: true (or bf16: false for fp32)")
+        return Verdict(Kind.NOTICE, f"{NO_GPU}: fp16 runs as float16 CPU autocast with torch's CPU GradScaler (fp32 "
+                       "master weights); CPUs without AVX512-FP16 or AMX-FP16 compute it slower than fp32")
     return None
 
 
@@ -420,10 +420,11 @@ def overrides_with_base_model(value: Any, facts: Facts) -> Verdict | None:
 
 
 def qat_formats(value: Any, facts: Facts) -> Verdict | None:
-    """nvfp4 refused on a machine without a GPU (torchao fake-quantises it with CUDA's scaled matmul)"""
+    """nvfp4 without a GPU: torchao's rounding with a plain matmul, with a notice"""
     if isinstance(value, Mapping) and "nvfp4" in (value.get("weight_dtype"), value.get("activation_dtype")) and not facts.gpu:
-        return Verdict(Kind.NOT_YET, f"qat with nvfp4: torchao fake-quantises nvfp4 through torch._scaled_mm, a CUDA kernel, and {NO_GPU}",
-                       nearest="qat: {weight_dtype: mxfp4, activation_dtype: mxfp4} (runs on CPU) or int4 weights")
+        return Verdict(Kind.NOTICE, "qat with nvfp4 on this device: the values are rounded to NVFP4 by torchao's "
+                       "NVFP4Tensor and multiplied in high precision (torchao's own NVFP4 layer multiplies with "
+                       "torch._scaled_mm on Blackwell GPUs)")
     return None
 
 
@@ -660,6 +661,9 @@ PARALLEL = ("tensor, context, sequence and expert parallelism are out of lmforge
             "FSDP2 and DeepSpeed ZeRO); axolotl, torchtitan or Megatron-LM do them")
 INTERNAL = "axolotl fills this in at run time; it is not a setting"
 REMOVED = "axolotl removed this key (its current schema ignores or refuses it)"
+# Keys no part of axolotl reads: its schema drops unknown keys (pydantic's extra="ignore"), so a config carrying one
+# runs there as if it were absent, and here too.
+IGNORED_BY_AXOLOTL = "axolotl's schema has no such key and drops it, so it changes nothing there or here"
 GPU_KERNEL = "a Triton/CUDA kernel"
 CPU_KERNEL = f"{GPU_KERNEL}; {NO_GPU}, and the plain PyTorch ops lmforge runs compute the same"
 MODEL = "lmforge/models/setup.py"
@@ -763,7 +767,8 @@ KEYS: tuple[Key, ...] = (
           same={True: "lmforge keeps adapter weights in fp32, as PEFT does by default"}),
     later("qlora_sharded_model_loading", "FSDP-QLoRA sharded loading", nearest="fsdp"),
     later("lora_on_cpu", "loading LoRA on the CPU first", cpu=f"{NO_GPU}: LoRA is loaded on the CPU anyway"),
-    later("gptq", "training GPTQ-quantized models", nearest="load_in_4bit"),
+    later("gptq", "training GPTQ-quantized models (their matmul kernels, exllama and Marlin through gptqmodel, run on "
+          "CUDA GPUs only)", nearest="load_in_4bit"),
     alias("bnb_config_kwargs", SPREAD, "its bnb_4bit_* entries are the flat bnb_4bit_* keys", rule=bnb_kwargs),
     *each(done, ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"), MODEL),
     later("loraplus_lr_ratio", "LoRA+ learning rates", nearest="learning_rate"),
@@ -828,7 +833,8 @@ KEYS: tuple[Key, ...] = (
     later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true", rule=bfloat16),
     later("float16", "pure fp16 weights without mixed precision", nearest="bf16"),
     later("float32", "fp32 training", nearest="bf16: false"),
-    later("fp8", "FP8 training", nearest="bf16"),
+    later("fp8", "FP8 training (torchao's float8 linears multiply with torch._scaled_mm, which needs a CUDA GPU of compute "
+          "capability 8.9 or newer)", nearest="bf16"),
     later("fp8_enable_fsdp_float8_all_gather", "FP8 training under FSDP", nearest="fsdp", only_with="fp8"),
     done("gradient_checkpointing", MODEL, rule=gradient_checkpointing_modes),
     done("gradient_checkpointing_kwargs", MODEL, rule=checkpointing_kwargs),
@@ -1108,6 +1114,9 @@ KEYS: tuple[Key, ...] = (
     note("use_swanlab", "SwanLab logging is on when swanlab_project is set", rule=tracker_switch("swanlab_project")),
     *(done(name, LOGGERS) for name in ("swanlab_project", "swanlab_experiment_name", "swanlab_description", "swanlab_mode",
                                        "swanlab_workspace")),
+    *each(note, ("swanlab_log_completions", "swanlab_completion_log_interval", "swanlab_completion_max_buffer"),
+          "SwanLab completion tables: axolotl's callback (a placeholder, its docstring says) reads dpo/prompt-style log "
+          "entries TRL's trainers never write, so it logs no table; lmforge logs none either: nothing changes"),
     later("swanlab_*", "SwanLab's cloud settings, alerts and completion tables",
           nearest="swanlab_project, swanlab_experiment_name, swanlab_description, swanlab_mode, swanlab_workspace"),
     done("use_otel_metrics", LOGGERS),
@@ -1186,7 +1195,7 @@ KEYS: tuple[Key, ...] = (
     done("reward_model", PREFERENCE_OBJECTIVES, "lmforge/models/setup.py", "lmforge/recipes/finetune.py"),
     out("process_reward_model", "process reward models (a score per reasoning step) are out of lmforge's scope",
         nearest="rl: dpo on step-level preference pairs"),
-    out("center_rewards_coefficient", RL), done("num_labels", "lmforge/models/setup.py"),
+    done("center_rewards_coefficient", PREFERENCE_OBJECTIVES), done("num_labels", "lmforge/models/setup.py"),
     out("nemo_gym_*", RL), out("hatchery", "training on a remote service is out of lmforge's scope"),
     out("kd_*", "knowledge distillation from teacher logits is out of lmforge's scope"),
     out("diffusion", DIFFUSION),
@@ -1200,8 +1209,8 @@ KEYS: tuple[Key, ...] = (
     # --- keys axolotl's examples still carry but its schema dropped ----------------------------------------------------
     out("rope_scaling", REMOVED, nearest="model_config overrides (not supported yet)"),
     out("gptq_groupsize", REMOVED), out("gptq_model_v1", REMOVED), out("gptq_disable_exllama", REMOVED),
-    out("eta_min", REMOVED, nearest="cosine_min_lr_ratio"),
-    out("adam_eps", REMOVED, nearest="adam_epsilon"),
+    note("eta_min", f"{IGNORED_BY_AXOLOTL}; cosine_min_lr_ratio sets the cosine schedule's floor"),
+    note("adam_eps", f"{IGNORED_BY_AXOLOTL}; adam_epsilon sets AdamW's epsilon"),
     out("torch_dtype", REMOVED, nearest="bf16"),
     out("full_finetune", REMOVED, nearest="leave adapter empty for a full fine-tune", rule=full_finetune),
     out("base_model_ignore_patterns", REMOVED, nearest="base_model (a local folder)"),

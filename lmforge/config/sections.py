@@ -282,7 +282,7 @@ QAT_PAIRS = {("int4", None), ("int4", "int8"), ("int4", "float8_e4m3fn"), ("floa
 class QatSpec(Section):
     """``qat:`` quantization-aware training through torchao (axolotl's keys)."""
 
-    weight_dtype: str = Field("int8", description="Weights' target format: int4, float8_e4m3fn (fp8), mxfp4, nvfp4 (CUDA).")
+    weight_dtype: str = Field("int8", description="Weights' target format: int4, float8_e4m3fn (fp8), mxfp4, nvfp4.")
     activation_dtype: str | None = Field(None, description="Activations' target format: int8, float8_e4m3fn, mxfp4, nvfp4, or none.")
     group_size: int | None = Field(32, gt=0, description="Values per quantization group (int4: divides the layer widths; mxfp4: 32; nvfp4: 16).")
     quantize_embedding: bool | None = Field(False, description="Fake-quantise the input embedding's weights too.")
@@ -718,7 +718,7 @@ class EvaluationSection(Section):
 class SpeedSection(Section):
     """How the model runs: precision extras, compile, activation memory, fused-kernel plugins (GPU)."""
 
-    fp16: bool = Field(False, description="float16 mixed precision with a gradient scaler (CUDA only).")
+    fp16: bool = Field(False, description="float16 mixed precision with a gradient scaler (CUDA, or CPU autocast).")
     tf32: bool | None = Field(None, description="CUDA: TF32 matmuls and convolutions (true/false; default: torch's).")
     torch_compile: Switch = Field(False, description="Compile each decoder layer with torch.compile (auto: on CUDA only).")
     torch_compile_backend: str | None = Field(None, description="torch.compile backend (default inductor).")
@@ -1020,6 +1020,10 @@ class RLSection(Section):
         "Bradley-Terry loss -log σ(score(chosen) - score(rejected)); it saves as AutoModelForSequenceClassification."
     )
     num_labels: int | None = Field(None, ge=1, le=1, description="reward_model: scores per sequence (1, the only value).")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="reward_model: adds coefficient x mean((score(chosen) + score(rejected))^2) to the loss "
+        "(TRL's RewardTrainer), pulling the scores towards mean zero."
+    )
     max_prompt_len: int | None = Field(
         None, gt=0, description="Preference rows: keep at most this many prompt tokens (the tail); default sequence_len // 2."
     )

@@ -7,6 +7,10 @@ survive quantization. ``convert_qat`` swaps them back to plain layers holding th
 saved model is an ordinary one, which ``lmforge quantize`` (torchao's post-training quantization with the
 same settings) then quantizes for real. The fake-quantisation settings are axolotl's
 (``axolotl/utils/quantization.py``), so a config trains the same numerics here.
+
+torchao's NVFP4 layer runs its forward through ``torch._scaled_mm`` (Blackwell GPUs); elsewhere,
+``_NVFP4OnAnyDevice`` rounds the same tensors with torchao's own ``NVFP4Tensor`` and multiplies the rounded
+values in high precision, with the gradient torchao's backward gives (straight through the rounding).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torchao.prototype.qat import NVFP4FakeQuantizedLinear
 
 from lmforge.config.sections import QatSpec
 from lmforge.errors import LmforgeError
@@ -58,6 +63,33 @@ def _is_embedding(module: torch.nn.Module, _: str) -> bool:
     return isinstance(module, torch.nn.Embedding)
 
 
+def _nvfp4_rounded(x: torch.Tensor, config: Any) -> torch.Tensor:
+    """`x` rounded to NVFP4 and back by torchao's NVFP4Tensor, with the scales torchao's QAT forward uses."""
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+    scale = per_tensor_amax_to_scale(x.abs().max()) if config.use_per_tensor_scale else None
+    return NVFP4Tensor.to_nvfp4(x, per_tensor_scale=scale, is_swizzled_scales=config.use_swizzled_scales).dequantize(x.dtype)
+
+
+class _NVFP4OnAnyDevice(NVFP4FakeQuantizedLinear):
+    """torchao's NVFP4 fake-quantised linear, with a forward that also runs where torch._scaled_mm cannot multiply
+    NVFP4 (CPUs, and GPUs before Blackwell).
+
+    There: x and the weight are rounded by torchao (`_nvfp4_rounded`) and multiplied by F.linear. Each rounding
+    is straight-through (`rounded + (v - v.detach())`: the rounded value exactly, the gradient of v), so the input's
+    gradient is grad @ rounded weight and the weight's is grad^T @ rounded input, as in torchao's own backward.
+    Still an NVFP4FakeQuantizedLinear, so torchao's convert step turns it back into a plain linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (10, 0):
+            return super().forward(x)  # torchao's NVFP4 matmul: Blackwell and later
+        with torch.no_grad():
+            x_rounded = _nvfp4_rounded(x.reshape(-1, x.shape[-1]), self.activation_config).reshape(x.shape)
+            w_rounded = _nvfp4_rounded(self.weight, self.weight_config)
+        return torch.nn.functional.linear(x_rounded + (x - x.detach()), w_rounded + (self.weight - self.weight.detach()),
+                                          self.bias)
+
+
 def prepare_qat(model: torch.nn.Module, spec: QatSpec) -> torch.nn.Module:
     """Swap the linear layers (and embeddings, with quantize_embedding) for torchao's fake-quantised ones."""
     from torchao.quantization import quantize_
@@ -65,10 +97,14 @@ def prepare_qat(model: torch.nn.Module, spec: QatSpec) -> torch.nn.Module:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     bad = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
            and spec.group_size and m.in_features % spec.group_size]
-    if bad and spec.weight_dtype in ("int4", "mxfp4"):
+    if bad and spec.weight_dtype in ("int4", "mxfp4", "nvfp4"):
         raise LmforgeError(f"qat: group_size {spec.group_size} does not divide the input width of {bad[0]}",
                            where="qat.group_size", fix="choose a group_size that divides the model's layer widths (e.g. 32)")
     quantize_(model, _fake_quantize_configs(spec))
+    if spec.weight_dtype == "nvfp4":
+        for module in model.modules():
+            if type(module) is NVFP4FakeQuantizedLinear:
+                module.__class__ = _NVFP4OnAnyDevice  # same state; only the forward differs, and only before Blackwell
     if spec.quantize_embedding:
         quantize_(model, _fake_quantize_configs(spec, activations=False), filter_fn=_is_embedding)
     return model

@@ -24,9 +24,9 @@ def measure_here(cfg: LmforgeConfig, steps: int = MEASURE_STEPS) -> tuple[Measur
     from lmforge.device import pick_device, resolve_bf16
 
     device = pick_device()  # the device run_train trains on
-    # the precision TrainingRun picks: fp16 (CUDA only) takes the place of bf16: auto
+    # the precision TrainingRun picks: fp16 (CUDA or CPU autocast) takes the place of bf16: auto
     bf16 = resolve_bf16(cfg.training.bf16, device) and not (cfg.speed.fp16 and cfg.training.bf16 == "auto")
-    dtype = "bf16" if bf16 else "fp16" if cfg.speed.fp16 and device.type == "cuda" else "fp32"
+    dtype = "bf16" if bf16 else "fp16" if cfg.speed.fp16 and device.type in ("cuda", "cpu") else "fp32"
     ceiling = matmul_ceiling((dtype,), device=device)
     with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
         training = cfg.training.model_copy(update={

@@ -80,9 +80,9 @@ from lmforge.device import cpu_supports_bf16, peak_memory_mb, pick_device, resol
 RESUME_INVARIANTS = ("seed", "micro_batch_size", "gradient_accumulation_steps", "group_by_length", "sequence_len",
                      "sample_packing", "objective", "mlm_probability", "val_set_size")
 
-# fp16 trains with a loss scaler on CUDA. torch's CPU GradScaler works too, but fp16 on a CPU is emulated or slow, so
-# lmforge refuses it there (the tests widen this to run the fp16 paths on CPU).
-FP16_DEVICE_TYPES = ("cuda",)
+# fp16 trains under autocast with a loss scaler: torch's GradScaler, on CUDA and on CPUs (float16 CPU autocast; CPUs
+# without AVX512-FP16 or AMX-FP16 compute it slower than fp32, which validate's notice says).
+FP16_DEVICE_TYPES = ("cuda", "cpu")
 
 
 @dataclass
@@ -181,7 +181,7 @@ class TrainingRun:
         self.engine = engine_for(cfg, pick_device())
         self.device = self.engine.device
         self.speed = cfg.speed
-        # fp16 (CUDA; the config refuses it on a machine without a GPU) takes the place of bf16: auto.
+        # fp16 (CUDA or CPU autocast, with a GradScaler) takes the place of bf16: auto.
         self.bf16 = resolve_bf16(self.t.bf16, self.device) and not (self.speed.fp16 and self.t.bf16 == "auto")
         self.fp16 = self.speed.fp16
         if self.fp16 and self.device.type not in FP16_DEVICE_TYPES:
@@ -410,6 +410,8 @@ class TrainingRun:
                                     rank=engine.rank, world_size=engine.world_size)
             check_resumable(state, invariants, self.resume_from)
             result, eval_start = LoopResult.from_dict(state["loop"]), state.get("eval_loss_start")
+            if settings.grad_scaler is not None and state.get("grad_scaler"):
+                settings.grad_scaler.load_state_dict(state["grad_scaler"])
             stream.restore(state["data_position"])
             if t.load_best_model_at_end:
                 best = load_best(self.resume_from) or (engine.trainable_state(model) if result.best_step == result.steps else None)
@@ -436,7 +438,9 @@ class TrainingRun:
                 save_checkpoint(folder, model=model, tokenizer=tokenizer, config=self.resolved,
                                 optimizer=None if t.save_only_model else optimizer, scheduler=scheduler,
                                 state={"loop": result.to_dict(), "data_position": stream.position(),
-                                       "eval_loss_start": eval_start, "settings": invariants},
+                                       "eval_loss_start": eval_start, "settings": invariants,
+                                       # fp16: the loss scale and its growth count, so a resume scales as the run did
+                                       "grad_scaler": settings.grad_scaler.state_dict() if settings.grad_scaler else None},
                                 best=best if result.best_step != step else None,  # else the saved weights are the best
                                 weights=weights, rng_ranks=rng_ranks)
                 removed = prune_checkpoints(output_dir, t.save_total_limit) if t.save_total_limit else []

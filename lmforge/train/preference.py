@@ -286,9 +286,11 @@ class KTO(PreferenceObjective):
 class RewardModel(PreferenceObjective):
     """A reward model's Bradley-Terry loss (TRL's RewardTrainer): -log σ(r(chosen) - r(rejected)), r the score a
     sequence-classification head gives each row at its last token. rewards/accuracies is the held-out pairwise
-    accuracy (the share of pairs whose chosen answer scores higher)."""
+    accuracy (the share of pairs whose chosen answer scores higher). center_rewards_coefficient adds
+    coef * (r(chosen) + r(rejected))^2 per pair (TRL's auxiliary loss), which keeps the scores near mean zero."""
 
     name: ClassVar[str] = "reward_model"
+    center_rewards_coefficient: float | None = None
 
     def __call__(self, model: Any, batch: Batch) -> ObjectiveOutput:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -296,13 +298,15 @@ class RewardModel(PreferenceObjective):
         scores = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
         chosen, rejected = scores[:pairs], scores[pairs:]
         loss = -F.logsigmoid(chosen - rejected)
+        if self.center_rewards_coefficient:
+            loss = loss + self.center_rewards_coefficient * (chosen + rejected) ** 2
         return loss.sum(), pairs, _pair_metrics(chosen, rejected)
 
 
 def preference_objective(rl: Any) -> PreferenceObjective:
     """The objective of a config's `rl:` section (axolotl's keys; defaults are TRL's)."""
     if rl.reward_model:
-        return RewardModel()
+        return RewardModel(center_rewards_coefficient=rl.center_rewards_coefficient)
     beta = rl.rl_beta if rl.rl_beta is not None else 0.1
     if rl.rl in ("dpo", "ipo"):
         types = tuple(rl.dpo_loss_type or (["ipo"] if rl.rl == "ipo" else ["sigmoid"]))

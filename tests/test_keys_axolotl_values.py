@@ -1,0 +1,117 @@
+"""Issue 26: axolotl keys that were refused and now act, or are accepted with the notice axolotl's own behaviour
+earns (center_rewards_coefficient, eta_min / adam_eps, swanlab completion tables, fp16 on a CPU). Each test fails if
+its key is ignored or refused again. Tiny models; seconds each."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_config, write_jsonl
+from lmforge.config import load_config
+
+PAIR = {"prompt": "what is one plus two ?", "chosen": "three", "rejected": "four"}
+
+
+def _load(tmp_path: Path, model_dir: Path, data: Path, **keys: object):  # noqa: ANN202
+    return load_config(str(write_config(tmp_path / "c.yml", tiny_config(model_dir, data, tmp_path / "out", **keys))))
+
+
+def _reward_config(tmp_path: Path, model_dir: Path, **keys: object):  # noqa: ANN202
+    data = write_jsonl(tmp_path / "pairs.jsonl", [PAIR])
+    return _load(tmp_path, model_dir, data, rl=None, reward_model=True, num_labels=1,
+                 datasets=[{"path": str(data), "type": {"field_prompt": "prompt"}}], **keys)
+
+
+class _FixedScores(torch.nn.Module):
+    """A 'model' whose score head says the given numbers: the loss is then a closed formula."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__()
+        self.scores = torch.nn.Parameter(torch.tensor(scores).unsqueeze(1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.scores)
+
+
+def test_center_rewards_coefficient_adds_trls_centering_term_to_the_reward_loss(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from lmforge.train.preference import preference_objective
+
+    cfg = _reward_config(tmp_path, tiny_model_dir, center_rewards_coefficient=0.01)
+    objective = preference_objective(cfg.rl)
+    chosen, rejected = [1.0, -0.5, 2.0], [0.25, 0.5, -1.0]
+    model = _FixedScores(chosen + rejected)
+    batch = {"input_ids": torch.zeros(6, 4, dtype=torch.long), "attention_mask": torch.ones(6, 4, dtype=torch.long)}
+    loss_sum, pairs, _ = objective(model, batch)
+    # TRL's RewardTrainer per pair: -log σ(c - r) + coef (c + r)²; lmforge returns the sum over pairs and their count
+    bradley_terry = sum(math.log1p(math.exp(-(c - r))) for c, r in zip(chosen, rejected))
+    centering = 0.01 * sum((c + r) ** 2 for c, r in zip(chosen, rejected))
+    assert pairs == 3
+    assert loss_sum.item() == pytest.approx(bradley_terry + centering, rel=1e-6)
+    assert centering > 1e-3  # the term is large enough that ignoring the key fails the line above
+    plain, _, _ = preference_objective(_reward_config(tmp_path, tiny_model_dir).rl)(model, batch)
+    assert plain.item() == pytest.approx(bradley_terry, rel=1e-6)
+    loss_sum.backward()  # the centering term's gradient: 2 coef (c + r) on each score, beside the Bradley-Terry one
+    c, r = torch.tensor(chosen), torch.tensor(rejected)
+    torch.testing.assert_close(model.scores.grad.squeeze(1),
+                               torch.cat([-torch.sigmoid(r - c), torch.sigmoid(r - c)]) + 0.02 * torch.cat([c + r, c + r]))
+
+
+def test_center_rewards_coefficient_without_a_reward_model_says_it_changes_nothing(tmp_path: Path, alpaca_file: Path,
+                                                                                   tiny_model_dir: Path) -> None:
+    cfg = _load(tmp_path, tiny_model_dir, alpaca_file, center_rewards_coefficient=0.01)
+    assert any("center_rewards_coefficient" in w and "changes nothing" in w for w in cfg.warnings)
+
+
+def test_eta_min_and_adam_eps_are_ignored_as_axolotl_ignores_them(tmp_path: Path, alpaca_file: Path,
+                                                                  tiny_model_dir: Path) -> None:
+    """axolotl's schema has neither key and drops unknown keys (pydantic's extra="ignore"): the same config runs
+    the same schedule and optimizer there. Here too, with a notice naming the key that does it."""
+    plain = _load(tmp_path, tiny_model_dir, alpaca_file, lr_scheduler="cosine")
+    cfg = _load(tmp_path, tiny_model_dir, alpaca_file, lr_scheduler="cosine", eta_min=7e-7, adam_eps=1e-5)
+    assert cfg.training.adam_epsilon == plain.training.adam_epsilon
+    assert cfg.training.cosine_min_lr_ratio == plain.training.cosine_min_lr_ratio
+    texts = {n.key: n.text for n in cfg.notices}
+    assert "cosine_min_lr_ratio" in texts["eta_min"] and "adam_epsilon" in texts["adam_eps"]
+
+
+def test_swanlab_completion_keys_get_a_notice_like_use_swanlab(tmp_path: Path, alpaca_file: Path, tiny_model_dir: Path) -> None:
+    keys = {"swanlab_log_completions": True, "swanlab_completion_log_interval": 100, "swanlab_completion_max_buffer": 128}
+    cfg = _load(tmp_path, tiny_model_dir, alpaca_file, swanlab_project="p", swanlab_mode="offline", **keys)
+    notices = {n.key: n.text for n in cfg.notices}
+    assert set(keys) <= set(notices)
+    assert all("completion" in notices[k] for k in keys)
+    assert "swanlab_log_completions" not in {n.key for n in _load(tmp_path, tiny_model_dir, alpaca_file,
+                                                                  swanlab_log_completions=False).notices}
+
+
+def test_fp16_on_a_cpu_trains_under_float16_autocast_and_resumes_with_its_loss_scale(tmp_path: Path, alpaca_file: Path,
+                                                                                     tiny_model_dir: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from lmforge.recipes.finetune import run_train
+    from lmforge.recipes.run import TrainingRun
+
+    out = tmp_path / "out"
+    keys = dict(adapter=None, fp16=True, bf16=False, max_steps=4, save_steps=2, save_total_limit=3, learning_rate=1e-3)
+    path = str(write_config(tmp_path / "c.yml", tiny_config(tiny_model_dir, alpaca_file, out, **keys)))
+    cfg = load_config(path, gpu=False)
+    assert any(n.key == "fp16" and "GradScaler" in n.text for n in cfg.notices)  # accepted, saying how it runs
+    run = TrainingRun(cfg)
+    assert run.autocast_dtype == torch.float16 and run.device.type == "cpu"
+    run_train(cfg)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 65536.0 and state["grad_scaler"]["_growth_tracker"] == 2  # 2 clean steps
+    straight = load_file(str(out / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in straight.values()) and any(not torch.equal(straight[k], base[k]) for k in base)
+    (out / "model.safetensors").unlink()
+    run_train(load_config(path, [f"--resume_from_checkpoint={out / 'checkpoint-2'}"], gpu=False))
+    resumed = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
