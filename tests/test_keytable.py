@@ -253,9 +253,10 @@ def test_gpu_kernels_not_brought_yet_are_refused_with_a_gpu(write) -> None:  # n
     assert "nearest supported: attn_implementation: flash_attention_2" in refused(write("attn_implementation: xformers\n"), gpu=True)
 
 
-def test_fp16_on_a_machine_without_gpu_is_refused_pointing_at_bf16(write) -> None:  # noqa: ANN001
-    text = refused(write("fp16: true\n"))
-    assert "'fp16' is not supported yet" in text and "needs a CUDA GPU" in text and "bf16" in text
+def test_fp16_on_a_machine_without_gpu_runs_as_cpu_autocast_with_a_notice(write) -> None:  # noqa: ANN001
+    cfg = load_config(write("fp16: true\n"), gpu=False)
+    assert cfg.speed.fp16 is True
+    assert [n.key for n in cfg.notices] == ["fp16"] and "CPU autocast" in cfg.notices[0].text
     assert load_config(write("fp16: true\n"), gpu=True).speed.fp16 is True
     assert load_config(write("fp16: false\n"), gpu=False).speed.fp16 is False
 
