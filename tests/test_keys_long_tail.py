@@ -304,6 +304,27 @@ def test_qat_nvfp4_off_cuda_rounds_with_torchao_and_passes_the_gradient_straight
     torch.testing.assert_close(x.grad, (grad.reshape(6, 48) @ w_q).reshape(2, 3, 32))
 
 
+def test_qat_mxfp4_runs_under_bf16_autocast_as_torchao_runs_it_in_bf16() -> None:
+    """axolotl's 3b-qat-mxfp4 example with bf16: true stopped on torchao's dtype assertion (an fp32 input met
+    autocast's bf16 matmul). Under autocast the layer now gives torchao's own output for the bf16 input and weight,
+    and the fp32 weight gets a gradient."""
+    from lmforge.config.sections import QatSpec
+    from lmforge.models.qat import prepare_qat
+
+    torch.manual_seed(0)
+    layer = prepare_qat(torch.nn.Sequential(torch.nn.Linear(64, 32)), QatSpec(weight_dtype="mxfp4",
+                                                                               activation_dtype="mxfp4", group_size=32))[0]
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    reference[0].load_state_dict({k: v.to(torch.bfloat16) for k, v in layer.state_dict().items()})
+    reference = prepare_qat(reference, QatSpec(weight_dtype="mxfp4", activation_dtype="mxfp4", group_size=32))[0]
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference(x.to(torch.bfloat16)))
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32 and layer.weight.grad.abs().sum() > 0
+
+
 def test_qat_nvfp4_changes_the_loss_trains_and_saves_a_plain_model(tiny_model_dir: Path, alpaca_file: Path,
                                                                     tmp_path: Path) -> None:
     from safetensors.torch import load_file

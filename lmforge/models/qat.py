@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from torchao.prototype.qat import NVFP4FakeQuantizedLinear
+from torchao.prototype.qat import MXFakeQuantizedLinear, NVFP4FakeQuantizedLinear
 
 from lmforge.config.sections import QatSpec
 from lmforge.errors import LmforgeError
@@ -90,6 +90,28 @@ class _NVFP4OnAnyDevice(NVFP4FakeQuantizedLinear):
                                           self.bias)
 
 
+class _MXUnderAutocast(MXFakeQuantizedLinear):
+    """torchao's MX fake-quantised linear under lmforge's mixed precision (fp32 weights, bf16/fp16 autocast).
+
+    torchao's forward asserts that its output has its input's dtype, and is written for weights already in the
+    compute dtype (axolotl loads bf16 weights): under autocast an fp32 input (after an RMSNorm, say) meets a matmul
+    that autocast runs in bf16, and the assertion fails. Here the input, weight and bias enter in the autocast
+    dtype with autocast off, which is what autocast would have multiplied; the gradient flows back through the casts
+    to the fp32 weights. Without autocast it is torchao's forward unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchao.prototype.qat.mx import _MXQuantizedForwardFakeQuantizedBackward
+
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return _MXQuantizedForwardFakeQuantizedBackward.apply(x.to(dtype), self.weight.to(dtype), bias,
+                                                                  self.activation_config, self.weight_config)
+
+
 def prepare_qat(model: torch.nn.Module, spec: QatSpec) -> torch.nn.Module:
     """Swap the linear layers (and embeddings, with quantize_embedding) for torchao's fake-quantised ones."""
     from torchao.quantization import quantize_
@@ -105,6 +127,10 @@ def prepare_qat(model: torch.nn.Module, spec: QatSpec) -> torch.nn.Module:
         for module in model.modules():
             if type(module) is NVFP4FakeQuantizedLinear:
                 module.__class__ = _NVFP4OnAnyDevice  # same state; only the forward differs, and only before Blackwell
+    if spec.weight_dtype == "mxfp4":
+        for module in model.modules():
+            if type(module) is MXFakeQuantizedLinear:
+                module.__class__ = _MXUnderAutocast  # same state; only the forward differs, and only under autocast
     if spec.quantize_embedding:
         quantize_(model, _fake_quantize_configs(spec, activations=False), filter_fn=_is_embedding)
     return model
