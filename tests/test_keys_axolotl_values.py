@@ -79,6 +79,18 @@ def test_eta_min_and_adam_eps_are_ignored_as_axolotl_ignores_them(tmp_path: Path
     assert "cosine_min_lr_ratio" in texts["eta_min"] and "adam_epsilon" in texts["adam_eps"]
 
 
+@pytest.mark.parametrize("order", ["float16 first", "fp16 first"])
+def test_float16_trains_as_fp16_whatever_fp16_false_beside_it_says(tmp_path: Path, alpaca_file: Path,
+                                                                   tiny_model_dir: Path, order: str) -> None:
+    """axolotl's float16: true (with bf16: false, fp16: false beside it, as its archived examples write it) trains in
+    float16: here as fp16: true, in either key order, with a notice saying how; without it fp16 stays off."""
+    keys = {"float16": True, "fp16": False} if order == "float16 first" else {"fp16": False, "float16": True}
+    cfg = _load(tmp_path, tiny_model_dir, alpaca_file, **keys)
+    assert cfg.speed.fp16 is True
+    assert "fp32 master weights" in {n.key: n.text for n in cfg.notices}["float16"]
+    assert _load(tmp_path, tiny_model_dir, alpaca_file, fp16=False).speed.fp16 is False
+
+
 def test_swanlab_completion_keys_get_a_notice_like_use_swanlab(tmp_path: Path, alpaca_file: Path, tiny_model_dir: Path) -> None:
     keys = {"swanlab_log_completions": True, "swanlab_completion_log_interval": 100, "swanlab_completion_max_buffer": 128}
     cfg = _load(tmp_path, tiny_model_dir, alpaca_file, swanlab_project="p", swanlab_mode="offline", **keys)

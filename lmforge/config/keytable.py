@@ -206,8 +206,23 @@ def flex_compile(value: Any, facts: Facts) -> Verdict | None:
     return None
 
 
+FLOAT16_AS_FP16 = ("float16: true (axolotl: float16 weights trained without mixed precision) trains as fp16: true does: "
+                   "float16 compute under autocast with fp32 master weights and a loss scaler, so updates smaller than "
+                   "a float16 weight's rounding step are kept rather than lost")
+
+
+def float16_weights(value: Any, facts: Facts) -> Verdict | None:
+    """true: trained as fp16: true (float16 autocast, fp32 master weights, loss scaling), with a notice"""
+    if value is True:
+        return Verdict(Kind.NOTICE, FLOAT16_AS_FP16, rename="fp16", value=True, replaces=True)
+    return None
+
+
 def fp16(value: Any, facts: Facts) -> Verdict | None:
-    """true on a machine without a GPU: float16 CPU autocast with torch's CPU GradScaler, with a notice"""
+    """true on a machine without a GPU: float16 CPU autocast with torch's CPU GradScaler, with a notice;
+    false or empty beside float16: true is turned on by it (axolotl writes both, fp16: false beside float16: true)"""
+    if value is not True and facts.config.get("float16") is True:
+        return Verdict(Kind.NOTICE, "fp16 is turned on by float16: true (see its notice)", value=True, replaces=True)
     if value is True and not facts.gpu:
         return Verdict(Kind.NOTICE, f"{NO_GPU}: fp16 runs as float16 CPU autocast with torch's CPU GradScaler (fp32 "
                        "master weights); CPUs without AVX512-FP16 or AMX-FP16 compute it slower than fp32")
@@ -831,7 +846,8 @@ KEYS: tuple[Key, ...] = (
     done("fp16", TRAINING, rule=fp16),
     done("tf32", TRAINING, rule=tf32),
     later("bfloat16", "pure bf16 weights without mixed precision", nearest="bf16: true", rule=bfloat16),
-    later("float16", "pure fp16 weights without mixed precision", nearest="bf16"),
+    alias("float16", "fp16", "float16 weights without mixed precision; trained as fp16: true (float16 autocast, fp32 "
+          "master weights, loss scaling)", rule=float16_weights),
     later("float32", "fp32 training", nearest="bf16: false"),
     later("fp8", "FP8 training (torchao's float8 linears multiply with torch._scaled_mm, which needs a CUDA GPU of compute "
           "capability 8.9 or newer)", nearest="bf16"),
