@@ -127,3 +127,23 @@ def test_fp16_on_a_cpu_trains_under_float16_autocast_and_resumes_with_its_loss_s
     run_train(load_config(path, [f"--resume_from_checkpoint={out / 'checkpoint-2'}"], gpu=False))
     resumed = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_lora_dropout_on_fused_experts_is_one_line_naming_the_fix() -> None:
+    """axolotl's Mixtral examples (lora_target_linear, lora_dropout 0.05) on transformers 5's fused 3-D experts: peft
+    adapts those through lora.ParamWrapper, which takes no dropout; the run stops in one line naming lora_dropout
+    (it was peft's ValueError), and trains with lora_dropout: 0."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lmforge.config.sections import AdapterSection
+    from lmforge.errors import LmforgeError
+    from lmforge.models.adapters import apply_lora
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    settings = AdapterSection(adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.05, lora_target_linear=True)
+    with pytest.raises(LmforgeError) as caught:
+        apply_lora(MixtralForCausalLM(config), settings)
+    assert caught.value.where == "lora_dropout" and "lora_dropout: 0" in str(caught.value)
+    model = apply_lora(MixtralForCausalLM(config), settings.model_copy(update={"lora_dropout": 0.0}))
+    assert any("lora" in name for name, _ in model.named_parameters())

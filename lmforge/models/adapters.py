@@ -203,6 +203,14 @@ def apply_lora(model: torch.nn.Module, settings: AdapterSection) -> Any:
                 where="lora_target_modules",
                 fix=f"choose from: {', '.join(linear_layer_names(model))} (or set lora_target_linear: true)",
             ) from exc
+        if "ParamWrapper does not work with lora_dropout" in str(exc):
+            # peft targets a mixture-of-experts block's fused 3-D expert weights through lora.ParamWrapper (what
+            # lora_target_linear / target_parameters reach there), and that wrapper has no dropout
+            raise LmforgeError(
+                f"this model's experts are fused 3-D weights, which peft adapts without dropout, and lora_dropout is "
+                f"{settings.lora_dropout}", where="lora_dropout",
+                fix="set lora_dropout: 0 (or leave the experts out: lora_target_modules naming the attention projections)",
+            ) from exc
         raise
 
 
