@@ -147,3 +147,21 @@ def test_lora_dropout_on_fused_experts_is_one_line_naming_the_fix() -> None:
     assert caught.value.where == "lora_dropout" and "lora_dropout: 0" in str(caught.value)
     model = apply_lora(MixtralForCausalLM(config), settings.model_copy(update={"lora_dropout": 0.0}))
     assert any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_swanlab_cloud_mode_without_a_key_is_one_line_naming_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """axolotl's swanlab profiling example (swanlab_mode: cloud) on a machine never logged in: SwanLab's own
+    KeyFileError became a one-line error naming swanlab_mode and the offline mode."""
+    import swanlab
+
+    from lmforge.config.sections import LoggingSection
+    from lmforge.errors import LmforgeError
+    from lmforge.train.loggers import SwanLabLogger
+
+    def not_logged_in(**_: object) -> None:
+        raise swanlab.error.KeyFileError("api key not configured (no-tty)")
+
+    monkeypatch.setattr(swanlab, "init", not_logged_in)
+    with pytest.raises(LmforgeError) as caught:
+        SwanLabLogger(LoggingSection(swanlab_project="p", swanlab_mode="cloud"), {}, str(tmp_path))
+    assert caught.value.where == "swanlab_mode" and "swanlab_mode: offline" in str(caught.value)

@@ -121,6 +121,14 @@ class SwanLabLogger(MetricLogger):
         except ImportError as exc:  # local mode's dashboard package
             raise LmforgeError(f"swanlab_mode: local needs SwanLab's dashboard ({exc})", where="swanlab_mode",
                                fix="pip install 'swanlab[dashboard]', or swanlab_mode: offline") from exc
+        except (swanlab.error.KeyFileError, swanlab.error.APIKeyFormatError) as exc:  # cloud mode, not logged in
+            raise LmforgeError(f"{settings.swanlab_mode or 'cloud'} mode needs a SwanLab API key, and none is "
+                               "configured here", where="swanlab_mode",
+                               fix="run `swanlab login` (or set SWANLAB_API_KEY) first, or log locally with "
+                                   "swanlab_mode: offline") from exc
+        except swanlab.error.NetworkError as exc:
+            raise LmforgeError(f"{settings.swanlab_mode or 'cloud'} mode could not reach SwanLab ({exc})",
+                               where="swanlab_mode", fix="check the network, or log locally with swanlab_mode: offline") from exc
         self.swanlab = swanlab
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
