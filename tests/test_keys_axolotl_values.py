@@ -165,3 +165,20 @@ def test_swanlab_cloud_mode_without_a_key_is_one_line_naming_the_fix(tmp_path: P
     with pytest.raises(LmforgeError) as caught:
         SwanLabLogger(LoggingSection(swanlab_project="p", swanlab_mode="cloud"), {}, str(tmp_path))
     assert caught.value.where == "swanlab_mode" and "swanlab_mode: offline" in str(caught.value)
+
+
+def test_wandb_online_without_a_key_is_one_line_naming_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An axolotl example with wandb_project on a machine never logged in to W&B: W&B's UsageError became one line."""
+    import wandb
+
+    from lmforge.config.sections import LoggingSection
+    from lmforge.errors import LmforgeError
+    from lmforge.train.loggers import WandbLogger
+
+    def not_logged_in(**_: object) -> None:
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", not_logged_in)
+    with pytest.raises(LmforgeError) as caught:
+        WandbLogger(LoggingSection(wandb_project="p"), {}, str(tmp_path))
+    assert caught.value.where == "wandb_project" and "wandb_mode: offline" in str(caught.value)

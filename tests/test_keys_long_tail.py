@@ -703,3 +703,33 @@ def test_full_finetune_without_an_adapter_is_what_runs_and_refused_beside_one(ti
     assert [n.key for n in cfg.notices] == ["full_finetune"] and cfg.adapter.adapter is None
     with pytest.raises(LmforgeError, match="full_finetune"):  # an adapter and a full fine-tune: a contradiction
         _cfg(tiny_model_dir, alpaca_file, tmp_path, full_finetune=True)
+
+
+def test_muon_under_fsdp2_checkpoints_and_resumes_bit_identical(tiny_model_dir: Path, alpaca_file: Path,
+                                                                 tmp_path: Path) -> None:
+    """axolotl's muon-pretrain-fsdp2 example stopped at its first checkpoint (torch.distributed.checkpoint read the
+    composite Muon+AdamW state dict as a torch one: KeyError 'state'). Its two optimizers are now saved as DCP's
+    list of optimizers; a run resumed from step 2 ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from lmforge.recipes.finetune import run_train
+
+    fsdp = {"fsdp_version": 2, "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
+
+    def run(name: str, **extra: object) -> Path:
+        config = tiny_config(tiny_model_dir, alpaca_file, tmp_path / name, adapter=None, optimizer="muon", max_steps=4,
+                             save_steps=2, learning_rate=1e-3, fsdp_config=fsdp, **extra)
+        config.pop("lora_r"), config.pop("lora_alpha"), config.pop("lora_target_linear")
+        run_train(load_config(str(write_config(tmp_path / f"{name}.yml", config))))
+        return tmp_path / name
+
+    whole = run("whole")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    run("resumed", resume_from_checkpoint="auto")
+    expected, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -151,7 +151,7 @@ class FSDPEngine(ShardedEngine):
 
         # Frozen weights (a LoRA base) never change: the adapter's checkpoint skips them.
         options = StateDictOptions(ignore_frozen_params=self.peft)
-        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        model_state, optim_state = get_state_dict(model, _optimizers_of(optimizer), options=options)
         return {"model": model_state, "optimizer": optim_state}
 
     @property
@@ -169,7 +169,7 @@ class FSDPEngine(ShardedEngine):
 
         state = self._state(model, optimizer)
         dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        set_state_dict(model, _optimizers_of(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=self.peft, strict=not self.peft))
 
     def trainable_state(self, model: Any) -> dict[str, torch.Tensor]:
@@ -181,6 +181,11 @@ class FSDPEngine(ShardedEngine):
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.peft)
         return get_model_state_dict(model, options=options)
+
+
+def _optimizers_of(optimizer: Any) -> Any:
+    """The torch optimizers DCP saves: a composite optimizer's parts (MuonWithAdamW), else the optimizer itself."""
+    return getattr(optimizer, "parts", optimizer)
 
 
 def _shard_groups(model: Any, s: FsdpSettings) -> list[torch.nn.Module]:

@@ -41,16 +41,22 @@ class WandbLogger(MetricLogger):
             import wandb
         except ImportError as exc:
             raise LmforgeError("wandb_project is set but wandb is not installed", where="wandb_project", fix="pip install wandb") from exc
-        self.run = wandb.init(
-            project=settings.wandb_project,
-            entity=settings.wandb_entity,
-            name=settings.wandb_name,
-            id=settings.wandb_run_id,
-            mode=settings.wandb_mode,
-            config=config,
-            dir=output_dir,
-            resume="allow" if settings.wandb_run_id else None,
-        )
+        try:
+            self.run = wandb.init(
+                project=settings.wandb_project,
+                entity=settings.wandb_entity,
+                name=settings.wandb_name,
+                id=settings.wandb_run_id,
+                mode=settings.wandb_mode,
+                config=config,
+                dir=output_dir,
+                resume="allow" if settings.wandb_run_id else None,
+            )
+        except (wandb.errors.UsageError, wandb.errors.CommError, wandb.errors.AuthenticationError) as exc:
+            # online mode on a machine never logged in, or without the network: W&B's own error, said once
+            raise LmforgeError(f"W&B could not start an online run ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                               where="wandb_project", fix="run `wandb login` (or set WANDB_API_KEY) first, or log "
+                               "locally with wandb_mode: offline") from exc
         self.wandb = wandb
 
     def watch(self, model: Any, log: str) -> None:

@@ -76,6 +76,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
         # The groups the schedule sees are the parts' own groups (the same dicts), so setting a rate sets it there.
         self.param_groups = [group for part in self._parts for group in part.param_groups]
 
+    @property
+    def parts(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers inside (Muon, AdamW): what torch.distributed.checkpoint saves and loads one by one,
+        as it reads only the standard {state, param_groups} layout, not this optimizer's {muon, adamw}."""
+        return list(self._parts)
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201
         loss = closure() if closure is not None else None
