@@ -53,7 +53,7 @@ def _steps(model, optimizer, scheduler, batches) -> None:  # noqa: ANN001
         optimizer.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("name", ["adamw_torch_4bit", "muon", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"])
+@pytest.mark.parametrize("name", ["adamw_torch_4bit", "adamw_torch_8bit", "muon", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"])
 def test_axolotl_optimizers_step_and_resume_bit_identically(name: str, wide_model_dir: Path, alpaca_file: Path,
                                                             tmp_path: Path) -> None:
     cfg = _cfg(wide_model_dir, alpaca_file, tmp_path, adapter=None, optimizer=name, learning_rate=1e-3)
@@ -73,6 +73,10 @@ def test_axolotl_optimizers_step_and_resume_bit_identically(name: str, wide_mode
 
         assert isinstance(optimizer.state[mlp]["exp_avg"], OptimState4bit)
         assert not isinstance(optimizer.state[straight.model.norm.weight]["exp_avg"], OptimState4bit)  # too small: fp32
+    elif name == "adamw_torch_8bit":  # torchao's, not bitsandbytes' (which has no DTensor step for FSDP2)
+        from torchao.optim.subclass_8bit import OptimState8bit
+
+        assert isinstance(optimizer.state[mlp]["exp_avg"], OptimState8bit)
     elif name == "muon":
         assert isinstance(optimizer, MuonWithAdamW)
         assert "momentum_buffer" in optimizer.muon.state[mlp]  # hidden matrices: Muon

@@ -347,6 +347,7 @@ def zero_settings(ds: dict) -> ZeroSettings:
 ZERO_INCOMPATIBLE_OPTIMIZERS = {
     "muon": "Muon orthogonalises each weight matrix as a 2-D whole",
     "adamw_torch_4bit": "torchao's 4-bit AdamW keeps block-quantized states per weight tensor",
+    "adamw_torch_8bit": "torchao's 8-bit AdamW keeps block-quantized states per weight tensor",
 }
 
 

@@ -404,18 +404,13 @@ PAGED_OPTIMIZER = ("paged_adamw_8bit", "paged_adamw_32bit")
 
 
 def optimizer_names(value: Any, facts: Facts) -> Verdict | None:
-    """also adamw_8bit (= adamw_bnb_8bit), adamw_torch_8bit (torchao's; runs as adamw_bnb_8bit, with a notice),
-    and a notice for paged_adamw_8bit / paged_adamw_32bit on a machine without a GPU (bitsandbytes runs them unpaged)"""
+    """also adamw_8bit (= adamw_bnb_8bit), and a notice for paged_adamw_8bit / paged_adamw_32bit on a machine without a GPU (bitsandbytes runs them unpaged)"""
     if value in SAME_OPTIMIZER:
         ours = SAME_OPTIMIZER[value]
         return Verdict(Kind.NOTICE, f"{value} is {ours}, the same bitsandbytes optimizer", value=ours, replaces=True)
     if value in PAGED_OPTIMIZER and not facts.gpu:
         return Verdict(Kind.NOTICE, f"paging optimizer state is a CUDA memory feature and {NO_GPU}: bitsandbytes keeps "
                        "the states unpaged, the same update")
-    if value == "adamw_torch_8bit":
-        return Verdict(Kind.NOTICE, "torchao's 8-bit AdamW runs as adamw_bnb_8bit, bitsandbytes' 8-bit AdamW: the same "
-                       "update with block-wise 8-bit states (the two round the states slightly differently)",
-                       value="adamw_bnb_8bit", replaces=True)
     return None
 
 

@@ -385,13 +385,13 @@ class TrainingSection(Section):
     )
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf", "adamw_bnb_8bit", "sgd", "adafactor",
-        "lion_8bit", "lion_32bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit", "muon",
+        "lion_8bit", "lion_32bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit", "adamw_torch_8bit", "muon",
     ] = Field(
         "adamw_torch",
         description="adamw_torch (fused on GPU), adamw_torch_fused (fused on CPU too), adamw_bnb_8bit (bitsandbytes "
         "8-bit states), sgd (see sgd_momentum, sgd_nesterov), adafactor (transformers, explicit lr), "
         "lion_8bit / lion_32bit (bitsandbytes Lion; betas from adam_beta1/adam_beta2), paged_adamw_8bit / "
-        "paged_adamw_32bit (bitsandbytes, states paged on CUDA), adamw_torch_4bit (torchao, 4-bit states), muon "
+        "paged_adamw_32bit (bitsandbytes, states paged on CUDA), adamw_torch_4bit / adamw_torch_8bit (torchao, 4- or 8-bit states), muon "
         "(torch's Muon on hidden matrices, AdamW on embeddings, head, norms and biases).",
     )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")

@@ -204,6 +204,8 @@ def optimizer_state_bytes(inputs: PlanInputs, pm: ParamMemory) -> int:
             total += 8 * numel
         elif name == "adamw_torch_4bit":  # torchao: two 4-bit moments, one fp32 scale per 128 values each
             total += (numel + 2 * 4 * math.ceil(numel / 128)) if numel >= 4096 and numel % 128 == 0 else 8 * numel
+        elif name == "adamw_torch_8bit":  # torchao: two 8-bit moments, one fp32 scale per 256 values each
+            total += (2 * numel + 2 * 4 * math.ceil(numel / 256)) if numel >= 4096 and numel % 256 == 0 else 8 * numel
         elif name == "muon":  # one momentum buffer per matrix, AdamW's two moments on vectors (the embedding and
             total += 4 * numel if len(shp) == 2 else 8 * numel  # head have AdamW's too: under-counted by 4 bytes a value)
         elif name in ("adamw_bnb_8bit", "paged_adamw_8bit"):

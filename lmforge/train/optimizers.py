@@ -143,6 +143,10 @@ def build_optimizer(
         # torchao's AdamW with both moments in 4 bits (block-wise, 128 values a block); tensors under 4096
         # values keep fp32 moments, as torchao decides. Its step is torch.compile'd per parameter shape.
         return _torchao(name).AdamW4bit(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw_torch_8bit":
+        # torchao's AdamW with block-wise 8-bit moments: unlike bitsandbytes' kernels, its step runs on FSDP2's
+        # sharded DTensor weights (axolotl's FSDP2 examples pick it for that)
+        return _torchao(name).AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
     if name == "muon":
         return MuonWithAdamW(model, lr, weight_decay, betas, eps)
     if name in ("lion_8bit", "lion_32bit"):
