@@ -124,33 +124,6 @@ def _autocast(settings: LoopSettings) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=settings.device.type, dtype=settings.autocast_dtype)
 
 
-@contextlib.contextmanager
-def _adapter_input_kept(model: Any, settings: LoopSettings) -> Iterator[None]:
-    """Under autocast, peft's LoRA layers take their input as it comes (bf16) instead of casting it up to the fp32
-    adapter weights' dtype first.
-
-    peft casts each LoRA layer's input to lora_A's dtype (fp32), runs dropout on that fp32 copy, and autocast casts it
-    straight back to bf16 for the A matmul: two activation-sized casts and an fp32 dropout mask per layer per forward
-    (210 layers on SmolLM2-135M), and their backwards. The matmul sees the same bf16 values either way.
-    Left alone without autocast (the cast is then needed) and for DoRA (its norms read the input in fp32).
-    """
-    if settings.autocast_dtype is None:
-        yield
-        return
-    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "_cast_input_dtype")]
-    if not layers or any(getattr(m, "lora_magnitude_vector", None) for m in layers):
-        yield
-        return
-    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, value in zip(layers, before):
-            m.cast_input_dtype_enabled = value
-
-
 # Autograd nodes that only view or cast: a saved tensor reached through them from a parameter's AccumulateGrad is a weight.
 _VIEW_OR_CAST = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0",
                            "ExpandBackward0", "ToCopyBackward0"})
@@ -323,7 +296,7 @@ def train_loop(
         for i, batch in enumerate(step_batches):
             batch = _to_device(batch, settings.device)
             with sync.accumulating(model, i + 1 < len(step_batches)) if sync else contextlib.nullcontext():
-                with _autocast(settings), _offload(settings), _adapter_input_kept(model, settings):
+                with _autocast(settings), _offload(settings):
                     loss_sum, _, objective_metrics = objective(model, batch)
                 # DDP and FSDP average gradients over ranks: times the rank count, that is the global per-token mean.
                 scaled = loss_sum / (max(label_count, 1) / (sync.world_size if sync else 1))
