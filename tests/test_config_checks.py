@@ -35,6 +35,10 @@ CONTRADICTIONS = [
     ({"early_stopping_patience": 2}, "early_stopping_patience", "no eval split", "val_set_size"),
     ({"load_best_model_at_end": True}, "load_best_model_at_end", "no eval split", "test_datasets"),
     ({"val_set_size": 4, "test_datasets": [{"path": "PLACEHOLDER", "type": "alpaca"}]}, "val_set_size", "not both", "remove one"),
+    # axolotl's GLM-4.7-Flash FSDP examples: each trained a step, then stopped (one at its first checkpoint)
+    ({"adapter": "qlora", "load_in_4bit": True, "quantize_moe_experts": True, "fsdp_config": {"fsdp_version": 2}},
+     "quantize_moe_experts", "first save", "drop fsdp_config"),
+    ({"load_in_8bit": True, "fsdp_config": {"fsdp_version": 2}}, "load_in_8bit", "FSDP2's shards drop it", "load_in_4bit: true"),
 ]
 
 

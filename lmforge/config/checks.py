@@ -357,6 +357,16 @@ def _distributed(c: _Checker) -> None:
     if (d.fsdp or d.fsdp_config) and cfg.training.load_best_model_at_end:
         raise c.error("load_best_model_at_end", "load_best_model_at_end is not supported yet with fsdp (the best weights "
                       "would be kept as shards)", "remove load_best_model_at_end; the best checkpoint is named in summary.json")
+    # Measured on axolotl's GLM-4.7-Flash FSDP examples (bench/axolotl_e2e.py): both train a step, then stop, the
+    # first at its first checkpoint, so refused here rather than after the steps are spent.
+    if (d.fsdp or d.fsdp_config) and cfg.quantization.quantize_moe_experts:
+        raise c.error("quantize_moe_experts", "quantize_moe_experts holds the experts as bitsandbytes parametrizations, "
+                      "whose quantization state FSDP2's sharded checkpoints cannot read yet (the run would stop at its "
+                      "first save)", "drop fsdp_config (one process, or DDP) for this run, or set quantize_moe_experts: false")
+    if (d.fsdp or d.fsdp_config) and cfg.quantization.load_in_8bit:
+        raise c.error("load_in_8bit", "bitsandbytes' 8-bit weights keep their quantization state beside the storage, "
+                      "and FSDP2's shards drop it (the first forward fails)",
+                      "use load_in_4bit: true (QLoRA shards under FSDP2), or drop fsdp_config")
     if d.deepspeed:
         try:
             ds = deepspeed_json(d.deepspeed)
