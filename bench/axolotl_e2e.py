@@ -400,11 +400,17 @@ def main() -> int:
     for kind in sorted({model_kind(yaml.safe_load(c.read_text(encoding="utf-8"))) for c in configs}):
         models.get(kind)  # built here, one at a time, before the runs share them
     outcomes: list[Outcome] = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for outcome in pool.map(lambda c: run(c, args.axolotl, work_root, models, cache, args.timeout), configs):
-            outcomes.append(outcome)
-            print(f"{'pass' if outcome.passed else 'FAIL'} {outcome.seconds:6.1f}s {outcome.config} ({outcome.family})"
-                  + (f": {outcome.line}" if outcome.line else ""), flush=True)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for outcome in pool.map(lambda c: run(c, args.axolotl, work_root, models, cache, args.timeout), configs):
+                outcomes.append(outcome)
+                print(f"{'pass' if outcome.passed else 'FAIL'} {outcome.seconds:6.1f}s {outcome.config} ({outcome.family})"
+                      + (f": {outcome.line}" if outcome.line else ""), flush=True)
+    finally:
+        if args.work is None:  # a whole run's checkpoints and tiny models filled 7.6 GB of /tmp (and a disk) once
+            import shutil
+
+            shutil.rmtree(work_root, ignore_errors=True)
     passed = sum(o.passed for o in outcomes)
     print(f"\n{passed} of {len(outcomes)} validate-passing configs train 2 steps end to end"
           + (f" ({passed / len(outcomes):.0%})" if outcomes else ""))
