@@ -79,6 +79,16 @@ LORA_LEARNABLE_INIT = {"initializer_range": 0.2}
 
 
 @pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with 64-column matrices and 64x128 MLPs: wide enough for bitsandbytes' nf4 (blocks of 64) and
+    for torchao's low-bit optimizer states (tensors of 4096 values or more)."""
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = build_tiny_tokenizer(folder)
+    build_tiny_llama(folder, len(tokenizer), hidden_size=64, intermediate_size=128)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_lora_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with LORA_LEARNABLE_INIT: for tests that assert what LoRA alone learns."""
     folder = tmp_path_factory.mktemp("tiny-llama-lora")

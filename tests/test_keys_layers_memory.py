@@ -195,15 +195,6 @@ def test_lisa_layers_attribute_names_the_layer_list(four_layer_dir: Path, alpaca
 
 # --- peft: LoftQ ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Matrices of 64 columns or more: bitsandbytes' nf4 quantizes in blocks of 64."""
-    folder = tmp_path_factory.mktemp("wide-llama")
-    tokenizer = build_tiny_tokenizer(folder)
-    build_tiny_llama(folder, len(tokenizer), hidden_size=64, intermediate_size=128)
-    return folder
-
-
 def test_peft_loftq_config_starts_the_adapter_from_the_quantization_residual(wide_model_dir: Path, alpaca_file: Path,
                                                                             tmp_path: Path) -> None:
     import bitsandbytes as bnb

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny_llama, build_tiny_tokenizer, random_examples, tiny_config, write_config
+from conftest import build_tiny_tokenizer, random_examples, tiny_config, write_config
 from lmforge.config import load_config
 from lmforge.data.batching import collate
 from lmforge.errors import LmforgeError
@@ -26,15 +26,6 @@ CPU = torch.device("cpu")
 def _cfg(model_dir: Path, data: Path, tmp_path: Path, gpu: bool = False, **extra: object):  # noqa: ANN202
     path = write_config(tmp_path / "config.yml", tiny_config(model_dir, data, tmp_path / "out", **extra))
     return load_config(str(path), gpu=gpu)
-
-
-@pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama whose MLP matrices (64x128) are big enough for torchao's 4-bit states (4096 values or more)."""
-    folder = tmp_path_factory.mktemp("wide-llama")
-    tokenizer = build_tiny_tokenizer(folder)
-    build_tiny_llama(folder, len(tokenizer), hidden_size=64, intermediate_size=128)
-    return folder
 
 
 # --- optimizers ---------------------------------------------------------------------------------------------------
