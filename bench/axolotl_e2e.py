@@ -210,8 +210,9 @@ def instruction_row(q: str, a: str) -> dict[str, Any]:
             "choices": ["yes", "no"], "solution": a, "prompt": q, "completion": a, "text": q + "\n" + a}
 
 
-def chat_rows(spec: dict[str, Any], conversations: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
-    """The conversations in the entry's own layout: its field_messages, role/content keys and role names."""
+def message_layout(spec: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """(role key, content key, role names) of the entry's messages: its message_property_mappings (or the older
+    message_field_* keys) and the first alias `roles:` gives each role."""
     mappings = dict(spec.get("message_property_mappings") or {})
     role_key = mappings.get("role") or spec.get("message_field_role") or "role"
     content_key = mappings.get("content") or spec.get("message_field_content") or "content"
@@ -220,6 +221,12 @@ def chat_rows(spec: dict[str, Any], conversations: list[list[dict[str, str]]]) -
         aliases = [aliases] if isinstance(aliases, str) else list(aliases or [])
         if aliases and role in names:
             names[role] = aliases[0]
+    return role_key, content_key, names
+
+
+def chat_rows(spec: dict[str, Any], conversations: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """The conversations in the entry's own layout: its field_messages, role/content keys and role names."""
+    role_key, content_key, names = message_layout(spec)
     field = spec.get("field_messages") or "messages"
     out = []
     for turns in conversations:
@@ -240,13 +247,7 @@ def preference_rows(spec: dict[str, Any], kind: str, kto: bool) -> list[dict[str
         pairs = [json.loads(next(handle)) for _ in range(ROWS)]
     answers = ("completion",) if kto else ("chosen", "rejected")
     if kind in ("chat_template", "chat_template.default"):
-        mappings = dict(spec.get("message_property_mappings") or {})
-        role_key, content_key = mappings.get("role") or "role", mappings.get("content") or "content"
-        names = {"user": "user", "assistant": "assistant"}
-        for role, aliases in (spec.get("roles") or {}).items():
-            aliases = [aliases] if isinstance(aliases, str) else list(aliases or [])
-            if aliases and role in names:
-                names[role] = aliases[0]
+        role_key, content_key, names = message_layout(spec)
 
         def message(turn: dict[str, str]) -> dict[str, str]:
             return {role_key: names.get(turn["role"], turn["role"]), content_key: turn["content"]}
